@@ -1,0 +1,190 @@
+"""Checkpoints that a crash cannot corrupt, exact resume, and the verified final model.
+
+A checkpoint is written into `.tmp-step_N`, renamed to `step_N` when every process has finished,
+and only then marked with a `COMPLETE` file. Resume picks the newest directory with that marker, so
+a run killed mid-write falls back to the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors import safe_open
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from loop import config as config_mod
+
+MARKER = "COMPLETE"
+STATE_FILE = "loop_state.json"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed; the message says what to do."""
+
+
+@dataclass
+class LoopState:
+    """Everything the loop needs besides model, optimizer and RNG states to continue exactly."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    tokens_trained: int = 0
+    samples_seen: int = 0
+    skipped_steps: int = 0
+    world_size: int = 1
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _all_ok(accelerator: Accelerator, ok: bool) -> bool:
+    """True only if every process reports ok: one failing writer must stop all of them together."""
+    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
+    return accelerator.reduce(flag, reduction="sum").item() == 0
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path) -> Path:
+    """Write a checkpoint atomically on every process; prune to the last `keep_last`."""
+    name = f"step_{state.step:08d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    error: Exception | None = None
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+    except OSError as e:
+        error = e
+    if not _all_ok(accelerator, error is None):
+        raise CheckpointError(f"cannot create {tmp}: {error or 'failed on another process'}")
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+            config_mod.save(cfg, tmp / "config.yaml")
+    except Exception as e:  # noqa: BLE001 - any write failure must reach every process
+        error = e
+    if not _all_ok(accelerator, error is None):
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"writing checkpoint {final} failed ({error or 'on another process'}); "
+            "the previous checkpoint is untouched. Free disk space or fix permissions, then resume."
+        )
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        marker = final / f".{MARKER}"
+        marker.write_text(f"step {state.step}\n")
+        marker.rename(final / MARKER)
+        _fsync_dir(final)
+        _fsync_dir(root)
+        for old in complete_checkpoints(root)[: -cfg.training.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def find(spec: str, root: Path) -> Path:
+    """Resolve `latest` or a path to a complete checkpoint directory."""
+    if spec == "latest":
+        found = complete_checkpoints(root)
+        if not found:
+            raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint under {root}")
+        return found[-1]
+    path = Path(spec)
+    if not (path / MARKER).is_file():
+        raise CheckpointError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {MARKER} file)")
+    return path
+
+
+def load(accelerator: Accelerator, path: Path) -> LoopState:
+    """Restore model, optimizer and every process's RNG states, and return the loop state."""
+    state = LoopState(**json.loads((path / STATE_FILE).read_text()))
+    if state.world_size != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} was written by {state.world_size} processes and this run has "
+            f"{accelerator.num_processes}; ZeRO-3 shards cannot be re-partitioned on load. Either launch "
+            f"with --num_processes {state.world_size}, or turn it into a model with "
+            f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
+            "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
+        )
+    accelerator.load_state(str(path))
+    return state
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full shape of every parameter, also when ZeRO-3 has partitioned it (`ds_shape`)."""
+    return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], model_config) -> None:
+    """Every parameter of the model is in the safetensors files, with its full shape.
+
+    Catches the classic ZeRO-3 failure: placeholders of shape (0,) saved as if they were weights.
+    """
+    written: dict[str, tuple[int, ...]] = {}
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                written[key] = tuple(f.get_slice(key).get_shape())
+    if not written:
+        raise CheckpointError(f"{model_dir}: no safetensors weights were written")
+    tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
+    problems = [f"{k}: missing" for k in expected if k not in written and k not in tied]
+    problems += [f"{k}: shape {written[k]} != {s}" for k, s in expected.items()
+                 if k in written and written[k] != s]
+    if problems:
+        raise CheckpointError(f"{model_dir}: saved model does not match its config: " + "; ".join(problems[:10]))
+
+
+def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+               dtype: str, end_token: str) -> None:
+    """Save a loadable model (safetensors, config, tokenizer with chat template, generation config).
+
+    Written to a temporary directory and checked before it replaces `out_dir`.
+    Must be called on every process: gathering ZeRO-3 shards is a collective.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        expected = expected_shapes(unwrapped)
+        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+        end_id = tokenizer.convert_tokens_to_ids(end_token)
+        unwrapped.generation_config = GenerationConfig(
+            eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, max_new_tokens=256,
+        )
+        unwrapped.config.dtype = DTYPES[dtype]
+        # transformers empties the dict it is given, so pass a copy.
+        unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))
+        tokenizer.save_pretrained(tmp)
+        check_saved_model(tmp, expected, unwrapped.config)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,293 @@
+"""Run configuration: a YAML file read into typed dataclasses, plus `--key value` overrides.
+
+Every value is checked before any work starts, and errors name the key, so a typo costs seconds,
+not a queued GPU job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "artifacts/tiny-starcoder"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    # "sdpa" honours the block-diagonal masks packing needs; "eager" does not (see loop/packing.py).
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
+    format: str = "messages"
+    # Fraction of train dialogues held out for eval when no eval_files are given.
+    eval_fraction: float = 0.05
+    template: str = "starchat"  # starchat | chatml | tokenizer
+    seq_len: int = 1024
+    packing: str = "bfd"  # bfd | pad | concat
+    on_bad_record: str = "error"  # error | skip
+    on_too_long: str = "truncate"  # truncate | drop
+    num_proc: int = 1
+    cache_dir: str | None = None
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    decay_embeddings_and_norms: bool = False
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    min_lr_ratio: float = 0.0
+    num_epochs: int = 1
+    max_steps: int = 0  # > 0 overrides num_epochs
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 0  # 0: eval only at the end
+    save_every: int = 500
+    keep_last: int = 2
+    sample_every: int = 0  # 0: samples only at the end
+    sample_prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    on_nonfinite: str = "stop"  # stop | skip
+    peak_flops_per_device: float = 0.0  # 0: look the device up (see loop/metrics.py)
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "outputs/run"
+    save_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    resume_from_checkpoint: str | None = None  # latest | PATH
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_private: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+CHOICES = {
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "flex_attention"},
+    "data.format": {"messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"},
+    "data.template": {"starchat", "chatml", "tokenizer"},
+    "data.packing": {"bfd", "pad", "concat"},
+    "data.on_bad_record": {"error", "skip"},
+    "data.on_too_long": {"truncate", "drop"},
+    "training.lr_schedule": {"cosine", "linear", "constant"},
+    "training.on_nonfinite": {"stop", "skip"},
+    "output.save_dtype": {"bf16", "fp16", "fp32"},
+}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the dataclass field type `hint`; return it converted."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(t for t in options if t is not type(None))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _leaf_index() -> dict[str, list[str]]:
+    """Map a bare leaf name (`lr`) to the dotted keys that end with it (`training.lr`)."""
+    index: dict[str, list[str]] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        for name in _field_types(cls):
+            index.setdefault(name, []).append(f"{section}.{name}")
+    return index
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections and keys by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must hold a mapping of sections (model, data, training, output)")
+    sections = typing.get_type_hints(Config)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
+    built = {}
+    for section, cls in sections.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+        hints = _field_types(cls)
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"{section}.{key}: unknown key; known keys: {sorted(hints)}")
+        built[section] = cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+    config = Config(**built)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values before any work starts."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {sorted(allowed)}")
+    t, d = config.training, config.data
+    checks = [
+        ("training.lr", t.lr > 0, "must be > 0"),
+        ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("training.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),
+        ("training.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("training.num_epochs", t.num_epochs >= 1, "must be >= 1"),
+        ("training.max_steps", t.max_steps >= 0, "must be >= 0 (0 means: use num_epochs)"),
+        ("training.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("training.max_grad_norm", t.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("training.log_every", t.log_every >= 1, "must be >= 1"),
+        ("training.save_every", t.save_every >= 1, "must be >= 1"),
+        ("training.keep_last", t.keep_last >= 1, "must be >= 1"),
+        ("training.eval_every", t.eval_every >= 0, "must be >= 0"),
+        ("training.sample_every", t.sample_every >= 0, "must be >= 0"),
+        ("training.max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
+        ("data.seq_len", d.seq_len >= 16, "must be >= 16"),
+        ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
+        ("data.num_proc", d.num_proc >= 1, "must be >= 1"),
+        ("data.train_files", bool(d.train_files), "must name at least one file or Hub dataset id"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{key}: {why}, got {getattr(getattr(config, section), name)!r}")
+    if config.output.push_to_hub and not config.output.hub_model_id:
+        raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
+
+
+def check_against_model(config: Config, max_positions: int) -> None:
+    """Checks that need the model's config (read without loading weights)."""
+    if config.data.seq_len > max_positions:
+        raise ConfigError(
+            f"data.seq_len: {config.data.seq_len} is above the model's context of {max_positions} tokens"
+        )
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `--training.lr 1e-4`, `--lr=1e-4` or `--lr 1e-4` into nested dicts.
+
+    Values are read as YAML, so `--train_files "[a.jsonl, b.jsonl]"` and `--push_to_hub false` work.
+    """
+    leaves = _leaf_index()
+    nested: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key}: missing value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if "." not in key:
+            matches = leaves.get(key, [])
+            if len(matches) != 1:
+                hint = f"ambiguous, use one of {matches}" if matches else "unknown key"
+                raise ConfigError(f"--{key}: {hint}")
+            key = matches[0]
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+    return nested
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run file and apply command-line overrides on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for section, values in parse_overrides(overrides or []).items():
+        if not isinstance(raw, dict):
+            break
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return from_dict(raw)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) next to the run's outputs."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_argv(argv: list[str] | None = None) -> Config:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("usage: loop/train.py configs/RUN.yaml [--key value ...]")
+    return load(argv[0], argv[1:])

@@ -1,0 +1,235 @@
+"""From files to tokenized dialogues: read, convert, validate, split, tokenize, truncate.
+
+Nothing is lost silently. A bad record either stops the run (all bad records listed, each with file,
+record and reason) or is skipped and counted by reason; a dialogue longer than the sequence length is
+cut at a turn boundary or dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from loop import formats, templates
+from loop.formats import Messages
+
+ROLES = {"system", "user", "assistant"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message lists every bad record with file, record and reason."""
+
+
+@dataclass
+class DataReport:
+    records: int = 0
+    dialogues: int = 0
+    skipped: Counter = field(default_factory=Counter)  # reason kind -> count
+    truncated: int = 0
+    dropped_too_long: int = 0
+
+    def as_scalars(self) -> dict[str, float]:
+        out = {"data/dialogues": self.dialogues, "data/truncated": self.truncated,
+               "data/dropped_too_long": self.dropped_too_long}
+        out.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
+        return out
+
+
+def validate(dialogue: Any) -> tuple[str, str] | None:
+    """Check one dialogue against the messages schema; return (kind, reason) or None if valid."""
+    if not isinstance(dialogue, list) or not dialogue:
+        return "schema", "'messages' must be a non-empty list"
+    for i, m in enumerate(dialogue):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return "bad_role", f"messages[{i}]: role must be one of {sorted(ROLES)}"
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return "empty_content", f"messages[{i}]: content must be a non-empty string"
+    roles = [m["role"] for m in dialogue]
+    if "system" in roles[1:]:
+        return "system_not_first", f"messages[{roles.index('system', 1)}]: a system message may only come first"
+    turns = roles[1:] if roles[0] == "system" else roles
+    for i, role in enumerate(turns):
+        if role != ("user" if i % 2 == 0 else "assistant"):
+            return "not_alternating", f"turn {i}: expected {'user' if i % 2 == 0 else 'assistant'}, got {role}"
+    if not turns or turns[-1] != "assistant":
+        return "no_final_assistant", "the dialogue must end with an assistant turn"
+    return None
+
+
+def read_records(path: str) -> Iterator[tuple[str, Any]]:
+    """Yield (location, record) from a local JSONL / JSON / YAML / Parquet file or a Hub dataset id.
+
+    JSONL is read line by line here (not by `datasets`) so that a broken line is reported by number.
+    """
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        with p.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield f"{path}:{n}", json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield f"{path}:{n}", DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{n}", DataError(f"invalid JSON ({e.msg}, column {e.colno})")
+    elif p.suffix == ".json":
+        try:
+            data = json.loads(p.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: not valid UTF-8 JSON: {e}") from None
+        rows = data.get("data", data) if isinstance(data, dict) else data
+        if not isinstance(rows, list):
+            raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
+        for i, record in enumerate(rows):
+            yield f"{path}[{i}]", record
+    elif p.suffix in (".yml", ".yaml"):
+        import yaml
+
+        yield path, yaml.safe_load(p.read_text(encoding="utf-8"))
+    elif p.suffix == ".parquet" or not p.exists():
+        # A Parquet file, or a Hub dataset id (real loading code; offline tests use local files).
+        ds = (datasets.load_dataset("parquet", data_files=str(p), split="train") if p.exists()
+              else datasets.load_dataset(path, split="train"))
+        for i, record in enumerate(ds):
+            yield f"{path}[{i}]", record
+    else:
+        raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")
+
+
+def load_dialogues(files: list[str], fmt: str, on_bad_record: str) -> tuple[list[Messages], DataReport]:
+    """Read, convert and validate every record of `files`.
+
+    Raises DataError listing every bad record unless on_bad_record is "skip".
+    """
+    report, dialogues, bad = DataReport(), [], []
+    for path in files:
+        records = list(read_records(path))
+        report.records += len(records)
+        if fmt == "oasst":
+            rows = [r for _, r in records if isinstance(r, dict)]
+            converted = [(f"{path} (tree path {i})", d) for i, d in enumerate(formats.oasst_paths(rows))]
+        else:
+            converted = []
+            for where, record in records:
+                try:
+                    if isinstance(record, DataError):
+                        raise record
+                    found = formats.CONVERTERS[fmt](record)
+                except (formats.FormatError, DataError) as e:
+                    kind = "invalid_json" if isinstance(e, DataError) else "format"
+                    bad.append((where, kind, str(e)))
+                    continue
+                converted += [(where if len(found) == 1 else f"{where}#{j}", d) for j, d in enumerate(found)]
+        for where, dialogue in converted:
+            problem = validate(dialogue)
+            if problem:
+                bad.append((where, *problem))
+            else:
+                dialogues.append(dialogue)
+    for _, kind, _ in bad:
+        report.skipped[kind] += 1
+    if bad and on_bad_record == "error":
+        lines = "\n".join(f"  {where}: {reason}" for where, _, reason in bad[:200])
+        more = f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else ""
+        raise DataError(
+            f"{len(bad)} bad record(s); fix them or set data.on_bad_record: skip\n{lines}{more}"
+        )
+    report.dialogues = len(dialogues)
+    return dialogues, report
+
+
+def split(dialogues: list[Messages], eval_fraction: float) -> tuple[list[Messages], list[Messages]]:
+    """Hold out a stable eval split: a dialogue's side depends on its content alone, not on order."""
+    train, held = [], []
+    for d in dialogues:
+        bucket = zlib.crc32(json.dumps(d, sort_keys=True).encode()) % 10_000
+        (held if bucket < eval_fraction * 10_000 else train).append(d)
+    return train, held
+
+
+def _encode_fitting(tokenizer, dialogue: Messages, seq_len: int, on_too_long: str):
+    """Encode a dialogue; if too long, keep the longest prefix ending on an assistant turn."""
+    ids, mask = templates.encode(tokenizer, dialogue)
+    if len(ids) <= seq_len:
+        return ids, mask, "ok"
+    if on_too_long == "truncate":
+        ends = [i + 1 for i, m in enumerate(dialogue) if m["role"] == "assistant"][:-1]
+        for end in reversed(ends):
+            ids, mask = templates.encode(tokenizer, dialogue[:end])
+            if len(ids) <= seq_len:
+                return ids, mask, "truncated"
+    return [], [], "dropped"
+
+
+def fingerprint(*parts: Any) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    return fingerprint(tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template)
+
+
+def tokenize(
+    dialogues: list[Messages],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    on_too_long: str,
+    num_proc: int = 1,
+    cache_dir: str | None = None,
+    report: DataReport | None = None,
+) -> datasets.Dataset:
+    """Tokenize through the chat template into a Dataset of input_ids and assistant_mask.
+
+    Runs through `datasets.map` with num_proc; with a cache_dir the result is stored under a key
+    of the data, template, tokenizer and length, so a second run with the same inputs reuses it.
+    """
+    ds = datasets.Dataset.from_dict({"messages": [json.dumps(d) for d in dialogues]})
+
+    def encode(batch: dict) -> dict:
+        out: dict[str, list] = {"input_ids": [], "assistant_mask": [], "status": []}
+        for text in batch["messages"]:
+            ids, mask, status = _encode_fitting(tokenizer, json.loads(text), seq_len, on_too_long)
+            out["input_ids"].append(ids)
+            out["assistant_mask"].append(mask)
+            out["status"].append(status)
+        return out
+
+    key = fingerprint(fingerprint(dialogues), tokenizer_fingerprint(tokenizer), seq_len, on_too_long)
+    kwargs: dict[str, Any] = {"new_fingerprint": key}
+    if cache_dir:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        kwargs["cache_file_name"] = str(Path(cache_dir) / f"tokenized-{key}.arrow")
+    ds = ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if len(ds) > 1000 else None,
+                remove_columns=["messages"], desc="tokenize", **kwargs)
+    counts = Counter(ds["status"])
+    if report is not None:
+        report.truncated += counts.get("truncated", 0)
+        report.dropped_too_long += counts.get("dropped", 0)
+    keep = [i for i, s in enumerate(ds["status"]) if s != "dropped"]
+    return ds.select(keep).remove_columns("status") if len(keep) < len(ds) else ds.remove_columns("status")
+
+
+def prepare(cfg, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
+    """Train and eval datasets for a DataConfig: load, validate, split, tokenize."""
+    train, report = load_dialogues(cfg.train_files, cfg.format, cfg.on_bad_record)
+    if cfg.eval_files:
+        held, eval_report = load_dialogues(cfg.eval_files, cfg.format, cfg.on_bad_record)
+        report.skipped.update(eval_report.skipped)
+    else:
+        train, held = split(train, cfg.eval_fraction)
+    common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, on_too_long=cfg.on_too_long,
+                  num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, report=report)
+    return tokenize(train, **common), tokenize(held, **common), report

@@ -1,0 +1,147 @@
+"""Packing dialogues into rows, and the deterministic order in which rows are consumed.
+
+A row is a list of pieces (dialogue index, start, end). In "bfd" mode whole dialogues are packed by
+best-fit decreasing; each keeps its own position ids (restarting at 0) and a block-diagonal causal
+mask stops attention from crossing into a neighbour. Targets are shifted inside each dialogue, so
+no token learns to predict the start of the next dialogue. "pad" (one dialogue per row) and
+"concat" (the original code's stream cut into blocks, attention crossing boundaries) remain for
+comparison.
+
+The order of rows is a pure function of (seed, epoch), and a step's rows are a slice of it, so a
+resumed run jumps straight to its step without reading the batches it already consumed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Sequence
+
+import torch
+
+Piece = tuple[int, int, int]  # (dialogue index, start, end)
+Row = list[Piece]
+IGNORE = -100
+
+# Attention implementations that honour the 4-D block-diagonal mask packing relies on
+# (measured: eager ignores a boolean 4-D mask for GPTBigCode; see tests/test_packing.py).
+ISOLATING_ATTENTION = {"sdpa"}
+
+
+def check_attention(packing: str, attn_implementation: str) -> None:
+    if packing == "bfd" and attn_implementation not in ISOLATING_ATTENTION:
+        raise ValueError(
+            f"model.attn_implementation {attn_implementation!r} cannot keep packed dialogues apart "
+            f"(it ignores the block-diagonal mask); use one of {sorted(ISOLATING_ATTENTION)} "
+            "or set data.packing: pad"
+        )
+
+
+def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Pack items into the fewest bins we can: each item, longest first, goes to the fullest bin it fits.
+
+    O(n log n) with a sorted list of (space left, bin); itertools and datasets have no bin packer.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, bin index)
+    for i in order:
+        n = lengths[i]
+        if n > capacity:
+            raise ValueError(f"dialogue {i} has {n} tokens, more than the row length {capacity}")
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+        else:
+            bins.append([])
+            space, b = capacity, len(bins) - 1
+        bins[b].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, b))
+    return bins
+
+
+def plan_rows(lengths: Sequence[int], seq_len: int, mode: str) -> list[Row]:
+    """Group dialogues (by token length) into rows of at most seq_len tokens."""
+    if mode == "bfd":
+        return [[(i, 0, lengths[i]) for i in sorted(b)] for b in best_fit_decreasing(lengths, seq_len)]
+    if mode == "pad":
+        return [[(i, 0, n)] for i, n in enumerate(lengths)]
+    rows, row, used = [], [], 0  # concat: one stream, cut every seq_len tokens, remainder kept
+    for i, n in enumerate(lengths):
+        start = 0
+        while start < n:
+            take = min(n - start, seq_len - used)
+            row.append((i, start, start + take))
+            used, start = used + take, start + take
+            if used == seq_len:
+                rows.append(row)
+                row, used = [], 0
+    if row:
+        rows.append(row)
+    return rows
+
+
+def efficiency(rows: list[Row], seq_len: int) -> float:
+    """Real tokens / token slots, with every row padded to seq_len."""
+    real = sum(e - s for row in rows for _, s, e in row)
+    return real / max(1, len(rows) * seq_len)
+
+
+def trained_tokens(row: Row, masks: Sequence[Sequence[int]]) -> int:
+    """Positions with a target in this row: trained tokens of each piece except its first."""
+    return sum(sum(masks[i][s + 1 : e]) for i, s, e in row)
+
+
+def collate(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+            pad_id: int, isolate: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch: input_ids, targets (already shifted), position_ids, attention_mask.
+
+    attention_mask is boolean (B, 1, T, T): query i may see key j when both belong to the same
+    piece and j <= i (isolate=True), or simply j <= i (isolate=False, the naive stream).
+    An empty row is a filler that trains nothing; it keeps every rank running the same number of
+    forward passes, which ZeRO-3's collectives require.
+    """
+    T = max(1, max((sum(e - s for _, s, e in row) for row in rows), default=1))
+    B = len(rows)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((B, T), dtype=torch.long)
+    segment = -torch.arange(1, T + 1).repeat(B, 1)  # padding: each position its own segment
+    for b, row in enumerate(rows):
+        t = 0
+        for k, (i, s, e) in enumerate(row):
+            n = e - s
+            piece_ids = torch.tensor(ids[i][s:e], dtype=torch.long)
+            piece_mask = torch.tensor(masks[i][s + 1 : e], dtype=torch.bool)
+            input_ids[b, t : t + n] = piece_ids
+            targets[b, t : t + n - 1] = torch.where(piece_mask, piece_ids[1:], IGNORE)
+            if isolate:
+                position_ids[b, t : t + n] = torch.arange(n)
+                segment[b, t : t + n] = k
+            else:
+                position_ids[b, t : t + n] = torch.arange(t, t + n)
+                segment[b, t : t + n] = 0
+            t += n
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    attention_mask = (segment[:, :, None] == segment[:, None, :]) & causal
+    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
+            "attention_mask": attention_mask[:, None]}
+
+
+def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_rows))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def steps_per_epoch(num_rows: int, rows_per_step: int) -> int:
+    return -(-num_rows // rows_per_step)
+
+
+def step_rows(order: list[int], step_in_epoch: int, micro: int, rank: int, world: int,
+              micro_batch_size: int, accumulation: int) -> list[int | None]:
+    """Row indices for one micro-batch of one rank; None marks a filler past the epoch's end."""
+    rows_per_step = world * micro_batch_size * accumulation
+    base = step_in_epoch * rows_per_step + (micro * world + rank) * micro_batch_size
+    return [order[j] if j < len(order) else None for j in range(base, base + micro_batch_size)]

@@ -1,0 +1,56 @@
+"""Answering prompts with the chat template: used for samples during training and by tools/generate.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loop import templates
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 0.2
+    top_k: int = 50
+    top_p: float = 0.95
+    repetition_penalty: float = 1.0
+
+
+def end_token_id(tokenizer: PreTrainedTokenizerBase, model) -> int | list[int]:
+    """The stop token(s): the saved generation config's eos, else the tokenizer's eos."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return eos if eos is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
+           sampling: SamplingConfig, stop_id: int | list[int], synced_gpus: bool = False) -> list[str]:
+    """Continue each conversation with one assistant turn; return the decoded answers.
+
+    With ZeRO-3 over several processes every process must call this with the same number of
+    conversations and `synced_gpus=True`, so that all of them keep running forward passes until
+    the longest answer is done.
+    """
+    texts = [templates.render(tokenizer, c, generation_prompt=True) for c in conversations]
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    kwargs = {}
+    if sampling.do_sample:
+        kwargs = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
+    out = model.generate(
+        input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+        max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+        repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id,
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, **kwargs,
+    )
+    model.train(was_training)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

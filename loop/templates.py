@@ -1,0 +1,122 @@
+"""Dialogue templates, written once as Jinja and used for training, saving and serving.
+
+The Jinja `chat_template` is the one source of truth: training ids and trained positions come from
+`tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` on the very template that is
+saved with the model, so transformers, vLLM and TGI render exactly what the model was trained on.
+Assistant text and its closing end token sit inside `{% generation %}` markers; nothing else is trained.
+
+Special-token text inside message content (a user typing "<|end|>") would otherwise tokenize to the
+special token and forge a turn. The template defuses it: `<|end|>` in content renders as `< |end|>`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    special_tokens: tuple[str, ...]  # tokens the template adds to the vocabulary
+    end_token: str  # closes every turn; the stop token for generation
+    jinja: str  # with a @CONTENT@ placeholder where defused content goes
+
+
+# `{{ '...' }}` literals keep Jinja whitespace control out of the rendered text.
+STARCHAT = Template(
+    name="starchat",
+    special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    end_token="<|end|>",
+    jinja=(
+        "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' -%}"
+        "{%- set content = system -%}"
+        "{{ '<|system|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ '<|user|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ '<|assistant|>\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+    ),
+)
+
+CHATML = Template(
+    name="chatml",
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+    end_token="<|im_end|>",
+    jinja=(
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\\n' }}"
+        "{%- else -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ @CONTENT@ }}{{ '<|im_end|>\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+)
+
+TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
+
+
+def defuse(text: str) -> str:
+    """What the template does to special-token text inside content (`<|end|>` -> `< |end|>`)."""
+    return text[0] + " " + text[1:]
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def build_jinja(template: Template, reserved: list[str]) -> str:
+    """The template's Jinja with every reserved (special-token) string defused inside content."""
+    expr = "content"
+    for token in sorted(set(reserved), key=len, reverse=True):
+        expr += f" | replace({_jinja_string(token)}, {_jinja_string(defuse(token))})"
+    return template.jinja.replace("@CONTENT@", expr)
+
+
+def install(tokenizer: PreTrainedTokenizerBase, name: str) -> tuple[bool, str]:
+    """Give `tokenizer` the named template; return (vocabulary grew, end token).
+
+    With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text
+    with `{% generation %}` so that trained tokens can be found.
+    """
+    if name == "tokenizer":
+        own = tokenizer.chat_template
+        if not own or "generation" not in own:
+            raise ValueError(
+                "data.template is 'tokenizer' but the tokenizer's chat_template has no "
+                "{% generation %} markers, so the trained tokens cannot be found; "
+                "use data.template: starchat or chatml"
+            )
+        end = tokenizer.eos_token
+        return False, end
+    template = TEMPLATES[name]
+    missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens)
+    tokenizer.chat_template = build_jinja(template, reserved)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = template.end_token
+    return bool(missing), template.end_token
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions."""
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)

@@ -1,0 +1,53 @@
+import pytest
+import yaml
+
+from loop import config
+from loop.config import ConfigError
+
+
+def write(tmp_path, body: dict):
+    body.setdefault("data", {}).setdefault("train_files", ["x.jsonl"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def test_yaml_and_overrides_in_every_spelling(tmp_path):
+    path = write(tmp_path, {"training": {"lr": 1e-3, "num_epochs": 2}})
+    cfg = config.load(path, ["--lr", "1e-4", "--training.num_epochs=5", "--push_to_hub", "false",
+                             "--train_files", "[a.jsonl, b.jsonl]", "--hub_model_id", "me/model"])
+    assert cfg.training.lr == 1e-4  # YAML reads "1e-4" as a string; the float field converts it
+    assert cfg.training.num_epochs == 5
+    assert cfg.output.push_to_hub is False  # the original code parsed "false" as true
+    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert cfg.output.hub_model_id == "me/model"
+
+
+@pytest.mark.parametrize("body, overrides, key", [
+    ({"training": {"lrr": 1}}, [], "training.lrr"),
+    ({}, ["--nonsense", "1"], "--nonsense"),
+    ({"training": {"num_epochs": "three"}}, [], "training.num_epochs"),
+    ({"training": {"lr": -1.0}}, [], "training.lr"),
+    ({}, ["--lr", "0"], "training.lr"),
+    ({"data": {"packing": "zip"}}, [], "data.packing"),
+    ({"output": {"push_to_hub": "yes please"}}, [], "output.push_to_hub"),
+    ({"training": {"micro_batch_size": 0}}, [], "training.micro_batch_size"),
+    ({"output": {"push_to_hub": True}}, [], "output.hub_model_id"),
+    ({"trainer": {}}, [], "trainer"),
+])
+def test_bad_values_stop_with_the_key_named(tmp_path, body, overrides, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
+        config.load(write(tmp_path, body), overrides)
+
+
+def test_sequence_length_above_model_context_is_refused(tmp_path):
+    cfg = config.load(write(tmp_path, {"data": {"seq_len": 4096}}))
+    with pytest.raises(ConfigError, match="data.seq_len.*1024"):
+        config.check_against_model(cfg, 1024)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = config.load(write(tmp_path, {"training": {"lr": 5e-4}}), ["--seq_len", "256"])
+    config.save(cfg, tmp_path / "resolved.yaml")
+    again = config.from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()))
+    assert again == cfg and again.data.seq_len == 256

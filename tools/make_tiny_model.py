@@ -1,0 +1,32 @@
+"""Build the quickstart's local model, tokenizer and data (no network).
+
+Converts the English chatterbot-corpus dialogues to the messages schema, trains a byte-level BPE
+tokenizer on them, and saves a tiny GPTBigCode (StarCoder architecture, multi-query attention) with
+random weights, all deterministically. The run then loads them with `from_pretrained` like any model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loop import tiny  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="artifacts/tiny-starcoder", help="model + tokenizer directory")
+    p.add_argument("--data", default="artifacts/data/chatterbot.jsonl", help="converted dialogues (JSONL)")
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    tiny.build(Path(a.out), Path(a.data), n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()
