@@ -64,8 +64,20 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path) -> Path:
-    """Write a checkpoint atomically on every process; prune to the last `keep_last`."""
+def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:
+    """Generation stops at the template's end token, as the model was trained to."""
+    return GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            max_new_tokens=256)
+
+
+def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path, model,
+         tokenizer: PreTrainedTokenizerBase) -> Path:
+    """Write a checkpoint atomically on every process; prune to the last `keep_last`.
+
+    Besides the ZeRO-3 shards it holds the model config, generation config and tokenizer, so that
+    tools/consolidate_checkpoint.py and tools/generate.py need nothing else.
+    """
     name = f"step_{state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
     error: Exception | None = None
@@ -81,7 +93,11 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
-            config_mod.save(cfg, tmp / "config.yaml")
+            config_mod.save(cfg, tmp / "run_config.yaml")
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.config.save_pretrained(tmp)
+            unwrapped.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     except Exception as e:  # noqa: BLE001 - any write failure must reach every process
         error = e
     if not _all_ok(accelerator, error is None):
@@ -161,7 +177,7 @@ def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], mod
 
 
 def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-               dtype: str, end_token: str) -> None:
+               dtype: str) -> None:
     """Save a loadable model (safetensors, config, tokenizer with chat template, generation config).
 
     Written to a temporary directory and checked before it replaces `out_dir`.
@@ -174,11 +190,6 @@ def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
         tmp = out_dir.with_name(f".tmp-{out_dir.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
-        end_id = tokenizer.convert_tokens_to_ids(end_token)
-        unwrapped.generation_config = GenerationConfig(
-            eos_token_id=end_id, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, max_new_tokens=256,
-        )
         unwrapped.config.dtype = DTYPES[dtype]
         # transformers empties the dict it is given, so pass a copy.
         unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))

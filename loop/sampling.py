@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+)
 
 from loop import templates
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32):
+    """A model and tokenizer from a model directory (or Hub id), or from a training checkpoint
+    (its fp32 master weights, merged in memory)."""
+    path_ = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if (path_ / "latest").is_file():  # a ZeRO checkpoint written by loop/train.py
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path)), strict=False)
+        model.tie_weights()
+        model.generation_config = GenerationConfig.from_pretrained(path)
+        return model.to(dtype).eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), tokenizer
 
 
 @dataclass
@@ -28,7 +51,8 @@ def end_token_id(tokenizer: PreTrainedTokenizerBase, model) -> int | list[int]:
 
 @torch.no_grad()
 def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
-           sampling: SamplingConfig, stop_id: int | list[int], synced_gpus: bool = False) -> list[str]:
+           sampling: SamplingConfig, stop_id: int | list[int], synced_gpus: bool = False,
+           streamer=None) -> list[str]:
     """Continue each conversation with one assistant turn; return the decoded answers.
 
     With ZeRO-3 over several processes every process must call this with the same number of
@@ -49,7 +73,7 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
         input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
         max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
         repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, **kwargs,
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer, **kwargs,
     )
     model.train(was_training)
     new = out[:, enc["input_ids"].shape[1]:]

@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         attn_implementation=cfg.model.attn_implementation)
     if vocab_grew:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.generation_config = checkpoints.chat_generation_config(tokenizer, end_token)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
                 (out / "samples.md").write_text(f"# Samples at step {state.step}\n\n{text}\n")
         stop_now = any_process(accelerator, bool(preempted))
         if state.step % t.save_every == 0 or state.step == total_steps or stop_now:
-            last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root))
+            last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer))
             log.info(f"checkpoint {last_good}")
         if stop_now:
             log.warning(f"preempted (signal {preempted or 'on another process'}) at step {state.step}; "
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
-    checkpoints.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype, end_token)
+    checkpoints.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
     log.info(f"final model saved to {out / 'final'}")
     accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
     accelerator.end_training()

@@ -1,0 +1,192 @@
+"""Turn a sharded ZeRO-3 checkpoint into a Hugging Face model directory, streaming.
+
+DeepSpeed's `zero_to_fp32` reads the fp32 master partitions well (lazily, memory-mapped) but then
+builds the whole model in memory, writes pickles by default, and fails on tied weights with
+safetensors. Here its lazy reader is used as is, and each tensor is merged, cast and added to the
+current output shard; a full shard is written by a background thread while the next one fills.
+Peak memory is about one output shard (two while one is being written) plus mapped pages.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import re
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import save_file
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+class ConsolidationError(RuntimeError):
+    """The input is not a complete ZeRO-3 checkpoint; the message names the file."""
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
+    if not m:
+        raise ValueError(f"--max-shard-size: cannot read {text!r} (use e.g. 5GB, 200MB)")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
+def check_checkpoint(ckpt: Path) -> Path:
+    """Find the DeepSpeed tag folder and check that every rank's two files are there and readable."""
+    if not ckpt.is_dir():
+        raise ConsolidationError(f"{ckpt}: not a directory")
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        raise ConsolidationError(f"{ckpt}: not a ZeRO checkpoint (no 'latest' file naming its tag folder)")
+    tag = ckpt / latest.read_text().strip()
+    models = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    optims = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not (ckpt / "config.json").is_file():
+        raise ConsolidationError(f"{ckpt / 'config.json'}: missing; the checkpoint has no model config to write")
+    if not models or not optims:
+        raise ConsolidationError(f"{tag}: no ZeRO-3 model/optimizer state files (unknown layout)")
+    ranks = lambda files: {int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)) for f in files}  # noqa: E731
+    expected = set(range(max(ranks(models) | ranks(optims)) + 1))
+    for kind, files, pattern in (("model", models, "zero_pp_rank_{}_mp_rank_00_model_states.pt"),
+                                 ("optimizer", optims, "*zero_pp_rank_{}_mp_rank_00_optim_states.pt")):
+        for r in sorted(expected - ranks(files)):
+            raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
+    for f in optims + models:
+        try:
+            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
+            raise ConsolidationError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None
+    return tag
+
+
+def _writer(jobs: queue.Queue, errors: list) -> None:
+    while (job := jobs.get()) is not None:
+        tensors, path = job
+        try:
+            save_file(tensors, str(path), metadata={"format": "pt"})
+        except Exception as e:  # noqa: BLE001 - reported by the caller
+            errors.append(e)
+
+
+def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 1024**3,
+                progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
+    """Write `out` as a loadable model directory; return the tied-weight aliases that were left out.
+
+    Everything goes to `out/../.tmp-<name>` first and is renamed into place only when complete.
+    """
+    check_checkpoint(ckpt)
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), lazy_mode=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    jobs: queue.Queue = queue.Queue(maxsize=1)  # at most one shard waiting: bounds memory
+    errors: list[Exception] = []
+    thread = threading.Thread(target=_writer, args=(jobs, errors), daemon=True)
+    thread.start()
+    seen: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    sizes, weight_map, current = [0], {}, 0
+    try:
+        for name, value in lazy.items():
+            if id(value) in seen:  # a tied weight (lm_head -> wte): written once, re-tied on load
+                aliases[name] = seen[id(value)]
+                continue
+            seen[id(value)] = name
+            tensor = value.contiguous() if hasattr(value, "contiguous") else value
+            tensor = tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
+            nbytes = tensor.numel() * tensor.element_size()
+            if shards[-1] and current + nbytes > max_shard_bytes:
+                jobs.put((shards[-1], tmp / f"part-{len(shards):05d}.safetensors"))
+                shards[-1] = {}
+                shards.append({})
+                sizes.append(0)
+                current = 0
+            shards[-1][name] = tensor
+            current += nbytes
+            sizes[-1] += nbytes
+            weight_map[name] = len(shards)
+            if progress:
+                progress(name, nbytes)
+        jobs.put((shards[-1], tmp / f"part-{len(shards):05d}.safetensors"))
+        shards[-1] = {}
+        jobs.put(None)
+        thread.join()
+        if errors:
+            raise errors[0]
+        _name_shards(tmp, len(shards), weight_map, sum(sizes))
+        for meta in META_FILES:
+            if (ckpt / meta).is_file():
+                shutil.copy2(ckpt / meta, tmp / meta)
+        _set_config_dtype(tmp / "config.json", dtype)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        if thread.is_alive():  # stop the writer before removing what it writes to
+            with jobs.mutex:
+                jobs.queue.clear()
+            jobs.put(None)
+            thread.join()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return aliases
+
+
+def _name_shards(tmp: Path, count: int, weight_map: dict[str, int], total: int) -> None:
+    """Hugging Face names: one `model.safetensors`, or `model-0000i-of-0000n` plus an index."""
+    if count == 1:
+        (tmp / "part-00001.safetensors").rename(tmp / "model.safetensors")
+        return
+    names = {i: f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
+    for i, name in names.items():
+        (tmp / f"part-{i:05d}.safetensors").rename(tmp / name)
+    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+        path.write_text(json.dumps(config, indent=2))
+
+
+def verify(ckpt: Path, out: Path, dtype: str, prompts: list[str]) -> dict[str, float]:
+    """Reload `out` with `from_pretrained` and compare it with the checkpoint's fp32 master weights.
+
+    Returns the largest difference of any weight from its cast master value (should be 0), of any
+    weight from the fp32 master (the cast's rounding), and of logits on `prompts` between the saved
+    model and the fp32 master weights.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).eval()
+    saved = model.state_dict()
+    missing = [k for k in master if k not in saved]
+    if missing:
+        raise ConsolidationError(f"{out}: weights missing after reload: {missing[:5]}")
+    report = {"max_diff_vs_cast_master": 0.0, "max_diff_vs_fp32_master": 0.0, "max_logit_diff": 0.0}
+    for k, v in master.items():
+        s = saved[k].float()
+        report["max_diff_vs_cast_master"] = max(report["max_diff_vs_cast_master"],
+                                                (s - v.to(DTYPES[dtype]).float()).abs().max().item())
+        report["max_diff_vs_fp32_master"] = max(report["max_diff_vs_fp32_master"], (s - v).abs().max().item())
+    if prompts and (out / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        reference = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        reference.load_state_dict(master, strict=False)
+        with torch.no_grad():
+            for p in prompts:
+                ids = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                    return_tensors="pt", return_dict=True)["input_ids"]
+                diff = (model(ids).logits.float() - reference(ids).logits).abs().max().item()
+                report["max_logit_diff"] = max(report["max_logit_diff"], diff)
+    return report

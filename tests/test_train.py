@@ -1,0 +1,72 @@
+"""End to end: 2-process DeepSpeed ZeRO-3 on CPU over gloo, the way the quickstart runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import launch, write_config
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(tmp / "run.yaml", tiny_dir, tmp / "out",
+                       training={"max_steps": 16, "eval_every": 8, "save_every": 8, "log_every": 4,
+                                 "sample_prompts": ["What is Python?", "Hello"], "max_new_tokens": 8})
+    proc = launch(cfg, "--seed", "7")
+    return tmp / "out", proc
+
+
+def test_loss_falls_and_tensorboard_holds_the_scalars(run):
+    out, _ = run
+    logged = scalars(out)
+    for tag in ("train/loss", "eval/loss", "eval/perplexity", "train/lr", "train/grad_norm",
+                "throughput/tokens_per_s", "throughput/trained_tokens_per_s", "time/forward_backward",
+                "time/optimizer", "time/data", "memory/peak_bytes", "train/epoch"):
+        assert tag in logged, f"{tag} missing from TensorBoard; have {sorted(logged)}"
+    evals = dict(logged["eval/loss"])
+    assert sorted(evals) == [0, 8, 16]
+    assert evals[16] < evals[0] - 0.5, evals
+    train = [v for _, v in logged["train/loss"]]
+    assert train[-1] < train[0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["training"]["seed"] == 7  # resolved + override
+    assert (out / "train.log").read_text().count("eval loss") == 3
+    assert "**What is Python?**" in (out / "samples.md").read_text()
+
+
+def test_saved_model_reloads_with_the_weights_the_run_ended_with(run):
+    out, _ = run
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.dtype == torch.bfloat16
+    # Independent reference: DeepSpeed's own consolidation of the last checkpoint's fp32 master weights.
+    master = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints" / "step_00000016"))
+    saved = model.state_dict()
+    for name, fp32 in master.items():
+        assert torch.equal(saved[name], fp32.to(torch.bfloat16)), name
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+
+
+def test_saved_model_chats_with_its_template(run):
+    out, _ = run
+    tokenizer = AutoTokenizer.from_pretrained(out / "final")
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert model.generation_config.eos_token_id == end
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello"}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    assert tokenizer.decode(prompt["input_ids"][0]).endswith("<|user|>\nHello<|end|>\n<|assistant|>\n")
+    new = model.generate(**prompt, max_new_tokens=12, min_new_tokens=4, do_sample=False)
+    new = new[0, prompt["input_ids"].shape[1]:].tolist()
+    assert tokenizer.decode(new, skip_special_tokens=True).strip()
+    assert end not in new[:-1]  # generation stops at the end token: nothing follows it

@@ -1,0 +1,68 @@
+"""Turn a sharded ZeRO-3 checkpoint into a Hugging Face model directory.
+
+Reads the fp32 master weights of every rank (memory-mapped, one tensor at a time) and writes
+sharded safetensors (a single file when small) with an index, plus the run's model config,
+tokenizer, chat template and generation config. Tied weights are written once and come back tied.
+Nothing that looks like a finished model is left in OUTPUT_DIR if anything fails.
+
+  python tools/consolidate_checkpoint.py outputs/quickstart/checkpoints outputs/quickstart/consolidated
+  python tools/consolidate_checkpoint.py RUN/checkpoints/step_00000500 MODEL --dtype fp32 --max-shard-size 2GB --verify
+
+CHECKPOINT_DIR may be one checkpoint (step_N) or a run's checkpoints/ folder (its newest complete one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tqdm import tqdm  # noqa: E402
+
+from loop import checkpoints, consolidate  # noqa: E402
+
+VERIFY_PROMPTS = ["Write a Python function that reverses a string.", "What is a linked list?"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint_dir", type=Path)
+    p.add_argument("output_dir", type=Path)
+    p.add_argument("--dtype", choices=sorted(consolidate.DTYPES), default="bf16",
+                   help="dtype of the written weights (default bf16; the masters are fp32)")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 200MB")
+    p.add_argument("--verify", action="store_true",
+                   help="reload with from_pretrained, compare weights and logits with the checkpoint")
+    a = p.parse_args(argv)
+    ckpt = a.checkpoint_dir
+    if ckpt.is_dir() and not (ckpt / "latest").exists() and checkpoints.complete_checkpoints(ckpt):
+        ckpt = checkpoints.complete_checkpoints(ckpt)[-1]
+    try:
+        with tqdm(unit="B", unit_scale=True, desc="consolidate") as bar:
+            count = [0]
+
+            def progress(name: str, nbytes: int) -> None:
+                count[0] += 1
+                bar.set_postfix(tensors=count[0])
+                bar.update(nbytes)
+
+            aliases = consolidate.consolidate(ckpt, a.output_dir, a.dtype,
+                                              consolidate.parse_size(a.max_shard_size), progress)
+    except (consolidate.ConsolidationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    tied = f"; tied, written once: {aliases}" if aliases else ""
+    print(f"wrote {a.output_dir} from {ckpt} ({a.dtype}){tied}")
+    if a.verify:
+        report = consolidate.verify(ckpt, a.output_dir, a.dtype, VERIFY_PROMPTS)
+        print("verify: " + ", ".join(f"{k}={v:.3g}" for k, v in report.items()))
+        if report["max_diff_vs_cast_master"] != 0:
+            print("error: saved weights differ from the checkpoint", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
