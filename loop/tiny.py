@@ -52,7 +52,8 @@ def build(out_dir: Path, data_file: Path, n_embd: int = 128, n_layer: int = 4, n
     torch.manual_seed(seed)
     config = GPTBigCodeConfig(
         vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-        n_head=n_head, multi_query=True, bos_token_id=tokenizer.bos_token_id,
+        n_head=n_head, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     model = GPTBigCodeForCausalLM(config)

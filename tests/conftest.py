@@ -72,10 +72,12 @@ def write_config(path: Path, tiny_dir: Path, out_dir: Path, **sections) -> Path:
 
 
 def launch(config_path: Path, *overrides: str, nproc: int = 2, timeout: int = 600,
-           accelerate_config: str = "cpu_zero3.yaml", check: bool = True) -> subprocess.CompletedProcess:
+           accelerate_config: str = "cpu_zero3.yaml", check: bool = True,
+           mixed_precision: str = "bf16") -> subprocess.CompletedProcess:
     """Run loop/train.py under `accelerate launch` with real DeepSpeed ZeRO-3 over gloo."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / accelerate_config), "--num_processes", str(nproc),
+           "--mixed_precision", mixed_precision,
            "--main_process_port", str(free_port()), str(ROOT / "loop" / "train.py"), str(config_path),
            *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)

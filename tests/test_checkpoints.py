@@ -1,0 +1,124 @@
+"""Crash, preemption and resume under real 2-process ZeRO-3."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loop import checkpoints
+from tests.conftest import ROOT, free_port, launch, write_config
+from tests.test_train import scalars
+
+STEPS, SAVE_EVERY = 10, 3  # 6 steps per epoch on the 160-dialogue file below
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny_dir, corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckdata") / "small.jsonl"
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in corpus[:160]))
+    return path
+
+
+def config(tmp: Path, tiny_dir: Path, data_file: Path, out: Path) -> Path:
+    return write_config(tmp / f"{out.name}.yaml", tiny_dir, out,
+                        data={"train_files": [str(data_file)], "seq_len": 128},
+                        training={"max_steps": STEPS, "save_every": SAVE_EVERY, "log_every": 1,
+                                  "keep_last": 10, "eval_every": 0})
+
+
+def start(cfg: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu_zero3.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "loop" / "train.py"), str(cfg), *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def last_values(run: Path, tag: str) -> dict[int, float]:
+    return dict(scalars(run)[tag])  # later events of a step overwrite earlier ones
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, small_data, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    launch(config(tmp, tiny_dir, small_data, tmp / "ref"))
+    return tmp / "ref"
+
+
+@pytest.mark.parametrize("kill_when", ["after_first_checkpoint", "during_second_checkpoint"])
+def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, tmp_path, kill_when):
+    out = tmp_path / "run"
+    cfg = config(tmp_path, tiny_dir, small_data, out)
+    proc = start(cfg)
+    ckpts = out / "checkpoints"
+    if kill_when == "after_first_checkpoint":  # dies inside epoch 0; the resumed run crosses into epoch 1
+        wait_for(ckpts / "step_00000003" / checkpoints.MARKER, proc)
+    else:  # dies while step 6's checkpoint (the epoch boundary) is being written
+        wait_for(ckpts / ".tmp-step_00000006", proc)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()  # the launcher starts workers in sessions of their own: kill each
+    proc.wait()
+    latest = checkpoints.find("latest", ckpts)
+    assert latest.name in ("step_00000003", "step_00000006")
+    resumed_from = int(latest.name.split("_")[1])
+
+    launch(cfg, "--resume_from_checkpoint", "latest")
+    ref_w, run_w = final_weights(reference), final_weights(out)
+    assert ref_w.keys() == run_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], run_w[k]), k
+    ref_loss, run_loss = last_values(reference, "train/loss"), last_values(out, "train/loss")
+    assert [run_loss[s] for s in range(resumed_from + 1, STEPS + 1)] == \
+           [ref_loss[s] for s in range(resumed_from + 1, STEPS + 1)]
+    state = json.loads((ckpts / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
+    ref_state = json.loads((reference / "checkpoints" / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
+    assert state == ref_state  # token and sample counters continue exactly
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
+    wait_for(out / "tensorboard", proc)
+    time.sleep(3)
+    for w in workers(proc):
+        w.send_signal(sig)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, log[-2000:]
+    assert "exitcode  : 75" in log, log[-3000:]  # the launcher reports each worker's exit code
+    found = checkpoints.complete_checkpoints(out / "checkpoints")
+    assert len(found) == 1 and 0 < int(found[0].name.split("_")[1]) < 100000, found
+    assert "preempted" in (out / "train.log").read_text()
+
+
+def test_resume_with_another_number_of_processes_is_refused_with_what_to_do(tiny_dir, small_data, reference,
+                                                                            tmp_path):
+    cfg = config(tmp_path, tiny_dir, small_data, reference)
+    proc = launch(cfg, "--resume_from_checkpoint", str(reference / "checkpoints" / "step_00000006"),
+                  nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "written by 2 processes and this run has 1" in proc.stdout + proc.stderr
+    assert "consolidate_checkpoint.py" in proc.stdout + proc.stderr
