@@ -37,6 +37,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
+def _load_safely(path: Path):
+    """torch.load with weights_only=True; DeepSpeed's files need two of its classes allowlisted."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def check_checkpoint(ckpt: Path) -> Path:
     """Find the DeepSpeed tag folder and check that every rank's two files are there and readable."""
     if not ckpt.is_dir():
@@ -53,13 +62,14 @@ def check_checkpoint(ckpt: Path) -> Path:
         raise ConsolidationError(f"{tag}: no ZeRO-3 model/optimizer state files (unknown layout)")
     ranks = lambda files: {int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)) for f in files}  # noqa: E731
     expected = set(range(max(ranks(models) | ranks(optims)) + 1))
+    prefix = optims[0].name.split("zero_pp_rank_")[0]  # "bf16_", "" or "fp16_" by precision
     for kind, files, pattern in (("model", models, "zero_pp_rank_{}_mp_rank_00_model_states.pt"),
-                                 ("optimizer", optims, "*zero_pp_rank_{}_mp_rank_00_optim_states.pt")):
+                                 ("optimizer", optims, prefix + "zero_pp_rank_{}_mp_rank_00_optim_states.pt")):
         for r in sorted(expected - ranks(files)):
             raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
     for f in optims + models:
         try:
-            torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+            _load_safely(f)
         except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
             raise ConsolidationError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None
     return tag

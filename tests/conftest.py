@@ -84,3 +84,14 @@ def launch(config_path: Path, *overrides: str, nproc: int = 2, timeout: int = 60
     if check and proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_dir, tmp_path_factory) -> Path:
+    """One 16-step 2-process ZeRO-3 run (checkpoints at steps 8 and 16), shared by several tests."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    cfg = write_config(tmp / "run.yaml", tiny_dir, tmp / "out",
+                       training={"max_steps": 16, "eval_every": 8, "save_every": 8, "log_every": 4,
+                                 "sample_prompts": ["What is Python?", "Hello"], "max_new_tokens": 8})
+    launch(cfg, "--seed", "7")
+    return tmp / "out"

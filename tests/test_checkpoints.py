@@ -122,3 +122,38 @@ def test_resume_with_another_number_of_processes_is_refused_with_what_to_do(tiny
     assert proc.returncode != 0
     assert "written by 2 processes and this run has 1" in proc.stdout + proc.stderr
     assert "consolidate_checkpoint.py" in proc.stdout + proc.stderr
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """Disk full in the middle of a save: a clear error, the previous checkpoint still the latest."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from loop import config as config_mod
+
+    accelerator = Accelerator(cpu=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    cfg = config_mod.Config()
+    root = tmp_path / "checkpoints"
+    first = checkpoints.save(accelerator, checkpoints.LoopState(step=1), cfg, root, model, tokenizer)
+
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])  # half-written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(checkpoints.CheckpointError, match="No space left on device.*previous checkpoint is untouched"):
+        checkpoints.save(accelerator, checkpoints.LoopState(step=2), cfg, root, model, tokenizer)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert checkpoints.find("latest", root) == first
+    assert not list(root.glob(".tmp-*")) and not (root / "step_00000002").exists()
+    accelerator.load_state(str(first))  # still loads
+
+    (tmp_path / "blocked").write_text("a file where the checkpoint folder should go")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot create"):
+        checkpoints.save(accelerator, checkpoints.LoopState(step=3), cfg, tmp_path / "blocked" / "ck", model, tokenizer)

@@ -9,7 +9,6 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import launch, write_config
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -19,13 +18,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 @pytest.fixture(scope="module")
-def run(tiny_dir, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    cfg = write_config(tmp / "run.yaml", tiny_dir, tmp / "out",
-                       training={"max_steps": 16, "eval_every": 8, "save_every": 8, "log_every": 4,
-                                 "sample_prompts": ["What is Python?", "Hello"], "max_new_tokens": 8})
-    proc = launch(cfg, "--seed", "7")
-    return tmp / "out", proc
+def run(trained_run):
+    return trained_run, None
 
 
 def test_loss_falls_and_tensorboard_holds_the_scalars(run):
