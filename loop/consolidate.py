@@ -1,20 +1,25 @@
 """Turn a sharded ZeRO-3 checkpoint into a Hugging Face model directory, streaming.
 
-DeepSpeed's `zero_to_fp32` reads the fp32 master partitions well (lazily, memory-mapped) but then
-builds the whole model in memory, writes pickles by default, and fails on tied weights with
-safetensors. Here its lazy reader is used as is, and each tensor is merged, cast and added to the
-current output shard; a full shard is written by a background thread while the next one fills.
-Peak memory is about one output shard (two while one is being written) plus mapped pages.
+DeepSpeed's `zero_to_fp32` builds the whole model in memory (its lazy mode memory-maps the rank
+files, and every page it touches counts in resident memory), writes pickles by default, and fails on
+tied weights with safetensors. Written by hand here, with the same merge protocol: the rank files are
+opened on the meta device to learn where each fp32 partition lies in the file, and each parameter's
+slices are read with `pread` (ranks in parallel threads), merged, cast and added to the current
+output shard; a full shard is written by a background thread while the next one fills. Peak memory
+is about one output shard (two while one is written) plus one tensor.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import queue
 import re
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -37,13 +42,82 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def _load_safely(path: Path):
-    """torch.load with weights_only=True; DeepSpeed's files need two of its classes allowlisted."""
+def _load_safely(path: Path, meta: bool = True):
+    """torch.load with weights_only=True (DeepSpeed's files need two of its classes allowlisted).
+
+    On the meta device no tensor data is read; each storage records its byte offset in the file.
+    """
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
     with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        if meta:
+            return torch.load(path, map_location="meta", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+class RankFile:
+    """Reads ranges of one rank's fp32 master partition straight from its file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        state = _load_safely(path, meta=True)["optimizer_state_dict"]
+        if state.get("zero_stage") != 3:
+            raise ConsolidationError(f"{path}: not a ZeRO stage 3 optimizer state (stage {state.get('zero_stage')})")
+        self.groups = []  # (first element in the flat space, numel, byte offset in the file)
+        start = 0
+        for t in state["fp32_flat_groups"]:
+            offset = t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size()
+            self.groups.append((start, t.numel(), offset))
+            start += t.numel()
+        self.numel = start
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def read(self, start: int, count: int) -> torch.Tensor:
+        out = torch.empty(count, dtype=torch.float32)
+        view, done = memoryview(out.numpy()).cast("B"), 0
+        for first, numel, offset in self.groups:
+            lo, hi = max(start, first), min(start + count, first + numel)
+            if lo >= hi:
+                continue
+            want = (hi - lo) * 4
+            got = os.preadv(self.fd, [view[done * 4 : done * 4 + want]], offset + (lo - first) * 4)
+            if got != want:
+                raise ConsolidationError(f"{self.path}: truncated (short read at element {lo})")
+            done += hi - lo
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def merged_tensors(tag: Path) -> Iterator[tuple[str, torch.Tensor | str]]:
+    """Yield (name, fp32 tensor) in checkpoint order, or (name, target) for a tied alias."""
+    model_states = _load_safely(next(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt")), meta=False)
+    if model_states.get("frozen_param_shapes"):
+        raise ConsolidationError(f"{tag}: frozen parameters are not supported; use DeepSpeed's zero_to_fp32.py")
+    files = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
+                   key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    ranks = [RankFile(f) for f in files]
+    world = len(ranks)
+    try:
+        for name in model_states.get("buffer_names", []):
+            yield name, model_states["module"][name].float()
+        shapes = {k: v for group in model_states["param_shapes"] for k, v in group.items()}
+        offset = 0
+        with ThreadPoolExecutor(max_workers=min(world, 8)) as pool:
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / world)
+                slices = list(pool.map(RankFile.read, ranks, [offset] * world, [part] * world))
+                yield name, torch.cat(slices)[:numel].view(tuple(shape))
+                offset += part
+        if offset != ranks[0].numel:
+            raise ConsolidationError(f"{tag}: consumed {offset} of {ranks[0].numel} elements per rank; unknown layout")
+        yield from model_states.get("shared_params", {}).items()
+    finally:
+        for r in ranks:
+            r.close()
 
 
 def check_checkpoint(ckpt: Path) -> Path:
@@ -69,9 +143,15 @@ def check_checkpoint(ckpt: Path) -> Path:
             raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
     for f in optims + models:
         try:
-            _load_safely(f)
+            _load_safely(f, meta=True)
         except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
             raise ConsolidationError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None
+        if f in optims:  # the data past the pickle must be there too
+            rank = RankFile(f)
+            last = max(off + n * 4 for _, n, off in rank.groups)
+            rank.close()
+            if f.stat().st_size < last:
+                raise ConsolidationError(f"{f}: truncated ({f.stat().st_size} bytes, data runs to {last})")
     return tag
 
 
@@ -90,8 +170,7 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
 
     Everything goes to `out/../.tmp-<name>` first and is renamed into place only when complete.
     """
-    check_checkpoint(ckpt)
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), lazy_mode=True)
+    tag = check_checkpoint(ckpt)
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -99,18 +178,15 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     errors: list[Exception] = []
     thread = threading.Thread(target=_writer, args=(jobs, errors), daemon=True)
     thread.start()
-    seen: dict[int, str] = {}
     aliases: dict[str, str] = {}
     shards: list[dict[str, torch.Tensor]] = [{}]
     sizes, weight_map, current = [0], {}, 0
     try:
-        for name, value in lazy.items():
-            if id(value) in seen:  # a tied weight (lm_head -> wte): written once, re-tied on load
-                aliases[name] = seen[id(value)]
+        for name, value in merged_tensors(tag):
+            if isinstance(value, str):  # a tied weight (lm_head -> wte): written once, re-tied on load
+                aliases[name] = value
                 continue
-            seen[id(value)] = name
-            tensor = value.contiguous() if hasattr(value, "contiguous") else value
-            tensor = tensor.to(DTYPES[dtype]) if tensor.is_floating_point() else tensor
+            tensor = value.to(DTYPES[dtype]) if value.is_floating_point() else value
             nbytes = tensor.numel() * tensor.element_size()
             if shards[-1] and current + nbytes > max_shard_bytes:
                 jobs.put((shards[-1], tmp / f"part-{len(shards):05d}.safetensors"))
