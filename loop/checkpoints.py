@@ -13,15 +13,19 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from accelerate import Accelerator
 from safetensors import safe_open
-from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from loop import config as config_mod
 
+if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
+    from accelerate import Accelerator
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
 MARKER = "COMPLETE"
+IN_USE = ".in_use"  # a background job (upload) still reads this checkpoint: do not prune it
 STATE_FILE = "loop_state.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -66,6 +70,8 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:
     """Generation stops at the template's end token, as the model was trained to."""
+    from transformers import GenerationConfig
+
     return GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
                             pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
                             max_new_tokens=256)
@@ -116,7 +122,8 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         _fsync_dir(final)
         _fsync_dir(root)
         for old in complete_checkpoints(root)[: -cfg.training.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not (old / IN_USE).exists():
+                shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()

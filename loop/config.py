@@ -37,6 +37,7 @@ class DataConfig:
     eval_files: list[str] = field(default_factory=list)
     # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
     format: str = "messages"
+    oasst_paths: str = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
     # Fraction of train dialogues held out for eval when no eval_files are given.
     eval_fraction: float = 0.05
     template: str = "starchat"  # starchat | chatml | tokenizer
@@ -85,6 +86,8 @@ class OutputConfig:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
+    hub_push_checkpoints: bool = False  # also upload each checkpoint, consolidated, to branch step-N
+    license: str = "other"  # for the model card
 
 
 @dataclass
@@ -98,6 +101,7 @@ class Config:
 CHOICES = {
     "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "flex_attention"},
     "data.format": {"messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"},
+    "data.oasst_paths": {"longest", "all"},
     "data.template": {"starchat", "chatml", "tokenizer"},
     "data.packing": {"bfd", "pad", "concat"},
     "data.on_bad_record": {"error", "skip"},

@@ -3,10 +3,10 @@
 DeepSpeed's `zero_to_fp32` builds the whole model in memory (its lazy mode memory-maps the rank
 files, and every page it touches counts in resident memory), writes pickles by default, and fails on
 tied weights with safetensors. Written by hand here, with the same merge protocol: the rank files are
-opened on the meta device to learn where each fp32 partition lies in the file, and each parameter's
-slices are read with `pread` (ranks in parallel threads), merged, cast and added to the current
-output shard; a full shard is written by a background thread while the next one fills. Peak memory
-is about one output shard (two while one is written) plus one tensor.
+opened on the meta device to learn where each fp32 partition lies in the file; each parameter's
+slices are read with `pread` (ranks in parallel threads), merged, cast and streamed straight into
+its pre-planned safetensors shard. Peak memory is the largest tensor, about twice, plus the
+interpreter; it does not grow with the model or the shard size.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import queue
 import re
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-from safetensors.torch import save_file
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -73,8 +70,8 @@ class RankFile:
         self.numel = start
         self.fd = os.open(path, os.O_RDONLY)
 
-    def read(self, start: int, count: int) -> torch.Tensor:
-        out = torch.empty(count, dtype=torch.float32)
+    def read(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Read `count` fp32 elements from `start` of the flat space into `out` (no extra copy)."""
         view, done = memoryview(out.numpy()).cast("B"), 0
         for first, numel, offset in self.groups:
             lo, hi = max(start, first), min(start + count, first + numel)
@@ -91,30 +88,47 @@ class RankFile:
         os.close(self.fd)
 
 
-def merged_tensors(tag: Path) -> Iterator[tuple[str, torch.Tensor | str]]:
-    """Yield (name, fp32 tensor) in checkpoint order, or (name, target) for a tied alias."""
-    model_states = _load_safely(next(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt")), meta=False)
-    if model_states.get("frozen_param_shapes"):
+@dataclass
+class Plan:
+    """What the model holds, read from rank 0's model-state file before any weight is read."""
+
+    buffers: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]  # trainable parameters, in flat-partition order
+    aliases: dict[str, str]  # tied weights: name -> the name it shares storage with
+
+
+def read_plan(tag: Path) -> Plan:
+    states = _load_safely(next(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt")), meta=False)
+    if states.get("frozen_param_shapes"):
         raise ConsolidationError(f"{tag}: frozen parameters are not supported; use DeepSpeed's zero_to_fp32.py")
+    buffers = {k: states["module"][k].clone() for k in states.get("buffer_names", [])}
+    shapes = {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    return Plan(buffers, shapes, dict(states.get("shared_params", {})))
+
+
+def merged_tensors(tag: Path, plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, fp32 tensor) for every buffer and parameter, one at a time, in plan order.
+
+    The protocol of DeepSpeed's zero_to_fp32: on every rank the param groups form one flat space,
+    and each parameter takes ceil(numel / world) elements of it at a running offset.
+    """
     files = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
                    key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
     ranks = [RankFile(f) for f in files]
     world = len(ranks)
     try:
-        for name in model_states.get("buffer_names", []):
-            yield name, model_states["module"][name].float()
-        shapes = {k: v for group in model_states["param_shapes"] for k, v in group.items()}
+        yield from plan.buffers.items()
         offset = 0
         with ThreadPoolExecutor(max_workers=min(world, 8)) as pool:
-            for name, shape in shapes.items():
+            for name, shape in plan.shapes.items():
                 numel = math.prod(shape)
                 part = math.ceil(numel / world)
-                slices = list(pool.map(RankFile.read, ranks, [offset] * world, [part] * world))
-                yield name, torch.cat(slices)[:numel].view(tuple(shape))
+                merged = torch.empty(part * world, dtype=torch.float32)
+                list(pool.map(RankFile.read, ranks, [offset] * world, [part] * world, merged.split(part)))
+                yield name, merged[:numel].view(shape)
                 offset += part
         if offset != ranks[0].numel:
             raise ConsolidationError(f"{tag}: consumed {offset} of {ranks[0].numel} elements per rank; unknown layout")
-        yield from model_states.get("shared_params", {}).items()
     finally:
         for r in ranks:
             r.close()
@@ -155,58 +169,75 @@ def check_checkpoint(ckpt: Path) -> Path:
     return tag
 
 
-def _writer(jobs: queue.Queue, errors: list) -> None:
-    while (job := jobs.get()) is not None:
-        tensors, path = job
-        try:
-            save_file(tensors, str(path), metadata={"format": "pt"})
-        except Exception as e:  # noqa: BLE001 - reported by the caller
-            errors.append(e)
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
+                     torch.bool: "BOOL", torch.int32: "I32", torch.uint8: "U8"}
+
+
+def _plan_shards(items: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
+    shards, size = [[]], 0
+    for i, (_, shape, dtype) in enumerate(items):
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += nbytes
+    return shards
+
+
+def _header(items: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
+    """A safetensors header (8-byte length, JSON, padded to 8 bytes) for tensors written in order."""
+    meta, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in items:
+        end = offset + math.prod(shape) * dtype.itemsize
+        meta[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    body = json.dumps(meta, separators=(",", ":")).encode()
+    body += b" " * (-len(body) % 8)
+    return len(body).to_bytes(8, "little") + body
 
 
 def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 1024**3,
                 progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
     """Write `out` as a loadable model directory; return the tied-weight aliases that were left out.
 
-    Everything goes to `out/../.tmp-<name>` first and is renamed into place only when complete.
+    Shapes and dtypes are known before any weight is read, so every shard's safetensors header is
+    written first and each merged tensor is streamed into its file as soon as it is ready: memory
+    holds a tensor or two, never a shard. (safetensors' own save_file needs the whole shard in memory
+    and copies it once more; the format is simple enough to stream.) Everything goes to
+    `out/../.tmp-<name>` first and is renamed into place only when complete.
     """
     tag = check_checkpoint(ckpt)
+    plan = read_plan(tag)
+    target = DTYPES[dtype]
+    cast = lambda t: t.to(target) if t.is_floating_point() else t  # noqa: E731
+    items = [(k, tuple(v.shape), cast(v).dtype) for k, v in plan.buffers.items()]
+    items += [(k, s, target) for k, s in plan.shapes.items()]
+    shards = _plan_shards(items, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    jobs: queue.Queue = queue.Queue(maxsize=1)  # at most one shard waiting: bounds memory
-    errors: list[Exception] = []
-    thread = threading.Thread(target=_writer, args=(jobs, errors), daemon=True)
-    thread.start()
-    aliases: dict[str, str] = {}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    sizes, weight_map, current = [0], {}, 0
     try:
-        for name, value in merged_tensors(tag):
-            if isinstance(value, str):  # a tied weight (lm_head -> wte): written once, re-tied on load
-                aliases[name] = value
-                continue
-            tensor = value.to(DTYPES[dtype]) if value.is_floating_point() else value
-            nbytes = tensor.numel() * tensor.element_size()
-            if shards[-1] and current + nbytes > max_shard_bytes:
-                jobs.put((shards[-1], tmp / f"part-{len(shards):05d}.safetensors"))
-                shards[-1] = {}
-                shards.append({})
-                sizes.append(0)
-                current = 0
-            shards[-1][name] = tensor
-            current += nbytes
-            sizes[-1] += nbytes
-            weight_map[name] = len(shards)
-            if progress:
-                progress(name, nbytes)
-        jobs.put((shards[-1], tmp / f"part-{len(shards):05d}.safetensors"))
-        shards[-1] = {}
-        jobs.put(None)
-        thread.join()
-        if errors:
-            raise errors[0]
-        _name_shards(tmp, len(shards), weight_map, sum(sizes))
+        tensors = merged_tensors(tag, plan)
+        for shard, name in zip(shards, names):
+            with open(tmp / name, "wb") as f:
+                f.write(_header([items[i] for i in shard]))
+                for i in shard:
+                    key, tensor = next(tensors)
+                    assert key == items[i][0], (key, items[i][0])
+                    tensor = cast(tensor).contiguous()
+                    f.write(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
+                    if progress:
+                        progress(key, tensor.numel() * tensor.element_size())
+        if next(tensors, None) is not None:
+            raise ConsolidationError(f"{tag}: more tensors than the model states list; unknown layout")
+        if len(shards) > 1:
+            total = sum(math.prod(s) * d.itemsize for _, s, d in items)
+            index = {"metadata": {"total_size": total},
+                     "weight_map": {items[i][0]: names[n] for n, shard in enumerate(shards) for i in shard}}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         for meta in META_FILES:
             if (ckpt / meta).is_file():
                 shutil.copy2(ckpt / meta, tmp / meta)
@@ -215,26 +246,9 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
-        if thread.is_alive():  # stop the writer before removing what it writes to
-            with jobs.mutex:
-                jobs.queue.clear()
-            jobs.put(None)
-            thread.join()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return aliases
-
-
-def _name_shards(tmp: Path, count: int, weight_map: dict[str, int], total: int) -> None:
-    """Hugging Face names: one `model.safetensors`, or `model-0000i-of-0000n` plus an index."""
-    if count == 1:
-        (tmp / "part-00001.safetensors").rename(tmp / "model.safetensors")
-        return
-    names = {i: f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)}
-    for i, name in names.items():
-        (tmp / f"part-{i:05d}.safetensors").rename(tmp / name)
-    index = {"metadata": {"total_size": total}, "weight_map": {k: names[v] for k, v in weight_map.items()}}
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return plan.aliases
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:
@@ -251,6 +265,7 @@ def verify(ckpt: Path, out: Path, dtype: str, prompts: list[str]) -> dict[str, f
     weight from the fp32 master (the cast's rounding), and of logits on `prompts` between the saved
     model and the fp32 master weights.
     """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))

@@ -47,7 +47,7 @@ class DataReport:
 def validate(dialogue: Any) -> tuple[str, str] | None:
     """Check one dialogue against the messages schema; return (kind, reason) or None if valid."""
     if not isinstance(dialogue, list) or not dialogue:
-        return "schema", "'messages' must be a non-empty list"
+        return "empty", "the dialogue is empty (it needs a list of messages)"
     for i, m in enumerate(dialogue):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             return "bad_role", f"messages[{i}]: role must be one of {sorted(ROLES)}"
@@ -106,7 +106,8 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")
 
 
-def load_dialogues(files: list[str], fmt: str, on_bad_record: str) -> tuple[list[Messages], DataReport]:
+def load_dialogues(files: list[str], fmt: str, on_bad_record: str,
+                   oasst_paths: str = "longest") -> tuple[list[Messages], DataReport]:
     """Read, convert and validate every record of `files`.
 
     Raises DataError listing every bad record unless on_bad_record is "skip".
@@ -117,7 +118,7 @@ def load_dialogues(files: list[str], fmt: str, on_bad_record: str) -> tuple[list
         report.records += len(records)
         if fmt == "oasst":
             rows = [r for _, r in records if isinstance(r, dict)]
-            converted = [(f"{path} (tree path {i})", d) for i, d in enumerate(formats.oasst_paths(rows))]
+            converted = [(f"{path} (tree path {i})", d) for i, d in enumerate(formats.oasst_paths(rows, oasst_paths))]
         else:
             converted = []
             for where, record in records:
@@ -196,6 +197,8 @@ def tokenize(
     Runs through `datasets.map` with num_proc; with a cache_dir the result is stored under a key
     of the data, template, tokenizer and length, so a second run with the same inputs reuses it.
     """
+    if not dialogues:  # e.g. eval_fraction: 0
+        return datasets.Dataset.from_dict({"input_ids": [], "assistant_mask": []})
     ds = datasets.Dataset.from_dict({"messages": [json.dumps(d) for d in dialogues]})
 
     def encode(batch: dict) -> dict:
@@ -224,12 +227,22 @@ def tokenize(
 
 def prepare(cfg, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
     """Train and eval datasets for a DataConfig: load, validate, split, tokenize."""
-    train, report = load_dialogues(cfg.train_files, cfg.format, cfg.on_bad_record)
+    train, report = load_dialogues(cfg.train_files, cfg.format, cfg.on_bad_record, cfg.oasst_paths)
     if cfg.eval_files:
-        held, eval_report = load_dialogues(cfg.eval_files, cfg.format, cfg.on_bad_record)
+        held, eval_report = load_dialogues(cfg.eval_files, cfg.format, cfg.on_bad_record, cfg.oasst_paths)
         report.skipped.update(eval_report.skipped)
     else:
         train, held = split(train, cfg.eval_fraction)
     common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, on_too_long=cfg.on_too_long,
                   num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, report=report)
     return tokenize(train, **common), tokenize(held, **common), report
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    """Token-length summary of a set of dialogues."""
+    if not lengths:
+        return {"count": 0}
+    s = sorted(lengths)
+    pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
+    return {"count": len(s), "min": s[0], "median": pick(0.5), "p95": pick(0.95), "max": s[-1],
+            "mean": sum(s) / len(s), "total": sum(s)}

@@ -49,6 +49,13 @@ def peak_flops_per_device(configured: float) -> float:
     return 0.0
 
 
+def hardware(world_size: int) -> str:
+    """What the run ran on, for the model card."""
+    if torch.cuda.is_available():
+        return f"{world_size} x {torch.cuda.get_device_name()}"
+    return f"{world_size} CPU process(es)"
+
+
 def training_flops(n_params: int, n_layer: int, d_model: int, piece_lengths: list[int]) -> float:
     """FLOPs of forward + backward over these pieces (packed dialogues).
 

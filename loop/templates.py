@@ -120,3 +120,20 @@ def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[li
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def mark_trained(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int], color: bool) -> str:
+    """The dialogue as text with trained spans shown: green in a terminal, `[[...]]` otherwise."""
+    start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
+    out, run, trained = [], [], False
+    for token, m in zip(ids, mask):
+        if bool(m) != trained and run:
+            text = tokenizer.decode(run)
+            out.append(f"{start}{text}{end}" if trained else text)
+            run = []
+        trained = bool(m)
+        run.append(token)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{start}{text}{end}" if trained else text)
+    return "".join(out)

@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 if __package__ in (None, ""):  # run as a script: `loop/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from loop import checkpoints, config, data, metrics, optim, packing, sampling, templates  # noqa: E402
+from loop import checkpoints, config, data, hub, metrics, optim, packing, sampling, templates  # noqa: E402
 from loop.checkpoints import LoopState  # noqa: E402
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     window_start = time.perf_counter()
     last_good = str(checkpoints.complete_checkpoints(ckpt_root)[-1]) if ckpt_root.exists() and \
         checkpoints.complete_checkpoints(ckpt_root) else "none"
+    uploader = None
+    if cfg.output.push_to_hub and cfg.output.hub_push_checkpoints and accelerator.is_main_process:
+        uploader = hub.BackgroundUploader(cfg.output.hub_model_id, cfg.output.hub_private, out)
+    summary = {"world_size": world, "hardware": metrics.hardware(world), "license": cfg.output.license}
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     model.train()
 
@@ -259,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 scalars["throughput/mfu"] = window["flops"] / elapsed / world / peak
             accelerator.log(scalars, step=state.step)
             log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+            summary["train_loss"] = scalars["train/loss"]
             window = dict.fromkeys(window, 0)
             window_start = time.perf_counter()
         if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
@@ -267,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
                             step=state.step)
             log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
+            summary["eval_loss"] = eval_loss
         if t.sample_prompts and ((t.sample_every and state.step % t.sample_every == 0)
                                  or state.step == total_steps):
             answers = samples(model, accelerator, tokenizer, cfg, stop_id)
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         if state.step % t.save_every == 0 or state.step == total_steps or stop_now:
             last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer))
             log.info(f"checkpoint {last_good}")
+            if uploader:
+                uploader.submit(Path(last_good))
         if stop_now:
             log.warning(f"preempted (signal {preempted or 'on another process'}) at step {state.step}; "
                         f"checkpoint {last_good} written; resume with --resume_from_checkpoint latest")
@@ -289,6 +297,17 @@ def main(argv: list[str] | None = None) -> int:
     # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
     checkpoints.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
     log.info(f"final model saved to {out / 'final'}")
+    if accelerator.is_main_process:
+        summary |= {"steps": state.step, "tokens_trained": state.tokens_trained, "tokens_seen": state.tokens_seen}
+        example = [{"role": "user", "content": "How do I reverse a list?"}]
+        card = hub.model_card(cfg, summary, tokenizer.chat_template, templates.render(tokenizer, example, True))
+        card.save(out / "final" / "README.md")
+        if uploader:
+            for failure in uploader.close():
+                log.warning(f"checkpoint upload failed: {failure}")
+        if cfg.output.push_to_hub:
+            hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
+                       message=f"Final model after {state.step} steps")
     accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
     accelerator.end_training()
     return 0

@@ -21,6 +21,9 @@ from loop import tiny  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# A token that must never appear in any file a run writes (tests/test_hub.py scans for it).
+SECRET_TOKEN = "hf_SENTINELtokenThatMustNeverBeWritten"
+os.environ["HF_TOKEN"] = SECRET_TOKEN
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 
 

@@ -1,0 +1,80 @@
+"""Look at the training data the way the loop will see it, before spending GPU hours.
+
+Reads a run config, then validates, converts, tokenizes and packs exactly as loop/train.py does, and
+shows: a few rendered dialogues with the trained tokens marked (green in a terminal, [[...]] when
+piped), token-length statistics, skip / truncation / drop counts, and packing efficiency.
+
+  python tools/inspect_data.py configs/quickstart.yaml
+  python tools/inspect_data.py configs/quickstart.yaml --examples 5 --histogram lengths.png --seq_len 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transformers import AutoTokenizer  # noqa: E402
+
+from loop import config, data, packing, templates  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="a run config (configs/*.yaml); --key value overrides may follow")
+    p.add_argument("--examples", type=int, default=3, help="how many rendered dialogues to show")
+    p.add_argument("--histogram", type=Path, help="save a PNG histogram of dialogue lengths (needs matplotlib)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
+    a, overrides = p.parse_known_args(argv)
+    try:
+        cfg = config.load(a.config, overrides)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
+        templates.install(tokenizer, cfg.data.template)
+        train, held, report = data.prepare(cfg.data, tokenizer)
+    except (config.ConfigError, data.DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
+    ids, masks = train["input_ids"], train["assistant_mask"]
+    for i in range(min(a.examples, len(ids))):
+        print(f"--- example {i} ({len(ids[i])} tokens, {sum(masks[i])} trained) ---")
+        print(templates.mark_trained(tokenizer, ids[i], masks[i], color))
+    lengths = [len(x) for x in ids]
+    stats = data.length_stats(lengths)
+    rows = packing.plan_rows(lengths, cfg.data.seq_len, cfg.data.packing)
+    trained = sum(sum(m) for m in masks)
+    print("--- summary ---")
+    print(f"records read: {report.records}; dialogues: {report.dialogues} "
+          f"({len(ids)} train, {len(held)} eval)")
+    print(f"skipped: {dict(report.skipped) or 0}; truncated at a turn: {report.truncated}; "
+          f"dropped as too long: {report.dropped_too_long}")
+    print("train lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in stats.items()))
+    print(f"trained tokens: {trained:,} of {stats.get('total', 0):,}")
+    print(f"packing ({cfg.data.packing}, {cfg.data.seq_len}): {len(rows)} rows, "
+          f"efficiency {packing.efficiency(rows, cfg.data.seq_len):.2%}")
+    if a.histogram:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("error: --histogram needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
+            return 2
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.hist(lengths, bins=50)
+        ax.axvline(cfg.data.seq_len, color="red", linestyle="--", label=f"seq_len {cfg.data.seq_len}")
+        ax.set_xlabel("tokens per dialogue")
+        ax.set_ylabel("dialogues")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.histogram)
+        print(f"histogram saved to {a.histogram}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
