@@ -80,6 +80,37 @@ def backward(accelerator: Accelerator, model, loss: torch.Tensor, last: bool, ti
             accelerator.backward(loss)
 
 
+def train_step(model, optimizer, accelerator: Accelerator, micro_batches: list[dict], n_trained: int,
+               t: config.TrainingConfig, timers: metrics.Timers) -> tuple[float, float, bool]:
+    """One optimizer step over this process's micro-batches: (loss, grad norm, poisoned).
+
+    After each forward, every process learns whether any loss is non-finite before any backward
+    runs; if one is, no process steps and the accumulated gradients are dropped (poisoned=True).
+    """
+    world = accelerator.num_processes
+    # The engine divides by the accumulation steps and averages over processes; scaling by
+    # world * accumulation / trained tokens makes the gradient the mean over every trained
+    # token of the whole step, not a mean of per-micro-batch means.
+    scale = world * t.gradient_accumulation_steps / max(1, n_trained)
+    step_loss = torch.zeros((), device=accelerator.device)
+    for m, batch in enumerate(micro_batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with timers("forward_backward"):
+            s = loss_sum(model, batch)
+        if any_process(accelerator, not torch.isfinite(s).item()):
+            (model.optimizer if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer).zero_grad()
+            return float("nan"), float("nan"), True
+        backward(accelerator, model, s * scale, m == len(micro_batches) - 1, timers)
+        step_loss += s.detach()
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        with timers("optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(step_loss, reduction="sum").item() / max(1, n_trained)
+    return loss, float(grad_norm) if grad_norm is not None else float("nan"), False
+
+
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, rows: list, ids: list, masks: list, pad_id: int,
              batch_size: int) -> float:
@@ -212,36 +243,27 @@ def main(argv: list[str] | None = None) -> int:
                              for micro in step_row_ids[rank]]
         lr = optim.lr_at(state.step, total_steps, t)
         optim.set_lr(optimizer, lr)
-        step_loss = torch.zeros((), device=accelerator.device)
-        for m, batch in enumerate(micro_batches):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            with timers("forward_backward"):
-                s = loss_sum(model, batch)
-            # The engine divides by the accumulation steps and averages over processes; scaling by
-            # world * accumulation / trained tokens makes the gradient the mean over every trained
-            # token of the whole step, not a mean of per-micro-batch means.
-            scale = world * t.gradient_accumulation_steps / max(1, n_trained)
-            backward(accelerator, model, s * scale, m == len(micro_batches) - 1, timers)
-            step_loss += s.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-        if accelerator.distributed_type != DistributedType.DEEPSPEED:
-            with timers("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        loss = accelerator.reduce(step_loss, reduction="sum").item() / max(1, n_trained)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if not math.isfinite(loss) or not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite loss ({loss}) or grad norm ({grad_norm}) at step "
-                                     f"{state.step + 1}; last good checkpoint: {last_good}")
+        loss, grad_norm, poisoned = train_step(model, optimizer, accelerator, micro_batches, n_trained, t, timers)
+        if poisoned or not math.isfinite(grad_norm):
+            what = "loss" if poisoned else f"gradient norm ({grad_norm})"
+            if t.on_nonfinite == "stop" or not poisoned:
+                applied = "" if poisoned else " (the update was already applied: resume from the checkpoint)"
+                raise FloatingPointError(f"non-finite {what} at step {state.step + 1}{applied}; "
+                                         f"last good checkpoint: {last_good}")
+            state.skipped_steps += 1
+            log.warning(f"step {state.step + 1}: non-finite loss, optimizer step skipped "
+                        f"({state.skipped_steps} so far)")
+            accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step + 1)
         state.step += 1
         step_tokens = sum(e - s_ for row in all_rows for _, s_, e in row)
         state.tokens_seen += step_tokens
-        state.tokens_trained += n_trained
         state.samples_seen += len(all_rows)
         window["tokens"] += step_tokens
-        window["trained"] += n_trained
-        window["loss"] += loss
-        window["steps"] += 1
+        if not poisoned:
+            state.tokens_trained += n_trained
+            window["trained"] += n_trained
+            window["loss"] += loss
+            window["steps"] += 1
         window["flops"] += metrics.training_flops(n_params, n_layer, d_model,
                                                   [e - s_ for row in all_rows for _, s_, e in row])
         bar.update(1)
@@ -249,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
         if state.step % t.log_every == 0 or state.step == total_steps:
             elapsed = time.perf_counter() - window_start
-            scalars = {"train/loss": window["loss"] / window["steps"], "train/lr": lr,
+            scalars = {"train/loss": window["loss"] / max(1, window["steps"]), "train/lr": lr,
                        "train/grad_norm": grad_norm, "train/epoch": state.step / per_epoch,
                        "throughput/tokens_per_s": window["tokens"] / elapsed,
                        "throughput/tokens_per_s_per_device": window["tokens"] / elapsed / world,
@@ -258,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
                        "throughput/packing_efficiency": pack_eff,
                        "memory/peak_bytes": metrics.peak_memory_bytes(),
                        "progress/tokens_trained": state.tokens_trained}
-            scalars |= {f"time/{k}": v / window["steps"] for k, v in timers.pop().items()}
+            scalars |= {f"time/{k}": v / max(1, window["steps"]) for k, v in timers.pop().items()}
             if peak:
                 scalars["throughput/mfu"] = window["flops"] / elapsed / world / peak
             accelerator.log(scalars, step=state.step)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import data, packing
+from loop import data, packing, templates
 from tests.conftest import launch, write_config
 from tests.test_train import scalars
 
@@ -74,3 +74,42 @@ def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, 
     ref_state = model.state_dict()
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(value, ref_state[name], rtol=0, atol=2e-5, msg=name)
+
+
+def test_non_finite_loss_stops_or_skips_the_step(tiny_dir, tokenizer, corpus, tmp_path):
+    """Only a dialogue longer than 100 tokens reaches the NaN rows planted in the position embeddings."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    with torch.no_grad():
+        model.transformer.wpe.weight[100:] = float("nan")
+    model.save_pretrained(tmp_path / "poisoned")
+    tokenizer.save_pretrained(tmp_path / "poisoned")
+    length = lambda d: len(templates.encode(tokenizer, d)[0])  # noqa: E731
+    short = [d for d in corpus if length(d) < 60][:12]
+    long = next(d for d in corpus if 110 < length(d) < 250)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in short[:4]))
+
+    def run(mode):
+        out = tmp_path / mode
+        cfg = write_config(tmp_path / f"{mode}.yaml", tiny_dir, out,
+                           model={"name_or_path": str(tmp_path / "poisoned")},
+                           data={"train_files": [str(tmp_path / "train.jsonl")],
+                                 "eval_files": [str(tmp_path / "eval.jsonl")], "packing": "pad"},
+                           training={"max_steps": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2,
+                                     "save_every": 1, "log_every": 1, "on_nonfinite": mode})
+        return out, launch(cfg, check=False)
+
+    out, proc = run("skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "non-finite loss, optimizer step skipped (1 so far)" in (out / "train.log").read_text()
+    assert [v for _, v in scalars(out)["train/skipped_steps"]] == [1]
+    trained = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32)
+    for name, p in trained.named_parameters():
+        values = p[:100] if name == "transformer.wpe.weight" else p
+        assert torch.isfinite(values).all(), name  # no NaN reached the weights
+    assert json.loads((out / "checkpoints" / "step_00000004" / "loop_state.json").read_text())["skipped_steps"] == 1
+
+    out, proc = run("stop")
+    assert proc.returncode != 0
+    said = proc.stdout + proc.stderr
+    assert "non-finite loss at step" in said and "last good checkpoint: " in said
