@@ -26,7 +26,8 @@ def test_loss_falls_and_tensorboard_holds_the_scalars(run):
     logged = scalars(out)
     for tag in ("train/loss", "eval/loss", "eval/perplexity", "train/lr", "train/grad_norm",
                 "throughput/tokens_per_s", "throughput/trained_tokens_per_s", "time/forward_backward",
-                "time/optimizer", "time/data", "memory/peak_bytes", "train/epoch"):
+                "time/optimizer", "time/data", "memory/peak_bytes", "train/epoch", "throughput/mfu",
+                "throughput/packing_efficiency", "throughput/tokens_per_s_per_device", "data/dialogues"):
         assert tag in logged, f"{tag} missing from TensorBoard; have {sorted(logged)}"
     evals = dict(logged["eval/loss"])
     assert sorted(evals) == [0, 8, 16]
@@ -36,6 +37,12 @@ def test_loss_falls_and_tensorboard_holds_the_scalars(run):
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["seed"] == 7  # resolved + override
     assert (out / "train.log").read_text().count("eval loss") == 3
     assert "**What is Python?**" in (out / "samples.md").read_text()
+    assert 0 < logged["throughput/mfu"][-1][1] < 1
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = acc.Tensors("samples/text_summary")
+    assert [e.step for e in texts] == [8, 16]  # every 8 steps and at the end, on 2 ZeRO-3 processes
+    assert b"What is Python?" in texts[-1].tensor_proto.string_val[0]
 
 
 def test_saved_model_reloads_with_the_weights_the_run_ended_with(run):
