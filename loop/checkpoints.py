@@ -77,6 +77,19 @@ def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -
                             max_new_tokens=256)
 
 
+def missing_files(path: Path, world_size: int, deepspeed: bool) -> list[str]:
+    """Files every process must have written; a checkpoint lacking any is never marked complete."""
+    missing = [f"random_states_{r}.pkl" for r in range(world_size) if not (path / f"random_states_{r}.pkl").is_file()]
+    if deepspeed:
+        shards = path / "pytorch_model"
+        for r in range(world_size):
+            if not (shards / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").is_file():
+                missing.append(f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt")
+            if not list(shards.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
+                missing.append(f"pytorch_model/*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return missing
+
+
 def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path, model,
          tokenizer: PreTrainedTokenizerBase) -> Path:
     """Write a checkpoint atomically on every process; prune to the last `keep_last`.
@@ -97,7 +110,12 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         raise CheckpointError(f"cannot create {tmp}: {error or 'failed on another process'}")
     try:
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
+            missing = missing_files(tmp, accelerator.num_processes, accelerator.state.deepspeed_plugin is not None)
+            if missing:
+                raise CheckpointError(f"files missing after every process saved: {missing[:6]} "
+                                      "(is the output directory shared by all nodes?)")
             (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
             config_mod.save(cfg, tmp / "run_config.yaml")
             unwrapped = accelerator.unwrap_model(model)

@@ -157,3 +157,18 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_dir, tokenizer,
     (tmp_path / "blocked").write_text("a file where the checkpoint folder should go")
     with pytest.raises(checkpoints.CheckpointError, match="cannot create"):
         checkpoints.save(accelerator, checkpoints.LoopState(step=3), cfg, tmp_path / "blocked" / "ck", model, tokenizer)
+
+
+def test_checkpoint_missing_a_process_files_is_never_marked_complete(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """As when nodes do not share the output directory: a rank's files never arrive."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from loop import config as config_mod
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    monkeypatch.setattr(accelerator, "save_state", lambda path: Path(path).mkdir(exist_ok=True))
+    with pytest.raises(checkpoints.CheckpointError, match="random_states_0.pkl"):
+        checkpoints.save(accelerator, checkpoints.LoopState(step=1), config_mod.Config(), tmp_path, model, tokenizer)
+    assert checkpoints.complete_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))

@@ -1,0 +1,45 @@
+"""Estimate the memory a ZeRO-3 run needs per GPU and per node, before launching it.
+
+Counts parameters from the model's config alone (no weights are downloaded or allocated), then
+adds DeepSpeed's estimate of model states to an estimate of activations and logits for the given
+micro-batch and sequence length.
+
+  python tools/estimate_memory.py bigcode/starcoderbase --gpus-per-node 8 --micro-batch 4 --seq-len 1024 --checkpointing
+  python tools/estimate_memory.py artifacts/tiny-starcoder --gpus-per-node 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loop import estimate  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="Hub id or local path of the model (only its config is read)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--trust-remote-code", action="store_true")
+    a = p.parse_args(argv)
+    head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len, a.checkpointing,
+                                    a.trust_remote_code)
+    print(f"{a.model}: {head['params'] / 1e9:.3f}B parameters (largest layer {head['largest_layer'] / 1e6:.1f}M); "
+          f"{a.nodes} node(s) x {a.gpus_per_node} GPU(s); micro-batch {a.micro_batch} x {a.seq_len} tokens, "
+          f"checkpointing {'on' if a.checkpointing else 'off'}: "
+          f"activations + logits {head['activations_gb']:.2f} GB/GPU")
+    print(f"{'ZeRO-3 setting':28s} {'GPU GB/GPU':>11s} {'(model states)':>15s} {'CPU GB/node':>12s}")
+    for r in rows:
+        print(f"{r['setting']:28s} {r['gpu_gb']:11.2f} {r['model_states_gpu_gb']:15.2f} {r['cpu_gb_per_node']:12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
