@@ -26,7 +26,8 @@ class ModelConfig:
     name_or_path: str = "artifacts/tiny-starcoder"
     revision: str | None = None
     trust_remote_code: bool = False
-    # "sdpa" honours the block-diagonal masks packing needs; "eager" does not (see loop/packing.py).
+    # sdpa: block-diagonal masks; flash_attention_2/3: varlen kernels on GPU (falls back to sdpa);
+    # sdpa_varlen: the varlen path on any device; eager cannot pack (see loop/packing.py).
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -99,7 +100,7 @@ class Config:
 
 
 CHOICES = {
-    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "flex_attention"},
+    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "sdpa_varlen"},
     "data.format": {"messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"},
     "data.oasst_paths": {"longest", "all"},
     "data.template": {"starchat", "chatml", "tokenizer"},

@@ -23,18 +23,58 @@ Piece = tuple[int, int, int]  # (dialogue index, start, end)
 Row = list[Piece]
 IGNORE = -100
 
-# Attention implementations that honour the 4-D block-diagonal mask packing relies on
-# (measured: eager ignores a boolean 4-D mask for GPTBigCode; see tests/test_packing.py).
-ISOLATING_ATTENTION = {"sdpa"}
+# How each attention implementation is kept inside a dialogue. "mask": a boolean (B, 1, T, T)
+# block-diagonal mask (eager ignores it for GPTBigCode, so it cannot pack). "varlen": the micro-batch
+# is flattened into one row and cumulative sequence lengths (cu_seq_lens_q/k, max_length_q/k) are
+# passed through the model to the attention function, as flash-attention's varlen kernel needs.
+# GPTBigCode does not forward position_ids to its attention, so they cannot mark the boundaries.
+ATTENTION_MODE = {"sdpa": "mask", "flash_attention_2": "varlen", "flash_attention_3": "varlen",
+                  "sdpa_varlen": "varlen"}
 
 
 def check_attention(packing: str, attn_implementation: str) -> None:
-    if packing == "bfd" and attn_implementation not in ISOLATING_ATTENTION:
+    if packing == "bfd" and attn_implementation not in ATTENTION_MODE:
         raise ValueError(
             f"model.attn_implementation {attn_implementation!r} cannot keep packed dialogues apart "
-            f"(it ignores the block-diagonal mask); use one of {sorted(ISOLATING_ATTENTION)} "
+            f"(it ignores the block-diagonal mask); use one of {sorted(ATTENTION_MODE)} "
             "or set data.packing: pad"
         )
+
+
+def resolve_attention(requested: str) -> tuple[str, str | None]:
+    """The attention to use and, if it differs from the request, why (flash-attention needs CUDA + flash_attn)."""
+    import importlib.util
+
+    if requested.startswith("flash_attention"):
+        package = "flash_attn_interface" if requested.endswith("3") else "flash_attn"
+        if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:
+            return "sdpa", (f"{requested} needs a CUDA GPU and the {package} package; "
+                            "falling back to sdpa with block-diagonal masks")
+    return requested, None
+
+
+def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Reference varlen attention (causal SDPA per packed sequence, from cu_seq_lens_q).
+
+    Takes exactly what flash-attention's varlen path takes, so the flattened packing can be checked
+    on any device; registered with transformers' AttentionInterface as "sdpa_varlen".
+    """
+    cu = kwargs["cu_seq_lens_q"].tolist()
+    if key.shape[1] != query.shape[1]:  # multi-query: one key/value head for all query heads
+        key = key.expand(-1, query.shape[1], -1, -1)
+        value = value.expand(-1, query.shape[1], -1, -1)
+    out = torch.empty_like(query)
+    for start, end in zip(cu[:-1], cu[1:]):
+        out[:, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+            dropout_p=dropout if module.training else 0.0, is_causal=True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("sdpa_varlen", sdpa_varlen)
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -91,6 +131,31 @@ def efficiency(rows: list[Row], seq_len: int) -> float:
 def trained_tokens(row: Row, masks: Sequence[Sequence[int]]) -> int:
     """Positions with a target in this row: trained tokens of each piece except its first."""
     return sum(sum(masks[i][s + 1 : e]) for i, s, e in row)
+
+
+def make_batch(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]], pad_id: int,
+               packing_mode: str, attention: str) -> dict[str, torch.Tensor | int]:
+    """The micro-batch layout the attention needs: flattened varlen, or rows with a mask."""
+    if packing_mode != "concat" and ATTENTION_MODE.get(attention) == "varlen":
+        return collate_varlen(rows, ids, masks, pad_id)
+    return collate(rows, ids, masks, pad_id, isolate=packing_mode != "concat")
+
+
+def collate_varlen(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
+                   pad_id: int) -> dict[str, torch.Tensor | int]:
+    """One flattened row for varlen attention: every piece of the micro-batch back to back, with
+    cumulative sequence lengths instead of a mask. No padding at all."""
+    pieces = [piece for row in rows for piece in row] or None
+    if pieces is None:  # only fillers on this process: one untrained token keeps the collectives in step
+        return {"input_ids": torch.tensor([[pad_id]]), "targets": torch.tensor([[IGNORE]]),
+                "position_ids": torch.tensor([[0]]), "cu_seq_lens_q": torch.tensor([0, 1], dtype=torch.int32),
+                "cu_seq_lens_k": torch.tensor([0, 1], dtype=torch.int32), "max_length_q": 1, "max_length_k": 1}
+    flat = collate([pieces], ids, masks, pad_id, isolate=True)
+    lengths = torch.tensor([e - s for _, s, e in pieces])
+    cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+    longest = int(lengths.max())
+    return {"input_ids": flat["input_ids"], "targets": flat["targets"], "position_ids": flat["position_ids"],
+            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def collate(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],

@@ -8,12 +8,14 @@ final model. Each concern lives in its own module; this file only tells the orde
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,10 +55,12 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     return accelerator
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over trained positions (targets are already shifted, -100 elsewhere)."""
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                   attention_mask=batch["attention_mask"]).logits
+def loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed cross-entropy over trained positions (targets are already shifted, -100 elsewhere).
+
+    Everything else in the batch (position ids, the mask or the varlen lengths) goes to the model.
+    """
+    logits = model(**{k: v for k, v in batch.items() if k != "targets"}).logits
     return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
                            ignore_index=packing.IGNORE, reduction="sum")
 
@@ -94,7 +98,7 @@ def train_step(model, optimizer, accelerator: Accelerator, micro_batches: list[d
     scale = world * t.gradient_accumulation_steps / max(1, n_trained)
     step_loss = torch.zeros((), device=accelerator.device)
     for m, batch in enumerate(micro_batches):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        batch = to_device(batch, accelerator.device)
         with timers("forward_backward"):
             s = loss_sum(model, batch)
         if any_process(accelerator, not torch.isfinite(s).item()):
@@ -111,9 +115,13 @@ def train_step(model, optimizer, accelerator: Accelerator, micro_batches: list[d
     return loss, float(grad_norm) if grad_norm is not None else float("nan"), False
 
 
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 @torch.no_grad()
-def evaluate(model, accelerator: Accelerator, rows: list, ids: list, masks: list, pad_id: int,
-             batch_size: int) -> float:
+def evaluate(model, accelerator: Accelerator, rows: list, ids: list, masks: list, batch_size: int,
+             collate: Callable) -> float:
     """Token-weighted eval loss over all rows, every process taking its share (and fillers)."""
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -121,7 +129,7 @@ def evaluate(model, accelerator: Accelerator, rows: list, ids: list, masks: list
     for b in range(-(-len(rows) // (world * batch_size))):
         start = (b * world + rank) * batch_size
         batch_rows = [rows[j] if j < len(rows) else [] for j in range(start, start + batch_size)]
-        batch = {k: v.to(accelerator.device) for k, v in packing.collate(batch_rows, ids, masks, pad_id).items()}
+        batch = to_device(collate(batch_rows, ids, masks), accelerator.device)
         total[0] += loss_sum(model, batch).double()
         total[1] += (batch["targets"] != packing.IGNORE).sum()
     total = accelerator.reduce(total, reduction="sum")
@@ -180,9 +188,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{per_epoch} steps/epoch, {total_steps} steps")
 
     # 3. Model and optimizer.
+    attention, fallback = packing.resolve_attention(cfg.model.attn_implementation)
+    if fallback:
+        log.warning(fallback)
+    packing.register_attention()
+    collate = functools.partial(packing.make_batch, pad_id=tokenizer.pad_token_id, packing_mode=cfg.data.packing,
+                                attention=attention)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=cfg.model.attn_implementation)
+        attn_implementation=attention)
     if vocab_grew:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.generation_config = checkpoints.chat_generation_config(tokenizer, end_token)
@@ -203,13 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         state = checkpoints.load(accelerator, path)
         log.info(f"resumed from {path} at step {state.step}")
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
+    summary = {"world_size": world, "hardware": metrics.hardware(world), "license": cfg.output.license}
+
+    def eval_and_log() -> None:
+        eval_loss = evaluate(model, accelerator, eval_rows, eval_ids, eval_masks, t.micro_batch_size, collate)
+        accelerator.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}, step=state.step)
+        log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
+        summary["eval_loss"] = eval_loss
+
     if state.step == 0:
         accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff}, step=0)
         if eval_rows:  # the starting point of the eval curve
-            eval_loss = evaluate(model, accelerator, eval_rows, eval_ids, eval_masks, tokenizer.pad_token_id,
-                                 t.micro_batch_size)
-            accelerator.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}, step=0)
-            log.info(f"step 0: eval loss {eval_loss:.4f}")
+            eval_and_log()
 
     preempted: list[int] = []
     for s in (signal.SIGTERM, signal.SIGUSR1):
@@ -224,7 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     uploader = None
     if cfg.output.push_to_hub and cfg.output.hub_push_checkpoints and accelerator.is_main_process:
         uploader = hub.BackgroundUploader(cfg.output.hub_model_id, cfg.output.hub_private, out)
-    summary = {"world_size": world, "hardware": metrics.hardware(world), "license": cfg.output.license}
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     model.train()
 
@@ -238,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                              for m in range(t.gradient_accumulation_steps)] for r in range(world)]
             all_rows = [rows[j] for per_rank in step_row_ids for micro in per_rank for j in micro if j is not None]
             n_trained = sum(packing.trained_tokens(row, masks) for row in all_rows)
-            micro_batches = [packing.collate([rows[j] if j is not None else [] for j in micro], ids, masks,
-                                             tokenizer.pad_token_id, isolate=cfg.data.packing != "concat")
+            micro_batches = [collate([rows[j] if j is not None else [] for j in micro], ids, masks)
                              for micro in step_row_ids[rank]]
         lr = optim.lr_at(state.step, total_steps, t)
         optim.set_lr(optimizer, lr)
@@ -289,12 +306,7 @@ def main(argv: list[str] | None = None) -> int:
             window = dict.fromkeys(window, 0)
             window_start = time.perf_counter()
         if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
-            eval_loss = evaluate(model, accelerator, eval_rows, eval_ids, eval_masks, tokenizer.pad_token_id,
-                                 t.micro_batch_size)
-            accelerator.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))},
-                            step=state.step)
-            log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
-            summary["eval_loss"] = eval_loss
+            eval_and_log()
         if t.sample_prompts and ((t.sample_every and state.step % t.sample_every == 0)
                                  or state.step == total_steps):
             answers = samples(model, accelerator, tokenizer, cfg, stop_id)

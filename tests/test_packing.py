@@ -79,3 +79,31 @@ def test_attention_that_ignores_the_mask_is_refused_for_packing():
     with pytest.raises(ValueError, match="cannot keep packed dialogues apart"):
         packing.check_attention("bfd", "eager")
     packing.check_attention("pad", "eager")  # one dialogue per row needs no isolation
+
+
+def test_varlen_path_flattens_a_micro_batch_and_matches_each_dialogue_alone(tiny_dir, tokenizer, corpus):
+    """The flash-attention layout (one row, cu_seq_lens) through the reference varlen attention."""
+    packing.register_attention()
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa_varlen").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa").eval()
+    ds = data.tokenize(corpus[:40], tokenizer, seq_len=256, on_too_long="drop")
+    ids, masks = ds["input_ids"], ds["assistant_mask"]
+    rows = [[(i, 0, len(ids[i])) for i in (3, 11)], [(i, 0, len(ids[i])) for i in (17, 25, 30)], []]
+    batch = packing.make_batch(rows, ids, masks, 0, packing_mode="bfd", attention="sdpa_varlen")
+    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
+    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]  # no padding at all
+    with torch.no_grad():
+        logits = varlen(**{k: v for k, v in batch.items() if k != "targets"}).logits[0]
+        t = 0
+        for i, s, e in (p for row in rows for p in row):
+            alone = _logits(plain, packing.collate([[(i, s, e)]], ids, masks, pad_id=0))[0]
+            assert (logits[t : t + e - s] - alone).abs().max().item() < 1e-4
+            t += e - s
+    assert packing.make_batch([[], []], ids, masks, 0, "bfd", "sdpa_varlen")["input_ids"].shape == (1, 1)
+
+
+def test_flash_attention_without_gpu_falls_back_with_a_message():
+    attention, why = packing.resolve_attention("flash_attention_2")
+    if not torch.cuda.is_available():
+        assert attention == "sdpa" and "falling back to sdpa" in why
+    assert packing.resolve_attention("sdpa") == ("sdpa", None)

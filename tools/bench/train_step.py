@@ -48,7 +48,6 @@ def ours(work: Path, steps: int, mb: int, ga: int, model: str, data_file: str) -
 
 def trainer(steps: int, mb: int, ga: int, model_dir: str, data_file: str) -> float:
     import datasets
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
     from loop import data, packing, templates
