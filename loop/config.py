@@ -84,6 +84,7 @@ class OutputConfig:
     output_dir: str = "outputs/run"
     save_dtype: str = "bf16"  # bf16 | fp16 | fp32
     resume_from_checkpoint: str | None = None  # latest | PATH
+    save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
@@ -223,6 +224,8 @@ def validate(config: Config) -> None:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}: {why}, got {getattr(getattr(config, section), name)!r}")
+    if config.output.push_to_hub and not config.output.save:
+        raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:
         raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
 

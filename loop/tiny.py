@@ -45,13 +45,14 @@ def train_tokenizer(texts: list[str], vocab_size: int = 4096) -> PreTrainedToken
 
 
 def build(out_dir: Path, data_file: Path, n_embd: int = 128, n_layer: int = 4, n_head: int = 4,
-          n_positions: int = 1024, seed: int = 0) -> None:
+          n_positions: int = 1024, seed: int = 0, vocab_size: int | None = None) -> None:
+    """vocab_size pads the model's embedding beyond the tokenizer (StarCoder's is 49152), for benchmarks."""
     n = convert_corpus(data_file)
     texts = [m["content"] for line in data_file.open() for m in json.loads(line)["messages"]]
     tokenizer = train_tokenizer(texts)
     torch.manual_seed(seed)
     config = GPTBigCodeConfig(
-        vocab_size=len(tokenizer), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+        vocab_size=max(vocab_size or 0, len(tokenizer)), n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
         n_head=n_head, multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:
                 (out / "samples.md").write_text(f"# Samples at step {state.step}\n\n{text}\n")
         stop_now = any_process(accelerator, bool(preempted))
-        if state.step % t.save_every == 0 or state.step == total_steps or stop_now:
+        if cfg.output.save and (state.step % t.save_every == 0 or state.step == total_steps or stop_now):
             last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer))
             log.info(f"checkpoint {last_good}")
             if uploader:
@@ -329,6 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     bar.close()
 
     # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
+    if not cfg.output.save:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return 0
     checkpoints.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
     log.info(f"final model saved to {out / 'final'}")
     if accelerator.is_main_process:

@@ -23,9 +23,12 @@ def main() -> None:
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-positions", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, help="pad the model's vocabulary (StarCoder: 49152)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
-    tiny.build(Path(a.out), Path(a.data), n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head, seed=a.seed)
+    tiny.build(Path(a.out), Path(a.data), n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
+               n_positions=a.n_positions, seed=a.seed, vocab_size=a.vocab_size)
 
 
 if __name__ == "__main__":
