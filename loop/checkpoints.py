@@ -38,7 +38,9 @@ class CheckpointError(RuntimeError):
 class LoopState:
     """Everything the loop needs besides model, optimizer and RNG states to continue exactly."""
 
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done; with the seed, this fixes the position in the data order
+    epoch: int = 0  # for readers: derived from step and the steps per epoch
+    step_in_epoch: int = 0
     tokens_seen: int = 0
     tokens_trained: int = 0
     samples_seen: int = 0

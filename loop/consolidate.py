@@ -207,6 +207,8 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     and copies it once more; the format is simple enough to stream.) Everything goes to
     `out/../.tmp-<name>` first and is renamed into place only when complete.
     """
+    if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
+        return _export_plain(ckpt, out, dtype)
     tag = check_checkpoint(ckpt)
     plan = read_plan(tag)
     target = DTYPES[dtype]
@@ -249,6 +251,30 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return plan.aliases
+
+
+def _export_plain(ckpt: Path, out: Path, dtype: str) -> dict[str, str]:
+    """A checkpoint of a run without DeepSpeed already holds whole weights: cast and copy them."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
+                   for k, v in load_file(ckpt / "model.safetensors").items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for meta in META_FILES:
+            if (ckpt / meta).is_file():
+                shutil.copy2(ckpt / meta, tmp / meta)
+        _set_config_dtype(tmp / "config.json", dtype)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {}
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:

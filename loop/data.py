@@ -96,11 +96,13 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         import yaml
 
         yield path, yaml.safe_load(p.read_text(encoding="utf-8"))
-    elif p.suffix == ".parquet" or not p.exists():
-        # A Parquet file, or a Hub dataset id (real loading code; offline tests use local files).
-        ds = (datasets.load_dataset("parquet", data_files=str(p), split="train") if p.exists()
-              else datasets.load_dataset(path, split="train"))
-        for i, record in enumerate(ds):
+    elif p.suffix == ".parquet":
+        for i, record in enumerate(datasets.load_dataset("parquet", data_files=str(p), split="train")):
+            yield f"{path}[{i}]", record
+    elif p.is_dir() or not p.exists():
+        # A Hub dataset id or a local dataset folder, optionally `NAME:SPLIT` (default split: train).
+        name, _, split_name = path.partition(":") if not p.exists() else (path, "", "")
+        for i, record in enumerate(datasets.load_dataset(name, split=split_name or "train")):
             yield f"{path}[{i}]", record
     else:
         raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")

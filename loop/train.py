@@ -212,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
     state = LoopState(world_size=world)
     ckpt_root = out / "checkpoints"
-    if cfg.output.resume_from_checkpoint:
-        path = checkpoints.find(cfg.output.resume_from_checkpoint, ckpt_root)
+    spec = cfg.output.resume_from_checkpoint
+    if spec == "latest" and not checkpoints.complete_checkpoints(ckpt_root):
+        log.info(f"--resume_from_checkpoint latest: no complete checkpoint under {ckpt_root} yet; starting fresh")
+    elif spec:
+        path = checkpoints.find(spec, ckpt_root)
         state = checkpoints.load(accelerator, path)
         log.info(f"resumed from {path} at step {state.step}")
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
@@ -272,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"({state.skipped_steps} so far)")
             accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step + 1)
         state.step += 1
+        state.epoch, state.step_in_epoch = divmod(state.step, per_epoch)
         step_tokens = sum(e - s_ for row in all_rows for _, s_, e in row)
         state.tokens_seen += step_tokens
         state.samples_seen += len(all_rows)

@@ -2,13 +2,14 @@
 
 import os
 import subprocess
+import sys
 
 from tests.conftest import ROOT
 
 
 def test_gpu_check_runs_at_toy_size(tmp_path):
     proc = subprocess.run(["bash", "tools/bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"WORK": str(tmp_path)})
+                          timeout=600, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for attn in ("sdpa", "sdpa_varlen"):

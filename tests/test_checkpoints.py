@@ -63,8 +63,10 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_dir, small_data, tmp_path_factory):
+    """The uninterrupted run; `latest` with no checkpoint yet starts it fresh (a first SLURM run)."""
     tmp = tmp_path_factory.mktemp("ref")
-    launch(config(tmp, tiny_dir, small_data, tmp / "ref"))
+    launch(config(tmp, tiny_dir, small_data, tmp / "ref"), "--resume_from_checkpoint", "latest")
+    assert "no complete checkpoint" in (tmp / "ref" / "train.log").read_text()
     return tmp / "ref"
 
 
@@ -86,6 +88,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
     resumed_from = int(latest.name.split("_")[1])
 
     launch(cfg, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {latest}" in (out / "train.log").read_text()
     ref_w, run_w = final_weights(reference), final_weights(out)
     assert ref_w.keys() == run_w.keys()
     for k in ref_w:

@@ -115,6 +115,11 @@ def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):
     assert len(data.load_dialogues([str(tmp_path / "x.parquet")], "prompt_completion", "error")[0]) == 3
     (tmp_path / "x.json").write_text(json.dumps([GOOD, GOOD]))
     assert len(data.load_dialogues([str(tmp_path / "x.json")], "messages", "error")[0]) == 2
+    folder = tmp_path / "hub_like"  # a dataset folder goes through load_dataset, as a Hub id does
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    assert len(data.load_dialogues([str(folder)], "messages", "error")[0]) == 1
 
 
 def test_prepare_holds_out_eval_or_none(tokenizer, tiny_dir):

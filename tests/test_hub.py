@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from huggingface_hub import ModelCard
-from transformers import pipeline
+from transformers import AutoModelForCausalLM, pipeline
 
 from loop import hub
 from tests.conftest import ROOT, SECRET_TOKEN
@@ -138,3 +138,37 @@ def test_transformers_pipeline_chats_and_stops_at_the_end_token(trained_run):
     new = chat.model.generate(**ids, max_new_tokens=40, min_new_tokens=2, do_sample=False)
     new = new[0, ids["input_ids"].shape[1]:]
     assert new[-1].item() == chat.tokenizer.convert_tokens_to_ids("<|end|>") and len(new) < 40  # it stopped there
+
+
+def test_a_run_with_push_to_hub_uploads_final_model_and_checkpoints(tiny_dir, tmp_path, monkeypatch):
+    """loop/train.py itself, in this process (one process, no DeepSpeed), against the mocked Hub."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from loop import train
+    from tests.conftest import write_config
+
+    fake = FakeHub()
+    monkeypatch.setattr(hub, "HfApi", fake)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 4, "save_every": 2},
+                       output={"push_to_hub": True, "hub_model_id": "me/run", "hub_push_checkpoints": True})
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        assert train.main([str(cfg)]) == 0
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        AcceleratorState._reset_state(reset_partial_state=True)
+    final = fake.uploaded[("me/run", None)]
+    assert {"model.safetensors", "README.md", "tokenizer.json", "generation_config.json"} <= set(final)
+    assert {("me/run", "step-00000002"), ("me/run", "step-00000004")} <= set(fake.uploaded)
+    assert "model.safetensors" in fake.uploaded[("me/run", "step-00000002")]
+    assert ("create_repo", "me/run", True) in fake.calls
+    for files in fake.uploaded.values():
+        no_secret_in(files)
+    no_secret_in({str(p): p.read_bytes() for p in (tmp_path / "out").rglob("*") if p.is_file()})
+    assert not list((tmp_path / "out" / "checkpoints").glob("*/.in_use"))
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoints" / "step_00000004")
+    assert exported.config.model_type == "gpt_bigcode"  # the plain checkpoint holds config + tokenizer too

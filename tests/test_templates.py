@@ -83,3 +83,16 @@ def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(tiny_dir, cor
                                                 return_dict=True)["input_ids"]
             assert ids[: len(prompt)] == list(prompt)
             assert mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1  # first answer token is trained
+
+
+def test_the_tokenizers_own_template_is_used_when_it_marks_assistant_text(tiny_dir, tmp_path):
+    """data.template: tokenizer keeps a template that came with the model (here a saved ChatML one)."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    templates.install(tok, "chatml")
+    tok.eos_token = "<|im_end|>"
+    tok.save_pretrained(tmp_path)
+    own = AutoTokenizer.from_pretrained(tmp_path)
+    grew, end = templates.install(own, "tokenizer")
+    assert not grew and end == "<|im_end|>" and own.chat_template == tok.chat_template
+    ids, mask = templates.encode(own, DIALOGUE)
+    assert own.decode([i for i, m in zip(ids, mask) if m]) == "Use `xs[::-1]`.<|im_end|>Call `xs.reverse()`.<|im_end|>"

@@ -12,6 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
+PY=${PYTHON:-python}  # the interpreter of the environment the project is installed in
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--n-embd 64 --n-layer 2 --n-head 4 --n-positions 512)
@@ -22,16 +23,16 @@ else
   seq=2048 mb=8 steps=30 log=10 acc=accelerate_configs/zero3.yaml attns="sdpa flash_attention_2 sdpa_varlen"
 fi
 mkdir -p "$WORK"
-python tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" "${dims[@]}"
+"$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" "${dims[@]}"
 for attn in $attns; do
-  accelerate launch --config_file "$acc" --num_processes 1 loop/train.py configs/quickstart.yaml \
+  "$PY" -m accelerate.commands.launch --config_file "$acc" --num_processes 1 loop/train.py configs/quickstart.yaml \
     --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" --cache_dir "$WORK/cache" \
     --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 --max_steps "$steps" \
     --log_every "$log" --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
     --attn_implementation "$attn" --output_dir "$WORK/run-$attn" --save false > "$WORK/run-$attn.log" 2>&1 \
     || { tail -30 "$WORK/run-$attn.log"; exit 1; }
 done
-python - "$WORK" $attns <<'PY'
+"$PY" - "$WORK" $attns <<'PY'
 import sys
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 work, attns = sys.argv[1], sys.argv[2:]
@@ -44,4 +45,4 @@ for attn in attns:
     print(f"{attn:20s} {last('throughput/tokens_per_s'):10,.0f} {last('throughput/mfu'):7.1%} "
           f"{last('memory/peak_bytes') / 2**30:12.1f}" + ("  (fell back to sdpa)" if fell_back else ""))
 PY
-python tools/bench/packed_logits.py "$WORK/model" "$WORK/data.jsonl" --attention $attns --seq-len "$seq"
+"$PY" tools/bench/packed_logits.py "$WORK/model" "$WORK/data.jsonl" --attention $attns --seq-len "$seq"
