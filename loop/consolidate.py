@@ -18,6 +18,7 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,8 +205,7 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     Shapes and dtypes are known before any weight is read, so every shard's safetensors header is
     written first and each merged tensor is streamed into its file as soon as it is ready: memory
     holds a tensor or two, never a shard. (safetensors' own save_file needs the whole shard in memory
-    and copies it once more; the format is simple enough to stream.) Everything goes to
-    `out/../.tmp-<name>` first and is renamed into place only when complete.
+    and copies it once more; the format is simple enough to stream.) See `staged` for atomicity.
     """
     if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
         return _export_plain(ckpt, out, dtype)
@@ -218,10 +218,7 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     shards = _plan_shards(items, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out, ckpt, dtype) as tmp:
         tensors = merged_tensors(tag, plan)
         for shard, name in zip(shards, names):
             with open(tmp / name, "wb") as f:
@@ -240,6 +237,18 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
             index = {"metadata": {"total_size": total},
                      "weight_map": {items[i][0]: names[n] for n, shard in enumerate(shards) for i in shard}}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return plan.aliases
+
+
+@contextmanager
+def staged(out: Path, ckpt: Path, dtype: str) -> Iterator[Path]:
+    """A temporary folder beside `out` that becomes `out`, with the run's config, tokenizer and
+    generation config copied in, only if the block completes; on any failure it is removed."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         for meta in META_FILES:
             if (ckpt / meta).is_file():
                 shutil.copy2(ckpt / meta, tmp / meta)
@@ -250,30 +259,16 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return plan.aliases
 
 
 def _export_plain(ckpt: Path, out: Path, dtype: str) -> dict[str, str]:
     """A checkpoint of a run without DeepSpeed already holds whole weights: cast and copy them."""
     from safetensors.torch import load_file, save_file
 
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(out, ckpt, dtype) as tmp:
         tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
                    for k, v in load_file(ckpt / "model.safetensors").items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        for meta in META_FILES:
-            if (ckpt / meta).is_file():
-                shutil.copy2(ckpt / meta, tmp / meta)
-        _set_config_dtype(tmp / "config.json", dtype)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {}
 
 
