@@ -14,6 +14,7 @@ resumed run jumps straight to its step without reading the batches it already co
 from __future__ import annotations
 
 import bisect
+import functools
 import random
 from collections.abc import Sequence
 
@@ -194,17 +195,18 @@ def collate(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Seque
             "attention_mask": attention_mask[:, None]}
 
 
-def epoch_order(num_rows: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=2)  # asked once per step; shuffled once per epoch
+def epoch_order(num_rows: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(num_rows))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 def steps_per_epoch(num_rows: int, rows_per_step: int) -> int:
     return -(-num_rows // rows_per_step)
 
 
-def step_rows(order: list[int], step_in_epoch: int, micro: int, rank: int, world: int,
+def step_rows(order: Sequence[int], step_in_epoch: int, micro: int, rank: int, world: int,
               micro_batch_size: int, accumulation: int) -> list[int | None]:
     """Row indices for one micro-batch of one rank; None marks a filler past the epoch's end."""
     rows_per_step = world * micro_batch_size * accumulation

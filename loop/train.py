@@ -241,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     n_layer, d_model = model_config.n_layer, model_config.n_embd
     timers, window = metrics.Timers(), {"tokens": 0, "trained": 0, "flops": 0.0, "loss": 0.0, "steps": 0}
     window_start = time.perf_counter()
-    last_good = str(checkpoints.complete_checkpoints(ckpt_root)[-1]) if ckpt_root.exists() and \
-        checkpoints.complete_checkpoints(ckpt_root) else "none"
+    found = checkpoints.complete_checkpoints(ckpt_root)
+    last_good = str(found[-1]) if found else "none"
     uploader = None
     if cfg.output.push_to_hub and cfg.output.hub_push_checkpoints and accelerator.is_main_process:
         uploader = hub.BackgroundUploader(cfg.output.hub_model_id, cfg.output.hub_private, out)

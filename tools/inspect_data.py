@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
-            print("error: --histogram needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
+            print("error: --histogram needs matplotlib (pip install matplotlib)", file=sys.stderr)
             return 2
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.hist(lengths, bins=50)
