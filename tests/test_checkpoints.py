@@ -41,12 +41,13 @@ def start(cfg: Path, *overrides: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(*paths: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Return as soon as any of `paths` exists (polling every 10 ms)."""
     deadline = time.time() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stdout.read()[-3000:]}"
-        assert time.time() < deadline, f"{path} never appeared"
-        time.sleep(0.02)
+    while not any(p.exists() for p in paths):
+        assert proc.poll() is None, f"run ended before {paths} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{paths} never appeared"
+        time.sleep(0.01)
 
 
 def workers(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -77,9 +78,9 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
     proc = start(cfg)
     ckpts = out / "checkpoints"
     if kill_when == "after_first_checkpoint":  # dies inside epoch 0; the resumed run crosses into epoch 1
-        wait_for(ckpts / "step_00000003" / checkpoints.MARKER, proc)
-    else:  # dies while step 6's checkpoint (the epoch boundary) is being written
-        wait_for(ckpts / ".tmp-step_00000006", proc)
+        wait_for(ckpts / "step_00000003" / checkpoints.MARKER, proc=proc)
+    else:  # dies while step 6's checkpoint (the epoch boundary) is being written, or just after
+        wait_for(ckpts / ".tmp-step_00000006", ckpts / "step_00000006", proc=proc)
     for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
         p.kill()  # the launcher starts workers in sessions of their own: kill each
     proc.wait()
@@ -105,7 +106,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
 def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path, sig):
     out = tmp_path / "run"
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
-    wait_for(out / "tensorboard", proc)
+    wait_for(out / "tensorboard", proc=proc)
     time.sleep(3)
     for w in workers(proc):
         w.send_signal(sig)
