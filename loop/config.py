@@ -150,10 +150,6 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
-def _sections() -> dict[str, type]:
-    return {f.name: f.type for f in dataclasses.fields(Config)}
-
-
 def _field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
