@@ -26,9 +26,10 @@ class ModelConfig:
     name_or_path: str = "artifacts/tiny-starcoder"
     revision: str | None = None
     trust_remote_code: bool = False
-    # sdpa: block-diagonal masks; flash_attention_2/3: varlen kernels on GPU (falls back to sdpa);
+    # auto: flash_attention_2 where CUDA + flash-attn are installed, else sdpa. sdpa: block-diagonal
+    # masks; flash_attention_2/3: varlen kernels on GPU (falls back to sdpa with a message);
     # sdpa_varlen: the varlen path on any device; eager cannot pack (see loop/packing.py).
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "auto"
     gradient_checkpointing: bool = False
 
 
@@ -101,7 +102,7 @@ class Config:
 
 
 CHOICES = {
-    "model.attn_implementation": {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "sdpa_varlen"},
+    "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "sdpa_varlen"},
     "data.format": {"messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"},
     "data.oasst_paths": {"longest", "all"},
     "data.template": {"starchat", "chatml", "tokenizer"},

@@ -34,7 +34,7 @@ ATTENTION_MODE = {"sdpa": "mask", "flash_attention_2": "varlen", "flash_attentio
 
 
 def check_attention(packing: str, attn_implementation: str) -> None:
-    if packing == "bfd" and attn_implementation not in ATTENTION_MODE:
+    if packing == "bfd" and attn_implementation not in {*ATTENTION_MODE, "auto"}:
         raise ValueError(
             f"model.attn_implementation {attn_implementation!r} cannot keep packed dialogues apart "
             f"(it ignores the block-diagonal mask); use one of {sorted(ATTENTION_MODE)} "
@@ -43,9 +43,16 @@ def check_attention(packing: str, attn_implementation: str) -> None:
 
 
 def resolve_attention(requested: str) -> tuple[str, str | None]:
-    """The attention to use and, if it differs from the request, why (flash-attention needs CUDA + flash_attn)."""
+    """The attention to use and, if it differs from the request, why (flash-attention needs CUDA + flash_attn).
+
+    "auto" takes the fastest one that keeps packed dialogues apart: flash-attention's varlen kernel
+    when CUDA and flash_attn are there, else SDPA with block-diagonal masks.
+    """
     import importlib.util
 
+    if requested == "auto":
+        usable = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+        return ("flash_attention_2" if usable else "sdpa"), None
     if requested.startswith("flash_attention"):
         package = "flash_attn_interface" if requested.endswith("3") else "flash_attn"
         if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:

@@ -107,3 +107,6 @@ def test_flash_attention_without_gpu_falls_back_with_a_message():
     if not torch.cuda.is_available():
         assert attention == "sdpa" and "falling back to sdpa" in why
     assert packing.resolve_attention("sdpa") == ("sdpa", None)
+    if not torch.cuda.is_available():
+        assert packing.resolve_attention("auto") == ("sdpa", None)
+    packing.check_attention("bfd", "auto")
