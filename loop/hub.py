@@ -35,7 +35,7 @@ print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 def model_card(cfg, summary: dict[str, Any], chat_template: str, example: str) -> ModelCard:
     """A README.md for the model directory, with Hub metadata."""
     repo = cfg.output.hub_model_id or Path(cfg.output.output_dir).name
-    datasets = [f for f in cfg.data.train_files if not Path(f).exists()]  # Hub ids only
+    datasets = sorted({f.partition(":")[0] for f in cfg.data.train_files if not Path(f).exists()})  # Hub ids
     data = ModelCardData(base_model=cfg.model.name_or_path if not Path(cfg.model.name_or_path).exists() else None,
                          datasets=datasets or None, license=summary.get("license", "other"),
                          tags=["starcoder", "code", "chat", "deepspeed", "zero3"], pipeline_tag="text-generation",
@@ -55,8 +55,8 @@ def model_card(cfg, summary: dict[str, Any], chat_template: str, example: str) -
 
 # {repo}
 
-A chat model fine-tuned from `{cfg.model.name_or_path}` on multi-turn dialogues with
-[loop](https://github.com/) (Accelerate + DeepSpeed ZeRO-3). Only assistant turns were trained.
+A chat model fine-tuned from `{cfg.model.name_or_path}` on multi-turn dialogues with `loop`, a
+hand-written Accelerate + DeepSpeed ZeRO-3 training loop. Only assistant turns were trained.
 
 ## How to prompt it
 

@@ -172,3 +172,13 @@ def test_a_run_with_push_to_hub_uploads_final_model_and_checkpoints(tiny_dir, tm
     assert not list((tmp_path / "out" / "checkpoints").glob("*/.in_use"))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "checkpoints" / "step_00000004")
     assert exported.config.model_type == "gpt_bigcode"  # the plain checkpoint holds config + tokenizer too
+
+
+def test_model_card_metadata_names_hub_datasets_and_base_model_only(tmp_path):
+    from loop.config import Config, DataConfig, ModelConfig
+
+    cfg = Config(model=ModelConfig(name_or_path="bigcode/starcoderbase"),
+                 data=DataConfig(train_files=["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]))
+    card = hub.model_card(cfg, {"steps": 3, "world_size": 8}, "{{ messages }}", "<|user|>\nhi")
+    assert card.data.base_model == "bigcode/starcoderbase"
+    assert card.data.datasets == ["HuggingFaceH4/oasst1_en"]  # no split suffix, no local paths
