@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step + 1)
         state.step += 1
         state.epoch, state.step_in_epoch = divmod(state.step, per_epoch)
-        step_tokens = sum(e - s_ for row in all_rows for _, s_, e in row)
+        pieces = [e - s_ for row in all_rows for _, s_, e in row]  # dialogue lengths in this step
+        step_tokens = sum(pieces)
         state.tokens_seen += step_tokens
         state.samples_seen += len(all_rows)
         window["tokens"] += step_tokens
@@ -285,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             window["trained"] += n_trained
             window["loss"] += loss
             window["steps"] += 1
-        window["flops"] += metrics.training_flops(n_params, n_layer, d_model,
-                                                  [e - s_ for row in all_rows for _, s_, e in row])
+        window["flops"] += metrics.training_flops(n_params, n_layer, d_model, pieces)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
 
@@ -325,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
             if uploader:
                 uploader.submit(Path(last_good))
         if stop_now:
+            saved = f"checkpoint {last_good} written" if cfg.output.save else "nothing saved (output.save: false)"
             log.warning(f"preempted (signal {preempted or 'on another process'}) at step {state.step}; "
-                        f"checkpoint {last_good} written; resume with --resume_from_checkpoint latest")
+                        f"{saved}; resume with --resume_from_checkpoint latest")
             accelerator.wait_for_everyone()
             accelerator.end_training()
             return PREEMPTED_EXIT_CODE
