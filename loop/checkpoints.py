@@ -56,10 +56,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _all_ok(accelerator: Accelerator, ok: bool) -> bool:
-    """True only if every process reports ok: one failing writer must stop all of them together."""
-    flag = torch.tensor([0.0 if ok else 1.0], device=accelerator.device)
-    return accelerator.reduce(flag, reduction="sum").item() == 0
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any: how processes agree before acting together."""
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -101,38 +101,46 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
     """
     name = f"step_{state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
-    error: Exception | None = None
-    try:
+
+    def together(action, failure: str) -> None:
+        """Run this process's part; if it failed on any process, every process raises together.
+
+        The agreement is the only collective here, so a failing process never leaves the others
+        waiting in a different one.
+        """
+        error = None
+        try:
+            action()
+        except Exception as e:  # noqa: BLE001 - any write failure must reach every process
+            error = e
+        if any_process(accelerator, error is not None):
+            if accelerator.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"{failure} ({error or 'on another process'}); the previous checkpoint is "
+                                  "untouched. Free disk space or fix permissions, then resume.")
+
+    def create() -> None:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-    except OSError as e:
-        error = e
-    if not _all_ok(accelerator, error is None):
-        raise CheckpointError(f"cannot create {tmp}: {error or 'failed on another process'}")
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            missing = missing_files(tmp, accelerator.num_processes, accelerator.state.deepspeed_plugin is not None)
-            if missing:
-                raise CheckpointError(f"files missing after every process saved: {missing[:6]} "
-                                      "(is the output directory shared by all nodes?)")
-            (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
-            config_mod.save(cfg, tmp / "run_config.yaml")
-            unwrapped = accelerator.unwrap_model(model)
-            unwrapped.config.save_pretrained(tmp)
-            unwrapped.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-    except Exception as e:  # noqa: BLE001 - any write failure must reach every process
-        error = e
-    if not _all_ok(accelerator, error is None):
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(
-            f"writing checkpoint {final} failed ({error or 'on another process'}); "
-            "the previous checkpoint is untouched. Free disk space or fix permissions, then resume."
-        )
+
+    def finish() -> None:  # main process, after every process has written its shards
+        if not accelerator.is_main_process:
+            return
+        missing = missing_files(tmp, accelerator.num_processes, accelerator.state.deepspeed_plugin is not None)
+        if missing:
+            raise CheckpointError(f"files missing after every process saved: {missing[:6]} "
+                                  "(is the output directory shared by all nodes?)")
+        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+        config_mod.save(cfg, tmp / "run_config.yaml")
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.config.save_pretrained(tmp)
+        unwrapped.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    together(create, f"cannot create {tmp}")
+    together(lambda: accelerator.save_state(str(tmp)), f"writing checkpoint {final} failed")
+    together(finish, f"writing checkpoint {final} failed")
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

@@ -59,7 +59,10 @@ class RankFile:
 
     def __init__(self, path: Path):
         self.path = path
-        state = _load_safely(path, meta=True)["optimizer_state_dict"]
+        try:
+            state = _load_safely(path, meta=True)["optimizer_state_dict"]
+        except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
+            raise ConsolidationError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
         if state.get("zero_stage") != 3:
             raise ConsolidationError(f"{path}: not a ZeRO stage 3 optimizer state (stage {state.get('zero_stage')})")
         self.groups = []  # (first element in the flat space, numel, byte offset in the file)
@@ -69,7 +72,10 @@ class RankFile:
             self.groups.append((start, t.numel(), offset))
             start += t.numel()
         self.numel = start
-        self.fd = os.open(path, os.O_RDONLY)
+        last = max(offset + n * 4 for _, n, offset in self.groups)
+        if path.stat().st_size < last:  # the pickle read fine, but the data after it is cut short
+            raise ConsolidationError(f"{path}: truncated ({path.stat().st_size} bytes, data runs to {last})")
+        self.fd: int | None = None  # opened by merged_tensors for the duration of the read
 
     def read(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
         """Read `count` fp32 elements from `start` of the flat space into `out` (no extra copy)."""
@@ -85,8 +91,13 @@ class RankFile:
             done += hi - lo
         return out
 
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY)
+
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 @dataclass
@@ -107,17 +118,16 @@ def read_plan(tag: Path) -> Plan:
     return Plan(buffers, shapes, dict(states.get("shared_params", {})))
 
 
-def merged_tensors(tag: Path, plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
+def merged_tensors(tag: Path, plan: Plan, ranks: list[RankFile]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, fp32 tensor) for every buffer and parameter, one at a time, in plan order.
 
     The protocol of DeepSpeed's zero_to_fp32: on every rank the param groups form one flat space,
     and each parameter takes ceil(numel / world) elements of it at a running offset.
     """
-    files = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"),
-                   key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
-    ranks = [RankFile(f) for f in files]
     world = len(ranks)
     try:
+        for r in ranks:
+            r.open()
         yield from plan.buffers.items()
         offset = 0
         with ThreadPoolExecutor(max_workers=min(world, 8)) as pool:
@@ -135,8 +145,9 @@ def merged_tensors(tag: Path, plan: Plan) -> Iterator[tuple[str, torch.Tensor]]:
             r.close()
 
 
-def check_checkpoint(ckpt: Path) -> Path:
-    """Find the DeepSpeed tag folder and check that every rank's two files are there and readable."""
+def check_checkpoint(ckpt: Path) -> tuple[Path, list[RankFile]]:
+    """Find the DeepSpeed tag folder, check that every rank's two files are there and readable,
+    and return it with each rank's partition layout, in rank order."""
     if not ckpt.is_dir():
         raise ConsolidationError(f"{ckpt}: not a directory")
     latest = ckpt / "latest"
@@ -156,18 +167,13 @@ def check_checkpoint(ckpt: Path) -> Path:
                                  ("optimizer", optims, prefix + "zero_pp_rank_{}_mp_rank_00_optim_states.pt")):
         for r in sorted(expected - ranks(files)):
             raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
-    for f in optims + models:
+    for f in models:
         try:
             _load_safely(f, meta=True)
         except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
             raise ConsolidationError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None
-        if f in optims:  # the data past the pickle must be there too
-            rank = RankFile(f)
-            last = max(off + n * 4 for _, n, off in rank.groups)
-            rank.close()
-            if f.stat().st_size < last:
-                raise ConsolidationError(f"{f}: truncated ({f.stat().st_size} bytes, data runs to {last})")
-    return tag
+    by_rank = sorted(optims, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    return tag, [RankFile(f) for f in by_rank]
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
@@ -209,7 +215,7 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     """
     if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
         return _export_plain(ckpt, out, dtype)
-    tag = check_checkpoint(ckpt)
+    tag, ranks = check_checkpoint(ckpt)
     plan = read_plan(tag)
     target = DTYPES[dtype]
     cast = lambda t: t.to(target) if t.is_floating_point() else t  # noqa: E731
@@ -219,7 +225,7 @@ def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
     with staged(out, ckpt, dtype) as tmp:
-        tensors = merged_tensors(tag, plan)
+        tensors = merged_tensors(tag, plan, ranks)
         for shard, name in zip(shards, names):
             with open(tmp / name, "wb") as f:
                 f.write(_header([items[i] for i in shard]))

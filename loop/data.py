@@ -201,7 +201,8 @@ def tokenize(
     """
     if not dialogues:  # e.g. eval_fraction: 0
         return datasets.Dataset.from_dict({"input_ids": [], "assistant_mask": []})
-    ds = datasets.Dataset.from_dict({"messages": [json.dumps(d) for d in dialogues]})
+    texts = [json.dumps(d, sort_keys=True) for d in dialogues]
+    ds = datasets.Dataset.from_dict({"messages": texts})
 
     def encode(batch: dict) -> dict:
         out: dict[str, list] = {"input_ids": [], "assistant_mask": [], "status": []}
@@ -212,18 +213,20 @@ def tokenize(
             out["status"].append(status)
         return out
 
-    key = fingerprint(fingerprint(dialogues), tokenizer_fingerprint(tokenizer), seq_len, on_too_long)
+    key = fingerprint(hashlib.sha256("\n".join(texts).encode()).hexdigest(), tokenizer_fingerprint(tokenizer),
+                      seq_len, on_too_long)
     kwargs: dict[str, Any] = {"new_fingerprint": key}
     if cache_dir:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         kwargs["cache_file_name"] = str(Path(cache_dir) / f"tokenized-{key}.arrow")
     ds = ds.map(encode, batched=True, batch_size=256, num_proc=num_proc if len(ds) > 1000 else None,
                 remove_columns=["messages"], desc="tokenize", **kwargs)
-    counts = Counter(ds["status"])
+    statuses = list(ds["status"])
     if report is not None:
+        counts = Counter(statuses)
         report.truncated += counts.get("truncated", 0)
         report.dropped_too_long += counts.get("dropped", 0)
-    keep = [i for i, s in enumerate(ds["status"]) if s != "dropped"]
+    keep = [i for i, s in enumerate(statuses) if s != "dropped"]
     return ds.select(keep).remove_columns("status") if len(keep) < len(ds) else ds.remove_columns("status")
 
 

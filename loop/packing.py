@@ -164,22 +164,18 @@ def collate_varlen(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequenc
                    pad_id: int) -> dict[str, torch.Tensor | int]:
     """One flattened row for varlen attention: every piece of the micro-batch back to back, with
     cumulative sequence lengths instead of a mask. No padding at all."""
-    pieces = [piece for row in rows for piece in row] or None
-    if pieces is None:  # only fillers on this process: one untrained token keeps the collectives in step
-        return {"input_ids": torch.tensor([[pad_id]]), "targets": torch.tensor([[IGNORE]]),
-                "position_ids": torch.tensor([[0]]), "cu_seq_lens_q": torch.tensor([0, 1], dtype=torch.int32),
-                "cu_seq_lens_k": torch.tensor([0, 1], dtype=torch.int32), "max_length_q": 1, "max_length_k": 1}
-    flat = collate([pieces], ids, masks, pad_id, isolate=True)
-    lengths = torch.tensor([e - s for _, s, e in pieces])
+    pieces = [piece for row in rows for piece in row]
+    flat = collate([pieces], ids, masks, pad_id, with_mask=False)  # only fillers: one untrained pad token
+    lengths = torch.tensor([e - s for _, s, e in pieces] or [1])
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
     longest = int(lengths.max())
-    return {"input_ids": flat["input_ids"], "targets": flat["targets"], "position_ids": flat["position_ids"],
-            "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return flat | {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def collate(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]],
-            pad_id: int, isolate: bool = True) -> dict[str, torch.Tensor]:
-    """Tensors for one micro-batch: input_ids, targets (already shifted), position_ids, attention_mask.
+            pad_id: int, isolate: bool = True, with_mask: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch: input_ids, targets (already shifted), position_ids, attention_mask
+    (left out with with_mask=False, for layouts that mark boundaries otherwise).
 
     attention_mask is boolean (B, 1, T, T): query i may see key j when both belong to the same
     piece and j <= i (isolate=True), or simply j <= i (isolate=False, the naive stream).
@@ -207,10 +203,11 @@ def collate(rows: list[Row], ids: Sequence[Sequence[int]], masks: Sequence[Seque
                 position_ids[b, t : t + n] = torch.arange(t, t + n)
                 segment[b, t : t + n] = 0
             t += n
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    attention_mask = (segment[:, :, None] == segment[:, None, :]) & causal
-    return {"input_ids": input_ids, "targets": targets, "position_ids": position_ids,
-            "attention_mask": attention_mask[:, None]}
+    batch = {"input_ids": input_ids, "targets": targets, "position_ids": position_ids}
+    if with_mask:
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        batch["attention_mask"] = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+    return batch
 
 
 @functools.lru_cache(maxsize=2)  # asked once per step; shuffled once per epoch

@@ -101,7 +101,7 @@ def train_step(model, optimizer, accelerator: Accelerator, micro_batches: list[d
         batch = to_device(batch, accelerator.device)
         with timers("forward_backward"):
             s = loss_sum(model, batch)
-        if any_process(accelerator, not torch.isfinite(s).item()):
+        if checkpoints.any_process(accelerator, not torch.isfinite(s).item()):
             (model.optimizer if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer).zero_grad()
             return float("nan"), float("nan"), True
         backward(accelerator, model, s * scale, m == len(micro_batches) - 1, timers)
@@ -144,11 +144,6 @@ def samples(model, accelerator: Accelerator, tokenizer, cfg: config.Config, stop
     return sampling.answer(accelerator.unwrap_model(model), tokenizer, conversations,
                            sampling.SamplingConfig(max_new_tokens=cfg.training.max_new_tokens),
                            stop_id, synced_gpus=synced)
-
-
-def any_process(accelerator: Accelerator, flag: bool) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").item() > 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.log({"samples": text}, step=state.step)
             if accelerator.is_main_process:
                 (out / "samples.md").write_text(f"# Samples at step {state.step}\n\n{text}\n")
-        stop_now = any_process(accelerator, bool(preempted))
+        stop_now = checkpoints.any_process(accelerator, bool(preempted))
         if cfg.output.save and (state.step % t.save_every == 0 or state.step == total_steps or stop_now):
             last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer))
             log.info(f"checkpoint {last_good}")
