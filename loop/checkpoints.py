@@ -1,8 +1,9 @@
-"""Checkpoints that a crash cannot corrupt, exact resume, and the verified final model.
+"""Resumable state: checkpoints that a crash cannot corrupt, finding and loading them, pruning, pins.
 
 A checkpoint is written into `.tmp-step_N`, renamed to `step_N` when every process has finished,
 and only then marked with a `COMPLETE` file. Resume picks the newest directory with that marker, so
-a run killed mid-write falls back to the previous checkpoint.
+a run killed mid-write falls back to the previous checkpoint. A pinned checkpoint (a background
+upload still reads it) is never pruned. Turning a checkpoint into a model is loop/export.py's job.
 """
 
 from __future__ import annotations
@@ -15,19 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
-
 from loop import config as config_mod
+from loop.preemption import any_process
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
     from accelerate import Accelerator
-    from transformers import GenerationConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 MARKER = "COMPLETE"
 IN_USE = ".in_use"  # a background job (upload) still reads this checkpoint: do not prune it
 STATE_FILE = "loop_state.json"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class CheckpointError(RuntimeError):
@@ -47,6 +45,17 @@ class LoopState:
     skipped_steps: int = 0
     world_size: int = 1
 
+    def advance(self, tokens: int, rows: int, trained: int, skipped: bool, steps_per_epoch: int) -> None:
+        """Count one optimizer step (a skipped one trained nothing)."""
+        self.step += 1
+        self.epoch, self.step_in_epoch = divmod(self.step, steps_per_epoch)
+        self.tokens_seen += tokens
+        self.samples_seen += rows
+        if skipped:
+            self.skipped_steps += 1
+        else:
+            self.tokens_trained += trained
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -56,27 +65,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def any_process(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every process if `flag` is true on any: how processes agree before acting together."""
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return accelerator.reduce(t, reduction="sum").item() > 0
-
-
 def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
     found = [p for p in root.glob("step_*") if (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:
-    """Generation stops at the template's end token, as the model was trained to."""
-    from transformers import GenerationConfig
-
-    return GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
-                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                            max_new_tokens=256)
 
 
 def missing_files(path: Path, world_size: int, deepspeed: bool) -> list[str]:
@@ -149,13 +143,27 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         marker.rename(final / MARKER)
         _fsync_dir(final)
         _fsync_dir(root)
-        for old in complete_checkpoints(root)[: -cfg.training.keep_last]:
-            if not (old / IN_USE).exists():
-                shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        prune(root, cfg.training.keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Remove all but the newest `keep_last` complete checkpoints (pinned ones stay) and stale temps."""
+    for old in complete_checkpoints(root)[:-keep_last]:
+        if not (old / IN_USE).exists():
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def pin(checkpoint: Path) -> None:
+    """Keep `checkpoint` from being pruned until `unpin`."""
+    (checkpoint / IN_USE).touch()
+
+
+def unpin(checkpoint: Path) -> None:
+    (checkpoint / IN_USE).unlink(missing_ok=True)
 
 
 def find(spec: str, root: Path) -> Path:
@@ -186,51 +194,22 @@ def load(accelerator: Accelerator, path: Path) -> LoopState:
     return state
 
 
-def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """Full shape of every parameter, also when ZeRO-3 has partitioned it (`ds_shape`)."""
-    return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+def resume(accelerator: Accelerator, spec: str | None, root: Path) -> tuple[LoopState, str | None]:
+    """The loop state to start from (restoring model, optimizer and RNG when resuming), and what to log.
 
-
-def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], model_config) -> None:
-    """Every parameter of the model is in the safetensors files, with its full shape.
-
-    Catches the classic ZeRO-3 failure: placeholders of shape (0,) saved as if they were weights.
+    `latest` with no checkpoint yet starts fresh, so one job script serves the first run and every requeue.
     """
-    written: dict[str, tuple[int, ...]] = {}
-    for file in model_dir.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                written[key] = tuple(f.get_slice(key).get_shape())
-    if not written:
-        raise CheckpointError(f"{model_dir}: no safetensors weights were written")
-    tied = {"lm_head.weight"} if getattr(model_config, "tie_word_embeddings", False) else set()
-    problems = [f"{k}: missing" for k in expected if k not in written and k not in tied]
-    problems += [f"{k}: shape {written[k]} != {s}" for k, s in expected.items()
-                 if k in written and written[k] != s]
-    if problems:
-        raise CheckpointError(f"{model_dir}: saved model does not match its config: " + "; ".join(problems[:10]))
+    fresh = LoopState(world_size=accelerator.num_processes)
+    if not spec:
+        return fresh, None
+    if spec == "latest" and not complete_checkpoints(root):
+        return fresh, f"--resume_from_checkpoint latest: no complete checkpoint under {root} yet; starting fresh"
+    path = find(spec, root)
+    state = load(accelerator, path)
+    return state, f"resumed from {path} at step {state.step}"
 
 
-def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
-               dtype: str) -> None:
-    """Save a loadable model (safetensors, config, tokenizer with chat template, generation config).
-
-    Written to a temporary directory and checked before it replaces `out_dir`.
-    Must be called on every process: gathering ZeRO-3 shards is a collective.
-    """
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        expected = expected_shapes(unwrapped)
-        tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
-        unwrapped.config.dtype = DTYPES[dtype]
-        # transformers empties the dict it is given, so pass a copy.
-        unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))
-        tokenizer.save_pretrained(tmp)
-        check_saved_model(tmp, expected, unwrapped.config)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    accelerator.wait_for_everyone()
+def last_good(root: Path) -> str:
+    """The newest complete checkpoint, for messages that say where to resume from."""
+    found = complete_checkpoints(root)
+    return str(found[-1]) if found else "none"

@@ -12,9 +12,17 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+from loop import attention
+from loop.attention import Attention
+from loop.export import SaveDtype
+from loop.formats import Format, OasstPaths
+from loop.optim import Schedule
+from loop.packing import PackingMode
+from loop.templates import TemplateName
 
 
 class ConfigError(ValueError):
@@ -26,10 +34,11 @@ class ModelConfig:
     name_or_path: str = "artifacts/tiny-starcoder"
     revision: str | None = None
     trust_remote_code: bool = False
-    # auto: flash_attention_2 where CUDA + flash-attn are installed, else sdpa. sdpa: block-diagonal
-    # masks; flash_attention_2/3: varlen kernels on GPU (falls back to sdpa with a message);
-    # sdpa_varlen: the varlen path on any device; eager cannot pack (see loop/packing.py).
-    attn_implementation: str = "auto"
+    # auto: flash_attention_2 with CUDA + flash-attn, else varlen_attn (torch's kernel) on CUDA, else
+    # sdpa. sdpa: block-diagonal masks; varlen_attn, flash_attention_2/3: varlen kernels on GPU (they
+    # fall back with a message); sdpa_varlen: the varlen layout on any device, a reference (slow);
+    # eager cannot pack (see loop/attention.py).
+    attn_implementation: Attention = "auto"
     gradient_checkpointing: bool = False
 
 
@@ -38,15 +47,15 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)
     eval_files: list[str] = field(default_factory=list)
     # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
-    format: str = "messages"
-    oasst_paths: str = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
+    format: Format = "messages"
+    oasst_paths: OasstPaths = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
     # Fraction of train dialogues held out for eval when no eval_files are given.
     eval_fraction: float = 0.05
-    template: str = "starchat"  # starchat | chatml | tokenizer
+    template: TemplateName = "starchat"  # starchat | chatml | tokenizer (the tokenizer's own)
     seq_len: int = 1024
-    packing: str = "bfd"  # bfd | pad | concat
-    on_bad_record: str = "error"  # error | skip
-    on_too_long: str = "truncate"  # truncate | drop
+    packing: PackingMode = "bfd"  # bfd | pad | concat
+    on_bad_record: Literal["error", "skip"] = "error"
+    on_too_long: Literal["truncate", "drop"] = "truncate"
     num_proc: int = 1
     cache_dir: str | None = None
 
@@ -60,7 +69,7 @@ class TrainingConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
-    lr_schedule: str = "cosine"  # cosine | linear | constant
+    lr_schedule: Schedule = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
@@ -69,6 +78,10 @@ class TrainingConfig:
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0
+    fused_optimizer: bool = True  # torch's fused AdamW kernel (same results as the plain one within rounding)
+    # Tokens per chunk of the loss computed inside the output projection (no float32 logits for the
+    # whole micro-batch); 0 computes plain logits first (see loop/loss.py).
+    loss_chunk_tokens: int = 8192
     log_every: int = 10
     eval_every: int = 0  # 0: eval only at the end
     save_every: int = 500
@@ -76,20 +89,21 @@ class TrainingConfig:
     sample_every: int = 0  # 0: samples only at the end
     sample_prompts: list[str] = field(default_factory=list)
     max_new_tokens: int = 64
-    on_nonfinite: str = "stop"  # stop | skip
+    on_nonfinite: Literal["stop", "skip"] = "stop"
     peak_flops_per_device: float = 0.0  # 0: look the device up (see loop/metrics.py)
 
 
 @dataclass
 class OutputConfig:
     output_dir: str = "outputs/run"
-    save_dtype: str = "bf16"  # bf16 | fp16 | fp32
+    save_dtype: SaveDtype = "bf16"
     resume_from_checkpoint: str | None = None  # latest | PATH
     save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private: bool = True
     hub_push_checkpoints: bool = False  # also upload each checkpoint, consolidated, to branch step-N
+    hub_upload_wait_s: float = 600.0  # at exit, how long queued checkpoint uploads may still take
     license: str = "other"  # for the model card
 
 
@@ -101,20 +115,6 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
-CHOICES = {
-    "model.attn_implementation": {"auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "sdpa_varlen"},
-    "data.format": {"messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"},
-    "data.oasst_paths": {"longest", "all"},
-    "data.template": {"starchat", "chatml", "tokenizer"},
-    "data.packing": {"bfd", "pad", "concat"},
-    "data.on_bad_record": {"error", "skip"},
-    "data.on_too_long": {"truncate", "drop"},
-    "training.lr_schedule": {"cosine", "linear", "constant"},
-    "training.on_nonfinite": {"stop", "skip"},
-    "output.save_dtype": {"bf16", "fp16", "fp32"},
-}
-
-
 def _coerce(key: str, value: Any, hint: Any) -> Any:
     """Check `value` against the dataclass field type `hint`; return it converted."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
@@ -122,6 +122,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in options:
             return None
         hint = next(t for t in options if t is not type(None))
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
@@ -188,12 +193,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def validate(config: Config) -> None:
-    """Reject impossible values before any work starts."""
-    for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {sorted(allowed)}")
+    """Reject impossible values before any work starts (choices are checked as values are read)."""
     t, d = config.training, config.data
     checks = [
         ("training.lr", t.lr > 0, "must be > 0"),
@@ -212,6 +212,7 @@ def validate(config: Config) -> None:
         ("training.eval_every", t.eval_every >= 0, "must be >= 0"),
         ("training.sample_every", t.sample_every >= 0, "must be >= 0"),
         ("training.max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
+        ("training.loss_chunk_tokens", t.loss_chunk_tokens >= 0, "must be >= 0 (0: plain logits)"),
         ("data.seq_len", d.seq_len >= 16, "must be >= 16"),
         ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
         ("data.num_proc", d.num_proc >= 1, "must be >= 1"),
@@ -221,14 +222,18 @@ def validate(config: Config) -> None:
         if not ok:
             section, name = key.split(".")
             raise ConfigError(f"{key}: {why}, got {getattr(getattr(config, section), name)!r}")
+    problem = attention.packing_problem(d.packing, config.model.attn_implementation)
+    if problem:
+        raise ConfigError(f"model.attn_implementation: {problem}")
     if config.output.push_to_hub and not config.output.save:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:
         raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
 
 
-def check_against_model(config: Config, max_positions: int) -> None:
+def check_against_model(config: Config, model_config) -> None:
     """Checks that need the model's config (read without loading weights)."""
+    max_positions = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
     if config.data.seq_len > max_positions:
         raise ConfigError(
             f"data.seq_len: {config.data.seq_len} is above the model's context of {max_positions} tokens"

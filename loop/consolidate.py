@@ -6,7 +6,8 @@ tied weights with safetensors. Written by hand here, with the same merge protoco
 opened on the meta device to learn where each fp32 partition lies in the file; each parameter's
 slices are read with `pread` (ranks in parallel threads), merged, cast and streamed straight into
 its pre-planned safetensors shard. Peak memory is the largest tensor, about twice, plus the
-interpreter; it does not grow with the model or the shard size.
+interpreter; it does not grow with the model or the shard size. loop/export.py stages the output
+folder and adds the config and tokenizer.
 """
 
 from __future__ import annotations
@@ -15,18 +16,12 @@ import json
 import math
 import os
 import re
-import shutil
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
 class ConsolidationError(RuntimeError):
@@ -204,88 +199,46 @@ def _header(items: list[tuple[str, tuple[int, ...], torch.dtype]]) -> bytes:
     return len(body).to_bytes(8, "little") + body
 
 
-def consolidate(ckpt: Path, out: Path, dtype: str = "bf16", max_shard_bytes: int = 5 * 1024**3,
-                progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
-    """Write `out` as a loadable model directory; return the tied-weight aliases that were left out.
+def write(ckpt: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 1024**3,
+          progress: Callable[[str, int], None] | None = None) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """Write the checkpoint's weights into the folder `out` as safetensors shards; return the tied-weight
+    aliases that were left out and every tensor's full shape.
 
     Shapes and dtypes are known before any weight is read, so every shard's safetensors header is
     written first and each merged tensor is streamed into its file as soon as it is ready: memory
     holds a tensor or two, never a shard. (safetensors' own save_file needs the whole shard in memory
-    and copies it once more; the format is simple enough to stream.) See `staged` for atomicity.
+    and copies it once more; the format is simple enough to stream.)
     """
-    if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
-        return _export_plain(ckpt, out, dtype)
     tag, ranks = check_checkpoint(ckpt)
     plan = read_plan(tag)
-    target = DTYPES[dtype]
-    cast = lambda t: t.to(target) if t.is_floating_point() else t  # noqa: E731
+    cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
     items = [(k, tuple(v.shape), cast(v).dtype) for k, v in plan.buffers.items()]
-    items += [(k, s, target) for k, s in plan.shapes.items()]
+    items += [(k, s, dtype) for k, s in plan.shapes.items()]
     shards = _plan_shards(items, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    with staged(out, ckpt, dtype) as tmp:
-        tensors = merged_tensors(tag, plan, ranks)
-        for shard, name in zip(shards, names):
-            with open(tmp / name, "wb") as f:
-                f.write(_header([items[i] for i in shard]))
-                for i in shard:
-                    key, tensor = next(tensors)
-                    assert key == items[i][0], (key, items[i][0])
-                    tensor = cast(tensor).contiguous()
-                    f.write(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
-                    if progress:
-                        progress(key, tensor.numel() * tensor.element_size())
-        if next(tensors, None) is not None:
-            raise ConsolidationError(f"{tag}: more tensors than the model states list; unknown layout")
-        if len(shards) > 1:
-            total = sum(math.prod(s) * d.itemsize for _, s, d in items)
-            index = {"metadata": {"total_size": total},
-                     "weight_map": {items[i][0]: names[n] for n, shard in enumerate(shards) for i in shard}}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return plan.aliases
+    tensors = merged_tensors(tag, plan, ranks)
+    for shard, name in zip(shards, names):
+        with open(out / name, "wb") as f:
+            f.write(_header([items[i] for i in shard]))
+            for i in shard:
+                key, tensor = next(tensors)
+                assert key == items[i][0], (key, items[i][0])
+                tensor = cast(tensor).contiguous()
+                f.write(memoryview(tensor.view(torch.uint8).numpy()) if tensor.numel() else b"")
+                if progress:
+                    progress(key, tensor.numel() * tensor.element_size())
+    if next(tensors, None) is not None:
+        raise ConsolidationError(f"{tag}: more tensors than the model states list; unknown layout")
+    if len(shards) > 1:
+        total = sum(math.prod(s) * d.itemsize for _, s, d in items)
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {items[i][0]: names[n] for n, shard in enumerate(shards) for i in shard}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return plan.aliases, {k: s for k, s, _ in items}
 
 
-@contextmanager
-def staged(out: Path, ckpt: Path, dtype: str) -> Iterator[Path]:
-    """A temporary folder beside `out` that becomes `out`, with the run's config, tokenizer and
-    generation config copied in, only if the block completes; on any failure it is removed."""
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        for meta in META_FILES:
-            if (ckpt / meta).is_file():
-                shutil.copy2(ckpt / meta, tmp / meta)
-        _set_config_dtype(tmp / "config.json", dtype)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _export_plain(ckpt: Path, out: Path, dtype: str) -> dict[str, str]:
-    """A checkpoint of a run without DeepSpeed already holds whole weights: cast and copy them."""
-    from safetensors.torch import load_file, save_file
-
-    with staged(out, ckpt, dtype) as tmp:
-        tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v
-                   for k, v in load_file(ckpt / "model.safetensors").items()}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    return {}
-
-
-def _set_config_dtype(path: Path, dtype: str) -> None:
-    if path.is_file():
-        config = json.loads(path.read_text())
-        config["dtype"] = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
-        path.write_text(json.dumps(config, indent=2))
-
-
-def verify(ckpt: Path, out: Path, dtype: str, prompts: list[str]) -> dict[str, float]:
+def verify(ckpt: Path, out: Path, dtype: torch.dtype, prompts: list[str]) -> dict[str, float]:
     """Reload `out` with `from_pretrained` and compare it with the checkpoint's fp32 master weights.
 
     Returns the largest difference of any weight from its cast master value (should be 0), of any
@@ -296,7 +249,7 @@ def verify(ckpt: Path, out: Path, dtype: str, prompts: list[str]) -> dict[str, f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    model = AutoModelForCausalLM.from_pretrained(out, dtype=DTYPES[dtype]).eval()
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
     saved = model.state_dict()
     missing = [k for k in master if k not in saved]
     if missing:
@@ -305,7 +258,7 @@ def verify(ckpt: Path, out: Path, dtype: str, prompts: list[str]) -> dict[str, f
     for k, v in master.items():
         s = saved[k].float()
         report["max_diff_vs_cast_master"] = max(report["max_diff_vs_cast_master"],
-                                                (s - v.to(DTYPES[dtype]).float()).abs().max().item())
+                                                (s - v.to(dtype).float()).abs().max().item())
         report["max_diff_vs_fp32_master"] = max(report["max_diff_vs_fp32_master"], (s - v).abs().max().item())
     if prompts and (out / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(out)

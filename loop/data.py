@@ -37,6 +37,10 @@ class DataReport:
     truncated: int = 0
     dropped_too_long: int = 0
 
+    def describe(self) -> str:
+        return (f"{self.dialogues} dialogues, skipped {dict(self.skipped)}, truncated {self.truncated}, "
+                f"dropped as too long {self.dropped_too_long}")
+
     def as_scalars(self) -> dict[str, float]:
         out = {"data/dialogues": self.dialogues, "data/truncated": self.truncated,
                "data/dropped_too_long": self.dropped_too_long}
@@ -108,8 +112,8 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")
 
 
-def load_dialogues(files: list[str], fmt: str, on_bad_record: str,
-                   oasst_paths: str = "longest") -> tuple[list[Messages], DataReport]:
+def load_dialogues(files: list[str], fmt: formats.Format, on_bad_record: str,
+                   oasst_paths: formats.OasstPaths = "longest") -> tuple[list[Messages], DataReport]:
     """Read, convert and validate every record of `files`.
 
     Raises DataError listing every bad record unless on_bad_record is "skip".
@@ -118,27 +122,13 @@ def load_dialogues(files: list[str], fmt: str, on_bad_record: str,
     for path in files:
         records = list(read_records(path))
         report.records += len(records)
-        if fmt == "oasst":
-            rows = [r for _, r in records if isinstance(r, dict)]
-            converted = [(f"{path} (tree path {i})", d) for i, d in enumerate(formats.oasst_paths(rows, oasst_paths))]
-        else:
-            converted = []
-            for where, record in records:
-                try:
-                    if isinstance(record, DataError):
-                        raise record
-                    found = formats.CONVERTERS[fmt](record)
-                except (formats.FormatError, DataError) as e:
-                    kind = "invalid_json" if isinstance(e, DataError) else "format"
-                    bad.append((where, kind, str(e)))
-                    continue
-                converted += [(where if len(found) == 1 else f"{where}#{j}", d) for j, d in enumerate(found)]
-        for where, dialogue in converted:
-            problem = validate(dialogue)
-            if problem:
+        for where, item in formats.convert(fmt, path, records, oasst_paths):
+            if isinstance(item, Exception):
+                bad.append((where, "invalid_json" if isinstance(item, DataError) else "format", str(item)))
+            elif problem := validate(item):
                 bad.append((where, *problem))
             else:
-                dialogues.append(dialogue)
+                dialogues.append(item)
     for _, kind, _ in bad:
         report.skipped[kind] += 1
     if bad and on_bad_record == "error":

@@ -1,16 +1,24 @@
 """Converters from the record shapes users hold to the messages schema.
 
-Each converter takes one raw record and returns a list of dialogues (a record can hold several:
-a chatterbot file, an OpenAssistant tree). A record a converter cannot read raises FormatError
-with the reason; the caller adds the file and record number.
+Every format is registered the same way: a converter takes one file's records, each with its
+location (`file:line` or `file[i]`), and yields (location, dialogue) or (location, error). Most
+formats read one record at a time (`per_record`: a record may hold several dialogues, as a
+chatterbot file does); an OpenAssistant tree spans many records, so that converter reads them all.
+A record that cannot be read, including one its file reader could not parse, comes out as an error,
+so that the caller lists or counts it: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal, get_args
 
 Messages = list[dict[str, str]]
+Format = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"]
+OasstPaths = Literal["longest", "all"]
+Located = tuple[str, Any]  # (location, raw record, or the exception its reader raised)
+Converted = tuple[str, "Messages | Exception"]
 
 
 class FormatError(ValueError):
@@ -80,7 +88,7 @@ def chatterbot(record: Any) -> list[Messages]:
     return dialogues
 
 
-def oasst_paths(messages_table: list[dict], mode: str = "longest") -> list[Messages]:
+def oasst_dialogues(messages_table: list[dict], mode: OasstPaths = "longest") -> list[Messages]:
     """OpenAssistant message trees (rows with message_id, parent_id, role prompter/assistant, text)
     to dialogues: every root-to-leaf path ("all") or, per tree, the longest path by turns ("longest",
     ties broken by the higher-ranked branch, i.e. lower `rank`)."""
@@ -111,10 +119,53 @@ def oasst_paths(messages_table: list[dict], mode: str = "longest") -> list[Messa
     return dialogues
 
 
-CONVERTERS: dict[str, Callable[[Any], list[Messages]]] = {
-    "messages": messages,
-    "prompt_completion": prompt_completion,
-    "sharegpt": sharegpt,
-    "alpaca": alpaca,
-    "chatterbot": chatterbot,
+def per_record(convert: Callable[[Any], list[Messages]]) -> Callable[..., Iterator[Converted]]:
+    """A file converter from a converter of single records."""
+
+    @functools.wraps(convert)
+    def each(path: str, records: Iterable[Located], **_options) -> Iterator[Converted]:
+        for where, record in records:
+            if isinstance(record, Exception):
+                yield where, record
+                continue
+            try:
+                found = convert(record)
+            except FormatError as e:
+                yield where, e
+                continue
+            for j, dialogue in enumerate(found):
+                yield (where if len(found) == 1 else f"{where}#{j}"), dialogue
+
+    return each
+
+
+def oasst(path: str, records: Iterable[Located], oasst_paths: OasstPaths = "longest",
+          **_options) -> Iterator[Converted]:
+    """OpenAssistant message rows of one file, as trees."""
+    rows = []
+    for where, record in records:
+        if isinstance(record, Exception):
+            yield where, record
+        elif not isinstance(record, dict):
+            yield where, FormatError("record is not an object")
+        else:
+            rows.append(record)
+    for i, dialogue in enumerate(oasst_dialogues(rows, oasst_paths)):
+        yield f"{path} (tree path {i})", dialogue
+
+
+CONVERTERS: dict[str, Callable[..., Iterator[Converted]]] = {
+    "messages": per_record(messages),
+    "prompt_completion": per_record(prompt_completion),
+    "sharegpt": per_record(sharegpt),
+    "alpaca": per_record(alpaca),
+    "chatterbot": per_record(chatterbot),
+    "oasst": oasst,
 }
+assert set(CONVERTERS) == set(get_args(Format))
+
+
+def convert(fmt: Format, path: str, records: Iterable[Located],
+            oasst_paths: OasstPaths = "longest") -> Iterator[Converted]:
+    """Every dialogue (or error) of one file's records, with its location."""
+    return CONVERTERS[fmt](path, records, oasst_paths=oasst_paths)

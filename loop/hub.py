@@ -12,10 +12,14 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+
+from loop import checkpoints
 
 log = logging.getLogger("loop")
 
@@ -32,12 +36,29 @@ print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 ```'''
 
 
-def model_card(cfg, summary: dict[str, Any], chat_template: str, example: str) -> ModelCard:
+@dataclass
+class RunSummary:
+    """What the model card reports about the run; None where it was not measured."""
+
+    world_size: int
+    hardware: str
+    steps: int = 0
+    tokens_trained: int = 0
+    tokens_seen: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+
+
+def _loss(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "not measured"
+
+
+def model_card(cfg, summary: RunSummary, chat_template: str, example: str) -> ModelCard:
     """A README.md for the model directory, with Hub metadata."""
     repo = cfg.output.hub_model_id or Path(cfg.output.output_dir).name
     datasets = sorted({f.partition(":")[0] for f in cfg.data.train_files if not Path(f).exists()})  # Hub ids
     data = ModelCardData(base_model=cfg.model.name_or_path if not Path(cfg.model.name_or_path).exists() else None,
-                         datasets=datasets or None, license=summary.get("license", "other"),
+                         datasets=datasets or None, license=cfg.output.license,
                          tags=["starcoder", "code", "chat", "deepspeed", "zero3"], pipeline_tag="text-generation",
                          library_name="transformers")
     t = cfg.training
@@ -45,8 +66,8 @@ def model_card(cfg, summary: dict[str, Any], chat_template: str, example: str) -
              "optimizer": f"AdamW (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})",
              "weight decay": t.weight_decay,
              "micro-batch per device": t.micro_batch_size, "gradient accumulation": t.gradient_accumulation_steps,
-             "processes": summary.get("world_size"), "sequence length": cfg.data.seq_len,
-             "packing": cfg.data.packing, "optimizer steps": summary.get("steps"), "max grad norm": t.max_grad_norm,
+             "processes": summary.world_size, "sequence length": cfg.data.seq_len,
+             "packing": cfg.data.packing, "optimizer steps": summary.steps, "max grad norm": t.max_grad_norm,
              "precision": "bf16 (ZeRO-3)", "seed": t.seed}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     body = f"""---
@@ -77,11 +98,10 @@ Generation should stop at the end token; `generation_config.json` sets it as `eo
 |---|---|
 {rows}
 
-- Tokens trained (assistant tokens with a loss): {summary.get("tokens_trained", 0):,}
-  of {summary.get("tokens_seen", 0):,} tokens processed
-- Hardware: {summary.get("hardware", "unknown")}
-- Final train loss: {summary.get("train_loss", float("nan")):.4f}; final eval loss:
-  {summary.get("eval_loss", float("nan")):.4f}
+- Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,}
+  of {summary.tokens_seen:,} tokens processed
+- Hardware: {summary.hardware}
+- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
 - Data: {", ".join(cfg.data.train_files)} ({cfg.data.format})
 
 <details><summary>Chat template (Jinja)</summary>
@@ -124,7 +144,8 @@ def upload(folder: Path, repo_id: str, private: bool, revision: str | None = Non
 class BackgroundUploader:
     """Consolidates and uploads checkpoints on a worker thread, one at a time, so training goes on.
 
-    Each checkpoint's consolidated model goes to its own branch (`step-N`). Failures are logged and
+    Each checkpoint's consolidated model goes to its own branch (`step-N`). A submitted checkpoint is
+    pinned (never pruned) until its upload is over or the uploader is closed. Failures are logged and
     counted, never raised into the training loop.
     """
 
@@ -134,26 +155,28 @@ class BackgroundUploader:
         self.backoff_s = backoff_s
         self.jobs: queue.Queue = queue.Queue()
         self.failures: list[str] = []
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.pending: list[Path] = []  # submitted, neither uploaded nor failed yet (in order)
+        self.lock = threading.Lock()
+        self.closed = threading.Event()  # the wait is over: start no further upload
+        self.thread = threading.Thread(target=self._run, name="hub-upload", daemon=True)
         self.thread.start()
 
     def submit(self, checkpoint: Path) -> None:
-        from loop.checkpoints import IN_USE
-
-        (checkpoint / IN_USE).touch()
+        checkpoints.pin(checkpoint)
+        with self.lock:
+            self.pending.append(checkpoint)
         self.jobs.put(checkpoint)
 
     def _run(self) -> None:
-        from loop import consolidate
-        from loop.checkpoints import IN_USE
+        from loop import export
 
-        while (ckpt := self.jobs.get()) is not None:
+        while (ckpt := self.jobs.get()) is not None and not self.closed.is_set():
             target = self.work_dir / f"upload-{ckpt.name}"
             try:
                 try:
-                    consolidate.consolidate(ckpt, target)
+                    export.from_checkpoint(ckpt, target)
                 finally:
-                    (ckpt / IN_USE).unlink(missing_ok=True)
+                    checkpoints.unpin(ckpt)
                 upload(target, self.repo_id, self.private, revision=ckpt.name.replace("_", "-"),
                        message=f"Checkpoint {ckpt.name}", backoff_s=self.backoff_s, api=self.api)
             except Exception as e:  # noqa: BLE001 - reported, training continues
@@ -161,9 +184,34 @@ class BackgroundUploader:
                 log.warning(f"background upload of {ckpt.name} failed: {e}")
             finally:
                 shutil.rmtree(target, ignore_errors=True)
+                with self.lock:
+                    self.pending.remove(ckpt)
 
-    def close(self) -> list[str]:
-        """Wait for queued uploads; return the failures."""
+    def close(self, wait_s: float) -> list[str]:
+        """Let queued uploads finish for up to `wait_s` seconds; unpin every checkpoint; return what
+        went wrong: failed uploads, and checkpoints still queued or uploading when the wait ran out."""
         self.jobs.put(None)
-        self.thread.join()
-        return self.failures
+        self.thread.join(wait_s)
+        self.closed.set()
+        with self.lock:
+            unfinished = list(self.pending)
+        for ckpt in unfinished:
+            checkpoints.unpin(ckpt)
+        late = [f"{c.name}: not uploaded (still queued or uploading after waiting {wait_s:.0f}s); "
+                f"upload it with tools/push_to_hub.py" for c in unfinished]
+        return self.failures + late
+
+
+@contextmanager
+def checkpoint_uploads(out, is_main_process: bool) -> Iterator[BackgroundUploader | None]:
+    """A background uploader for the run's checkpoints (None unless `output.hub_push_checkpoints`, and on
+    the main process only) that is closed on every way out of the block: normal end, preemption, a
+    non-finite stop or any exception; it waits at most `output.hub_upload_wait_s` for queued uploads."""
+    enabled = out.push_to_hub and out.hub_push_checkpoints and is_main_process
+    uploader = BackgroundUploader(out.hub_model_id, out.hub_private, Path(out.output_dir)) if enabled else None
+    try:
+        yield uploader
+    finally:
+        if uploader:
+            for problem in uploader.close(out.hub_upload_wait_s):
+                log.warning(f"checkpoint upload: {problem}")

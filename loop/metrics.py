@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,19 +77,88 @@ def peak_memory_bytes() -> int:
 
 
 class Timers:
-    """Wall-clock seconds spent per phase since the last `pop`."""
+    """Seconds spent per phase since the last `pop`.
 
-    def __init__(self) -> None:
-        self.total: dict[str, float] = defaultdict(float)
+    On a GPU the phases that queue device work are timed with CUDA events and read only in `pop`
+    (at logging steps), so timing adds no synchronisation to the step; host-only phases (waiting for
+    data) use the wall clock.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.host: dict[str, float] = defaultdict(float)
+        self.events: dict[str, list] = defaultdict(list)
 
     @contextmanager
-    def __call__(self, name: str):
-        start = time.perf_counter()
+    def __call__(self, name: str, host: bool = False):
+        if self.cuda and not host:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end.record()
+                self.events[name].append((start, end))
+            return
+        begin = time.perf_counter()
         try:
             yield
         finally:
-            self.total[name] += time.perf_counter() - start
+            self.host[name] += time.perf_counter() - begin
 
     def pop(self) -> dict[str, float]:
-        out, self.total = dict(self.total), defaultdict(float)
+        out = dict(self.host)
+        if self.events:
+            torch.cuda.synchronize()
+            for name, pairs in self.events.items():
+                out[name] = out.get(name, 0.0) + sum(a.elapsed_time(b) for a, b in pairs) / 1000
+        self.host, self.events = defaultdict(float), defaultdict(list)
+        return out
+
+
+class Meter:
+    """The logging window: what happened since the last log line, turned into scalars.
+
+    Values that live on the device (the gradient norm) are read only when the scalars are built.
+    """
+
+    def __init__(self, world: int, peak_flops: float, flops: Callable[[list[int]], float],
+                 packing_efficiency: float, timers: Timers) -> None:
+        self.world, self.peak, self.flops_of, self.packing_efficiency = world, peak_flops, flops, packing_efficiency
+        self.timers = timers
+        self._reset()
+
+    def _reset(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = self.trained_steps = self.tokens = self.trained = 0
+        self.flops = self.loss = 0.0
+        self.grad_norm: torch.Tensor | float = float("nan")
+
+    def add(self, tokens: int, trained: int, piece_lengths: list[int], loss: float | None,
+            grad_norm: torch.Tensor | float) -> None:
+        """One optimizer step; loss None means it was skipped (nothing trained)."""
+        self.steps += 1
+        self.tokens += tokens
+        self.flops += self.flops_of(piece_lengths)
+        self.grad_norm = grad_norm
+        if loss is not None:
+            self.trained_steps += 1
+            self.trained += trained
+            self.loss += loss
+
+    def scalars(self, lr: float, epoch: float, tokens_trained: int) -> dict[str, float]:
+        """Every scalar of the window (for TensorBoard and train.log); starts a new window."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"train/loss": self.loss / max(1, self.trained_steps), "train/lr": lr,
+               "train/grad_norm": float(self.grad_norm), "train/epoch": epoch,
+               "throughput/tokens_per_s": self.tokens / elapsed,
+               "throughput/tokens_per_s_per_device": self.tokens / elapsed / self.world,
+               "throughput/trained_tokens_per_s": self.trained / elapsed,
+               "throughput/trained_tokens_per_s_per_device": self.trained / elapsed / self.world,
+               "throughput/packing_efficiency": self.packing_efficiency,
+               "memory/peak_bytes": peak_memory_bytes(), "progress/tokens_trained": tokens_trained}
+        out |= {f"time/{k}": v / max(1, self.steps) for k, v in self.timers.pop().items()}
+        if self.peak:
+            out["throughput/mfu"] = self.flops / elapsed / self.world / self.peak
+        self._reset()
         return out

@@ -8,10 +8,14 @@ a resumed run needs no scheduler state.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from loop.config import TrainingConfig
+if TYPE_CHECKING:
+    from loop.config import TrainingConfig
+
+Schedule = Literal["cosine", "linear", "constant"]
 
 
 def param_groups(model: torch.nn.Module, cfg: TrainingConfig) -> list[dict]:
@@ -25,6 +29,12 @@ def param_groups(model: torch.nn.Module, cfg: TrainingConfig) -> list[dict]:
         (no_decay if exempt else decay).append(p)
     return [{"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; `fused` runs one kernel for all of them (CUDA and CPU)."""
+    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_eps, fused=cfg.fused_optimizer or None)
 
 
 def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:

@@ -78,3 +78,20 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     model.train(was_training)
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                    stop_id: int, step: int, out_dir: Path) -> None:
+    """Greedy answers to the configured prompts, logged and written to OUTPUT_DIR/samples.md.
+
+    Every process runs generate: with ZeRO-3 each forward pass gathers weights from all of them.
+    """
+    from accelerate import DistributedType
+
+    synced = accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED
+    answers = answer(accelerator.unwrap_model(model), tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                     SamplingConfig(max_new_tokens=max_new_tokens), stop_id, synced_gpus=synced)
+    text = "\n\n".join(f"**{p}**\n\n{a}" for p, a in zip(prompts, answers))
+    accelerator.log({"samples": text}, step=step)
+    if accelerator.is_main_process:
+        (out_dir / "samples.md").write_text(f"# Samples at step {step}\n\n{text}\n")

@@ -12,8 +12,12 @@ special token and forge a turn. The template defuses it: `<|end|>` in content re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+TemplateName = Literal["starchat", "chatml", "tokenizer"]  # "tokenizer": the tokenizer's own template
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ CHATML = Template(
 )
 
 TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
+assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
 
 
 def defuse(text: str) -> str:
@@ -83,7 +88,7 @@ def build_jinja(template: Template, reserved: list[str]) -> str:
     return template.jinja.replace("@CONTENT@", expr)
 
 
-def install(tokenizer: PreTrainedTokenizerBase, name: str) -> tuple[bool, str]:
+def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[bool, str]:
     """Give `tokenizer` the named template; return (vocabulary grew, end token).
 
     With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text

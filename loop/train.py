@@ -2,38 +2,48 @@
 
     accelerate launch --config_file accelerate_configs/zero3.yaml loop/train.py configs/RUN.yaml [--key value]
 
-The story, in order: config, data, model, prepare, resume, loop (step, log, eval, sample, save),
-final model. Each concern lives in its own module; this file only tells the order.
+The story, in order: config, data, model, prepare, resume, loop (step, bookkeeping, then log, eval,
+sample, save), final model. Each side job lives in the module named for it; this file tells the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import logging
 import math
 import os
-import signal
 import sys
-import time
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
-if __package__ in (None, ""):  # run as a script: `loop/train.py`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loop import checkpoints, config, data, hub, metrics, optim, packing, sampling, templates  # noqa: E402
-from loop.checkpoints import LoopState  # noqa: E402
+from loop import (
+    attention,
+    batches,
+    checkpoints,
+    config,
+    data,
+    export,
+    hub,
+    loss,
+    metrics,
+    models,
+    optim,
+    packing,
+    preemption,
+    sampling,
+    templates,
+)
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written; requeue the job to continue.
 
 
 def make_accelerator(cfg: config.Config) -> Accelerator:
@@ -52,303 +62,211 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
             "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
             "gradient_clipping": t.max_grad_norm,
         })
+        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+        on_device = zero.get("offload_param", {}).get("device", "none") in ("none", None)
+        if accelerator.num_processes == 1 and zero.get("stage") == 3 and on_device:
+            # One process holds every shard anyway: gathering and releasing each layer's weights around
+            # every forward and backward only stalls the GPU, so every parameter stays (unless configured).
+            if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
+                zero["stage3_param_persistence_threshold"] = 2**62
     return accelerator
 
 
-def loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed cross-entropy over trained positions (targets are already shifted, -100 elsewhere).
+@dataclass
+class StepResult:
+    loss: float | None  # mean over every trained token of the step, all processes; None: not applied
+    grad_norm: torch.Tensor | float  # a device tensor, read only when logged
+    nonfinite: str | None  # what was not finite when the step was not applied
+    preempted: bool  # a preemption signal reached some process: all of them save and stop
 
-    Everything else in the batch (position ids, the mask or the varlen lengths) goes to the model.
+
+def train_step(model, optimizer, accelerator: Accelerator, step: batches.Step, max_grad_norm: float,
+               timers: metrics.Timers, preempted: bool) -> StepResult:
+    """One optimizer step over this process's micro-batches, with one host-device synchronisation.
+
+    The engine divides by the accumulation steps and averages over processes; scaling each summed
+    micro-batch loss by world * accumulation / (trained tokens of the whole step) makes the gradient
+    the mean over every trained token of the step, not a mean of per-micro-batch means. After the
+    backward passes, one all-reduce gives every process the step's loss, whether any loss (or, without
+    DeepSpeed, the gradient norm) was non-finite, and whether any process was signalled to stop; a
+    non-finite step is dropped on every process before the optimizer runs.
     """
-    logits = model(**{k: v for k, v in batch.items() if k != "targets"}).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(),
-                           ignore_index=packing.IGNORE, reduction="sum")
-
-
-def backward(accelerator: Accelerator, model, loss: torch.Tensor, last: bool, timers: metrics.Timers) -> None:
-    """Backward of one micro-batch; on the last one, the optimizer step (timed apart).
-
-    DeepSpeed's engine steps right after the boundary backward, so it is driven directly here,
-    exactly as accelerate's own wrapper does, to time the step on its own.
-    """
-    if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        model.set_gradient_accumulation_boundary(last)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    scale = accelerator.num_processes * len(step.micro_batches) / max(1, step.trained)
+    agreed = torch.zeros(4, device=accelerator.device)  # loss sum, non-finite losses, non-finite norms, preemption
+    for m, batch in enumerate(step.micro_batches):
         with timers("forward_backward"):
-            model.backward(loss)
-        if last:
-            with timers("optimizer"):
-                model.step()
-    else:
-        accelerator.sync_gradients = last
-        with timers("forward_backward"):
-            accelerator.backward(loss)
-
-
-def train_step(model, optimizer, accelerator: Accelerator, micro_batches: list[dict], n_trained: int,
-               t: config.TrainingConfig, timers: metrics.Timers) -> tuple[float, float, bool]:
-    """One optimizer step over this process's micro-batches: (loss, grad norm, poisoned).
-
-    After each forward, every process learns whether any loss is non-finite before any backward
-    runs; if one is, no process steps and the accumulated gradients are dropped (poisoned=True).
-    """
-    world = accelerator.num_processes
-    # The engine divides by the accumulation steps and averages over processes; scaling by
-    # world * accumulation / trained tokens makes the gradient the mean over every trained
-    # token of the whole step, not a mean of per-micro-batch means.
-    scale = world * t.gradient_accumulation_steps / max(1, n_trained)
-    step_loss = torch.zeros((), device=accelerator.device)
-    for m, batch in enumerate(micro_batches):
-        batch = to_device(batch, accelerator.device)
-        with timers("forward_backward"):
-            s = loss_sum(model, batch)
-        if checkpoints.any_process(accelerator, not torch.isfinite(s).item()):
-            (model.optimizer if accelerator.distributed_type == DistributedType.DEEPSPEED else optimizer).zero_grad()
-            return float("nan"), float("nan"), True
-        backward(accelerator, model, s * scale, m == len(micro_batches) - 1, timers)
-        step_loss += s.detach()
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or math.inf)
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
-        with timers("optimizer"):
+            s = loss.loss_sum(model, batches.to_device(batch, accelerator.device))
+            agreed[0] += s.detach()
+            agreed[1] += (~torch.isfinite(s)).float()
+            if deepspeed:  # driven directly, as accelerate's wrapper does, to time the optimizer on its own
+                model.set_gradient_accumulation_boundary(m == len(step.micro_batches) - 1)
+                model.backward(s * scale)
+            else:
+                accelerator.sync_gradients = m == len(step.micro_batches) - 1
+                accelerator.backward(s * scale)
+    grad_norm: torch.Tensor | float = float("nan")
+    if not deepspeed:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm or math.inf)
+        agreed[2] += (~torch.isfinite(grad_norm)).float()
+    agreed[3] = float(preempted)
+    loss_sum, bad_loss, bad_norm, stop = accelerator.reduce(agreed, reduction="sum").tolist()
+    if bad_loss or bad_norm:
+        (model.optimizer if deepspeed else optimizer).zero_grad()
+        return StepResult(None, grad_norm, "loss" if bad_loss else "gradient norm", bool(stop))
+    with timers("optimizer"):
+        if deepspeed:
+            model.step()
+            grad_norm = model.get_global_grad_norm()
+        else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    loss = accelerator.reduce(step_loss, reduction="sum").item() / max(1, n_trained)
-    return loss, float(grad_norm) if grad_norm is not None else float("nan"), False
+    if isinstance(grad_norm, float) and not math.isfinite(grad_norm):  # DeepSpeed found it and skipped the update
+        return StepResult(None, grad_norm, "gradient norm", bool(stop))
+    return StepResult(loss_sum / max(1, step.trained), grad_norm, None, bool(stop))
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+def skip_or_stop(what: str, state: checkpoints.LoopState, policy: str, accelerator: Accelerator,
+                 ckpt_root: Path) -> None:
+    """A step that was not applied because something was not finite: stop the run, or count it."""
+    if policy == "stop":
+        raise FloatingPointError(f"non-finite {what} at step {state.step + 1}; the step was not applied; "
+                                 f"last good checkpoint: {checkpoints.last_good(ckpt_root)}")
+    logging.getLogger("loop").warning(f"step {state.step + 1}: non-finite {what}, optimizer step skipped "
+                                      f"({state.skipped_steps + 1} so far)")
+    accelerator.log({"train/skipped_steps": state.skipped_steps + 1}, step=state.step + 1)
 
 
-@torch.no_grad()
-def evaluate(model, accelerator: Accelerator, rows: list, ids: list, masks: list, batch_size: int,
-             collate: Callable) -> float:
-    """Token-weighted eval loss over all rows, every process taking its share (and fillers)."""
-    model.eval()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for b in range(-(-len(rows) // (world * batch_size))):
-        start = (b * world + rank) * batch_size
-        batch_rows = [rows[j] if j < len(rows) else [] for j in range(start, start + batch_size)]
-        batch = to_device(collate(batch_rows, ids, masks), accelerator.device)
-        total[0] += loss_sum(model, batch).double()
-        total[1] += (batch["targets"] != packing.IGNORE).sum()
-    total = accelerator.reduce(total, reduction="sum")
-    model.train()
-    return (total[0] / total[1].clamp(min=1)).item()
+def due(step: int, every: int, last: int) -> bool:
+    """Every `every` steps (0: never) and at the last step."""
+    return step == last or (every > 0 and step % every == 0)
 
 
-def samples(model, accelerator: Accelerator, tokenizer, cfg: config.Config, stop_id: int) -> list[str]:
-    """Greedy answers to the configured prompts; every process runs generate (ZeRO-3 needs it)."""
-    conversations = [[{"role": "user", "content": p}] for p in cfg.training.sample_prompts]
-    synced = accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED
-    return sampling.answer(accelerator.unwrap_model(model), tokenizer, conversations,
-                           sampling.SamplingConfig(max_new_tokens=cfg.training.max_new_tokens),
-                           stop_id, synced_gpus=synced)
+def finish(accelerator: Accelerator, code: int) -> int:
+    accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
+    accelerator.end_training()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     # 1. Config: everything is checked before any work starts.
     cfg = config.from_argv(argv)
+    t, out = cfg.training, Path(cfg.output.output_dir)
     model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    context = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
-    config.check_against_model(cfg, context)
-    packing.check_attention(cfg.data.packing, cfg.model.attn_implementation)
-    out = Path(cfg.output.output_dir)
+    config.check_against_model(cfg, model_config)
     accelerator = make_accelerator(cfg)
     log = metrics.setup_logging(out, accelerator.is_main_process)
-    set_seed(cfg.training.seed)
-    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(t.seed)
+    world = accelerator.num_processes
     if accelerator.is_main_process:
         config.save(cfg, out / "config.yaml")
 
-    # 2. Tokenizer and data: template, validation, tokenization (cached), packing plan.
+    # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
     vocab_grew, end_token = templates.install(tokenizer, cfg.data.template)
     with accelerator.main_process_first():
         train_ds, eval_ds, report = data.prepare(cfg.data, tokenizer)
-    ids, masks = train_ds["input_ids"], train_ds["assistant_mask"]
-    eval_ids, eval_masks = eval_ds["input_ids"], eval_ds["assistant_mask"]
-    rows = packing.plan_rows([len(x) for x in ids], cfg.data.seq_len, cfg.data.packing)
-    eval_rows = packing.plan_rows([len(x) for x in eval_ids], cfg.data.seq_len, cfg.data.packing)
-    pack_eff = packing.efficiency(rows, cfg.data.seq_len)
-    t = cfg.training
-    rows_per_step = world * t.micro_batch_size * t.gradient_accumulation_steps
-    per_epoch = packing.steps_per_epoch(len(rows), rows_per_step)
-    total_steps = t.max_steps or per_epoch * t.num_epochs
-    log.info(f"data: {report.dialogues} dialogues ({len(ids)} train, {len(eval_ids)} eval), "
-             f"skipped {dict(report.skipped)}, truncated {report.truncated}, dropped {report.dropped_too_long}; "
-             f"{len(rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} full); "
-             f"{per_epoch} steps/epoch, {total_steps} steps")
-
-    # 3. Model and optimizer.
-    attention, fallback = packing.resolve_attention(cfg.model.attn_implementation)
+    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
     if fallback:
         log.warning(fallback)
-    packing.register_attention()
-    collate = functools.partial(packing.make_batch, pad_id=tokenizer.pad_token_id, packing_mode=cfg.data.packing,
-                                attention=attention)
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=attention)
-    if vocab_grew:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-    model.generation_config = checkpoints.chat_generation_config(tokenizer, end_token)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(optim.param_groups(model, t), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                                  eps=t.adam_eps)
+    planner, evals = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
+                                      attention.layout(attn, cfg.data.packing), world, accelerator.process_index)
+    per_epoch = planner.steps_per_epoch
+    total_steps = t.max_steps or per_epoch * t.num_epochs
+    pack_eff = packing.efficiency(planner.rows, cfg.data.seq_len)
+    log.info(f"data: {report.describe()}; {len(planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} full), "
+             f"{len(evals.rows)} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
+
+    # 3. Model and optimizer.
+    attention.register()
+    zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+    model = models.load(cfg, attn, tokenizer, vocab_grew, end_token, zero3)
+    n_params = models.parameter_count(model)
+    optimizer = optim.make_optimizer(model, t)
 
     # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
     model, optimizer = accelerator.prepare(model, optimizer)
 
     # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
-    state = LoopState(world_size=world)
     ckpt_root = out / "checkpoints"
-    spec = cfg.output.resume_from_checkpoint
-    if spec == "latest" and not checkpoints.complete_checkpoints(ckpt_root):
-        log.info(f"--resume_from_checkpoint latest: no complete checkpoint under {ckpt_root} yet; starting fresh")
-    elif spec:
-        path = checkpoints.find(spec, ckpt_root)
-        state = checkpoints.load(accelerator, path)
-        log.info(f"resumed from {path} at step {state.step}")
+    state, resumed = checkpoints.resume(accelerator, cfg.output.resume_from_checkpoint, ckpt_root)
+    if resumed:
+        log.info(resumed)
     accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
-    summary = {"world_size": world, "hardware": metrics.hardware(world), "license": cfg.output.license}
+    summary = hub.RunSummary(world_size=world, hardware=metrics.hardware(world))
 
     def eval_and_log() -> None:
-        eval_loss = evaluate(model, accelerator, eval_rows, eval_ids, eval_masks, t.micro_batch_size, collate)
-        accelerator.log({"eval/loss": eval_loss, "eval/perplexity": math.exp(min(eval_loss, 50))}, step=state.step)
-        log.info(f"step {state.step}: eval loss {eval_loss:.4f}")
-        summary["eval_loss"] = eval_loss
+        summary.eval_loss = loss.evaluate(model, accelerator, evals.shard())
+        accelerator.log({"eval/loss": summary.eval_loss, "eval/perplexity": math.exp(min(summary.eval_loss, 50))},
+                        step=state.step)
+        log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
 
     if state.step == 0:
         accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff}, step=0)
-        if eval_rows:  # the starting point of the eval curve
+        if evals.rows:  # the starting point of the eval curve
             eval_and_log()
-
-    preempted: list[int] = []
-    for s in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(s, lambda signum, _frame: preempted.append(signum))
-    peak = metrics.peak_flops_per_device(t.peak_flops_per_device)
-    stop_id = tokenizer.convert_tokens_to_ids(end_token)
-    n_layer, d_model = model_config.n_layer, model_config.n_embd
-    timers, window = metrics.Timers(), {"tokens": 0, "trained": 0, "flops": 0.0, "loss": 0.0, "steps": 0}
-    window_start = time.perf_counter()
-    found = checkpoints.complete_checkpoints(ckpt_root)
-    last_good = str(found[-1]) if found else "none"
-    uploader = None
-    if cfg.output.push_to_hub and cfg.output.hub_push_checkpoints and accelerator.is_main_process:
-        uploader = hub.BackgroundUploader(cfg.output.hub_model_id, cfg.output.hub_private, out)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
-    model.train()
 
     # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
-    while state.step < total_steps:
-        epoch, step_in_epoch = divmod(state.step, per_epoch)
-        order = packing.epoch_order(len(rows), t.seed, epoch)
-        with timers("data"):
-            step_row_ids = [[packing.step_rows(order, step_in_epoch, m, r, world, t.micro_batch_size,
-                                               t.gradient_accumulation_steps)
-                             for m in range(t.gradient_accumulation_steps)] for r in range(world)]
-            all_rows = [rows[j] for per_rank in step_row_ids for micro in per_rank for j in micro if j is not None]
-            n_trained = sum(packing.trained_tokens(row, masks) for row in all_rows)
-            micro_batches = [collate([rows[j] if j is not None else [] for j in micro], ids, masks)
-                             for micro in step_row_ids[rank]]
-        lr = optim.lr_at(state.step, total_steps, t)
-        optim.set_lr(optimizer, lr)
-        loss, grad_norm, poisoned = train_step(model, optimizer, accelerator, micro_batches, n_trained, t, timers)
-        if poisoned or not math.isfinite(grad_norm):
-            what = "loss" if poisoned else f"gradient norm ({grad_norm})"
-            if t.on_nonfinite == "stop" or not poisoned:
-                applied = "" if poisoned else " (the update was already applied: resume from the checkpoint)"
-                raise FloatingPointError(f"non-finite {what} at step {state.step + 1}{applied}; "
-                                         f"last good checkpoint: {last_good}")
-            state.skipped_steps += 1
-            log.warning(f"step {state.step + 1}: non-finite loss, optimizer step skipped "
-                        f"({state.skipped_steps} so far)")
-            accelerator.log({"train/skipped_steps": state.skipped_steps}, step=state.step + 1)
-        state.step += 1
-        state.epoch, state.step_in_epoch = divmod(state.step, per_epoch)
-        pieces = [e - s_ for row in all_rows for _, s_, e in row]  # dialogue lengths in this step
-        step_tokens = sum(pieces)
-        state.tokens_seen += step_tokens
-        state.samples_seen += len(all_rows)
-        window["tokens"] += step_tokens
-        if not poisoned:
-            state.tokens_trained += n_trained
-            window["trained"] += n_trained
-            window["loss"] += loss
-            window["steps"] += 1
-        window["flops"] += metrics.training_flops(n_params, n_layer, d_model, pieces)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    timers = metrics.Timers(accelerator.device)
+    flops = functools.partial(metrics.training_flops, n_params, model_config.num_hidden_layers,
+                              model_config.hidden_size)
+    meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), flops, pack_eff, timers)
+    stop_id = tokenizer.convert_tokens_to_ids(end_token)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
+    model.train()
+    with (preemption.Preemption() as preempt,
+          hub.checkpoint_uploads(cfg.output, accelerator.is_main_process) as uploads,
+          batches.prefetch(planner, state.step, total_steps) as steps):
+        while state.step < total_steps:
+            with timers("data", host=True):
+                step = next(steps)
+            lr = optim.lr_at(state.step, total_steps, t)
+            optim.set_lr(optimizer, lr)
+            result = train_step(model, optimizer, accelerator, step, t.max_grad_norm, timers, preempt.requested)
+            if result.nonfinite:
+                skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
+            state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
+            meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
 
-        if state.step % t.log_every == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - window_start
-            scalars = {"train/loss": window["loss"] / max(1, window["steps"]), "train/lr": lr,
-                       "train/grad_norm": grad_norm, "train/epoch": state.step / per_epoch,
-                       "throughput/tokens_per_s": window["tokens"] / elapsed,
-                       "throughput/tokens_per_s_per_device": window["tokens"] / elapsed / world,
-                       "throughput/trained_tokens_per_s": window["trained"] / elapsed,
-                       "throughput/trained_tokens_per_s_per_device": window["trained"] / elapsed / world,
-                       "throughput/packing_efficiency": pack_eff,
-                       "memory/peak_bytes": metrics.peak_memory_bytes(),
-                       "progress/tokens_trained": state.tokens_trained}
-            scalars |= {f"time/{k}": v / max(1, window["steps"]) for k, v in timers.pop().items()}
-            if peak:
-                scalars["throughput/mfu"] = window["flops"] / elapsed / world / peak
-            accelerator.log(scalars, step=state.step)
-            log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-            summary["train_loss"] = scalars["train/loss"]
-            window = dict.fromkeys(window, 0)
-            window_start = time.perf_counter()
-        if (t.eval_every and state.step % t.eval_every == 0) or state.step == total_steps:
-            eval_and_log()
-        if t.sample_prompts and ((t.sample_every and state.step % t.sample_every == 0)
-                                 or state.step == total_steps):
-            answers = samples(model, accelerator, tokenizer, cfg, stop_id)
-            text = "\n\n".join(f"**{p}**\n\n{a}" for p, a in zip(t.sample_prompts, answers))
-            accelerator.log({"samples": text}, step=state.step)
-            if accelerator.is_main_process:
-                (out / "samples.md").write_text(f"# Samples at step {state.step}\n\n{text}\n")
-        stop_now = checkpoints.any_process(accelerator, bool(preempted))
-        if cfg.output.save and (state.step % t.save_every == 0 or state.step == total_steps or stop_now):
-            last_good = str(checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer))
-            log.info(f"checkpoint {last_good}")
-            if uploader:
-                uploader.submit(Path(last_good))
-        if stop_now:
-            saved = f"checkpoint {last_good} written" if cfg.output.save else "nothing saved (output.save: false)"
-            log.warning(f"preempted (signal {preempted or 'on another process'}) at step {state.step}; "
-                        f"{saved}; resume with --resume_from_checkpoint latest")
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
-            return PREEMPTED_EXIT_CODE
+            if due(state.step, t.log_every, total_steps):
+                scalars = meter.scalars(lr, state.step / per_epoch, state.tokens_trained)
+                accelerator.log(scalars, step=state.step)
+                log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                summary.train_loss = scalars["train/loss"]
+            if due(state.step, t.eval_every, total_steps) and evals.rows:
+                eval_and_log()
+            if t.sample_prompts and due(state.step, t.sample_every, total_steps):
+                sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens, stop_id,
+                                         state.step, out)
+            if cfg.output.save and (due(state.step, t.save_every, total_steps) or result.preempted):
+                saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer)
+                log.info(f"checkpoint {saved}")
+                if uploads:
+                    uploads.submit(saved)
+            if result.preempted:
+                saved = checkpoints.last_good(ckpt_root) if cfg.output.save else "nothing (output.save: false)"
+                log.warning(f"preempted ({preempt.describe()}) at step {state.step}; saved {saved}; "
+                            "resume with --resume_from_checkpoint latest")
+                return finish(accelerator, preemption.PREEMPTED_EXIT_CODE)
     bar.close()
 
     # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
-    if not cfg.output.save:
-        accelerator.wait_for_everyone()
-        accelerator.end_training()
-        return 0
-    checkpoints.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
-    log.info(f"final model saved to {out / 'final'}")
-    if accelerator.is_main_process:
-        summary |= {"steps": state.step, "tokens_trained": state.tokens_trained, "tokens_seen": state.tokens_seen}
-        example = [{"role": "user", "content": "How do I reverse a list?"}]
-        card = hub.model_card(cfg, summary, tokenizer.chat_template, templates.render(tokenizer, example, True))
-        card.save(out / "final" / "README.md")
-        if uploader:
-            for failure in uploader.close():
-                log.warning(f"checkpoint upload failed: {failure}")
-        if cfg.output.push_to_hub:
-            hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
-                       message=f"Final model after {state.step} steps")
-    accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
-    accelerator.end_training()
-    return 0
+    if cfg.output.save:
+        export.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
+        log.info(f"final model saved to {out / 'final'}")
+        if accelerator.is_main_process:
+            summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
+                                          tokens_seen=state.tokens_seen)
+            example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
+            hub.model_card(cfg, summary, tokenizer.chat_template, example).save(out / "final" / "README.md")
+            if cfg.output.push_to_hub:
+                hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
+                           message=f"Final model after {state.step} steps")
+    return finish(accelerator, 0)
 
 
 if __name__ == "__main__":

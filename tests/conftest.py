@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from loop import tiny
 
-from loop import tiny  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -100,3 +99,22 @@ def trained_run(tiny_dir, tmp_path_factory) -> Path:
                                  "sample_every": 8, "peak_flops_per_device": 1e11})
     launch(cfg, "--seed", "7")
     return tmp / "out"
+
+
+def run_in_process(config_path: Path, *overrides: str) -> int:
+    """loop/train.py's main() in this process (one process, no DeepSpeed): cheap, and it sees the
+    test's monkeypatches. Accelerate's global state and the signal handlers are put back afterwards."""
+    import signal
+
+    from accelerate.state import AcceleratorState
+
+    from loop import train
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        return train.main([str(config_path), *overrides])
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -41,9 +41,11 @@ def test_bad_values_stop_with_the_key_named(tmp_path, body, overrides, key):
 
 
 def test_sequence_length_above_model_context_is_refused(tmp_path):
+    from transformers import GPTBigCodeConfig
+
     cfg = config.load(write(tmp_path, {"data": {"seq_len": 4096}}))
     with pytest.raises(ConfigError, match="data.seq_len.*1024"):
-        config.check_against_model(cfg, 1024)
+        config.check_against_model(cfg, GPTBigCodeConfig(n_positions=1024))
 
 
 def test_resolved_config_round_trips(tmp_path):

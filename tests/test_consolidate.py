@@ -9,7 +9,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loop import consolidate
+from loop import consolidate, export
 from loop.consolidate import ConsolidationError
 from tests.conftest import ROOT
 
@@ -29,27 +29,27 @@ def read_all(model_dir):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_output_equals_deepspeeds_zero_to_fp32(ckpt, tmp_path, dtype):
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    aliases = consolidate.consolidate(ckpt, tmp_path / "m", dtype=dtype)
+    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype=dtype)
     written = read_all(tmp_path / "m")
     assert aliases == {"lm_head.weight": "transformer.wte.weight"} and "lm_head.weight" not in written
     assert set(written) == set(reference) - {"lm_head.weight"}
     for k, v in written.items():
-        assert torch.equal(v, reference[k].to(consolidate.DTYPES[dtype])), k
+        assert torch.equal(v, reference[k].to(export.DTYPES[dtype])), k
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied again
-    assert torch.equal(model.lm_head.weight, reference["lm_head.weight"].to(consolidate.DTYPES[dtype]))
+    assert torch.equal(model.lm_head.weight, reference["lm_head.weight"].to(export.DTYPES[dtype]))
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
     assert "<|assistant|>" in tok.chat_template and model.generation_config.eos_token_id == \
         tok.convert_tokens_to_ids("<|end|>")
 
 
 def test_shards_and_index_reload(ckpt, tmp_path):
-    consolidate.consolidate(ckpt, tmp_path / "m", dtype="bf16", max_shard_bytes=200_000)
+    export.from_checkpoint(ckpt, tmp_path / "m", dtype="bf16", max_shard_bytes=200_000)
     index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 1 and all((tmp_path / "m" / f).is_file() for f in files)
     assert all(f.stat().st_size < 200_000 + 600_000 for f in (tmp_path / "m").glob("*.safetensors"))
-    report = consolidate.verify(ckpt, tmp_path / "m", "bf16", ["Hello"])
+    report = consolidate.verify(ckpt, tmp_path / "m", torch.bfloat16, ["Hello"])
     assert report["max_diff_vs_cast_master"] == 0
     assert 0 < report["max_diff_vs_fp32_master"] < 1e-2 and report["max_logit_diff"] < 1.0
 
@@ -75,7 +75,7 @@ def broken_copy(ckpt, tmp_path, damage):
 def test_bad_input_names_the_file_and_leaves_no_model(ckpt, tmp_path, damage, message):
     broken = broken_copy(ckpt, tmp_path, damage)
     with pytest.raises(ConsolidationError, match=message.replace(".", r"\.")):
-        consolidate.consolidate(broken, tmp_path / "out")
+        export.from_checkpoint(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
 
 

@@ -5,7 +5,7 @@ import sys
 import datasets
 import pytest
 
-from loop import data, formats, templates
+from loop import data, templates
 from loop.config import DataConfig
 from loop.tiny import CORPUS_DIR
 from tests.conftest import ROOT
@@ -86,25 +86,6 @@ def test_split_is_stable_whatever_the_order(corpus):
     assert 0.05 < len(held) / len(corpus) < 0.15
     key = lambda ds: sorted(json.dumps(d) for d in ds)  # noqa: E731
     assert key(held) == key(held2) and key(train) == key(train2)
-
-
-def test_converters_for_common_shapes():
-    assert formats.prompt_completion({"prompt": "p", "completion": "c"}) == \
-        [[{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]]
-    assert formats.sharegpt({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "h"},
-                                               {"from": "gpt", "value": "g"}]})[0][1:] == \
-        [{"role": "user", "content": "h"}, {"role": "assistant", "content": "g"}]
-    assert formats.alpaca({"instruction": "Sum", "input": "1 2", "output": "3"})[0][0]["content"] == "Sum\n\n1 2"
-    rows = [{"message_id": "a", "parent_id": None, "role": "prompter", "text": "q", "rank": None},
-            {"message_id": "b", "parent_id": "a", "role": "assistant", "text": "a1", "rank": 1},
-            {"message_id": "c", "parent_id": "a", "role": "assistant", "text": "a0", "rank": 0},
-            {"message_id": "d", "parent_id": "c", "role": "prompter", "text": "q2", "rank": 0},
-            {"message_id": "e", "parent_id": "d", "role": "assistant", "text": "a2", "rank": 0}]
-    longest = formats.oasst_paths(rows, "longest")
-    assert [m["content"] for m in longest[0]] == ["q", "a0", "q2", "a2"]
-    assert sorted(len(d) for d in formats.oasst_paths(rows, "all")) == [2, 4]
-    with pytest.raises(formats.FormatError, match="'from' must be one of"):
-        formats.sharegpt({"conversations": [{"from": "alien", "value": "x"}]})
 
 
 def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):

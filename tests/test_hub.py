@@ -1,24 +1,29 @@
 """Hub upload and model card against a mocked Hub (the network is the only thing mocked)."""
 
-import subprocess
-import sys
+import json
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from huggingface_hub import ModelCard
-from transformers import AutoModelForCausalLM, pipeline
+from transformers import AutoModelForCausalLM
 
-from loop import hub
-from tests.conftest import ROOT, SECRET_TOKEN
+from loop import checkpoints, hub, packing, preemption, templates
+from tests.conftest import SECRET_TOKEN, run_in_process, write_config
 from tools import push_to_hub
 
 
 class FakeHub:
-    """Records what would be created and uploaded; the first `fail` uploads raise like a flaky network."""
+    """Records what would be created and uploaded; the first `fail` uploads raise like a flaky network.
+    `during_upload(revision)` runs inside each upload, as the network's latency would."""
 
-    def __init__(self, fail: int = 0):
-        self.fail, self.calls, self.uploaded = fail, [], {}
+    def __init__(self, fail: int = 0, during_upload=None):
+        self.fail, self.calls, self.uploaded, self.during_upload = fail, [], {}, during_upload
 
     def __call__(self, *args, **kwargs):  # used as the HfApi class
         return self
@@ -31,6 +36,8 @@ class FakeHub:
 
     def upload_folder(self, repo_id, folder_path, revision, commit_message, repo_type):
         self.calls.append(("upload_folder", repo_id, revision))
+        if self.during_upload:
+            self.during_upload(revision)
         if self.fail:
             self.fail -= 1
             raise ConnectionError("503 Service Unavailable")
@@ -87,7 +94,7 @@ def test_checkpoints_upload_in_the_background_to_their_own_branch(trained_run, t
     uploader = hub.BackgroundUploader("me/tiny-chat", True, tmp_path, api=fake, backoff_s=0)
     ckpt = trained_run / "checkpoints" / "step_00000016"
     uploader.submit(ckpt)
-    assert uploader.close() == []  # the first upload failed, the retry succeeded
+    assert uploader.close(wait_s=120) == []  # the first upload failed, the retry succeeded
     files = fake.uploaded[("me/tiny-chat", "step-00000016")]
     assert "model.safetensors" in files and "tokenizer.json" in files
     assert ("create_branch", "me/tiny-chat", "step-00000016") in fake.calls
@@ -103,64 +110,13 @@ def test_push_config_requires_a_repo_id(tmp_path):
         config.load(path)
 
 
-def test_generate_tool_batch_and_checkpoint(trained_run, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("What is Python?\nWrite a loop in C.\n")
-    for source in (trained_run / "final", trained_run / "checkpoints" / "step_00000016"):
-        out = tmp_path / f"{source.name}.md"
-        proc = subprocess.run([sys.executable, "tools/generate.py", str(source), "--prompts-file", str(prompts),
-                               "--out", str(out), "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "20"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        text = out.read_text()
-        assert "## What is Python?" in text and "## Write a loop in C." in text and "<|end|>" not in text
-
-
-def test_generate_tool_chat_through_a_pipe(trained_run):
-    proc = subprocess.run([sys.executable, "tools/generate.py", str(trained_run / "final"), "--chat",
-                           "--max-new-tokens", "6", "--temperature", "0"],
-                          input="Hello\n/reset\nDo you know Python?\n\n", cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("user> ") == 4 and proc.stdout.count("assistant> ") == 2
-    assert "<|end|>" not in proc.stdout
-
-
-def test_transformers_pipeline_chats_and_stops_at_the_end_token(trained_run):
-    chat = pipeline("text-generation", model=str(trained_run / "final"))
-    messages = [{"role": "user", "content": "Hello"}]
-    out = chat(messages, max_new_tokens=40, min_new_tokens=2, do_sample=False)[0]["generated_text"]
-    assert out[:-1] == messages and out[-1]["role"] == "assistant"
-    answer = out[-1]["content"]
-    assert answer.strip() and "<|end|>" not in answer and "<|user|>" not in answer
-    ids = chat.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                             return_dict=True)
-    new = chat.model.generate(**ids, max_new_tokens=40, min_new_tokens=2, do_sample=False)
-    new = new[0, ids["input_ids"].shape[1]:]
-    assert new[-1].item() == chat.tokenizer.convert_tokens_to_ids("<|end|>") and len(new) < 40  # it stopped there
-
-
 def test_a_run_with_push_to_hub_uploads_final_model_and_checkpoints(tiny_dir, tmp_path, monkeypatch):
     """loop/train.py itself, in this process (one process, no DeepSpeed), against the mocked Hub."""
-    import signal
-
-    from accelerate.state import AcceleratorState
-
-    from loop import train
-    from tests.conftest import write_config
-
     fake = FakeHub()
     monkeypatch.setattr(hub, "HfApi", fake)
     cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 4, "save_every": 2},
                        output={"push_to_hub": True, "hub_model_id": "me/run", "hub_push_checkpoints": True})
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    try:
-        assert train.main([str(cfg)]) == 0
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        AcceleratorState._reset_state(reset_partial_state=True)
+    assert run_in_process(cfg) == 0
     final = fake.uploaded[("me/run", None)]
     assert {"model.safetensors", "README.md", "tokenizer.json", "generation_config.json"} <= set(final)
     assert {("me/run", "step-00000002"), ("me/run", "step-00000004")} <= set(fake.uploaded)
@@ -179,6 +135,61 @@ def test_model_card_metadata_names_hub_datasets_and_base_model_only(tmp_path):
 
     cfg = Config(model=ModelConfig(name_or_path="bigcode/starcoderbase"),
                  data=DataConfig(train_files=["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]))
-    card = hub.model_card(cfg, {"steps": 3, "world_size": 8}, "{{ messages }}", "<|user|>\nhi")
+    card = hub.model_card(cfg, hub.RunSummary(world_size=8, hardware="8 x H100", steps=3), "{{ messages }}",
+                          "<|user|>\nhi")
     assert card.data.base_model == "bigcode/starcoderbase"
     assert card.data.datasets == ["HuggingFaceH4/oasst1_en"]  # no split suffix, no local paths
+
+
+def upload_run(tmp_path, tiny_dir, **training):
+    return write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"save_every": 2, **training},
+                        output={"push_to_hub": True, "hub_model_id": "me/run", "hub_push_checkpoints": True,
+                                "hub_upload_wait_s": 2})
+
+
+def test_a_preempted_run_finishes_its_checkpoint_uploads_and_unpins_them(tiny_dir, tmp_path, monkeypatch):
+    """The scheduler's signal arrives while step 2's checkpoint is uploading: the run saves once more and
+    exits 75, and on the way out the uploader finishes every queued upload, the last one included."""
+
+    def preempt_during_first_upload(revision):
+        if revision == "step-00000002":
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.5)  # the loop goes on meanwhile and sees the signal at its next step
+
+    fake = FakeHub(during_upload=preempt_during_first_upload)
+    monkeypatch.setattr(hub, "HfApi", fake)
+    assert run_in_process(upload_run(tmp_path, tiny_dir, max_steps=50)) == preemption.PREEMPTED_EXIT_CODE
+    saved = checkpoints.complete_checkpoints(tmp_path / "out" / "checkpoints")
+    last = saved[-1].name.replace("_", "-")
+    assert last != "step-00000002" and ("me/run", last) in fake.uploaded  # queued at the exit, uploaded before it
+    assert not list((tmp_path / "out" / "checkpoints").glob("*/.in_use"))
+    assert ("me/run", None) not in fake.uploaded  # no final model: the run did not finish
+
+
+def test_a_run_that_stops_on_a_non_finite_loss_reports_uploads_it_could_not_finish(tiny_dir, tokenizer, corpus,
+                                                                                   tmp_path, monkeypatch):
+    """A Hub slower than the bounded wait: the run stops on a NaN loss, says which checkpoints were not
+    uploaded, and leaves none of them pinned (so a later run can prune them)."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    with torch.no_grad():
+        model.transformer.wpe.weight[100:] = float("nan")  # only a dialogue past 100 tokens meets them
+    model.save_pretrained(tmp_path / "poisoned")
+    tokenizer.save_pretrained(tmp_path / "poisoned")
+    length = lambda d: len(templates.encode(tokenizer, d)[0])  # noqa: E731
+    short = [d for d in corpus if length(d) < 60][:8]
+    long = next(d for d in corpus if 110 < length(d) < 250)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
+    hub_released = threading.Event()
+    fake = FakeHub(during_upload=lambda revision: hub_released.wait(60))
+    monkeypatch.setattr(hub, "HfApi", fake)
+    seed = next(s for s in range(100) if packing.epoch_order(9, s, 0).index(8) >= 4)  # the long one after step 2
+    cfg = upload_run(tmp_path, tiny_dir, max_steps=9, micro_batch_size=1, gradient_accumulation_steps=1, seed=seed)
+    try:
+        with pytest.raises(FloatingPointError, match="non-finite loss"):
+            run_in_process(cfg, "--name_or_path", str(tmp_path / "poisoned"), "--train_files",
+                           f"[{tmp_path / 'train.jsonl'}]", "--packing", "pad", "--eval_fraction", "0")
+        said = (tmp_path / "out" / "train.log").read_text()
+        assert "step_00000002: not uploaded (still queued or uploading after waiting 2s)" in said
+        assert not list((tmp_path / "out" / "checkpoints").glob("*/.in_use"))
+    finally:
+        hub_released.set()

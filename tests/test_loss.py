@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import data, packing, templates
+from loop import data, loss, packing, templates
 from tests.conftest import launch, write_config
 from tests.test_train import scalars
 
@@ -24,8 +24,52 @@ def dialogue_loss_sum(model, ids, mask):
     return F.cross_entropy(logits[trained], target[trained], reduction="sum"), int(trained.sum())
 
 
-@pytest.mark.parametrize("packing_mode, attention", [("pad", "sdpa"), ("bfd", "sdpa"), ("bfd", "sdpa_varlen")])
-def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, tmp_path, packing_mode, attention):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_loss_and_gradients_equal_the_plain_computation(dtype):
+    """The loss computed inside the output projection, chunk by chunk, against cross_entropy over
+    the whole float32 logits: the same sum and the same gradients for hidden states, weight and bias."""
+    torch.manual_seed(0)
+    n, d, vocab = 300, 32, 500
+    hidden = torch.randn(n, d, dtype=dtype, requires_grad=True)
+    head = torch.nn.Linear(d, vocab, bias=True).to(dtype)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::3] = packing.IGNORE
+    plain = F.cross_entropy(head(hidden).float(), targets, ignore_index=packing.IGNORE, reduction="sum")
+    plain.backward()
+    expected = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    index = (targets != packing.IGNORE).nonzero()[:, 0]
+    chunked = loss.ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, index, targets[index], 64)
+    (chunked * 0.5).backward()  # the incoming gradient scales every stored one
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(chunked, plain, **tol)
+    for got, want in zip([hidden.grad, head.weight.grad, head.bias.grad], expected):
+        torch.testing.assert_close(got.float(), 0.5 * want.float(), **tol)
+    with torch.no_grad():  # evaluation: the same sum, no gradients computed
+        evaluated = loss.ChunkedLinearCrossEntropy.apply(hidden, head.weight, None, index, targets[index], 64)
+        expected = F.cross_entropy((hidden @ head.weight.T).float(), targets, reduction="sum")
+        assert torch.allclose(evaluated, expected, rtol=1e-2)
+
+
+def test_the_installed_head_returns_the_loss_only_when_given_targets(tiny_dir, tokenizer, corpus):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    ids = torch.tensor([templates.encode(tokenizer, corpus[0])[0]])
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), packing.IGNORE)], dim=1)
+    logits = model(ids).logits
+    loss.install_chunked_head(model, chunk_tokens=7)
+    assert torch.equal(model(ids).logits, logits)  # plain calls (generation) are untouched
+    batch = {"input_ids": ids, "targets": targets, "target_index": (targets[0] != packing.IGNORE).nonzero()[:, 0]}
+    expected = F.cross_entropy(logits[0].float(), targets[0], ignore_index=packing.IGNORE, reduction="sum")
+    torch.testing.assert_close(loss.loss_sum(model, batch), expected, rtol=1e-5, atol=1e-4)
+    assert torch.equal(model(ids).logits, logits)  # and stay untouched afterwards
+
+
+@pytest.mark.parametrize("packing_mode, attention, chunk", [("pad", "sdpa", 0), ("bfd", "sdpa", 100),
+                                                            ("bfd", "sdpa_varlen", 100)])
+def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, tmp_path, packing_mode, attention,
+                                                   chunk):
+    """Under 2-process ZeRO-3 (the output projection's weight partitioned), with the loss computed in
+    chunks of 100 tokens inside the projection or from plain logits."""
     # Uneven on purpose: the longest and shortest dialogues, interleaved.
     by_len = sorted(corpus, key=lambda d: len(json.dumps(d)))
     chosen = [d for pair in zip(by_len[:8], by_len[-8:]) for d in pair]
@@ -37,7 +81,7 @@ def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, 
                              "seq_len": 512},
                        training={"max_steps": 1, "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM,
                                  "lr": 1e-3, "warmup_steps": 0, "lr_schedule": "constant", "weight_decay": 0.0,
-                                 "max_grad_norm": 0.0, "log_every": 1},
+                                 "max_grad_norm": 0.0, "log_every": 1, "loss_chunk_tokens": chunk},
                        output={"save_dtype": "fp32"})
     launch(cfg, nproc=WORLD, mixed_precision="no")
 

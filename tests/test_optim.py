@@ -42,3 +42,25 @@ def test_warmup_in_steps_wins_over_ratio_and_schedule_is_per_optimizer_step():
     assert optim.warmup_steps(cfg, 100) == 4
     # A pure function of the optimizer step: the same for 1 or 64 processes, and after a resume.
     assert [optim.lr_at(s, 100, cfg) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_fused_adamw_gives_the_plain_results_within_rounding(tiny_dir):
+    import torch
+
+    weights, ids = [], torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
+    for fused in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+        optimizer = optim.make_optimizer(model, TrainingConfig(lr=1e-3, weight_decay=0.1, fused_optimizer=fused))
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        for _ in range(3):
+            model(ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    moved = max((weights[1][k] - AutoModelForCausalLM.from_pretrained(tiny_dir / "model").state_dict()[k]).abs().max()
+                for k in weights[1])
+    assert moved > 1e-3  # the steps did something
+    # Adam divides by sqrt(v): where a gradient is ~0 (a key bias, which softmax ignores) rounding decides
+    # the direction, so the bound is a tenth of one step's size (lr) rather than float32 epsilon.
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], rtol=1e-5, atol=1e-4, msg=k)

@@ -1,8 +1,6 @@
 import random
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
 from loop import data, packing
 
@@ -48,65 +46,3 @@ def test_step_rows_cover_an_epoch_once_and_fill_the_tail():
     seen = [j for step in per_step for j in step]
     assert steps == 3 and sorted(j for j in seen if j is not None) == list(range(37))
     assert seen.count(None) == 3 * 18 - 37 and None not in per_step[0] + per_step[1]  # fillers only at the end
-
-
-def _logits(model, batch):
-    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                 attention_mask=batch["attention_mask"]).logits
-
-
-@pytest.mark.parametrize("attn", ["sdpa"])
-def test_packed_logits_equal_each_dialogue_alone(tiny_dir, tokenizer, corpus, attn):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=attn).eval()
-    ds = data.tokenize(corpus[:40], tokenizer, seq_len=256, on_too_long="drop")
-    ids, masks = ds["input_ids"], ds["assistant_mask"]
-    row = [(i, 0, len(ids[i])) for i in (3, 11, 17, 25)]
-    with torch.no_grad():
-        packed = _logits(model, packing.collate([row], ids, masks, pad_id=0))[0]
-        naive = _logits(model, packing.collate([row], ids, masks, pad_id=0, isolate=False))[0]
-        t, worst_packed, worst_naive = 0, 0.0, 0.0
-        for i, s, e in row:
-            alone = _logits(model, packing.collate([[(i, s, e)]], ids, masks, pad_id=0))[0]
-            n = e - s
-            worst_packed = max(worst_packed, (packed[t : t + n] - alone).abs().max().item())
-            worst_naive = max(worst_naive, (naive[t : t + n] - alone).abs().max().item())
-            t += n
-    assert worst_packed < 1e-4, worst_packed  # fp32: identical up to summation order
-    assert worst_naive > 1e-2, worst_naive  # without boundaries the test can tell
-
-
-def test_attention_that_ignores_the_mask_is_refused_for_packing():
-    with pytest.raises(ValueError, match="cannot keep packed dialogues apart"):
-        packing.check_attention("bfd", "eager")
-    packing.check_attention("pad", "eager")  # one dialogue per row needs no isolation
-
-
-def test_varlen_path_flattens_a_micro_batch_and_matches_each_dialogue_alone(tiny_dir, tokenizer, corpus):
-    """The flash-attention layout (one row, cu_seq_lens) through the reference varlen attention."""
-    packing.register_attention()
-    varlen = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa_varlen").eval()
-    plain = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa").eval()
-    ds = data.tokenize(corpus[:40], tokenizer, seq_len=256, on_too_long="drop")
-    ids, masks = ds["input_ids"], ds["assistant_mask"]
-    rows = [[(i, 0, len(ids[i])) for i in (3, 11)], [(i, 0, len(ids[i])) for i in (17, 25, 30)], []]
-    batch = packing.make_batch(rows, ids, masks, 0, packing_mode="bfd", attention="sdpa_varlen")
-    assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-    assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]  # no padding at all
-    with torch.no_grad():
-        logits = varlen(**{k: v for k, v in batch.items() if k != "targets"}).logits[0]
-        t = 0
-        for i, s, e in (p for row in rows for p in row):
-            alone = _logits(plain, packing.collate([[(i, s, e)]], ids, masks, pad_id=0))[0]
-            assert (logits[t : t + e - s] - alone).abs().max().item() < 1e-4
-            t += e - s
-    assert packing.make_batch([[], []], ids, masks, 0, "bfd", "sdpa_varlen")["input_ids"].shape == (1, 1)
-
-
-def test_flash_attention_without_gpu_falls_back_with_a_message():
-    attention, why = packing.resolve_attention("flash_attention_2")
-    if not torch.cuda.is_available():
-        assert attention == "sdpa" and "falling back to sdpa" in why
-    assert packing.resolve_attention("sdpa") == ("sdpa", None)
-    if not torch.cuda.is_available():
-        assert packing.resolve_attention("auto") == ("sdpa", None)
-    packing.check_attention("bfd", "auto")

@@ -1,7 +1,7 @@
 import pytest
 from transformers import AutoTokenizer
 
-from loop import data, packing, templates
+from loop import batches, data, templates
 
 DIALOGUE = [
     {"role": "system", "content": "You are a helpful coding assistant."},
@@ -42,7 +42,7 @@ def test_only_assistant_content_and_its_end_token_are_trained(tokenizer):
     # Exactly two trained end tokens (assistant turns), three untrained ones (system, user, user).
     assert [m for i, m in zip(ids, mask) if i == end] == [0, 0, 1, 0, 1]
     # The training targets: position t is trained to predict token t+1 exactly where t+1 is trained.
-    batch = packing.collate([[(0, 0, len(ids))]], [ids], [mask], pad_id=0)
+    batch = batches.collate(batches.Columns.from_lists([ids], [mask]), [[(0, 0, len(ids))]], pad_id=0)
     targets = batch["targets"][0].tolist()
     expected = [ids[t + 1] if mask[t + 1] else -100 for t in range(len(ids) - 1)] + [-100]
     assert targets == expected

@@ -17,11 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tqdm import tqdm
 
-from tqdm import tqdm  # noqa: E402
-
-from loop import checkpoints, consolidate  # noqa: E402
+from loop import checkpoints, consolidate, export
 
 VERIFY_PROMPTS = ["Write a Python function that reverses a string.", "What is a linked list?"]
 
@@ -30,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint_dir", type=Path)
     p.add_argument("output_dir", type=Path)
-    p.add_argument("--dtype", choices=sorted(consolidate.DTYPES), default="bf16",
+    p.add_argument("--dtype", choices=sorted(export.DTYPES), default="bf16",
                    help="dtype of the written weights (default bf16; the masters are fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 200MB")
     p.add_argument("--verify", action="store_true",
@@ -48,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(tensors=count[0])
                 bar.update(nbytes)
 
-            aliases = consolidate.consolidate(ckpt, a.output_dir, a.dtype,
-                                              consolidate.parse_size(a.max_shard_size), progress)
-    except (consolidate.ConsolidationError, ValueError) as e:
+            aliases = export.from_checkpoint(ckpt, a.output_dir, a.dtype, consolidate.parse_size(a.max_shard_size),
+                                             progress)
+    except (consolidate.ConsolidationError, export.ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tied = f"; tied, written once: {aliases}" if aliases else ""
     print(f"wrote {a.output_dir} from {ckpt} ({a.dtype}){tied}")
     if a.verify:
-        report = consolidate.verify(ckpt, a.output_dir, a.dtype, VERIFY_PROMPTS)
+        report = consolidate.verify(ckpt, a.output_dir, export.DTYPES[a.dtype], VERIFY_PROMPTS)
         print("verify: " + ", ".join(f"{k}={v:.3g}" for k, v in report.items()))
         if report["max_diff_vs_cast_master"] != 0:
             print("error: saved weights differ from the checkpoint", file=sys.stderr)

@@ -18,20 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loop import data, formats  # noqa: E402
+from loop import data, formats
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("format", choices=sorted([*formats.CONVERTERS, "oasst"]))
+    p.add_argument("format", choices=typing.get_args(formats.Format))
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", type=Path, required=True, help="output JSONL in the messages schema")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
-    p.add_argument("--oasst-paths", choices=["longest", "all"], default="longest",
+    p.add_argument("--oasst-paths", choices=typing.get_args(formats.OasstPaths), default="longest",
                    help="OpenAssistant trees: the longest path of each tree, or every root-to-leaf path")
     a = p.parse_args(argv)
     try:

@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loop import estimate  # noqa: E402
+from loop import estimate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,11 +17,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import TextStreamer
 
-from transformers import TextStreamer  # noqa: E402
-
-from loop import sampling  # noqa: E402
+from loop import sampling
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
 BUILT_IN_PROMPTS = [

@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from loop import config, data, packing, templates  # noqa: E402
+from loop import batches, config, data, packing, templates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,17 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
-    ids, masks = train["input_ids"], train["assistant_mask"]
-    for i in range(min(a.examples, len(ids))):
-        print(f"--- example {i} ({len(ids[i])} tokens, {sum(masks[i])} trained) ---")
-        print(templates.mark_trained(tokenizer, ids[i], masks[i], color))
-    lengths = [len(x) for x in ids]
+    for i, example in enumerate(train.select(range(min(a.examples, len(train))))):
+        ids, mask = example["input_ids"], example["assistant_mask"]
+        print(f"--- example {i} ({len(ids)} tokens, {sum(mask)} trained) ---")
+        print(templates.mark_trained(tokenizer, ids, mask, color))
+    columns = batches.Columns.from_dataset(train)
+    lengths = columns.lengths()
     stats = data.length_stats(lengths)
     rows = packing.plan_rows(lengths, cfg.data.seq_len, cfg.data.packing)
-    trained = sum(sum(m) for m in masks)
+    trained = int(columns.trained.sum())
     print("--- summary ---")
     print(f"records read: {report.records}; dialogues: {report.dialogues} "
-          f"({len(ids)} train, {len(held)} eval)")
+          f"({len(train)} train, {len(held)} eval)")
     print(f"skipped: {dict(report.skipped) or 0}; truncated at a turn: {report.truncated}; "
           f"dropped as too long: {report.dropped_too_long}")
     print("train lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in stats.items()))

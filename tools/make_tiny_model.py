@@ -8,12 +8,9 @@ random weights, all deterministically. The run then loads them with `from_pretra
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from loop import tiny  # noqa: E402
+from loop import export, tiny
 
 
 def main() -> None:
@@ -26,9 +23,12 @@ def main() -> None:
     p.add_argument("--n-positions", type=int, default=1024)
     p.add_argument("--vocab-size", type=int, help="pad the model's vocabulary (StarCoder: 49152)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones)")
+    p.add_argument("--dtype", choices=sorted(export.DTYPES), default="fp32", help="dtype of the saved weights")
     a = p.parse_args()
     tiny.build(Path(a.out), Path(a.data), n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
-               n_positions=a.n_positions, seed=a.seed, vocab_size=a.vocab_size)
+               n_positions=a.n_positions, seed=a.seed, vocab_size=a.vocab_size, device=a.device,
+               dtype=export.DTYPES[a.dtype])
 
 
 if __name__ == "__main__":

@@ -14,11 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import yaml
 
-import yaml  # noqa: E402
-
-from loop import hub  # noqa: E402
+from loop import hub
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ Builds a GPTBigCode of ~300M parameters (random weights), trains it one step wit
 on CPU to get a real checkpoint, then consolidates that checkpoint with both tools, one after the
 other, and prints wall time, peak RSS and peak anonymous memory, with ratios (ours / DeepSpeed's).
 
-  python tools/bench/consolidation.py [--work /tmp/bench-consolidation] [--n-layer 24 --n-embd 1024]
+  python -m tools.bench.consolidation [--work /tmp/bench-consolidation] [--n-layer 24 --n-embd 1024]
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
+from loop import checkpoints, tiny
+from tools.bench.measure import measure
+
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-
-import yaml  # noqa: E402
-
-from loop import checkpoints, tiny  # noqa: E402
-from tools.bench.measure import measure  # noqa: E402
 
 
 def make_checkpoint(work: Path, n_layer: int, n_embd: int) -> Path:

@@ -6,22 +6,17 @@ dialogues) and TRL's `pack_dataset` (strategies bfd and wrapped), all on the sam
 same tokenized dialogues. Efficiency = real tokens / (rows x seq_len). TRL is installed only for
 this benchmark: `pip install trl`.
 
-  python tools/bench/data.py [--model artifacts/tiny-starcoder] [--data artifacts/data/chatterbot.jsonl]
+  python -m tools.bench.data [--model artifacts/tiny-starcoder] [--data artifacts/data/chatterbot.jsonl]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+from transformers import AutoTokenizer
 
-from transformers import AutoTokenizer  # noqa: E402
-
-from loop import data, packing, templates  # noqa: E402
+from loop import data, packing, templates
 
 
 def timed(fn):

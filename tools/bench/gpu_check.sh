@@ -1,48 +1,63 @@
 #!/usr/bin/env bash
-# GPU throughput and correctness check, for one H100 or H200, no network, under 8 minutes.
+# The one prepared GPU run, for one H100 or H200 with no network: under 6 minutes of device time.
 #
-# Builds a ~1.3B-parameter GPTBigCode (24 layers, d=2048, multi-query, StarCoder's 49152 vocabulary,
-# random weights) with the project's tokenizer and corpus, then for each attention choice trains
-# 30 steps of packed 2048-token rows in bf16 with ZeRO-3 on one process and prints tokens/s and MFU
-# (from the run's own TensorBoard), then checks on the GPU that each dialogue's logits inside a packed
-# batch equal its logits alone.
+# 1. Installs the wheels the image lacks from .whl/ (made by tools/bench/prepare_gpu_wheels.sh).
+# 2. Builds a 1.1B-parameter GPTBigCode (24 layers, d 2048, multi-query, StarCoder's 49,152-token
+#    vocabulary, random weights) with the project's tokenizer and corpus.
+# 3. For each fast attention choice available here (sdpa; varlen_attn; flash_attention_2/3 when the
+#    package is installed; missing ones are skipped, not run as a fallback twice), trains packed
+#    2048-token rows, micro-batch 8, bf16, one-process ZeRO-3, and reads tokens/s, MFU, peak memory
+#    and the step's time split from the run's TensorBoard.
+# 4. Runs the HF Trainer + DeepSpeed ZeRO-3 baseline on the same model, rows and batch, and the
+#    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), and prints the ratios.
+# 5. Checks on the GPU that each dialogue's logits inside a packed batch equal its logits alone.
 #
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
-#   bash tools/bench/gpu_check.sh --tiny     # the same steps at toy size on CPU (tests/test_bench.py)
+#   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
-PY=${PYTHON:-python}  # the interpreter of the environment the project is installed in
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
+stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--n-embd 64 --n-layer 2 --n-head 4 --n-positions 512)
-  seq=256 mb=2 steps=6 log=3 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa sdpa_varlen"
+  seq=256 mb=2 steps=8 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa sdpa_varlen" device=cpu
   export DS_ACCELERATOR=cpu
 else
-  dims=(--n-embd 2048 --n-layer 24 --n-head 16 --n-positions 2048 --vocab-size 49152)
-  seq=2048 mb=8 steps=30 log=10 acc=accelerate_configs/zero3.yaml attns="sdpa flash_attention_2 sdpa_varlen"
+  dims=(--n-embd 2048 --n-layer 24 --n-head 16 --n-positions 2048 --vocab-size 49152 --dtype bf16)
+  seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda
+  attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
 mkdir -p "$WORK"
-"$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" "${dims[@]}"
+stamp "building the model; attention choices here: $attns"
+"$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
+port=29500
+launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --config_file "$acc" --num_processes 1 \
+             --main_process_port "$port" "$@"; }
 for attn in $attns; do
-  "$PY" -m accelerate.commands.launch --config_file "$acc" --num_processes 1 loop/train.py configs/quickstart.yaml \
-    --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" --cache_dir "$WORK/cache" \
-    --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 --max_steps "$steps" \
-    --log_every "$log" --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
+  stamp "loop/train.py with $attn"
+  launch loop/train.py configs/quickstart.yaml --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" \
+    --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 \
+    --max_steps "$steps" --log_every "$log" --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
     --attn_implementation "$attn" --output_dir "$WORK/run-$attn" --save false > "$WORK/run-$attn.log" 2>&1 \
     || { tail -30 "$WORK/run-$attn.log"; exit 1; }
 done
-"$PY" - "$WORK" $attns <<'PY'
-import sys
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-work, attns = sys.argv[1], sys.argv[2:]
-print(f"{'attention':20s} {'tokens/s':>10s} {'MFU':>7s} {'peak mem GB':>12s}")
-for attn in attns:
-    acc = EventAccumulator(f"{work}/run-{attn}/tensorboard")
-    acc.Reload()
-    last = lambda tag: acc.Scalars(tag)[-1].value if tag in acc.Tags()["scalars"] else float("nan")
-    fell_back = "falling back" in open(f"{work}/run-{attn}.log").read()
-    print(f"{attn:20s} {last('throughput/tokens_per_s'):10,.0f} {last('throughput/mfu'):7.1%} "
-          f"{last('memory/peak_bytes') / 2**30:12.1f}" + ("  (fell back to sdpa)" if fell_back else ""))
-PY
-"$PY" tools/bench/packed_logits.py "$WORK/model" "$WORK/data.jsonl" --attention $attns --seq-len "$seq"
+stamp "HF Trainer + DeepSpeed ZeRO-3"
+launch --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
+  --steps "$steps" --warmup "$log" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
+  || { tail -30 "$WORK/trainer.log"; exit 1; }
+stamp "plain PyTorch ceiling"
+"$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
+  > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" || { tail -30 "$WORK/ceiling.log"; exit 1; }
+stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
+"$PY" -m tools.bench.gpu_report "$WORK" $attns
+stamp "packed logits on $device"
+checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
+"$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
+stamp done

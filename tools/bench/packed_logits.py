@@ -1,23 +1,20 @@
 """Check that packing keeps dialogues apart on a device: each dialogue's logits inside a packed
-batch equal its logits run alone, for every attention implementation given.
+micro-batch equal its logits run alone, for every attention implementation given. A choice whose
+kernel or package is missing here is skipped (and said so), not replaced by a fallback.
 
-  python tools/bench/packed_logits.py MODEL_DIR DATA.jsonl --device cuda --attention sdpa flash_attention_2
+  python -m tools.bench.packed_logits MODEL_DIR DATA.jsonl --attention sdpa varlen_attn flash_attention_2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+import torch
+from transformers import AutoModelForCausalLM
 
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from loop import data, packing, templates  # noqa: E402
+from loop import attention, batches
+from tools.bench import workload
 
 
 def main() -> int:
@@ -30,41 +27,36 @@ def main() -> int:
     a = p.parse_args()
     dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     tol = 0.1 if dtype == torch.bfloat16 else 1e-4  # bf16 logits differ by summation order alone
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    templates.install(tokenizer, "starchat")
-    dialogues = [json.loads(line)["messages"] for line in open(a.data)][:64]
-    ds = data.tokenize(dialogues, tokenizer, a.seq_len, "drop")
-    ids, masks = ds["input_ids"], ds["assistant_mask"]
-    rows = packing.plan_rows([len(x) for x in ids], a.seq_len, "bfd")[:2]
-    packing.register_attention()
+    tokenizer, columns, rows = workload.load(a.model, a.data, a.seq_len)
+    rows = rows[:2]
+    attention.register()
     reference = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa").to(a.device)
     failed = False
     for name in a.attention:
-        attention, why = packing.resolve_attention(name)
+        impl, why = attention.resolve(name)
         if why:
             print(f"{name}: skipped ({why})")
             continue
-        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=attention)
-        model = model.to(a.device).eval()
-        batch = packing.make_batch(rows, ids, masks, tokenizer.pad_token_id, "bfd", attention)
-        batch = {k: v.to(a.device) if torch.is_tensor(v) else v for k, v in batch.items() if k != "targets"}
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=impl).to(a.device)
+        layout = attention.layout(impl, "bfd")
+        batch = batches.to_device(batches.collate(columns, rows, tokenizer.pad_token_id, layout), a.device)
         worst = 0.0
         with torch.no_grad():
-            logits = model(**batch).logits.float()
-            flat = packing.ATTENTION_MODE.get(attention) == "varlen"
+            logits = model.eval()(**batches.model_inputs(batch)).logits.float()
             t, b = 0, 0
             for r, row in enumerate(rows):
-                if not flat:
+                if layout == "mask":
                     t, b = 0, r
-                for i, s, e in row:
-                    alone = packing.collate([[(i, s, e)]], ids, masks, tokenizer.pad_token_id)
-                    alone = {k: v.to(a.device) for k, v in alone.items() if k != "targets"}
-                    ref = reference(**alone).logits[0].float()
-                    worst = max(worst, (logits[b, t : t + e - s] - ref).abs().max().item())
-                    t += e - s
+                for piece in row:
+                    alone = batches.to_device(batches.collate(columns, [[piece]], tokenizer.pad_token_id), a.device)
+                    ref = reference(**batches.model_inputs(alone)).logits[0].float()
+                    n = piece[2] - piece[1]
+                    worst = max(worst, (logits[b, t : t + n] - ref).abs().max().item())
+                    t += n
         ok = worst < tol
         failed |= not ok
         print(f"{name}: packed vs alone max |logit diff| = {worst:.3g} ({'ok' if ok else 'FAIL'}, tol {tol})")
+        del model
     return 1 if failed else 0
 
 

@@ -1,0 +1,135 @@
+"""A checked, loadable model folder, from the live model at the end of training or from a ZeRO-3
+checkpoint's shards: safetensors weights, config, tokenizer with its chat template, and a generation
+config that stops at the template's end token.
+
+Every export is written into a temporary folder beside its destination (`staged`), checked against
+the model's full parameter shapes, and only then renamed into place: nothing that looks like a
+finished model is left behind by a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from safetensors import safe_open
+
+if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
+    from accelerate import Accelerator
+    from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+SaveDtype = Literal["bf16", "fp16", "fp32"]
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# What a checkpoint holds besides weights, copied into an exported model folder.
+META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported; the message names the file or parameter."""
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out` that replaces `out` only if the block completes."""
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:
+    """Generation stops at the template's end token, as the model was trained to."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            max_new_tokens=256)
+
+
+def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Full shape of every parameter, also when ZeRO-3 has partitioned it (`ds_shape`)."""
+    return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
+
+
+def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], tied: set[str]) -> None:
+    """Every parameter is in the safetensors files with its full shape (tied ones may be left out).
+
+    Catches the classic ZeRO-3 failure: placeholders of shape (0,) saved as if they were weights.
+    """
+    written: dict[str, tuple[int, ...]] = {}
+    for file in model_dir.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                written[key] = tuple(f.get_slice(key).get_shape())
+    if not written:
+        raise ExportError(f"{model_dir}: no safetensors weights were written")
+    problems = [f"{k}: missing" for k in expected if k not in written and k not in tied]
+    problems += [f"{k}: shape {written[k]} != {s}" for k, s in expected.items() if k in written and written[k] != s]
+    if problems:
+        raise ExportError(f"{model_dir}: saved model does not match its config: " + "; ".join(problems[:10]))
+
+
+def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
+               dtype: SaveDtype) -> None:
+    """Save the live model. Must be called on every process: gathering ZeRO-3 shards is a collective."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        expected = expected_shapes(unwrapped)
+        tied = {"lm_head.weight"} if getattr(unwrapped.config, "tie_word_embeddings", False) else set()
+        with staged(out_dir) as tmp:
+            state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
+            unwrapped.config.dtype = DTYPES[dtype]
+            # transformers empties the dict it is given, so pass a copy.
+            unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))
+            tokenizer.save_pretrained(tmp)
+            check_saved_model(tmp, expected, tied)
+    accelerator.wait_for_everyone()
+
+
+def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_bytes: int = 5 * 1024**3,
+                    progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
+    """Export a training checkpoint (ZeRO-3 shards, or whole weights from a run without DeepSpeed);
+    return the tied-weight aliases that were written once."""
+    from loop import consolidate
+
+    with staged(out) as tmp:
+        if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
+            _copy_plain(ckpt, tmp, DTYPES[dtype])
+            aliases: dict[str, str] = {}
+        else:
+            aliases, expected = consolidate.write(ckpt, tmp, DTYPES[dtype], max_shard_bytes, progress)
+            check_saved_model(tmp, expected, set(aliases))
+        for meta in META_FILES:
+            if (ckpt / meta).is_file():
+                shutil.copy2(ckpt / meta, tmp / meta)
+        _set_config_dtype(tmp / "config.json", DTYPES[dtype])
+    return aliases
+
+
+def _copy_plain(ckpt: Path, tmp: Path, dtype: torch.dtype) -> None:
+    """A checkpoint of a run without DeepSpeed already holds whole weights: cast and copy them."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(ckpt / "model.safetensors").items()}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["dtype"] = str(dtype).removeprefix("torch.")
+        path.write_text(json.dumps(config, indent=2))

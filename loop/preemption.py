@@ -1,0 +1,51 @@
+"""Preemption: a scheduler's SIGTERM or SIGUSR1 becomes a checkpoint and exit code 75 (requeue me).
+
+A signal reaches the processes at different moments, so no process acts on its own: each optimizer
+step, the processes agree (one collective, shared with the step's loss) whether any of them saw
+one, and then all of them save and stop together.
+"""
+
+from __future__ import annotations
+
+import signal
+from types import FrameType
+
+import torch
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: a checkpoint was written; requeue the job to continue.
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def any_process(accelerator, flag: bool) -> bool:
+    """True on every process if `flag` is true on any: how processes agree before acting together."""
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return accelerator.reduce(t, reduction="sum").item() > 0
+
+
+class Preemption:
+    """While active, SIGTERM / SIGUSR1 are recorded instead of killing the process; the previous
+    handlers come back on exit, whichever way the block ends."""
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.received)
+
+    def _record(self, signum: int, _frame: FrameType | None) -> None:
+        self.received.append(signum)
+
+    def __enter__(self) -> Preemption:
+        for s in SIGNALS:
+            self._previous[s] = signal.signal(s, self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def describe(self) -> str:
+        names = [signal.Signals(s).name for s in self.received]
+        return f"signal {', '.join(names)}" if names else "signal on another process"

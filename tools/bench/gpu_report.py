@@ -1,0 +1,54 @@
+"""The table gpu_check.sh ends with: the loop's runs (read from their TensorBoard logs, warm-up
+window left out) next to the Trainer baseline and the plain-PyTorch ceiling, with the ratios.
+
+  python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn ...
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+
+def windows(run: Path) -> dict[str, float]:
+    """Each scalar's mean over the logging windows after the first (which holds start-up)."""
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["scalars"]:
+        values = [e.value for e in acc.Scalars(tag)]
+        out[tag] = statistics.mean(values[1:] or values)
+    return out
+
+
+def result(path: Path) -> dict:
+    lines = path.read_text().strip().splitlines() if path.is_file() else []
+    return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+
+
+def main(work: str, *attns: str) -> int:
+    root = Path(work)
+    trainer, ceiling = result(root / "trainer.json"), result(root / "ceiling.json")
+    print(f"{'run':28s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'data ms':>8s} {'fwd+bwd ms':>11s} "
+          f"{'optim ms':>9s} {'x Trainer':>10s} {'x ceiling':>10s}")
+    rate = lambda r: r.get("tokens_per_s") or float("nan")  # noqa: E731
+    for attn in attns:
+        s = windows(root / f"run-{attn}")
+        tps = s.get("throughput/tokens_per_s", float("nan"))
+        ms = lambda tag: 1000 * s.get(f"time/{tag}", float("nan"))  # noqa: E731, B023
+        print(f"{'loop/train.py ' + attn:28s} {tps:10,.0f} {s.get('throughput/mfu', float('nan')):6.1%} "
+              f"{s.get('memory/peak_bytes', float('nan')) / 2**30:8.1f} {ms('data'):8.1f} "
+              f"{ms('forward_backward'):11.1f} {ms('optimizer'):9.1f} "
+              f"{tps / rate(trainer):10.2f} {tps / rate(ceiling):10.2f}")
+    for name, r in (("HF Trainer + DeepSpeed ZeRO-3", trainer), (f"ceiling ({ceiling.get('attention')})", ceiling)):
+        mfu = f"{r['mfu']:6.1%}" if r.get("mfu") else f"{'-':>6s}"
+        print(f"{name:28s} {rate(r):10,.0f} {mfu} {r.get('peak_bytes', 0) / 2**30:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
