@@ -118,3 +118,24 @@ def run_in_process(config_path: Path, *overrides: str) -> int:
         for s, h in handlers.items():
             signal.signal(s, h)
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def poisoned(tiny_dir: Path, tokenizer, corpus, folder: Path, n_short: int) -> tuple[Path, list, dict]:
+    """A copy of the tiny model whose position embeddings past 100 are NaN, so only a dialogue longer
+    than 100 tokens meets them, and `n_short` short dialogues plus one long one to train it on.
+    Returns (model folder, short dialogues, the long dialogue)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loop import templates
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    with torch.no_grad():
+        model.transformer.wpe.weight[100:] = float("nan")
+    model.save_pretrained(folder / "poisoned")
+    tokenizer.save_pretrained(folder / "poisoned")
+    length = lambda d: len(templates.encode(tokenizer, d)[0])  # noqa: E731
+    short = [d for d in corpus if length(d) < 60][:n_short]
+    long = next(d for d in corpus if 110 < length(d) < 250)
+    (folder / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
+    return folder / "poisoned", short, long

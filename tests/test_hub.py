@@ -1,6 +1,5 @@
 """Hub upload and model card against a mocked Hub (the network is the only thing mocked)."""
 
-import json
 import os
 import signal
 import threading
@@ -8,13 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
-from loop import checkpoints, hub, packing, preemption, templates
-from tests.conftest import SECRET_TOKEN, run_in_process, write_config
+from loop import checkpoints, hub, packing, preemption
+from tests.conftest import SECRET_TOKEN, poisoned, run_in_process, write_config
 from tools import push_to_hub
 
 
@@ -170,15 +168,7 @@ def test_a_run_that_stops_on_a_non_finite_loss_reports_uploads_it_could_not_fini
                                                                                    tmp_path, monkeypatch):
     """A Hub slower than the bounded wait: the run stops on a NaN loss, says which checkpoints were not
     uploaded, and leaves none of them pinned (so a later run can prune them)."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
-    with torch.no_grad():
-        model.transformer.wpe.weight[100:] = float("nan")  # only a dialogue past 100 tokens meets them
-    model.save_pretrained(tmp_path / "poisoned")
-    tokenizer.save_pretrained(tmp_path / "poisoned")
-    length = lambda d: len(templates.encode(tokenizer, d)[0])  # noqa: E731
-    short = [d for d in corpus if length(d) < 60][:8]
-    long = next(d for d in corpus if 110 < length(d) < 250)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
+    model_dir, _, _ = poisoned(tiny_dir, tokenizer, corpus, tmp_path, n_short=8)
     hub_released = threading.Event()
     fake = FakeHub(during_upload=lambda revision: hub_released.wait(60))
     monkeypatch.setattr(hub, "HfApi", fake)
@@ -186,7 +176,7 @@ def test_a_run_that_stops_on_a_non_finite_loss_reports_uploads_it_could_not_fini
     cfg = upload_run(tmp_path, tiny_dir, max_steps=9, micro_batch_size=1, gradient_accumulation_steps=1, seed=seed)
     try:
         with pytest.raises(FloatingPointError, match="non-finite loss"):
-            run_in_process(cfg, "--name_or_path", str(tmp_path / "poisoned"), "--train_files",
+            run_in_process(cfg, "--name_or_path", str(model_dir), "--train_files",
                            f"[{tmp_path / 'train.jsonl'}]", "--packing", "pad", "--eval_fraction", "0")
         said = (tmp_path / "out" / "train.log").read_text()
         assert "step_00000002: not uploaded (still queued or uploading after waiting 2s)" in said

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from loop import data, loss, packing, templates
-from tests.conftest import launch, write_config
+from tests.conftest import launch, poisoned, write_config
 from tests.test_train import scalars
 
 WORLD, MICRO, ACCUM = 2, 2, 4  # 16 dialogues = exactly one optimizer step
@@ -125,21 +125,13 @@ def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, 
 
 def test_non_finite_loss_stops_or_skips_the_step(tiny_dir, tokenizer, corpus, tmp_path):
     """Only a dialogue longer than 100 tokens reaches the NaN rows planted in the position embeddings."""
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
-    with torch.no_grad():
-        model.transformer.wpe.weight[100:] = float("nan")
-    model.save_pretrained(tmp_path / "poisoned")
-    tokenizer.save_pretrained(tmp_path / "poisoned")
-    length = lambda d: len(templates.encode(tokenizer, d)[0])  # noqa: E731
-    short = [d for d in corpus if length(d) < 60][:12]
-    long = next(d for d in corpus if 110 < length(d) < 250)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
+    model_dir, short, _ = poisoned(tiny_dir, tokenizer, corpus, tmp_path, n_short=12)
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in short[:4]))
 
     def run(mode):
         out = tmp_path / mode
         cfg = write_config(tmp_path / f"{mode}.yaml", tiny_dir, out,
-                           model={"name_or_path": str(tmp_path / "poisoned")},
+                           model={"name_or_path": str(model_dir)},
                            data={"train_files": [str(tmp_path / "train.jsonl")],
                                  "eval_files": [str(tmp_path / "eval.jsonl")], "packing": "pad"},
                            training={"max_steps": 4, "micro_batch_size": 1, "gradient_accumulation_steps": 2,
