@@ -81,10 +81,15 @@ class Columns:
         return int((self.cum_trained[start + e] - self.cum_trained[start + s + 1]).sum())
 
 
-def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "mask", isolate: bool = True) -> Batch:
+MaskWindows = int | dict[str, int | None] | None  # see loop/models.py: Shape.mask_windows
+
+
+def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "mask", isolate: bool = True,
+            mask_windows: MaskWindows = None) -> Batch:
     """Host tensors for one micro-batch: input_ids, targets (already shifted inside each piece),
     position_ids, and either `segment_ids` ("mask": rows padded to the longest, turned into the mask
-    on the device) or cumulative lengths ("varlen": every piece back to back in one row, no padding).
+    on the device, cut to the model's sliding windows) or cumulative lengths ("varlen": every piece
+    back to back in one row, no padding; the attention function applies each layer's window).
 
     An empty row is a filler that trains nothing: it keeps every process running the same number of
     forward passes, which ZeRO-3's collectives require. isolate=False is the naive stream ("concat").
@@ -123,18 +128,25 @@ def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "ma
                         "max_length_q": longest, "max_length_k": longest}
     segment = -np.arange(1, B * T + 1)  # padding: each position a segment of its own
     segment[dst] = np.repeat(np.arange(len(lens)) if isolate else np.zeros(len(lens), np.int64), lens)
-    return batch | {"segment_ids": torch.from_numpy(segment.reshape(B, T))}
+    return batch | {"segment_ids": torch.from_numpy(segment.reshape(B, T)), "mask_windows": mask_windows}
 
 
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Copy a batch to the device (asynchronously from pinned memory) and build the block-diagonal
-    causal mask there from the sequence ids: query i sees key j when both are in one piece and j <= i."""
+    causal mask there from the sequence ids: query i sees key j when both are in one piece, j <= i and,
+    under a sliding window of w tokens, i - j < w. Per layer type when the model's layers differ."""
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    segment = out.pop("segment_ids", None)
+    segment, windows = out.pop("segment_ids", None), out.pop("mask_windows", None)
     if segment is not None:
-        T = segment.shape[1]
-        causal = torch.ones(T, T, dtype=torch.bool, device=segment.device).tril()
-        out["attention_mask"] = ((segment[:, :, None] == segment[:, None, :]) & causal)[:, None]
+        i = torch.arange(segment.shape[1], device=segment.device)
+        distance = i[:, None] - i[None, :]
+        block = (segment[:, :, None] == segment[:, None, :]) & (distance >= 0)
+
+        def cut(window: int | None) -> torch.Tensor:
+            return (block if window is None else block & (distance < window))[:, None]
+
+        out["attention_mask"] = ({kind: cut(w) for kind, w in windows.items()} if isinstance(windows, dict)
+                                 else cut(windows))
     return out
 
 
@@ -173,6 +185,7 @@ class Planner:
     rank: int
     micro_batch_size: int
     accumulation: int
+    mask_windows: MaskWindows = None
     pin: bool = False
 
     @property
@@ -188,7 +201,7 @@ class Planner:
         micro_batches = []
         for micro in ids[self.rank]:
             batch = collate(self.columns, [self.rows[j] if j is not None else [] for j in micro], self.pad_id,
-                            self.layout, self.isolate)
+                            self.layout, self.isolate, self.mask_windows)
             micro_batches.append({k: v.pin_memory() if self.pin and torch.is_tensor(v) else v
                                   for k, v in batch.items()})
         return Step(step, micro_batches, len(every), self.columns.trained_in(every),
@@ -200,16 +213,17 @@ class Planner:
         for b in range(-(-len(self.rows) // per_batch)):
             start = (b * self.world + self.rank) * self.micro_batch_size
             chosen = [self.rows[j] if j < len(self.rows) else [] for j in range(start, start + self.micro_batch_size)]
-            yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate)
+            yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate, self.mask_windows)
 
 
-def planners(train, held_out, cfg, pad_id: int, layout: Layout, world: int, rank: int) -> tuple[Planner, Planner]:
+def planners(train, held_out, cfg, pad_id: int, layout: Layout, world: int, rank: int,
+             mask_windows: MaskWindows = None) -> tuple[Planner, Planner]:
     """The training planner and this process's share of the eval rows, from tokenized datasets."""
     d, t = cfg.data, cfg.training
     columns = Columns.from_dataset(train)
     planner = Planner(packing.plan_rows(columns.lengths(), d.seq_len, d.packing), columns, pad_id, layout,
                       d.packing != "concat", t.seed, world, rank, t.micro_batch_size, t.gradient_accumulation_steps,
-                      pin=torch.cuda.is_available())
+                      mask_windows, pin=torch.cuda.is_available())
     held = Columns.from_dataset(held_out)
     return planner, dataclasses.replace(planner, columns=held, rows=packing.plan_rows(held.lengths(), d.seq_len,
                                                                                       d.packing))

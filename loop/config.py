@@ -231,15 +231,6 @@ def validate(config: Config) -> None:
         raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
 
 
-def check_against_model(config: Config, model_config) -> None:
-    """Checks that need the model's config (read without loading weights)."""
-    max_positions = getattr(model_config, "n_positions", None) or model_config.max_position_embeddings
-    if config.data.seq_len > max_positions:
-        raise ConfigError(
-            f"data.seq_len: {config.data.seq_len} is above the model's context of {max_positions} tokens"
-        )
-
-
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
     """Turn `--training.lr 1e-4`, `--lr=1e-4` or `--lr 1e-4` into nested dicts.
 

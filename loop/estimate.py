@@ -1,40 +1,64 @@
 """How much memory a ZeRO-3 run needs per GPU and per node, before launching it.
 
 Model states (bf16 weights, fp32 master weights, Adam moments, gradients) come from DeepSpeed's own
-estimator; activations and logits, which it leaves out, are estimated here from the shapes.
+estimator; activations and logits, which it leaves out, are estimated here from the shapes, read the
+way the loop reads them (loop/models.py). Only the model's config is needed, from the Hub, a model
+folder or a config.json file.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from loop.models import Shape
 
 GB = 1024**3
 
 
-def count_params(name_or_path: str, trust_remote_code: bool = False) -> tuple[int, int, object]:
-    """(total parameters, largest single layer's parameters, config), built on the meta device."""
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+class EstimateError(ValueError):
+    """The model's config could not be read; the message says why in one line."""
+
+
+def read_config(name_or_path: str, trust_remote_code: bool = False):
+    """A model config from a config.json file, a model folder, or a Hub id (one line when it fails)."""
+    path = Path(name_or_path)
+    try:
+        if path.is_file():
+            raw = json.loads(path.read_text())
+            return AutoConfig.for_model(raw.pop("model_type"), **raw)
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        where = "a local file or folder" if path.exists() else "a Hub id"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EstimateError(f"{name_or_path}: cannot read its config as {where} ({reason[:200]}); offline or "
+                            "gated models need a local copy: pass its config.json or folder") from None
+
+
+def count_params(model_config, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(total parameters, largest single layer's parameters), built on the meta device."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return total, largest, config
+    return total, largest
 
 
-def activations_bytes(config, micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
+def activations_bytes(shape: Shape, micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
     """Activation and logits memory per GPU for one micro-batch (bf16 activations).
 
     Per layer, ~34 * s * b * h bytes are kept for backward with fused (SDPA / flash) attention
     (Korthikanti et al., 2022, without the s^2 score term that fused kernels do not store); with
     gradient checkpointing only each layer's input (2 * s * b * h) is kept, plus one layer being
-    recomputed. Logits are upcast to fp32 for the loss and get an fp32 gradient.
+    recomputed. The loss runs in chunks inside the output projection (loop/loss.py): bf16 hidden
+    states and their gradient, plus one chunk of 8,192 positions of float32 logits and their gradient.
     """
-    h = getattr(config, "n_embd", None) or config.hidden_size
-    layers = getattr(config, "n_layer", None) or config.num_hidden_layers
-    sbh = seq_len * micro_batch * h
-    acts = (2 * sbh * layers + 34 * sbh) if checkpointing else 34 * sbh * layers
-    logits = micro_batch * seq_len * config.vocab_size * (2 + 4 + 4)
+    sbh = seq_len * micro_batch * shape.hidden
+    acts = (2 * sbh * shape.layers + 34 * sbh) if checkpointing else 34 * sbh * shape.layers
+    logits = 2 * sbh * 2 + min(8192, micro_batch * seq_len) * shape.vocab * (4 + 4)
     return {"activations": acts, "logits": logits}
 
 
@@ -43,8 +67,9 @@ def estimate(name_or_path: str, gpus_per_node: int, nodes: int, micro_batch: int
     """Rows of (offload setting, GPU GB per GPU, CPU GB per node) for the usual ZeRO-3 choices."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    total, largest, config = count_params(name_or_path, trust_remote_code)
-    extra = sum(activations_bytes(config, micro_batch, seq_len, checkpointing).values())
+    model_config = read_config(name_or_path, trust_remote_code)
+    total, largest = count_params(model_config, trust_remote_code)
+    extra = sum(activations_bytes(Shape.of(model_config), micro_batch, seq_len, checkpointing).values())
     rows = []
     for label, cpu_offload, offload_params in (("no offload", False, False),
                                                ("offload optimizer", True, False),

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 
 # Dense bf16 peak FLOP/s per device, for MFU when the config gives none.
@@ -57,16 +58,26 @@ def hardware(world_size: int) -> str:
     return f"{world_size} CPU process(es)"
 
 
-def training_flops(n_params: int, n_layer: int, d_model: int, piece_lengths: list[int]) -> float:
+def attention_pairs(n: np.ndarray, window: int | None) -> np.ndarray:
+    """Query-key pairs causal attention computes in a dialogue of n tokens (each query sees at most
+    `window` keys, itself included)."""
+    if window is None:
+        return n * (n + 1) // 2
+    w = np.minimum(n, window)
+    return w * (w + 1) // 2 + (n - w) * w
+
+
+def training_flops(matmul_params: int, shape, piece_lengths: list[int]) -> float:
     """FLOPs of forward + backward over these pieces (packed dialogues).
 
-    6 per parameter per token for the matrix multiplies (the tied lm_head counted once), plus causal
-    attention: QK^T and AV cost 4*n^2*d per layer forward, halved by the causal mask, times 3 for
-    forward + backward. Packing matters: attention cost follows each dialogue's own length.
+    2 per matmul parameter per token forward and 4 backward (embedding lookups are no matmuls), plus
+    attention: QK^T and AV cost 2 * head_dim FLOPs each per query head per query-key pair forward,
+    times 3 for forward + backward; key/value heads shared by several query heads save memory, not
+    these FLOPs. Packing matters: pairs follow each dialogue's own length (and sliding window).
     """
-    tokens = sum(piece_lengths)
-    attention = 6 * n_layer * d_model * sum(n * n for n in piece_lengths)
-    return 6.0 * n_params * tokens + attention
+    n = np.asarray(piece_lengths, dtype=np.int64)
+    pairs = sum(int(attention_pairs(n, w).sum()) for w in shape.windows)
+    return 6.0 * matmul_params * int(n.sum()) + 12.0 * shape.q_heads * shape.head_dim * pairs
 
 
 def peak_memory_bytes() -> int:

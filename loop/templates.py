@@ -80,12 +80,20 @@ def _jinja_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def build_jinja(template: Template, reserved: list[str]) -> str:
-    """The template's Jinja with every reserved (special-token) string defused inside content."""
+def build_jinja(template: Template, reserved: list[str], bos: bool = False) -> str:
+    """The template's Jinja with every reserved (special-token) string defused inside content, longest
+    first (then alphabetically, so the text is the same in every run), and the BOS token up front for
+    a tokenizer that starts every text with one."""
     expr = "content"
-    for token in sorted(set(reserved), key=len, reverse=True):
+    for token in sorted(set(reserved), key=lambda t: (-len(t), t)):
         expr += f" | replace({_jinja_string(token)}, {_jinja_string(defuse(token))})"
-    return template.jinja.replace("@CONTENT@", expr)
+    return ("{{ bos_token }}" if bos else "") + template.jinja.replace("@CONTENT@", expr)
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS token before plain text (Llama's do, StarCoder's do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
 def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[bool, str]:
@@ -109,7 +117,9 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[boo
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens)
-    tokenizer.chat_template = build_jinja(template, reserved)
+    # apply_chat_template tokenizes the rendered text without adding special tokens (as vLLM and TGI
+    # do), so a tokenizer that adds a BOS gets it from the template: exactly one per dialogue.
+    tokenizer.chat_template = build_jinja(template, reserved, bos=adds_bos(tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = template.end_token
     return bool(missing), template.end_token

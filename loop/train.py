@@ -154,9 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     t, out = cfg.training, Path(cfg.output.output_dir)
     model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
                                               trust_remote_code=cfg.model.trust_remote_code)
-    config.check_against_model(cfg, model_config)
+    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+    unverified = models.check_trainable(model_config, cfg, attn)
+    shape = models.Shape.of(model_config)
     accelerator = make_accelerator(cfg)
     log = metrics.setup_logging(out, accelerator.is_main_process)
+    for warning in filter(None, (fallback, unverified)):
+        log.warning(warning)
     set_seed(t.seed)
     world = accelerator.num_processes
     if accelerator.is_main_process:
@@ -168,11 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     vocab_grew, end_token = templates.install(tokenizer, cfg.data.template)
     with accelerator.main_process_first():
         train_ds, eval_ds, report = data.prepare(cfg.data, tokenizer)
-    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
-    if fallback:
-        log.warning(fallback)
     planner, evals = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
-                                      attention.layout(attn, cfg.data.packing), world, accelerator.process_index)
+                                      attention.layout(attn, cfg.data.packing), world, accelerator.process_index,
+                                      shape.mask_windows())
     per_epoch = planner.steps_per_epoch
     total_steps = t.max_steps or per_epoch * t.num_epochs
     pack_eff = packing.efficiency(planner.rows, cfg.data.seq_len)
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     attention.register()
     zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
     model = models.load(cfg, attn, tokenizer, vocab_grew, end_token, zero3)
-    n_params = models.parameter_count(model)
+    flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape)
     optimizer = optim.make_optimizer(model, t)
 
     # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
@@ -210,8 +212,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
     timers = metrics.Timers(accelerator.device)
-    flops = functools.partial(metrics.training_flops, n_params, model_config.num_hidden_layers,
-                              model_config.hidden_size)
     meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), flops, pack_eff, timers)
     stop_id = tokenizer.convert_tokens_to_ids(end_token)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")

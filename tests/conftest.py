@@ -30,8 +30,57 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_exten
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny GPTBigCode + tokenizer + converted chatterbot corpus, as the quickstart builds them."""
     root = tmp_path_factory.mktemp("tiny")
-    tiny.build(root / "model", root / "data" / "chatterbot.jsonl", n_embd=64, n_layer=2, n_head=4)
+    tiny.build(root / "model", root / "data" / "chatterbot.jsonl", hidden=64, layers=2, heads=4)
     return root
+
+
+FAMILIES = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory, tiny_dir):
+    """A tiny model of each supported family (its own kind of tokenizer; see loop/tiny.py), built on first use."""
+    built = {"gpt_bigcode": tiny_dir}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            root = tmp_path_factory.mktemp(family)
+            tiny.build(root / "model", root / "data" / "chatterbot.jsonl", family=family, hidden=64, layers=2, heads=4)
+            built[family] = root
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def prepared(family_dirs, tmp_path_factory):
+    """A family's model and tokenizer as a run trains them: the StarChat template installed and, where the
+    tokenizer lacked its tokens, the embedding resized; saved, so that every test loads the same weights.
+    Returns (model folder, tokenizer, dialogues)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loop import templates
+
+    cache = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = family_dirs(family)
+            tok = AutoTokenizer.from_pretrained(root / "model")
+            grew, _ = templates.install(tok, "starchat")
+            model = AutoModelForCausalLM.from_pretrained(root / "model")
+            if grew:
+                torch.manual_seed(0)
+                model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+            out = tmp_path_factory.mktemp(f"{family}-prepared")
+            model.save_pretrained(out)
+            tok.save_pretrained(out)
+            dialogues = [json.loads(line)["messages"] for line in (root / "data" / "chatterbot.jsonl").open()]
+            cache[family] = (out, tok, dialogues)
+        return cache[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

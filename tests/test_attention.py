@@ -2,22 +2,20 @@
 the logits it has alone, and choices that cannot are refused or fall back with a reason."""
 
 import inspect
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import attention, batches, data
+from loop import attention, batches, data, models
+from tests.conftest import FAMILIES
 
 
-@pytest.fixture(scope="module")
-def columns(tokenizer, corpus):
-    return batches.Columns.from_dataset(data.tokenize(corpus[:40], tokenizer, seq_len=256, on_too_long="drop"))
-
-
-def logits(model, batch):
-    return model(**batches.model_inputs(batches.to_device(batch, "cpu"))).logits
+def native(model, ids: list[int]) -> torch.Tensor:
+    """The model's own logits for one dialogue alone: its own causal (and sliding-window) masking."""
+    return model(torch.tensor([ids])).logits[0]
 
 
 def fake_varlen_kernel(with_gqa: bool):
@@ -25,7 +23,8 @@ def fake_varlen_kernel(with_gqa: bool):
     signature of torch 2.13 (enable_gqa) or 2.11 (none): it checks how it is called."""
 
     def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw):
-        assert window_size == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max_k
+        left, right = window_size
+        assert right == 0 and torch.equal(cu_q, cu_k) and max_q == max_k
         assert with_gqa or "enable_gqa" not in kw, "torch 2.11 has no enable_gqa"
         if k.shape[1] != q.shape[1]:
             assert kw.get("enable_gqa"), "fewer key/value heads than query heads need enable_gqa"
@@ -33,8 +32,10 @@ def fake_varlen_kernel(with_gqa: bool):
         out = torch.empty_like(q)
         cu = cu_q.tolist()
         for a, b in zip(cu[:-1], cu[1:]):
-            out[a:b] = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)), is_causal=True,
-                                                      scale=scale).transpose(0, 1)
+            i = torch.arange(b - a)
+            allowed = (i[:, None] >= i[None, :]) & ((i[:, None] - i[None, :] <= left) if left >= 0 else True)
+            out[a:b] = F.scaled_dot_product_attention(*(t[a:b].transpose(0, 1) for t in (q, k, v)),
+                                                      attn_mask=allowed, scale=scale).transpose(0, 1)
         return out
 
     if not with_gqa:
@@ -43,39 +44,59 @@ def fake_varlen_kernel(with_gqa: bool):
     return varlen_attn
 
 
-@pytest.mark.parametrize("choice", ["sdpa", "sdpa_varlen", "varlen_attn (torch 2.13)", "varlen_attn (torch 2.11)"])
-def test_packed_logits_equal_each_dialogue_alone(tiny_dir, columns, monkeypatch, choice):
+CHOICES = ["sdpa", "sdpa_varlen", "varlen_attn (torch 2.13)", "varlen_attn (torch 2.11)"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("choice", CHOICES)
+def test_packed_logits_equal_each_dialogue_alone(prepared, monkeypatch, family, choice):
+    """Against the model's own masking on each dialogue alone: this is where restarting rotary position
+    ids, grouped-query heads and sliding windows (64 tokens in the tiny Starcoder2 and Qwen2) are proven."""
     impl = choice.split()[0]
     if impl == "varlen_attn":
         kernel = fake_varlen_kernel(with_gqa="2.13" in choice)
         monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, "2.13" in choice))
+    model_dir, tokenizer, dialogues = prepared(family)
     attention.register()
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=impl).eval()
-    alone_model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    by_length = sorted(dialogues, key=lambda d: -len(json.dumps(d)))
+    chosen = [by_length[0], dialogues[3], dialogues[11], by_length[1], dialogues[17]]  # two past the windows
+    columns = batches.Columns.from_dataset(data.tokenize(chosen, tokenizer, seq_len=512, on_too_long="drop"))
     lengths = columns.lengths()
-    rows = [[(i, 0, lengths[i]) for i in (3, 11)], [(i, 0, lengths[i]) for i in (17, 25, 30)], []]
+    rows = [[(0, 0, lengths[0]), (1, 0, lengths[1])], [(2, 0, lengths[2]), (3, 0, lengths[3]), (4, 0, lengths[4])],
+            []]
+    assert min(lengths[0], lengths[3]) > 64
     layout = attention.layout(impl, "bfd")
-    batch = batches.collate(columns, rows, pad_id=0, layout=layout)
+    windows = models.Shape.of(model.config).mask_windows()
+    batch = batches.collate(columns, rows, pad_id=0, layout=layout, mask_windows=windows)
     if layout == "varlen":  # one flattened row, no padding, no mask
         assert batch["input_ids"].shape[0] == 1 and "segment_ids" not in batch
         assert batch["cu_seq_lens_q"].tolist()[-1] == batch["input_ids"].shape[1]
     with torch.no_grad():
-        packed = logits(model, batch)
-        naive = logits(alone_model, batches.collate(columns, rows, pad_id=0, isolate=False))
-        worst = worst_naive = 0.0
-        t = 0
+        packed = model(**batches.model_inputs(batches.to_device(batch, "cpu"))).logits
+        worst, t = 0.0, 0
         for r, row in enumerate(rows):
-            t = t if layout == "varlen" else 0
-            b = 0 if layout == "varlen" else r
+            t, b = (t, 0) if layout == "varlen" else (0, r)
             for i, s, e in row:
-                alone = logits(alone_model, batches.collate(columns, [[(i, s, e)]], pad_id=0))[0]
+                alone = native(reference, columns.tokens[columns.offsets[i] + s : columns.offsets[i] + e].tolist())
                 worst = max(worst, (packed[b, t : t + e - s] - alone).abs().max().item())
-                if layout == "mask":
-                    worst_naive = max(worst_naive, (naive[r, t : t + e - s] - alone).abs().max().item())
                 t += e - s
     assert worst < 1e-4, worst  # fp32: identical up to summation order
-    if layout == "mask":
-        assert worst_naive > 1e-2, worst_naive  # without boundaries the test can tell
+
+
+def test_without_boundaries_packed_dialogues_see_each_other(prepared):
+    """What the test above would catch: the naive stream (one causal mask over the row) differs."""
+    model_dir, tokenizer, dialogues = prepared("llama")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    columns = batches.Columns.from_dataset(data.tokenize(dialogues[:20], tokenizer, seq_len=512, on_too_long="drop"))
+    first, second = columns.lengths()[:2]
+    row = [[(0, 0, first), (1, 0, second)]]
+    with torch.no_grad():
+        naive = model(**batches.model_inputs(batches.to_device(batches.collate(columns, row, 0, isolate=False),
+                                                               "cpu"))).logits
+        alone = native(model, columns.tokens[columns.offsets[1] : columns.offsets[2]].tolist())
+    assert (naive[0, first : first + second] - alone).abs().max().item() > 1e-2
 
 
 def test_attention_that_ignores_the_mask_is_refused_for_packing():

@@ -34,18 +34,12 @@ def test_yaml_and_overrides_in_every_spelling(tmp_path):
     ({"training": {"micro_batch_size": 0}}, [], "training.micro_batch_size"),
     ({"output": {"push_to_hub": True}}, [], "output.hub_model_id"),
     ({"trainer": {}}, [], "trainer"),
+    ({"model": {"attn_implementation": "eager"}}, [], "model.attn_implementation.*data.packing: pad"),
+    ({"data": {"format": "csv"}}, [], "data.format"),
 ])
 def test_bad_values_stop_with_the_key_named(tmp_path, body, overrides, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
         config.load(write(tmp_path, body), overrides)
-
-
-def test_sequence_length_above_model_context_is_refused(tmp_path):
-    from transformers import GPTBigCodeConfig
-
-    cfg = config.load(write(tmp_path, {"data": {"seq_len": 4096}}))
-    with pytest.raises(ConfigError, match="data.seq_len.*1024"):
-        config.check_against_model(cfg, GPTBigCodeConfig(n_positions=1024))
 
 
 def test_resolved_config_round_trips(tmp_path):

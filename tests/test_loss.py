@@ -64,19 +64,22 @@ def test_the_installed_head_returns_the_loss_only_when_given_targets(tiny_dir, t
     assert torch.equal(model(ids).logits, logits)  # and stay untouched afterwards
 
 
-@pytest.mark.parametrize("packing_mode, attention, chunk", [("pad", "sdpa", 0), ("bfd", "sdpa", 100),
-                                                            ("bfd", "sdpa_varlen", 100)])
-def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, tmp_path, packing_mode, attention,
+@pytest.mark.parametrize("family, packing_mode, attention, chunk", [
+    ("gpt_bigcode", "pad", "sdpa", 0), ("gpt_bigcode", "bfd", "sdpa", 100), ("gpt_bigcode", "bfd", "sdpa_varlen", 100),
+    ("starcoder2", "bfd", "sdpa", 100), ("llama", "bfd", "sdpa_varlen", 100), ("qwen2", "bfd", "sdpa", 100)])
+def test_one_accumulated_step_equals_one_big_batch(prepared, tiny_dir, tmp_path, family, packing_mode, attention,
                                                    chunk):
     """Under 2-process ZeRO-3 (the output projection's weight partitioned), with the loss computed in
-    chunks of 100 tokens inside the projection or from plain logits."""
+    chunks of 100 tokens inside the projection or from plain logits, for every family: rotary position
+    ids restart per dialogue, sliding windows (64 tokens) apply inside each, a BOS opens each."""
+    model_dir, tokenizer, corpus = prepared(family)
     # Uneven on purpose: the longest and shortest dialogues, interleaved.
     by_len = sorted(corpus, key=lambda d: len(json.dumps(d)))
     chosen = [d for pair in zip(by_len[:8], by_len[-8:]) for d in pair]
     path = tmp_path / "step.jsonl"
     path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in chosen))
     cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
-                       model={"attn_implementation": attention},
+                       model={"name_or_path": str(model_dir), "attn_implementation": attention},
                        data={"train_files": [str(path)], "eval_files": [str(path)], "packing": packing_mode,
                              "seq_len": 512},
                        training={"max_steps": 1, "micro_batch_size": MICRO, "gradient_accumulation_steps": ACCUM,
@@ -86,7 +89,7 @@ def test_one_accumulated_step_equals_one_big_batch(tiny_dir, tokenizer, corpus, 
     launch(cfg, nproc=WORLD, mixed_precision="no")
 
     # Reference: one process, plain PyTorch, every dialogue alone, one mean over all trained tokens.
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     ds = data.tokenize(chosen, tokenizer, seq_len=512, on_too_long="drop")
     ids, masks = ds["input_ids"], ds["assistant_mask"]
     sums, counts = zip(*(dialogue_loss_sum(model, i, m) for i, m in zip(ids, masks)))

@@ -29,7 +29,13 @@ def test_the_window_averages_trained_steps_and_counts_every_step():
     assert again["throughput/tokens_per_s"] == 0 and "time/forward_backward" not in again  # a new window
 
 
-def test_attention_flops_follow_each_dialogues_own_length():
-    packed = metrics.training_flops(1000, n_layer=2, d_model=8, piece_lengths=[10, 10])
-    one_long = metrics.training_flops(1000, n_layer=2, d_model=8, piece_lengths=[20])
-    assert packed == 6 * 1000 * 20 + 6 * 2 * 8 * 200 and one_long > packed
+def test_attention_flops_follow_each_dialogues_own_length_heads_and_window():
+    from loop.models import Shape
+
+    full = Shape(hidden=8, layers=2, q_heads=2, kv_heads=1, head_dim=4, vocab=10, max_positions=64,
+                 windows=(None, None))
+    packed = metrics.training_flops(1000, full, piece_lengths=[10, 10])
+    assert packed == 6 * 1000 * 20 + 12 * 2 * 4 * 2 * (55 + 55)  # 55 causal pairs in 10 tokens, 2 layers
+    assert metrics.training_flops(1000, full, piece_lengths=[20]) > packed  # one long dialogue costs more
+    windowed = Shape(**{**full.__dict__, "windows": (None, 4)})
+    assert metrics.training_flops(1000, windowed, [10]) == 6 * 1000 * 10 + 12 * 8 * (55 + 10 + 6 * 4)

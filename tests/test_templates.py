@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -55,23 +59,44 @@ def test_special_tokens_in_content_cannot_forge_a_turn(tokenizer):
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "No < |user|> tricks.<|end|>"
 
 
+def test_the_saved_template_is_the_same_text_in_every_run(tiny_dir):
+    """Its defusing filters are ordered by length, then alphabetically, never by Python's hash seed."""
+    texts = set()
+    for seed in ("0", "1", "2"):
+        code = ("from transformers import AutoTokenizer; from loop import templates; "
+                f"t = AutoTokenizer.from_pretrained({str(tiny_dir / 'model')!r}); templates.install(t, 'starchat'); "
+                "print(t.chat_template)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=os.environ | {"PYTHONHASHSEED": seed}, check=True)
+        texts.add(out.stdout)
+    assert len(texts) == 1
+
+
 def test_unknown_own_template_is_refused(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
     with pytest.raises(ValueError, match="generation"):
         templates.install(tok, "tokenizer")
 
 
+@pytest.mark.parametrize("family", ["gpt_bigcode", "llama", "qwen2"])
 @pytest.mark.parametrize("name", ["starchat", "chatml"])
-def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(tiny_dir, corpus, tmp_path, name):
+def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(family_dirs, corpus, tmp_path, name, family):
     """Plain transformers on the saved tokenizer gives exactly the training ids, trained positions
-    and generation prompts, over the whole shipped corpus and the tricky dialogues."""
-    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
-    templates.install(tok, name)
+    and generation prompts, over the whole shipped corpus and the tricky dialogues, for StarCoder's
+    tokenizer, a Llama-style one that adds a BOS (exactly one per dialogue) and a plain one with no
+    BOS, no pad token and none of the template's tokens."""
+    tok = AutoTokenizer.from_pretrained(family_dirs(family) / "model")
+    had = set(tok.get_vocab())
+    grew, end = templates.install(tok, name)
+    assert grew == (not set(templates.TEMPLATES[name].special_tokens) <= had)  # added where missing
+    assert tok.pad_token is not None  # the end token stands in where there was none
+    bos = [tok.bos_token_id] if family == "llama" else []
     dialogues = corpus + TRICKY
     ds = data.tokenize(dialogues, tok, seq_len=100_000, on_too_long="drop")
     tok.save_pretrained(tmp_path)
     served = AutoTokenizer.from_pretrained(tmp_path)
     for dialogue, ids, mask in zip(dialogues, ds["input_ids"], ds["assistant_mask"]):
+        assert ids[: len(bos)] == bos and (not bos or ids.count(bos[0]) == 1)
         out = served.apply_chat_template(dialogue, tokenize=True, return_dict=True,
                                          return_assistant_tokens_mask=True)
         assert list(out["input_ids"]) == ids

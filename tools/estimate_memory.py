@@ -2,9 +2,11 @@
 
 Counts parameters from the model's config alone (no weights are downloaded or allocated), then
 adds DeepSpeed's estimate of model states to an estimate of activations and logits for the given
-micro-batch and sequence length.
+micro-batch and sequence length. MODEL is a Hub id, a model folder, or a config.json file (for a
+model that is gated or out of reach, e.g. configs/models/*.json).
 
   python tools/estimate_memory.py bigcode/starcoderbase --gpus-per-node 8 --micro-batch 4 --seq-len 1024 --checkpointing
+  python tools/estimate_memory.py configs/models/starcoder2-15b.json --gpus-per-node 8 --seq-len 4096 --checkpointing
   python tools/estimate_memory.py artifacts/tiny-starcoder --gpus-per-node 2
 """
 
@@ -18,7 +20,7 @@ from loop import estimate
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="Hub id or local path of the model (only its config is read)")
+    p.add_argument("model", help="Hub id, model folder or config.json (only the config is read)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--micro-batch", type=int, default=4)
@@ -26,8 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     p.add_argument("--trust-remote-code", action="store_true")
     a = p.parse_args(argv)
-    head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len, a.checkpointing,
-                                    a.trust_remote_code)
+    try:
+        head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len,
+                                        a.checkpointing, a.trust_remote_code)
+    except estimate.EstimateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"{a.model}: {head['params'] / 1e9:.3f}B parameters (largest layer {head['largest_layer'] / 1e6:.1f}M); "
           f"{a.nodes} node(s) x {a.gpus_per_node} GPU(s); micro-batch {a.micro_batch} x {a.seq_len} tokens, "
           f"checkpointing {'on' if a.checkpointing else 'off'}: "

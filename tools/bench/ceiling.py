@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import attention, batches, metrics
+from loop import attention, batches, metrics, models
 from loop.packing import IGNORE
 from tools.bench import workload
 
@@ -56,8 +56,7 @@ def main() -> None:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
     pieces = [e - s for row in chosen for _, s, e in row]
-    n_params = sum(p.numel() for p in model.parameters())
-    flops = metrics.training_flops(n_params, model.config.num_hidden_layers, model.config.hidden_size, pieces)
+    flops = metrics.training_flops(models.matmul_parameters(model), models.Shape.of(model.config), pieces)
     peak = metrics.peak_flops_per_device(0.0)
     print(json.dumps({"attention": impl, "step_s": seconds, "tokens_per_s": sum(pieces) / seconds,
                       "mfu": flops / seconds / peak if peak else None,

@@ -42,7 +42,7 @@ def main() -> None:
     a = p.parse_args()
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
-        tiny.build(work / "model", work / "data.jsonl", n_positions=a.seq_len)
+        tiny.build(work / "model", work / "data.jsonl", positions=a.seq_len)
         tokenizer, columns, rows = workload.load(work / "model", work / "data.jsonl", a.seq_len)
         chosen = rows[: a.micro_batch]
         pieces = sum(len(r) for r in chosen)

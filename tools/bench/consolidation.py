@@ -29,7 +29,7 @@ def make_checkpoint(work: Path, n_layer: int, n_embd: int) -> Path:
     found = checkpoints.complete_checkpoints(run / "checkpoints")
     if found:
         return found[-1]
-    tiny.build(work / "model", work / "data.jsonl", n_embd=n_embd, n_layer=n_layer, n_head=16)
+    tiny.build(work / "model", work / "data.jsonl", hidden=n_embd, layers=n_layer, heads=16)
     cfg = {"model": {"name_or_path": str(work / "model")},
            "data": {"train_files": [str(work / "data.jsonl")], "seq_len": 64, "eval_fraction": 0.0},
            "training": {"max_steps": 1, "micro_batch_size": 1, "save_every": 1, "log_every": 1},
