@@ -1,22 +1,29 @@
 """Resumable state: checkpoints that a crash cannot corrupt, finding and loading them, pruning, pins.
 
 A checkpoint is written into `.tmp-step_N`, renamed to `step_N` when every process has finished,
-and only then marked with a `COMPLETE` file. Resume picks the newest directory with that marker, so
-a run killed mid-write falls back to the previous checkpoint. A pinned checkpoint (a background
-upload still reads it) is never pruned. Turning a checkpoint into a model is loop/export.py's job.
+and only then marked with a `COMPLETE` file. Resume takes the newest complete checkpoint that is
+intact (loop/integrity.py: every file there, with its saved size, and nothing but plain data in it),
+naming what is wrong with the ones it passes over, and refuses a config that would change what a step
+means. A pinned checkpoint (a background upload still reads it) is never pruned. Turning a checkpoint
+into a model is loop/export.py's job.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from loop import config as config_mod
+from loop import integrity
 from loop.preemption import any_process
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
@@ -26,6 +33,7 @@ if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate
 MARKER = "COMPLETE"
 IN_USE = ".in_use"  # a background job (upload) still reads this checkpoint: do not prune it
 STATE_FILE = "loop_state.json"
+log = logging.getLogger("loop")
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +52,7 @@ class LoopState:
     samples_seen: int = 0
     skipped_steps: int = 0
     world_size: int = 1
+    data_fingerprint: str = ""  # of the train and eval dialogues (loop/data.py)
 
     def advance(self, tokens: int, rows: int, trained: int, skipped: bool, steps_per_epoch: int) -> None:
         """Count one optimizer step (a skipped one trained nothing)."""
@@ -75,7 +84,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 def missing_files(path: Path, world_size: int, deepspeed: bool) -> list[str]:
     """Files every process must have written; a checkpoint lacking any is never marked complete."""
-    missing = [f"random_states_{r}.pkl" for r in range(world_size) if not (path / f"random_states_{r}.pkl").is_file()]
+    missing = [integrity.rng_file(path, r).name for r in range(world_size) if not integrity.rng_file(path, r).is_file()]
     if deepspeed:
         shards = path / "pytorch_model"
         for r in range(world_size):
@@ -86,15 +95,43 @@ def missing_files(path: Path, world_size: int, deepspeed: bool) -> list[str]:
     return missing
 
 
+def _no_space(error: BaseException | None, path: Path) -> str | None:
+    """'no space left on device' when that is what happened, whatever the writer's own message says."""
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = None
+    full = any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in chain)
+    if full or (free is not None and free < 16 * 2**20):
+        return f"no space left on device at {path} ({(free or 0) / 2**20:.0f} MB free)"
+    return None
+
+
+def warn_if_short_of_space(root: Path) -> None:
+    """Before a save: will the next checkpoint fit where the last one did?"""
+    found = complete_checkpoints(root)
+    needed = integrity.size(found[-1]) if found else 0
+    free = shutil.disk_usage(root if root.exists() else root.parent).free
+    if needed and free < needed:
+        log.warning(f"{free / 2**30:.1f} GB free under {root} and the last checkpoint took {needed / 2**30:.1f} GB: "
+                    "the next one may not fit (older ones are pruned only after it is written)")
+
+
 def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path, model,
          tokenizer: PreTrainedTokenizerBase) -> Path:
     """Write a checkpoint atomically on every process; prune to the last `keep_last`.
 
-    Besides the ZeRO-3 shards it holds the model config, generation config and tokenizer, so that
-    tools/consolidate_checkpoint.py and tools/generate.py need nothing else.
+    Besides the ZeRO-3 shards it holds every process's RNG state, the model config, generation config
+    and tokenizer (tools/consolidate_checkpoint.py and tools/generate.py need nothing else) and a
+    manifest of every file's size.
     """
     name = f"step_{state.step:08d}"
     tmp, final = root / f".tmp-{name}", root / name
+    rank = accelerator.process_index
 
     def together(action, failure: str) -> None:
         """Run this process's part; if it failed on any process, every process raises together.
@@ -110,13 +147,20 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         if any_process(accelerator, error is not None):
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{failure} ({error or 'on another process'}); the previous checkpoint is "
-                                  "untouched. Free disk space or fix permissions, then resume.")
+            why = _no_space(error, tmp) or error or "on another process"
+            raise CheckpointError(f"{failure}: {why}; the previous checkpoint is untouched. Free disk space or fix "
+                                  "permissions, then resume with --resume_from_checkpoint latest")
 
     def create() -> None:
         if accelerator.is_main_process:
+            warn_if_short_of_space(root)
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
+
+    def shards() -> None:
+        accelerator.save_state(str(tmp))
+        (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # accelerate's pickle: ours has none
+        integrity.save_rng(tmp, rank)
 
     def finish() -> None:  # main process, after every process has written its shards
         if not accelerator.is_main_process:
@@ -131,9 +175,10 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         unwrapped.config.save_pretrained(tmp)
         unwrapped.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        integrity.write_manifest(tmp)
 
     together(create, f"cannot create {tmp}")
-    together(lambda: accelerator.save_state(str(tmp)), f"writing checkpoint {final} failed")
+    together(shards, f"writing checkpoint {final} failed")
     together(finish, f"writing checkpoint {final} failed")
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -179,9 +224,67 @@ def find(spec: str, root: Path) -> Path:
     return path
 
 
-def load(accelerator: Accelerator, path: Path) -> LoopState:
-    """Restore model, optimizer and every process's RNG states, and return the loop state."""
+def choose_intact(spec: str, root: Path) -> tuple[Path, list[str]]:
+    """The checkpoint to resume from and a warning for each newer one passed over as broken. An explicit
+    path must be intact; `latest` falls back to the newest intact one."""
+    candidates = [find(spec, root)] if spec != "latest" else list(reversed(complete_checkpoints(root)))
+    passed_over = []
+    for ckpt in candidates:
+        broken = integrity.problems(ckpt)
+        if not broken:
+            return ckpt, passed_over
+        passed_over.append(f"checkpoint {ckpt} is broken, not used: " + "; ".join(broken[:5]))
+    raise CheckpointError("no intact checkpoint to resume from: " + " | ".join(passed_over))
+
+
+def resume(accelerator: Accelerator, model, cfg: config_mod.Config, root: Path,
+           data_fingerprint: str) -> tuple[LoopState, list[str]]:
+    """The loop state to start from (restoring model, optimizer and RNG when resuming), and what to log.
+
+    `latest` with no checkpoint yet starts fresh, so one job script serves the first run and every requeue.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    fresh = LoopState(world_size=accelerator.num_processes, data_fingerprint=data_fingerprint)
+    spec = cfg.output.resume_from_checkpoint
+    if not spec:
+        return fresh, []
+    if spec == "latest" and not complete_checkpoints(root):
+        return fresh, [f"--resume_from_checkpoint latest: no complete checkpoint under {root} yet; starting fresh"]
+    choice: list = [None]
+    if accelerator.is_main_process:  # one process checks the files; all use its choice
+        try:
+            choice = [choose_intact(spec, root)]
+        except CheckpointError as e:
+            choice = [e]
+    broadcast_object_list(choice)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    path, notes = choice[0]
     state = LoopState(**json.loads((path / STATE_FILE).read_text()))
+    notes += compare(cfg, yaml.safe_load((path / "run_config.yaml").read_text()), state, data_fingerprint)
+    load(accelerator, model, path, state)
+    return state, [*notes, f"resumed from {path} at step {state.step}"]
+
+
+def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerprint: str) -> list[str]:
+    """Refuse a resume whose config changes the data order or what a step means (unless
+    output.allow_config_change); return a warning for every other change, which applies."""
+    identity, other = config_mod.differences(saved, cfg)
+    if state.data_fingerprint and state.data_fingerprint != data_fingerprint:
+        identity.append("the training data's content (the files hold other dialogues than when it was saved)")
+    if identity and not cfg.output.allow_config_change:
+        raise config_mod.ConfigError(
+            "resuming with a config that changes the data order or what a step means: " + "; ".join(identity)
+            + ". Start a new output_dir, or pass --allow_config_change true to resume anyway")
+    notes = [f"resuming with changed settings (applied): {'; '.join(other)}"] if other else []
+    if identity:
+        notes.append(f"resuming with --allow_config_change despite: {'; '.join(identity)}")
+    return notes
+
+
+def load(accelerator: Accelerator, model, path: Path, state: LoopState) -> None:
+    """Restore model, optimizer and every process's RNG state, reading nothing that can run code."""
     if state.world_size != accelerator.num_processes:
         raise CheckpointError(
             f"{path} was written by {state.world_size} processes and this run has "
@@ -190,23 +293,13 @@ def load(accelerator: Accelerator, path: Path) -> LoopState:
             f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
             "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
         )
-    accelerator.load_state(str(path))
-    return state
-
-
-def resume(accelerator: Accelerator, spec: str | None, root: Path) -> tuple[LoopState, str | None]:
-    """The loop state to start from (restoring model, optimizer and RNG when resuming), and what to log.
-
-    `latest` with no checkpoint yet starts fresh, so one job script serves the first run and every requeue.
-    """
-    fresh = LoopState(world_size=accelerator.num_processes)
-    if not spec:
-        return fresh, None
-    if spec == "latest" and not complete_checkpoints(root):
-        return fresh, f"--resume_from_checkpoint latest: no complete checkpoint under {root} yet; starting fresh"
-    path = find(spec, root)
-    state = load(accelerator, path)
-    return state, f"resumed from {path} at step {state.step}"
+    if accelerator.state.deepspeed_plugin is not None:
+        integrity.install_safe_loading(model)
+    try:
+        accelerator.load_state(str(path))
+        integrity.load_rng(path, accelerator.process_index)
+    except integrity.UntrustedCheckpoint as e:
+        raise CheckpointError(str(e)) from None
 
 
 def last_good(root: Path) -> str:

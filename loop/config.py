@@ -98,6 +98,8 @@ class OutputConfig:
     output_dir: str = "outputs/run"
     save_dtype: SaveDtype = "bf16"
     resume_from_checkpoint: str | None = None  # latest | PATH
+    # Resume even when the config changes the data order or what a step means (see RUN_IDENTITY).
+    allow_config_change: bool = False
     save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)
     push_to_hub: bool = False
     hub_model_id: str | None = None
@@ -229,6 +231,29 @@ def validate(config: Config) -> None:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:
         raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
+
+
+# What a step of the run is: changing any of these on resume changes the data order or the meaning of
+# a step, so the checkpoint would continue another run. Every other key may change (with a warning).
+RUN_IDENTITY = ("model.name_or_path", "model.revision", "data.train_files", "data.eval_files", "data.format",
+                "data.oasst_paths", "data.eval_fraction", "data.template", "data.seq_len", "data.packing",
+                "data.on_bad_record", "data.on_too_long", "training.seed", "training.micro_batch_size",
+                "training.gradient_accumulation_steps")
+NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change")
+
+
+def differences(saved: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:
+    """(changes to RUN_IDENTITY keys, other changes) between a saved resolved config and this one, each
+    as `key: old -> new`."""
+    now = to_dict(config)
+    identity, other = [], []
+    for section, values in now.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            old = (saved.get(section) or {}).get(name, value) if isinstance(saved, dict) else value
+            if key not in NOT_COMPARED and old != value:
+                (identity if key in RUN_IDENTITY else other).append(f"{key}: {old!r} -> {value!r}")
+    return identity, other
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:

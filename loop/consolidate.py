@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from loop import integrity
+
 
 class ConsolidationError(RuntimeError):
     """The input is not a complete ZeRO-3 checkpoint; the message names the file."""
@@ -35,29 +37,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
 
 
-def _load_safely(path: Path, meta: bool = True):
-    """torch.load with weights_only=True (DeepSpeed's files need two of its classes allowlisted).
-
-    On the meta device no tensor data is read; each storage records its byte offset in the file.
-    """
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
-        if meta:
-            return torch.load(path, map_location="meta", weights_only=True)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
 class RankFile:
     """Reads ranges of one rank's fp32 master partition straight from its file."""
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            state = _load_safely(path, meta=True)["optimizer_state_dict"]
-        except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
-            raise ConsolidationError(f"{path}: unreadable or truncated ({type(e).__name__}: {e})") from None
+            state = integrity.torch_load(path, meta=True)["optimizer_state_dict"]
+        except integrity.UntrustedCheckpoint as e:
+            raise ConsolidationError(str(e)) from None
         if state.get("zero_stage") != 3:
             raise ConsolidationError(f"{path}: not a ZeRO stage 3 optimizer state (stage {state.get('zero_stage')})")
         self.groups = []  # (first element in the flat space, numel, byte offset in the file)
@@ -105,7 +93,8 @@ class Plan:
 
 
 def read_plan(tag: Path) -> Plan:
-    states = _load_safely(next(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt")), meta=False)
+    states = integrity.torch_load(next(tag.glob("zero_pp_rank_0_mp_rank_00_model_states.pt")), map_location="cpu",
+                                  mmap=True)
     if states.get("frozen_param_shapes"):
         raise ConsolidationError(f"{tag}: frozen parameters are not supported; use DeepSpeed's zero_to_fp32.py")
     buffers = {k: states["module"][k].clone() for k in states.get("buffer_names", [])}
@@ -164,9 +153,9 @@ def check_checkpoint(ckpt: Path) -> tuple[Path, list[RankFile]]:
             raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
     for f in models:
         try:
-            _load_safely(f, meta=True)
-        except Exception as e:  # noqa: BLE001 - a truncated zip shows up in many ways
-            raise ConsolidationError(f"{f}: unreadable or truncated ({type(e).__name__}: {e})") from None
+            integrity.torch_load(f, meta=True)
+        except integrity.UntrustedCheckpoint as e:
+            raise ConsolidationError(str(e)) from None
     by_rank = sorted(optims, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
     return tag, [RankFile(f) for f in by_rank]
 
@@ -238,6 +227,16 @@ def write(ckpt: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 
     return plan.aliases, {k: s for k, s, _ in items}
 
 
+def state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's fp32 master weights as one state dict in memory (tied weights under both names),
+    read the same safe way as `write`: nothing is unpickled."""
+    tag, ranks = check_checkpoint(ckpt)
+    plan = read_plan(tag)
+    merged = {name: tensor.clone() for name, tensor in merged_tensors(tag, plan, ranks)}
+    merged.update({alias: merged[target] for alias, target in plan.aliases.items() if target in merged})
+    return merged
+
+
 def verify(ckpt: Path, out: Path, dtype: torch.dtype, prompts: list[str]) -> dict[str, float]:
     """Reload `out` with `from_pretrained` and compare it with the checkpoint's fp32 master weights.
 
@@ -245,10 +244,9 @@ def verify(ckpt: Path, out: Path, dtype: torch.dtype, prompts: list[str]) -> dic
     weight from the fp32 master (the cast's rounding), and of logits on `prompts` between the saved
     model and the fp32 master weights.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    master = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    master = state_dict(ckpt)
     model = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
     saved = model.state_dict()
     missing = [k for k in master if k not in saved]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -33,28 +34,36 @@ class DataError(ValueError):
 class DataReport:
     records: int = 0
     dialogues: int = 0
-    skipped: Counter = field(default_factory=Counter)  # reason kind -> count
+    skipped: Counter = field(default_factory=Counter)  # bad records, by kind
+    left_out: Counter = field(default_factory=Counter)  # left out by design (formats.Dropped), by kind
     truncated: int = 0
     dropped_too_long: int = 0
+    fingerprint: str = ""  # of the train and eval dialogues: a resumed run must see the same data
 
     def describe(self) -> str:
-        return (f"{self.dialogues} dialogues, skipped {dict(self.skipped)}, truncated {self.truncated}, "
+        left_out = f", left out {dict(self.left_out)}" if self.left_out else ""
+        return (f"{self.dialogues} dialogues, skipped {dict(self.skipped)}{left_out}, truncated {self.truncated}, "
                 f"dropped as too long {self.dropped_too_long}")
 
     def as_scalars(self) -> dict[str, float]:
         out = {"data/dialogues": self.dialogues, "data/truncated": self.truncated,
                "data/dropped_too_long": self.dropped_too_long}
         out.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
+        out.update({f"data/left_out/{k}": v for k, v in self.left_out.items()})
         return out
 
 
 def validate(dialogue: Any) -> tuple[str, str] | None:
     """Check one dialogue against the messages schema; return (kind, reason) or None if valid."""
-    if not isinstance(dialogue, list) or not dialogue:
+    if not isinstance(dialogue, list):
+        return "not_a_list", f"messages must be a list of {{role, content}} objects, got {type(dialogue).__name__}"
+    if not dialogue:
         return "empty", "the dialogue is empty (it needs a list of messages)"
     for i, m in enumerate(dialogue):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            return "bad_role", f"messages[{i}]: role must be one of {sorted(ROLES)}"
+        if not isinstance(m, dict):
+            return "not_an_object", f"messages[{i}] must be an object with role and content, got {type(m).__name__}"
+        if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
+            return "bad_role", f"messages[{i}]: role must be one of {sorted(ROLES)}, got {m.get('role')!r}"
         if not isinstance(m.get("content"), str) or not m["content"].strip():
             return "empty_content", f"messages[{i}]: content must be a non-empty string"
     roles = [m["role"] for m in dialogue]
@@ -74,6 +83,7 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
 
     JSONL is read line by line here (not by `datasets`) so that a broken line is reported by number.
     """
+    check_exists(path)
     p = Path(path)
     if p.suffix == ".jsonl":
         with p.open("rb") as f:
@@ -99,17 +109,89 @@ def read_records(path: str) -> Iterator[tuple[str, Any]]:
     elif p.suffix in (".yml", ".yaml"):
         import yaml
 
-        yield path, yaml.safe_load(p.read_text(encoding="utf-8"))
+        try:  # BaseLoader: every scalar stays text as written (no `yes` -> True, no 1.0 -> 1)
+            yield path, yaml.load(p.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        except (UnicodeDecodeError, yaml.YAMLError) as e:
+            yield path, DataError(f"not valid UTF-8 YAML: {str(e).splitlines()[0]}")
     elif p.suffix == ".parquet":
-        for i, record in enumerate(datasets.load_dataset("parquet", data_files=str(p), split="train")):
+        try:
+            table = datasets.load_dataset("parquet", data_files=str(p), split="train")
+        except Exception as e:  # noqa: BLE001 - pyarrow and datasets raise many kinds
+            raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)})") from None
+        for i, record in enumerate(table):
             yield f"{path}[{i}]", record
     elif p.is_dir() or not p.exists():
         # A Hub dataset id or a local dataset folder, optionally `NAME:SPLIT` (default split: train).
         name, _, split_name = path.partition(":") if not p.exists() else (path, "", "")
-        for i, record in enumerate(datasets.load_dataset(name, split=split_name or "train")):
+        try:
+            table = datasets.load_dataset(name, split=split_name or "train")
+        except (datasets.exceptions.DataFilesNotFoundError, datasets.data_files.EmptyDatasetError):
+            raise DataError(f"{path}: no data files {'in this folder' if p.exists() else 'found'}") from None
+        except Exception as e:  # noqa: BLE001 - the Hub, the network and datasets raise many kinds
+            where = "as a dataset folder" if p.exists() else "locally, nor as a Hub dataset"
+            raise DataError(f"{path}: cannot be loaded {where} ({_first_line(e)})") from None
+        for i, record in enumerate(table):
             yield f"{path}[{i}]", record
     else:
         raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yml", ".yaml", ".csv", ".txt", ".arrow")
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """`name`, `namespace/name` or either with `:split`, and not a file name."""
+    return bool(HUB_ID.fullmatch(text)) and not text.partition(":")[0].endswith(LOCAL_SUFFIXES)
+
+
+def check_exists(path: str, what: str = "") -> None:
+    """A path that is not here and cannot be a Hub id is a missing file, said as such."""
+    if not Path(path).exists() and not looks_like_hub_id(path):
+        raise DataError(f"not found: {path}" + (f" ({what})" if what else ""))
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:300]
+
+
+def collect(files: list[str], fmt: formats.Format, oasst_paths: formats.OasstPaths = "longest",
+            report: DataReport | None = None) -> tuple[list[Messages], DataReport, list[tuple[str, str, str]]]:
+    """Read, convert and validate every record of `files`: (dialogues, report, bad records as
+    (location, kind, reason)). Bad records are counted in the report by kind; nothing raises here."""
+    report, dialogues, bad = report or DataReport(), [], []
+    for path in files:
+        records = list(read_records(path))
+        report.records += len(records)
+        for where, item in formats.convert(fmt, path, records, oasst_paths):
+            if isinstance(item, formats.Dropped):
+                report.left_out[item.kind] += 1
+            elif isinstance(item, Exception):
+                bad.append((where, "invalid_json" if isinstance(item, DataError) else "format", str(item)))
+            elif problem := validate(item):
+                bad.append((where, *problem))
+            else:
+                dialogues.append(item)
+    for _, kind, _ in bad:
+        report.skipped[kind] += 1
+    report.dialogues += len(dialogues)
+    return dialogues, report, sorted(bad, key=lambda b: _record_order(b[0], files))
+
+
+def _record_order(where: str, files: list[str]) -> tuple[int, int, str]:
+    """Sort key of a location (`file:line`, `file[i]`, `file#k`, with a suffix): file, then number."""
+    file = next((i for i, f in enumerate(files) if where.startswith(f)), len(files))
+    number = re.match(r"[:\[#](\d+)", where[len(files[file]):] if file < len(files) else "")
+    return file, int(number.group(1)) if number else -1, where
+
+
+def refuse_bad(bad: list[tuple[str, str, str]]) -> None:
+    """Every bad record, one per line (the first 200), as one error."""
+    if bad:
+        lines = "\n".join(f"  {where}: {reason}" for where, _, reason in bad[:200])
+        more = f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else ""
+        raise DataError(f"{len(bad)} bad record(s); fix them or set data.on_bad_record: skip\n{lines}{more}")
 
 
 def load_dialogues(files: list[str], fmt: formats.Format, on_bad_record: str,
@@ -118,26 +200,9 @@ def load_dialogues(files: list[str], fmt: formats.Format, on_bad_record: str,
 
     Raises DataError listing every bad record unless on_bad_record is "skip".
     """
-    report, dialogues, bad = DataReport(), [], []
-    for path in files:
-        records = list(read_records(path))
-        report.records += len(records)
-        for where, item in formats.convert(fmt, path, records, oasst_paths):
-            if isinstance(item, Exception):
-                bad.append((where, "invalid_json" if isinstance(item, DataError) else "format", str(item)))
-            elif problem := validate(item):
-                bad.append((where, *problem))
-            else:
-                dialogues.append(item)
-    for _, kind, _ in bad:
-        report.skipped[kind] += 1
-    if bad and on_bad_record == "error":
-        lines = "\n".join(f"  {where}: {reason}" for where, _, reason in bad[:200])
-        more = f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else ""
-        raise DataError(
-            f"{len(bad)} bad record(s); fix them or set data.on_bad_record: skip\n{lines}{more}"
-        )
-    report.dialogues = len(dialogues)
+    dialogues, report, bad = collect(files, fmt, oasst_paths)
+    if on_bad_record == "error":
+        refuse_bad(bad)
     return dialogues, report
 
 
@@ -221,16 +286,25 @@ def tokenize(
 
 
 def prepare(cfg, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
-    """Train and eval datasets for a DataConfig: load, validate, split, tokenize."""
-    train, report = load_dialogues(cfg.train_files, cfg.format, cfg.on_bad_record, cfg.oasst_paths)
+    """Train and eval datasets for a DataConfig: load, validate, split, tokenize. Bad records of the
+    train and eval files are listed together; an empty training set is an error here, before any model
+    work."""
+    train, report, bad = collect(cfg.train_files, cfg.format, cfg.oasst_paths)
     if cfg.eval_files:
-        held, eval_report = load_dialogues(cfg.eval_files, cfg.format, cfg.on_bad_record, cfg.oasst_paths)
-        report.skipped.update(eval_report.skipped)
+        held, _, bad_eval = collect(cfg.eval_files, cfg.format, cfg.oasst_paths, report)
+        bad += bad_eval
     else:
         train, held = split(train, cfg.eval_fraction)
+    if cfg.on_bad_record == "error":
+        refuse_bad(bad)
+    report.fingerprint = fingerprint(train, held)
     common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, on_too_long=cfg.on_too_long,
                   num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, report=report)
-    return tokenize(train, **common), tokenize(held, **common), report
+    train_ds, eval_ds = tokenize(train, **common), tokenize(held, **common)
+    if len(train_ds) == 0:
+        raise DataError(f"no training dialogues in {', '.join(cfg.train_files)}: {report.records} records read, "
+                        f"{report.describe()}")
+    return train_ds, eval_ds, report
 
 
 def length_stats(lengths: list[int]) -> dict[str, float]:

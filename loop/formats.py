@@ -1,11 +1,12 @@
 """Converters from the record shapes users hold to the messages schema.
 
 Every format is registered the same way: a converter takes one file's records, each with its
-location (`file:line` or `file[i]`), and yields (location, dialogue) or (location, error). Most
+location (`file:line` or `file[i]`), and yields (location, dialogue) or (location, problem). Most
 formats read one record at a time (`per_record`: a record may hold several dialogues, as a
-chatterbot file does); an OpenAssistant tree spans many records, so that converter reads them all.
-A record that cannot be read, including one its file reader could not parse, comes out as an error,
-so that the caller lists or counts it: nothing is dropped silently.
+chatterbot file does); an OpenAssistant tree spans many records (loop/oasst.py). A problem is either
+a `FormatError` (a bad record: listed, or skipped and counted under `data.on_bad_record: skip`) or a
+`Dropped` (left out by design, such as a deleted OpenAssistant message: always counted). A converter
+never raises on what a record holds: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -25,24 +26,38 @@ class FormatError(ValueError):
     """A record does not have the shape its format promises."""
 
 
-def _text(record: dict, key: str) -> str:
+class Dropped(Exception):
+    """Something left out on purpose; `kind` is how it is counted (e.g. oasst_deleted)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def text_field(record: dict, key: str, optional: bool = False) -> str:
     value = record.get(key)
+    if optional and value is None:
+        return ""
+    if key not in record:
+        raise FormatError(f"field {key!r} is missing")
     if not isinstance(value, str):
-        raise FormatError(f"field {key!r} is missing or not a string")
+        raise FormatError(f"field {key!r} is not a string (got {type(value).__name__})")
     return value
 
 
 def messages(record: Any) -> list[Messages]:
-    if not isinstance(record, dict) or "messages" not in record:
+    if not isinstance(record, dict):
+        raise FormatError("record is not an object")
+    if "messages" not in record:
         raise FormatError("no 'messages' field")
-    return [record["messages"]]
+    return [record["messages"]]  # its shape is checked by data.validate, like every converted dialogue
 
 
 def prompt_completion(record: Any) -> list[Messages]:
     if not isinstance(record, dict):
         raise FormatError("record is not an object")
-    return [[{"role": "user", "content": _text(record, "prompt")},
-             {"role": "assistant", "content": _text(record, "completion")}]]
+    return [[{"role": "user", "content": text_field(record, "prompt")},
+             {"role": "assistant", "content": text_field(record, "completion")}]]
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -55,72 +70,51 @@ def sharegpt(record: Any) -> list[Messages]:
         raise FormatError("no 'conversations' list")
     out = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in SHAREGPT_ROLES:
-            raise FormatError(f"conversations[{i}]: 'from' must be one of {sorted(SHAREGPT_ROLES)}")
-        out.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn.get("value")})
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+            raise FormatError(f"conversations[{i}]: 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
+        try:
+            out.append({"role": SHAREGPT_ROLES[speaker], "content": text_field(turn, "value")})
+        except FormatError as e:
+            raise FormatError(f"conversations[{i}]: {e}") from None
     return [out]
 
 
 def alpaca(record: Any) -> list[Messages]:
     if not isinstance(record, dict):
         raise FormatError("record is not an object")
-    instruction, extra = _text(record, "instruction"), record.get("input") or ""
+    instruction, extra = text_field(record, "instruction"), text_field(record, "input", optional=True)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return [[{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record, "output")}]]
+    return [[{"role": "user", "content": prompt}, {"role": "assistant", "content": text_field(record, "output")}]]
 
 
-def chatterbot(record: Any) -> list[Messages]:
+def chatterbot(record: Any) -> list[Messages | Exception]:
     """One chatterbot-corpus YAML document: `conversations: [[turn, turn, ...], ...]`.
 
-    Turns alternate user / assistant; a trailing user turn has no answer and is left out.
-    YAML reads some turns as numbers or booleans, so each turn is turned back into text.
+    Turns alternate user / assistant and are kept as written (the file is read without YAML's type
+    guessing, so `yes` stays "yes"). A trailing user turn has no answer: it is left out, and counted.
     """
     conversations = record.get("conversations") if isinstance(record, dict) else None
     if not isinstance(conversations, list):
         raise FormatError("no 'conversations' list")
-    dialogues = []
+    found: list[Messages | Exception] = []
     for conv in conversations:
-        turns = [str(t).strip() for t in conv] if isinstance(conv, list) else []
-        turns = turns[: len(turns) // 2 * 2]
-        if turns:
-            dialogues.append([{"role": "user" if i % 2 == 0 else "assistant", "content": t}
-                              for i, t in enumerate(turns)])
-    return dialogues
+        if not isinstance(conv, list) or not all(isinstance(t, str) for t in conv):
+            found.append(FormatError("a conversation must be a list of text turns"))
+            continue
+        if len(conv) < 2:
+            found.append(FormatError(f"a conversation needs a question and an answer, got {len(conv)} turn(s)"))
+            continue
+        if len(conv) % 2:
+            found.append(Dropped("unanswered_last_turn", "the last turn has no answer and is left out"))
+        found.append([{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()}
+                      for i, t in enumerate(conv[: len(conv) // 2 * 2])])
+    return found
 
 
-def oasst_dialogues(messages_table: list[dict], mode: OasstPaths = "longest") -> list[Messages]:
-    """OpenAssistant message trees (rows with message_id, parent_id, role prompter/assistant, text)
-    to dialogues: every root-to-leaf path ("all") or, per tree, the longest path by turns ("longest",
-    ties broken by the higher-ranked branch, i.e. lower `rank`)."""
-    children: dict[str | None, list[dict]] = {}
-    for row in messages_table:
-        children.setdefault(row.get("parent_id"), []).append(row)
-    for rows in children.values():
-        rows.sort(key=lambda r: (r.get("rank") is None, r.get("rank") or 0))
-
-    def paths(node: dict) -> list[list[dict]]:
-        kids = children.get(node["message_id"], [])
-        if not kids:
-            return [[node]]
-        return [[node, *p] for kid in kids for p in paths(kid)]
-
-    dialogues = []
-    for root in children.get(None, []):
-        found = paths(root)
-        if mode == "longest":
-            found = [max(found, key=len)]
-        for path in found:
-            turns = [{"role": "user" if r["role"] == "prompter" else "assistant", "content": r["text"]}
-                     for r in path]
-            if turns and turns[-1]["role"] == "user":
-                turns = turns[:-1]
-            if len(turns) >= 2:
-                dialogues.append(turns)
-    return dialogues
-
-
-def per_record(convert: Callable[[Any], list[Messages]]) -> Callable[..., Iterator[Converted]]:
-    """A file converter from a converter of single records."""
+def per_record(convert: Callable[[Any], list]) -> Callable[..., Iterator[Converted]]:
+    """A file converter from a converter of single records (which may return several dialogues or
+    problems; each gets its own `#k` location)."""
 
     @functools.wraps(convert)
     def each(path: str, records: Iterable[Located], **_options) -> Iterator[Converted]:
@@ -133,25 +127,17 @@ def per_record(convert: Callable[[Any], list[Messages]]) -> Callable[..., Iterat
             except FormatError as e:
                 yield where, e
                 continue
-            for j, dialogue in enumerate(found):
-                yield (where if len(found) == 1 else f"{where}#{j}"), dialogue
+            for j, item in enumerate(found):
+                yield (where if len(found) == 1 else f"{where}#{j}"), item
 
     return each
 
 
 def oasst(path: str, records: Iterable[Located], oasst_paths: OasstPaths = "longest",
           **_options) -> Iterator[Converted]:
-    """OpenAssistant message rows of one file, as trees."""
-    rows = []
-    for where, record in records:
-        if isinstance(record, Exception):
-            yield where, record
-        elif not isinstance(record, dict):
-            yield where, FormatError("record is not an object")
-        else:
-            rows.append(record)
-    for i, dialogue in enumerate(oasst_dialogues(rows, oasst_paths)):
-        yield f"{path} (tree path {i})", dialogue
+    from loop import oasst as trees
+
+    return trees.dialogues(list(records), oasst_paths)
 
 
 CONVERTERS: dict[str, Callable[..., Iterator[Converted]]] = {
@@ -167,5 +153,5 @@ assert set(CONVERTERS) == set(get_args(Format))
 
 def convert(fmt: Format, path: str, records: Iterable[Located],
             oasst_paths: OasstPaths = "longest") -> Iterator[Converted]:
-    """Every dialogue (or error) of one file's records, with its location."""
+    """Every dialogue (or problem) of one file's records, with its location."""
     return CONVERTERS[fmt](path, records, oasst_paths=oasst_paths)

@@ -9,7 +9,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,21 +20,22 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def setup_logging(output_dir: Path, is_main: bool) -> logging.Logger:
-    """Main process logs to the console and to OUTPUT_DIR/train.log; the others only warn."""
+def setup_logging(is_main: bool) -> logging.Logger:
+    """Main process logs to the console (and keeps the lines until loop/rundir.py opens train.log); the
+    others only warn."""
+    from logging.handlers import MemoryHandler
+
     log = logging.getLogger("loop")
-    log.handlers.clear()
+    for old in list(log.handlers):  # a previous run in this process (tests, notebooks)
+        old.close()
+        log.removeHandler(old)
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(fmt)
+    console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     log.addHandler(console)
     if is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        file = logging.FileHandler(output_dir / "train.log")
-        file.setFormatter(fmt)
-        log.addHandler(file)
+        log.addHandler(MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     return log
 
 

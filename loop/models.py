@@ -9,6 +9,7 @@ model whose class supports the attention the packing needs is trained too, with 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
@@ -79,6 +80,40 @@ def check_trainable(model_config, cfg: config.Config, attention: str) -> str | N
         return (f"{kind} is not among the verified families ({', '.join(VERIFIED)}); its class supports "
                 f"{attention!r}, but check packed logits with tools/bench/packed_logits.py before a long run")
     return None
+
+
+def read_config(cfg: config.Config):
+    """The model's config alone (no weights), or one line saying what is missing."""
+    from transformers import AutoConfig
+
+    from loop.data import DataError, check_exists
+
+    name = cfg.model.name_or_path
+    try:
+        check_exists(name)
+    except DataError as e:
+        raise config.ConfigError(f"model.name_or_path: {e}") from None
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise config.ConfigError(f"model.name_or_path: {name} holds no config.json (is it a model folder?)")
+    try:
+        return AutoConfig.from_pretrained(name, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if Path(name).exists() else " (not found locally, so it was read as a Hub model id)"
+        raise config.ConfigError(f"model.name_or_path: cannot read {name}'s config{where}: {reason[:300]}") from None
+
+
+def load_tokenizer(cfg: config.Config) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise config.ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path}'s tokenizer "
+                                 f"({reason[:300]})") from None
 
 
 def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase, vocab_grew: bool, end_token: str,

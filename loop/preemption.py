@@ -7,7 +7,9 @@ one, and then all of them save and stop together.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from types import FrameType
 
 import torch
@@ -20,6 +22,20 @@ def any_process(accelerator, flag: bool) -> bool:
     """True on every process if `flag` is true on any: how processes agree before acting together."""
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return accelerator.reduce(t, reduction="sum").item() > 0
+
+
+def follow_launcher() -> None:
+    """A worker started by a launcher gets SIGTERM when the launcher dies (Linux): each worker runs in a
+    process group of its own, so killing the launcher's group would otherwise leave them training. The
+    signal then ends the run like a preemption: one more checkpoint, exit 75."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the launcher was already gone before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class Preemption:

@@ -22,11 +22,11 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     (its fp32 master weights, merged in memory)."""
     path_ = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if (path_ / "latest").is_file():  # a ZeRO checkpoint written by loop/train.py
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if (path_ / "latest").is_file():  # a ZeRO checkpoint written by loop/train.py: read without unpickling
+        from loop import consolidate
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-        model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(path)), strict=False)
+        model.load_state_dict(consolidate.state_dict(path_), strict=False)
         model.tie_weights()
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model.to(dtype).eval(), tokenizer

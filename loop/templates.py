@@ -71,6 +71,10 @@ TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
 assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
 
 
+class TemplateError(ValueError):
+    """The chosen template cannot be used with this tokenizer; the message says what to do."""
+
+
 def defuse(text: str) -> str:
     """What the template does to special-token text inside content (`<|end|>` -> `< |end|>`)."""
     return text[0] + " " + text[1:]
@@ -105,7 +109,7 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[boo
     if name == "tokenizer":
         own = tokenizer.chat_template
         if not own or "generation" not in own:
-            raise ValueError(
+            raise TemplateError(
                 "data.template is 'tokenizer' but the tokenizer's chat_template has no "
                 "{% generation %} markers, so the trained tokens cannot be found; "
                 "use data.template: starchat or chatml"

@@ -8,6 +8,7 @@ sample, save), final model. Each side job lives in the module named for it; this
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,7 +23,6 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from accelerate.utils import set_seed
 from tqdm import tqdm
-from transformers import AutoConfig, AutoTokenizer
 
 from loop import (
     attention,
@@ -38,6 +38,7 @@ from loop import (
     optim,
     packing,
     preemption,
+    rundir,
     sampling,
     templates,
 )
@@ -148,126 +149,165 @@ def finish(accelerator: Accelerator, code: int) -> int:
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    # 1. Config: everything is checked before any work starts.
-    cfg = config.from_argv(argv)
-    t, out = cfg.training, Path(cfg.output.output_dir)
-    model_config = AutoConfig.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
-    unverified = models.check_trainable(model_config, cfg, attn)
-    shape = models.Shape.of(model_config)
-    accelerator = make_accelerator(cfg)
-    log = metrics.setup_logging(out, accelerator.is_main_process)
-    for warning in filter(None, (fallback, unverified)):
-        log.warning(warning)
-    set_seed(t.seed)
-    world = accelerator.num_processes
+def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer):
+    """The main process first (it fills the tokenization cache), then the others; a data error the main
+    process finds ends every process with it, instead of leaving them waiting."""
+    prepared, error = None, None
     if accelerator.is_main_process:
-        config.save(cfg, out / "config.yaml")
+        try:
+            prepared = data.prepare(cfg.data, tokenizer)
+        except data.DataError as e:
+            error = e
+    if preemption.any_process(accelerator, error is not None):
+        raise error or data.DataError("(reported by the main process)")
+    return prepared or data.prepare(cfg.data, tokenizer)
 
-    # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                              trust_remote_code=cfg.model.trust_remote_code)
-    vocab_grew, end_token = templates.install(tokenizer, cfg.data.template)
-    with accelerator.main_process_first():
-        train_ds, eval_ds, report = data.prepare(cfg.data, tokenizer)
-    planner, evals = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
-                                      attention.layout(attn, cfg.data.packing), world, accelerator.process_index,
-                                      shape.mask_windows())
-    per_epoch = planner.steps_per_epoch
-    total_steps = t.max_steps or per_epoch * t.num_epochs
-    pack_eff = packing.efficiency(planner.rows, cfg.data.seq_len)
-    log.info(f"data: {report.describe()}; {len(planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} full), "
-             f"{len(evals.rows)} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
 
-    # 3. Model and optimizer.
-    attention.register()
-    zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-    model = models.load(cfg, attn, tokenizer, vocab_grew, end_token, zero3)
-    flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape)
-    optimizer = optim.make_optimizer(model, t)
+def main(argv: list[str] | None = None) -> int:
+    with contextlib.ExitStack() as held:  # what the run holds (its directory) is let go on every way out
+        # 1. Config: everything is checked before any work starts, and nothing is written until it passes.
+        log = metrics.setup_logging(is_main=os.environ.get("RANK", "0") == "0")
+        cfg = config.from_argv(argv)
+        t, out = cfg.training, Path(cfg.output.output_dir)
+        preemption.follow_launcher()
+        model_config = models.read_config(cfg)
+        attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+        unverified = models.check_trainable(model_config, cfg, attn)
+        shape = models.Shape.of(model_config)
+        accelerator = make_accelerator(cfg)
+        for warning in filter(None, (fallback, unverified)):
+            log.warning(warning)
+        set_seed(t.seed)
+        world = accelerator.num_processes
 
-    # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
-    model, optimizer = accelerator.prepare(model, optimizer)
+        # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
+        tokenizer = models.load_tokenizer(cfg)
+        vocab_grew, end_token = templates.install(tokenizer, cfg.data.template)
+        train_ds, eval_ds, report = prepare_data(accelerator, cfg, tokenizer)
+        planner, evals = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
+                                          attention.layout(attn, cfg.data.packing), world, accelerator.process_index,
+                                          shape.mask_windows())
+        per_epoch = planner.steps_per_epoch
+        total_steps = t.max_steps or per_epoch * t.num_epochs
+        pack_eff = packing.efficiency(planner.rows, cfg.data.seq_len)
+        log.info(f"data: {report.describe()}; {len(planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} full), "
+                 f"{len(evals.rows)} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
+        took_over = rundir.claim(held, out, accelerator)
+        if accelerator.is_main_process:
+            rundir.start_log_file(out, log)
+            config.save(cfg, out / "config.yaml")
+        if took_over:
+            log.warning(took_over)
 
-    # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
-    ckpt_root = out / "checkpoints"
-    state, resumed = checkpoints.resume(accelerator, cfg.output.resume_from_checkpoint, ckpt_root)
-    if resumed:
-        log.info(resumed)
-    accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
-    summary = hub.RunSummary(world_size=world, hardware=metrics.hardware(world))
+        # 3. Model and optimizer.
+        attention.register()
+        zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        model = models.load(cfg, attn, tokenizer, vocab_grew, end_token, zero3)
+        flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape)
+        optimizer = optim.make_optimizer(model, t)
 
-    def eval_and_log() -> None:
-        summary.eval_loss = loss.evaluate(model, accelerator, evals.shard())
-        accelerator.log({"eval/loss": summary.eval_loss, "eval/perplexity": math.exp(min(summary.eval_loss, 50))},
-                        step=state.step)
-        log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
+        # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
+        model, optimizer = accelerator.prepare(model, optimizer)
 
-    if state.step == 0:
-        accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff}, step=0)
-        if evals.rows:  # the starting point of the eval curve
+        # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
+        ckpt_root = out / "checkpoints"
+        state, notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, report.fingerprint)
+        for note in notes:
+            log.warning(note) if "changed" in note or "broken" in note or "despite" in note else log.info(note)
+        accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
+        summary = hub.RunSummary(world_size=world, hardware=metrics.hardware(world))
+
+        def eval_and_log() -> None:
+            summary.eval_loss = loss.evaluate(model, accelerator, evals.shard())
+            accelerator.log({"eval/loss": summary.eval_loss, "eval/perplexity": math.exp(min(summary.eval_loss, 50))},
+                            step=state.step)
+            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
+
+        if state.step == 0:
+            accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff}, step=0)
+            if evals.rows:  # the starting point of the eval curve
+                eval_and_log()
+
+        # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
+        timers = metrics.Timers(accelerator.device)
+        meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), flops, pack_eff, timers)
+        stop_id = tokenizer.convert_tokens_to_ids(end_token)
+        bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
+        model.train()
+        with (preemption.Preemption() as preempt,
+              hub.checkpoint_uploads(cfg.output, accelerator.is_main_process) as uploads,
+              batches.prefetch(planner, state.step, total_steps) as steps):
+            while state.step < total_steps:
+                with timers("data", host=True):
+                    step = next(steps)
+                lr = optim.lr_at(state.step, total_steps, t)
+                optim.set_lr(optimizer, lr)
+                result = train_step(model, optimizer, accelerator, step, t.max_grad_norm, timers, preempt.requested)
+                if result.nonfinite:
+                    skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
+                state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
+                meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
+                bar.update(1)
+                bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
+
+                if due(state.step, t.log_every, total_steps):
+                    scalars = meter.scalars(lr, state.step / per_epoch, state.tokens_trained)
+                    accelerator.log(scalars, step=state.step)
+                    log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                    summary.train_loss = scalars["train/loss"]
+                if due(state.step, t.eval_every, total_steps) and evals.rows:
+                    eval_and_log()
+                if t.sample_prompts and due(state.step, t.sample_every, total_steps):
+                    sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens, stop_id,
+                                             state.step, out)
+                if cfg.output.save and (due(state.step, t.save_every, total_steps) or result.preempted):
+                    saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer)
+                    log.info(f"checkpoint {saved}")
+                    if uploads:
+                        uploads.submit(saved)
+                if result.preempted:
+                    saved = checkpoints.last_good(ckpt_root) if cfg.output.save else "nothing (output.save: false)"
+                    log.warning(f"preempted ({preempt.describe()}) at step {state.step}; saved {saved}; "
+                                "resume with --resume_from_checkpoint latest")
+                    if accelerator.is_main_process:
+                        (out / rundir.PREEMPTED).write_text(f"step {state.step}\n")
+                    return finish(accelerator, preemption.PREEMPTED_EXIT_CODE)
+        bar.close()
+        if summary.eval_loss is None and evals.rows:  # resumed at its last step: the card still gets one
             eval_and_log()
 
-    # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
-    timers = metrics.Timers(accelerator.device)
-    meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), flops, pack_eff, timers)
-    stop_id = tokenizer.convert_tokens_to_ids(end_token)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
-    model.train()
-    with (preemption.Preemption() as preempt,
-          hub.checkpoint_uploads(cfg.output, accelerator.is_main_process) as uploads,
-          batches.prefetch(planner, state.step, total_steps) as steps):
-        while state.step < total_steps:
-            with timers("data", host=True):
-                step = next(steps)
-            lr = optim.lr_at(state.step, total_steps, t)
-            optim.set_lr(optimizer, lr)
-            result = train_step(model, optimizer, accelerator, step, t.max_grad_norm, timers, preempt.requested)
-            if result.nonfinite:
-                skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
-            state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
-            meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
-            bar.update(1)
-            bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
+        # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
+        if cfg.output.save:
+            export.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
+            log.info(f"final model saved to {out / 'final'}")
+            if accelerator.is_main_process:
+                summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
+                                              tokens_seen=state.tokens_seen)
+                example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
+                hub.model_card(cfg, summary, tokenizer.chat_template, example).save(out / "final" / "README.md")
+                if cfg.output.push_to_hub:
+                    hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
+                               message=f"Final model after {state.step} steps")
+        return finish(accelerator, 0)
 
-            if due(state.step, t.log_every, total_steps):
-                scalars = meter.scalars(lr, state.step / per_epoch, state.tokens_trained)
-                accelerator.log(scalars, step=state.step)
-                log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-                summary.train_loss = scalars["train/loss"]
-            if due(state.step, t.eval_every, total_steps) and evals.rows:
-                eval_and_log()
-            if t.sample_prompts and due(state.step, t.sample_every, total_steps):
-                sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens, stop_id,
-                                         state.step, out)
-            if cfg.output.save and (due(state.step, t.save_every, total_steps) or result.preempted):
-                saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer)
-                log.info(f"checkpoint {saved}")
-                if uploads:
-                    uploads.submit(saved)
-            if result.preempted:
-                saved = checkpoints.last_good(ckpt_root) if cfg.output.save else "nothing (output.save: false)"
-                log.warning(f"preempted ({preempt.describe()}) at step {state.step}; saved {saved}; "
-                            "resume with --resume_from_checkpoint latest")
-                return finish(accelerator, preemption.PREEMPTED_EXIT_CODE)
-    bar.close()
 
-    # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
-    if cfg.output.save:
-        export.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
-        log.info(f"final model saved to {out / 'final'}")
-        if accelerator.is_main_process:
-            summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
-                                          tokens_seen=state.tokens_seen)
-            example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
-            hub.model_card(cfg, summary, tokenizer.chat_template, example).save(out / "final" / "README.md")
-            if cfg.output.push_to_hub:
-                hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
-                           message=f"Final model after {state.step} steps")
-    return finish(accelerator, 0)
+def run(argv: list[str] | None = None) -> int:
+    """main(), with what a user can fix said in one line, by the first process only, without a traceback:
+    exit 2 for config and data, 1 for a run that cannot go on (a checkpoint, a non-finite step)."""
+    try:
+        return main(argv)
+    except (config.ConfigError, data.DataError, rundir.DirectoryInUse, templates.TemplateError) as e:
+        return say(e, 2)
+    except (checkpoints.CheckpointError, FloatingPointError) as e:
+        return say(e, 1)
+
+
+def say(error: Exception, code: int) -> int:
+    """The error, once: on the console and, once the run has one, in train.log (other processes stay quiet)."""
+    if os.environ.get("RANK", "0") == "0":
+        logging.getLogger("loop").error(f"error: {error}")
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loop import tiny
-
-ROOT = Path(__file__).resolve().parents[1]
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from loop import tiny  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 # A token that must never appear in any file a run writes (tests/test_hub.py scans for it).
 SECRET_TOKEN = "hf_SENTINELtokenThatMustNeverBeWritten"
 os.environ["HF_TOKEN"] = SECRET_TOKEN
@@ -150,9 +150,10 @@ def trained_run(tiny_dir, tmp_path_factory) -> Path:
     return tmp / "out"
 
 
-def run_in_process(config_path: Path, *overrides: str) -> int:
-    """loop/train.py's main() in this process (one process, no DeepSpeed): cheap, and it sees the
-    test's monkeypatches. Accelerate's global state and the signal handlers are put back afterwards."""
+def run_in_process(config_path: Path, *overrides: str, entry: str = "main") -> int:
+    """loop/train.py's main() (or run(), which turns errors into one line and an exit code) in this process
+    (one process, no DeepSpeed): cheap, and it sees the test's monkeypatches. Accelerate's global state and
+    the signal handlers are put back afterwards."""
     import signal
 
     from accelerate.state import AcceleratorState
@@ -162,7 +163,7 @@ def run_in_process(config_path: Path, *overrides: str) -> int:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        return train.main([str(config_path), *overrides])
+        return getattr(train, entry)([str(config_path), *overrides])
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

@@ -1,6 +1,7 @@
 """Crash, preemption and resume under real 2-process ZeRO-3."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,9 +152,18 @@ def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_dir, tokenizer,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(checkpoints.CheckpointError, match="No space left on device.*previous checkpoint is untouched"):
+    with pytest.raises(checkpoints.CheckpointError, match="no space left on device at .*previous checkpoint is untouc"):
         checkpoints.save(accelerator, checkpoints.LoopState(step=2), cfg, root, model, tokenizer)
-    monkeypatch.setattr(torch, "save", real_save)
+
+    def torch_writer_full(obj, f, *args, **kwargs):  # what torch says when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: unexpected pos 5401856 vs 5401744")
+
+    monkeypatch.setattr(torch, "save", torch_writer_full)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(checkpoints.CheckpointError, match=r"no space left on device at .* \(0 MB free\)"):
+        checkpoints.save(accelerator, checkpoints.LoopState(step=2), cfg, root, model, tokenizer)
+    monkeypatch.undo()
     assert checkpoints.find("latest", root) == first
     assert not list(root.glob(".tmp-*")) and not (root / "step_00000002").exists()
     accelerator.load_state(str(first))  # still loads
@@ -173,6 +183,64 @@ def test_checkpoint_missing_a_process_files_is_never_marked_complete(tiny_dir, t
     accelerator = Accelerator(cpu=True)
     model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
     monkeypatch.setattr(accelerator, "save_state", lambda path: Path(path).mkdir(exist_ok=True))
-    with pytest.raises(checkpoints.CheckpointError, match="random_states_0.pkl"):
+    monkeypatch.setattr(checkpoints.integrity, "save_rng", lambda folder, rank: None)
+    with pytest.raises(checkpoints.CheckpointError, match="rng_state_0.safetensors"):
         checkpoints.save(accelerator, checkpoints.LoopState(step=1), config_mod.Config(), tmp_path, model, tokenizer)
     assert checkpoints.complete_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_resume_refuses_changes_to_what_a_step_is_and_applies_the_rest(tiny_dir, tmp_path, capsys):
+    """In this process (one process, no DeepSpeed): a 2-step run, then resumes with changed settings."""
+    from tests.conftest import run_in_process
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       training={"max_steps": 2, "save_every": 2, "eval_every": 0})
+    assert run_in_process(cfg, entry="run") == 0
+    resume = ("--resume_from_checkpoint", "latest", "--max_steps", "3")
+    assert run_in_process(cfg, *resume, "--seq_len", "128", "--micro_batch_size", "3", entry="run") == 2
+    said = capsys.readouterr().out
+    assert "changes the data order or what a step means: data.seq_len: 256 -> 128; " \
+           "training.micro_batch_size: 2 -> 3" in said and "--allow_config_change true" in said
+    (tmp_path / "extra.jsonl").write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text().split("\n", 1)[1])
+    other_data = ("--train_files", f"[{tmp_path / 'extra.jsonl'}]")
+    assert run_in_process(cfg, *resume, *other_data, entry="run") == 2  # the same names would not do either
+    assert "data.train_files" in capsys.readouterr().out
+    assert run_in_process(cfg, *resume, "--seq_len", "128", "--allow_config_change", "true", "--lr", "1e-3") == 0
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "resuming with changed settings (applied): training.lr: 0.003 -> 0.001; training.max_steps: 2 -> 3" in log
+    assert "resuming with --allow_config_change despite: data.seq_len: 256 -> 128" in log
+    assert "Final train loss" in (tmp_path / "out" / "final" / "README.md").read_text()
+
+
+def test_a_full_disk_is_said_once_in_the_console_and_the_log(tiny_dir, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_in_process
+
+    real_save = torch.save
+    saves = []
+
+    def full_on_the_second_checkpoint(obj, f, *args, **kwargs):
+        saves.append(f)
+        if "step_00000004" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_checkpoint)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 6, "save_every": 2})
+    assert run_in_process(cfg, entry="run") == 1
+    console = capsys.readouterr().out
+    log = (tmp_path / "out" / "train.log").read_text()
+    for text in (console, log):
+        assert text.count("no space left on device at") == 1 and "Traceback" not in text
+    assert "the next one may not fit" in log  # warned before the save, from the last checkpoint's size
+    assert checkpoints.find("latest", tmp_path / "out" / "checkpoints").name == "step_00000002"
+
+
+def test_a_run_resumed_at_its_last_step_still_reports_its_eval_loss(tiny_dir, tmp_path):
+    from tests.conftest import run_in_process
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 2, "save_every": 2})
+    assert run_in_process(cfg) == 0
+    assert run_in_process(cfg, "--resume_from_checkpoint", "latest") == 0
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "final eval loss: nan" not in card and "not measured" not in card.split("final eval loss:")[1][:20]

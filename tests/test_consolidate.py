@@ -68,7 +68,7 @@ def broken_copy(ckpt, tmp_path, damage):
      "zero_pp_rank_0_mp_rank_00_model_states.pt: missing model state file of rank 0"),
     (lambda c: (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(
         (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()[:5000]),
-     "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: unreadable or truncated"),
+     "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: unreadable, truncated"),
     (lambda c: (c / "latest").unlink(), "not a ZeRO checkpoint"),
     (lambda c: (c / "latest").write_text("nowhere"), "unknown layout"),
 ])

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in dialogues:
             f.write(json.dumps({"messages": d}, ensure_ascii=False) + "\n")
     skipped = f"; skipped {dict(report.skipped)}" if report.skipped else ""
+    skipped += f"; left out {dict(report.left_out)}" if report.left_out else ""
     print(f"wrote {len(dialogues)} dialogues from {report.records} records to {a.out}{skipped}")
     return 0
 

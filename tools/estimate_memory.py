@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     p.add_argument("--trust-remote-code", action="store_true")
     a = p.parse_args(argv)
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # an unreachable Hub is said once below, not once per retry
     try:
         head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len,
                                         a.checkpointing, a.trust_remote_code)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TextStreamer
 
-from loop import sampling
+from loop import consolidate, sampling
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
 BUILT_IN_PROMPTS = [
@@ -69,7 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.manual_seed(a.seed)
-    model, tokenizer = sampling.load(a.model)
+    try:
+        model, tokenizer = sampling.load(a.model)
+    except (consolidate.ConsolidationError, OSError, ValueError) as e:
+        print(f"error: {a.model}: cannot load a model from it ({e})", file=sys.stderr)
+        return 2
     cfg = sampling.SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
                                   temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p,
                                   repetition_penalty=a.repetition_penalty)

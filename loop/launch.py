@@ -1,0 +1,81 @@
+"""Launching a run so that a scheduler can drive it: check first, forward signals, exit 75 on preemption.
+
+`accelerate launch` runs the workers under torchrun, which reports any non-zero worker exit as its own
+failure (exit 1 with a traceback) and, when it gets SIGTERM itself, kills the workers 30 seconds later,
+too soon for a large model's checkpoint. This front end adds what a requeue script needs:
+
+1. The run's config, model config and data are checked before anything starts; a problem is one line
+   and exit 2, and nothing is launched or written.
+2. SIGTERM / SIGUSR1 sent to it go straight to the training processes, which save and stop together.
+3. When the run stopped for preemption (it leaves OUTPUT_DIR/PREEMPTED), the launch exits 75.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from loop import config, data, models, preemption, rundir, templates
+
+
+def split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(accelerate launch options, [training script, its arguments])."""
+    script = next((i for i, a in enumerate(argv) if a.endswith(".py")), None)
+    if script is None:
+        raise config.ConfigError("usage: tools/launch.py [accelerate launch options] loop/train.py CONFIG "
+                                 "[--key value ...]")
+    return argv[:script], argv[script:]
+
+
+def check(train_args: list[str]) -> config.Config:
+    """What the run would refuse, refused before launching: config, model, data records."""
+    from loop import attention
+
+    cfg = config.from_argv(train_args)
+    model_config = models.read_config(cfg)
+    attn, _ = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+    models.check_trainable(model_config, cfg, attn)
+    _, report, bad = data.collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
+    if cfg.data.eval_files:
+        bad += data.collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]
+    if cfg.data.on_bad_record == "error":
+        data.refuse_bad(bad)
+    if report.dialogues == len(bad):
+        raise data.DataError(f"no training dialogues in {', '.join(cfg.data.train_files)}: {report.describe()}")
+    return cfg
+
+
+def workers(launcher: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(launcher.pid).children(recursive=True)
+                if any(a.endswith("train.py") for a in p.cmdline())]
+    except psutil.Error:
+        return []
+
+
+def run(argv: list[str]) -> int:
+    try:
+        launcher_args, train_args = split(argv)
+        cfg = check(train_args[1:])
+    except (config.ConfigError, data.DataError, templates.TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    marker = Path(cfg.output.output_dir) / rundir.PREEMPTED
+    started = time.time()
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *train_args])
+
+    def forward(signum, _frame) -> None:
+        for worker in workers(launcher):
+            worker.send_signal(signum)
+
+    for s in preemption.SIGNALS:
+        signal.signal(s, forward)
+    code = launcher.wait()
+    if marker.is_file() and marker.stat().st_mtime >= started:
+        return preemption.PREEMPTED_EXIT_CODE
+    return code

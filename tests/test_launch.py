@@ -1,0 +1,78 @@
+"""Launching for a scheduler: the README's command exits 75 on preemption, refuses a bad run before
+launching, and workers stop when their launcher dies."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from loop import checkpoints
+from tests.conftest import ROOT, free_port, write_config
+
+
+def config(tmp_path, tiny_dir):
+    return write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                        training={"max_steps": 100_000, "save_every": 100_000, "log_every": 1})
+
+
+def command(cfg, *front):
+    return [*front, "--config_file", str(ROOT / "accelerate_configs" / "cpu_zero3.yaml"), "--main_process_port",
+            str(free_port()), "loop/train.py", str(cfg), "--resume_from_checkpoint", "latest"]
+
+
+def training(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def wait_for_steps(out, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not (out / "train.log").exists() or "train/loss" not in (out / "train.log").read_text():
+        assert proc.poll() is None, proc.stdout.read()[-3000:] if proc.stdout else ""
+        assert time.time() < deadline
+        time.sleep(0.2)
+
+
+def test_the_readme_launch_exits_75_on_preemption_and_resumes(tiny_dir, tmp_path):
+    """As SLURM's --signal=USR1@300 does: the signal reaches the launch, the workers checkpoint together,
+    and the launch, not only its workers, exits 75; run again, it resumes."""
+    cfg = config(tmp_path, tiny_dir)
+    proc = subprocess.Popen(command(cfg, sys.executable, "tools/launch.py"), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(tmp_path / "out", proc)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 75, out[-3000:]
+    saved = checkpoints.complete_checkpoints(tmp_path / "out" / "checkpoints")
+    assert len(saved) == 1
+    last = int(saved[0].name.split("_")[1]) + 1
+    again = subprocess.run(command(cfg, sys.executable, "tools/launch.py") + ["--max_steps", str(last)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:]
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert f"resumed from {saved[0]}" in log and "training.max_steps: 100000 -> " in log  # a harmless change, said
+
+
+def test_a_bad_run_is_refused_before_anything_starts(tiny_dir, tmp_path):
+    cfg = config(tmp_path, tiny_dir)
+    proc = subprocess.run(command(cfg, sys.executable, "tools/launch.py") + ["--seq_len", "5"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: data.seq_len: must be >= 16, got 5"
+    assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "out").exists()
+
+
+def test_workers_stop_when_their_launcher_dies(tiny_dir, tmp_path):
+    """Killing the launcher's process group (each worker has a group of its own) used to leave them
+    training; now they checkpoint and exit."""
+    cfg = config(tmp_path, tiny_dir)
+    proc = subprocess.Popen(command(cfg, sys.executable, "-m", "accelerate.commands.launch"), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    wait_for_steps(tmp_path / "out", proc)
+    workers = training(proc)
+    assert len(workers) == 2
+    proc.kill()  # the launcher only, with SIGKILL: it cannot pass anything on
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=120)
+    assert not alive, [p.pid for p in alive]
+    assert checkpoints.complete_checkpoints(tmp_path / "out" / "checkpoints")  # they saved on the way out
