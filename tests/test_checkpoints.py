@@ -203,8 +203,18 @@ def test_resume_refuses_changes_to_what_a_step_is_and_applies_the_rest(tiny_dir,
            "training.micro_batch_size: 2 -> 3" in said and "--allow_config_change true" in said
     (tmp_path / "extra.jsonl").write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text().split("\n", 1)[1])
     other_data = ("--train_files", f"[{tmp_path / 'extra.jsonl'}]")
-    assert run_in_process(cfg, *resume, *other_data, entry="run") == 2  # the same names would not do either
+    assert run_in_process(cfg, *resume, *other_data, entry="run") == 2
     assert "data.train_files" in capsys.readouterr().out
+    # The same file name with other dialogues in it: caught by the content's fingerprint.
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text())
+    cfg2 = write_config(tmp_path / "run2.yaml", tiny_dir, tmp_path / "out2", data={"train_files": [str(data_file)]},
+                        training={"max_steps": 2, "save_every": 2, "eval_every": 0})
+    assert run_in_process(cfg2, entry="run") == 0
+    data_file.write_text((tmp_path / "extra.jsonl").read_text())
+    assert run_in_process(cfg2, *resume, entry="run") == 2
+    said = capsys.readouterr().out
+    assert "the training data's content" in said and "data.train_files" not in said
     assert run_in_process(cfg, *resume, "--seq_len", "128", "--allow_config_change", "true", "--lr", "1e-3") == 0
     log = (tmp_path / "out" / "train.log").read_text()
     assert "resuming with changed settings (applied): training.lr: 0.003 -> 0.001; training.max_steps: 2 -> 3" in log
