@@ -53,6 +53,7 @@ class LoopState:
     skipped_steps: int = 0
     world_size: int = 1
     data_fingerprint: str = ""  # of the train and eval dialogues (loop/data.py)
+    evals: list = dataclasses.field(default_factory=list)  # [step, eval loss] so far, for the model card
 
     def advance(self, tokens: int, rows: int, trained: int, skipped: bool, steps_per_epoch: int) -> None:
         """Count one optimizer step (a skipped one trained nothing)."""
@@ -157,10 +158,15 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
 
-    def shards() -> None:
-        accelerator.save_state(str(tmp))
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+
+    def shards() -> None:  # with LoRA only what trains: the frozen base is the model the run started from
+        accelerator.save_state(str(tmp), **({"exclude_frozen_parameters": True} if cfg.lora.enabled and deepspeed
+                                            else {}))
         (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # accelerate's pickle: ours has none
         integrity.save_rng(tmp, rank)
+        if cfg.lora.enabled and not deepspeed and accelerator.is_main_process:
+            keep_trainable(tmp / "model.safetensors", accelerator.unwrap_model(model))
 
     def finish() -> None:  # main process, after every process has written its shards
         if not accelerator.is_main_process:
@@ -175,6 +181,8 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         unwrapped.config.save_pretrained(tmp)
         unwrapped.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if cfg.lora.enabled:
+            unwrapped.peft_config["default"].save_pretrained(tmp)  # adapter_config.json: what the weights are
         integrity.write_manifest(tmp)
 
     together(create, f"cannot create {tmp}")
@@ -191,6 +199,15 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         prune(root, cfg.training.keep_last)
     accelerator.wait_for_everyone()
     return final
+
+
+def keep_trainable(weights: Path, model) -> None:
+    """Rewrite a checkpoint's model.safetensors with the trainable parameters only."""
+    from safetensors.torch import load_file, save_file
+
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    tensors = load_file(weights)
+    save_file({k: v for k, v in tensors.items() if k in trainable}, str(weights), metadata={"format": "pt"})
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -263,7 +280,7 @@ def resume(accelerator: Accelerator, model, cfg: config_mod.Config, root: Path,
     path, notes = choice[0]
     state = LoopState(**json.loads((path / STATE_FILE).read_text()))
     notes += compare(cfg, yaml.safe_load((path / "run_config.yaml").read_text()), state, data_fingerprint)
-    load(accelerator, model, path, state)
+    load(accelerator, model, path, state, partial=cfg.lora.enabled)
     return state, [*notes, f"resumed from {path} at step {state.step}"]
 
 
@@ -283,8 +300,9 @@ def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerpr
     return notes
 
 
-def load(accelerator: Accelerator, model, path: Path, state: LoopState) -> None:
-    """Restore model, optimizer and every process's RNG state, reading nothing that can run code."""
+def load(accelerator: Accelerator, model, path: Path, state: LoopState, partial: bool = False) -> None:
+    """Restore model, optimizer and every process's RNG state, reading nothing that can run code. A
+    partial checkpoint (LoRA) holds only what trains; the rest is already the model's own."""
     if state.world_size != accelerator.num_processes:
         raise CheckpointError(
             f"{path} was written by {state.world_size} processes and this run has "
@@ -293,10 +311,12 @@ def load(accelerator: Accelerator, model, path: Path, state: LoopState) -> None:
             f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
             "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
         )
-    if accelerator.state.deepspeed_plugin is not None:
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if deepspeed:
         integrity.install_safe_loading(model)
+    strict = {} if not partial else {"load_module_strict": False} if deepspeed else {"strict": False}
     try:
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(path), **strict)
         integrity.load_rng(path, accelerator.process_index)
     except integrity.UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from None

@@ -110,11 +110,28 @@ class OutputConfig:
 
 
 @dataclass
+class LoraSettings:
+    enabled: bool = False  # train LoRA adapters on a frozen base instead of every weight (loop/lora.py)
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Linear layers to adapt: [auto] (every attention and MLP projection of the architecture), [all-linear]
+    # (every linear layer but the output projection), or a list of module names.
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    # Train the token embedding and the output projection fully as well (they are one matrix when tied).
+    # Without it, only the rows of tokens the template added train.
+    train_embeddings: bool = False
+    quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, the frozen base in NF4 (bitsandbytes)
+    merge: bool = True  # also save the base with the adapter merged in, as a plain bf16 model (final/)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -215,6 +232,9 @@ def validate(config: Config) -> None:
         ("training.sample_every", t.sample_every >= 0, "must be >= 0"),
         ("training.max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
         ("training.loss_chunk_tokens", t.loss_chunk_tokens >= 0, "must be >= 0 (0: plain logits)"),
+        ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
+        ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
         ("data.seq_len", d.seq_len >= 16, "must be >= 16"),
         ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
         ("data.num_proc", d.num_proc >= 1, "must be >= 1"),
@@ -238,7 +258,8 @@ def validate(config: Config) -> None:
 RUN_IDENTITY = ("model.name_or_path", "model.revision", "data.train_files", "data.eval_files", "data.format",
                 "data.oasst_paths", "data.eval_fraction", "data.template", "data.seq_len", "data.packing",
                 "data.on_bad_record", "data.on_too_long", "training.seed", "training.micro_batch_size",
-                "training.gradient_accumulation_steps")
+                "training.gradient_accumulation_steps", "lora.enabled", "lora.rank", "lora.target_modules",
+                "lora.train_embeddings", "lora.quantize")
 NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change")
 
 

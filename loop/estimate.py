@@ -62,14 +62,43 @@ def activations_bytes(shape: Shape, micro_batch: int, seq_len: int, checkpointin
     return {"activations": acts, "logits": logits}
 
 
+def lora_parameters(model_config, rank: int, trust_remote_code: bool = False) -> int:
+    """Adapter parameters for rank `rank` on the default targets of loop/lora.py: r * (in + out) per layer."""
+    from loop.lora import TARGETS
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    names = TARGETS.get(model_config.model_type)
+    head = model.get_output_embeddings()
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and m is not head and (names is None or name.split(".")[-1] in names))
+
+
+def lora_row(total: int, largest: int, adapter: int, gpus: int, quantized: bool) -> dict[str, float | str]:
+    """Model states per GPU with a frozen base: the base once (bf16, or NF4 at ~0.53 bytes a parameter with
+    its scales), partitioned by ZeRO-3 with one layer gathered at a time; the adapter trains like a full
+    model does (bf16 weight and gradient, fp32 master and two Adam moments: 16 bytes a parameter)."""
+    base = total * (0.53 if quantized else 2.0)
+    gpu = base / gpus + largest * 2 + 16 * adapter / gpus
+    return {"setting": f"{'QLoRA' if quantized else 'LoRA'} (frozen base, no offload)", "model_states_gpu_gb": gpu / GB,
+            "cpu_gb_per_node": 0.0}
+
+
 def estimate(name_or_path: str, gpus_per_node: int, nodes: int, micro_batch: int, seq_len: int,
-             checkpointing: bool, trust_remote_code: bool = False) -> list[dict[str, float | str]]:
-    """Rows of (offload setting, GPU GB per GPU, CPU GB per node) for the usual ZeRO-3 choices."""
+             checkpointing: bool, trust_remote_code: bool = False, lora_rank: int = 0,
+             qlora: bool = False) -> list[dict[str, float | str]]:
+    """Rows of (setting, GPU GB per GPU, CPU GB per node): the usual ZeRO-3 choices, or with lora_rank the
+    LoRA (or QLoRA) run."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
     model_config = read_config(name_or_path, trust_remote_code)
     total, largest = count_params(model_config, trust_remote_code)
     extra = sum(activations_bytes(Shape.of(model_config), micro_batch, seq_len, checkpointing).values())
+    if lora_rank:
+        adapter = lora_parameters(model_config, lora_rank, trust_remote_code)
+        row = lora_row(total, largest, adapter, gpus_per_node * nodes, qlora)
+        row["gpu_gb"] = row["model_states_gpu_gb"] + extra / GB
+        return [{"params": total, "largest_layer": largest, "activations_gb": extra / GB, "adapter": adapter}, row]
     rows = []
     for label, cpu_offload, offload_params in (("no offload", False, False),
                                                ("offload optimizer", True, False),

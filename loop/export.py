@@ -100,12 +100,52 @@ def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
     accelerator.wait_for_everyone()
 
 
+def save_final(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out: Path, cfg) -> dict[str, Path]:
+    """The run's final outputs, by kind: "model" (final/) for full fine-tuning; with LoRA, "adapter"
+    (adapter/: what peft loads onto the base) and, unless lora.merge is off, "merged model" (final/).
+    Must be called on every process: gathering ZeRO-3 shards is a collective."""
+    if not cfg.lora.enabled:
+        save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
+        return {"model": out / "final"}
+    from loop import lora
+
+    state_dict = accelerator.get_state_dict(model)
+    saved = {"adapter": out / "adapter"}
+    if accelerator.is_main_process:
+        with staged(out / "adapter") as tmp:
+            lora.save_adapter(accelerator.unwrap_model(model), state_dict, tmp, tokenizer)
+        if cfg.lora.merge:
+            base = lora.load_base(cfg.model.name_or_path, accelerator.unwrap_model(model).config.vocab_size,
+                                  cfg.model.revision, cfg.model.trust_remote_code)
+            changed = [] if cfg.lora.quantize == "4bit" else lora.base_changes(state_dict, base)  # 4-bit: no match
+            if changed:
+                raise ExportError(f"the frozen base changed during training ({', '.join(changed[:5])}); not merged")
+            merged = lora.merge(base, out / "adapter")
+            merged.generation_config = accelerator.unwrap_model(model).generation_config
+            save_plain(merged, tokenizer, out / "final", cfg.output.save_dtype)
+            saved["merged model"] = out / "final"
+    accelerator.wait_for_everyone()
+    return saved
+
+
+def save_plain(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: SaveDtype) -> None:
+    """A whole model already in this process's memory (a merged adapter), staged and checked."""
+    expected = expected_shapes(model)
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    with staged(out_dir) as tmp:
+        model.to(DTYPES[dtype]).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        check_saved_model(tmp, expected, tied)
+
+
 def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_bytes: int = 5 * 1024**3,
                     progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
     """Export a training checkpoint (ZeRO-3 shards, or whole weights from a run without DeepSpeed);
     return the tied-weight aliases that were written once."""
-    from loop import consolidate
+    from loop import consolidate, lora
 
+    if (ckpt / lora.ADAPTER_CONFIG).is_file():
+        return _adapter_from_checkpoint(ckpt, out)
     with staged(out) as tmp:
         if not (ckpt / "latest").exists() and (ckpt / "model.safetensors").is_file():
             _copy_plain(ckpt, tmp, DTYPES[dtype])
@@ -118,6 +158,50 @@ def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_
                 shutil.copy2(ckpt / meta, tmp / meta)
         _set_config_dtype(tmp / "config.json", DTYPES[dtype])
     return aliases
+
+
+def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
+    """A LoRA checkpoint holds the trainable weights under peft's in-memory names: write them as peft saves
+    an adapter (names mapped by peft itself, on a skeleton of the model that holds no weights)."""
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from loop import consolidate
+
+    trained = load_file(ckpt / "model.safetensors") if not (ckpt / "latest").exists() else consolidate.state_dict(ckpt)
+    peft_config = PeftConfig.from_pretrained(ckpt)
+    with torch.device("meta"):
+        skeleton = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt)), peft_config)
+    adapter = get_peft_model_state_dict(skeleton, state_dict=trained)
+    with staged(out) as tmp:
+        save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        peft_config.save_pretrained(tmp)
+        for meta in META_FILES:
+            if (ckpt / meta).is_file() and meta != "config.json":
+                shutil.copy2(ckpt / meta, tmp / meta)
+    return {}
+
+
+def merged_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16") -> None:
+    """From a LoRA checkpoint, the base model (named in its run config) with the adapter merged in."""
+    import tempfile
+
+    import yaml
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    from loop import lora
+
+    run = yaml.safe_load((ckpt / "run_config.yaml").read_text())["model"]
+    with tempfile.TemporaryDirectory() as work:
+        _adapter_from_checkpoint(ckpt, Path(work) / "adapter")
+        base = lora.load_base(run["name_or_path"], AutoConfig.from_pretrained(ckpt).vocab_size, run.get("revision"),
+                              run.get("trust_remote_code", False))
+        model = lora.merge(base, Path(work) / "adapter")
+    model.generation_config = GenerationConfig.from_pretrained(ckpt)
+    save_plain(model, AutoTokenizer.from_pretrained(ckpt), out, dtype)
 
 
 def _copy_plain(ckpt: Path, tmp: Path, dtype: torch.dtype) -> None:

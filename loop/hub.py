@@ -1,5 +1,5 @@
-"""Sharing on the Hugging Face Hub: a model card that says how the model was made and how to prompt
-it, and uploads that retry and never lose local files.
+"""Sharing on the Hugging Face Hub: uploads that retry and never lose local files, and checkpoint
+uploads in the background (the model card is loop/card.py's).
 
 The token is never read here: `HfApi` takes it from HF_TOKEN or the login cache, so it cannot reach
 logs, saved configs or the card.
@@ -14,105 +14,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import HfApi
 
 from loop import checkpoints
 
 log = logging.getLogger("loop")
-
-SNIPPET = '''```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-model = AutoModelForCausalLM.from_pretrained("{repo}", dtype="auto", device_map="auto")
-messages = [{{"role": "user", "content": "Write a Python function that reverses a string."}}]
-inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
-                                       return_dict=True).to(model.device)
-out = model.generate(**inputs, max_new_tokens=256, do_sample=True, temperature=0.2, top_p=0.95)
-print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
-```'''
-
-
-@dataclass
-class RunSummary:
-    """What the model card reports about the run; None where it was not measured."""
-
-    world_size: int
-    hardware: str
-    steps: int = 0
-    tokens_trained: int = 0
-    tokens_seen: int = 0
-    train_loss: float | None = None
-    eval_loss: float | None = None
-
-
-def _loss(value: float | None) -> str:
-    return f"{value:.4f}" if value is not None else "not measured"
-
-
-def model_card(cfg, summary: RunSummary, chat_template: str, example: str) -> ModelCard:
-    """A README.md for the model directory, with Hub metadata."""
-    repo = cfg.output.hub_model_id or Path(cfg.output.output_dir).name
-    datasets = sorted({f.partition(":")[0] for f in cfg.data.train_files if not Path(f).exists()})  # Hub ids
-    data = ModelCardData(base_model=cfg.model.name_or_path if not Path(cfg.model.name_or_path).exists() else None,
-                         datasets=datasets or None, license=cfg.output.license,
-                         tags=["starcoder", "code", "chat", "deepspeed", "zero3"], pipeline_tag="text-generation",
-                         library_name="transformers")
-    t = cfg.training
-    hyper = {"learning rate": t.lr, "schedule": f"{t.lr_schedule}, warm-up {t.warmup_steps or t.warmup_ratio}",
-             "optimizer": f"AdamW (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})",
-             "weight decay": t.weight_decay,
-             "micro-batch per device": t.micro_batch_size, "gradient accumulation": t.gradient_accumulation_steps,
-             "processes": summary.world_size, "sequence length": cfg.data.seq_len,
-             "packing": cfg.data.packing, "optimizer steps": summary.steps, "max grad norm": t.max_grad_norm,
-             "precision": "bf16 (ZeRO-3)", "seed": t.seed}
-    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
-    body = f"""---
-{data.to_yaml()}
----
-
-# {repo}
-
-A chat model fine-tuned from `{cfg.model.name_or_path}` on multi-turn dialogues with `loop`, a
-hand-written Accelerate + DeepSpeed ZeRO-3 training loop. Only assistant turns were trained.
-
-## How to prompt it
-
-The tokenizer carries the chat template the model was trained with (`{cfg.data.template}`); use
-`apply_chat_template` and it renders exactly the training format. For example:
-
-```
-{example}
-```
-
-Generation should stop at the end token; `generation_config.json` sets it as `eos_token_id`.
-
-{SNIPPET.format(repo=repo)}
-
-## Training
-
-| hyperparameter | value |
-|---|---|
-{rows}
-
-- Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,}
-  of {summary.tokens_seen:,} tokens processed
-- Hardware: {summary.hardware}
-- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
-- Data: {", ".join(cfg.data.train_files)} ({cfg.data.format})
-
-<details><summary>Chat template (Jinja)</summary>
-
-```jinja
-{chat_template}
-```
-</details>
-"""
-    return ModelCard(body)
-
 
 def upload(folder: Path, repo_id: str, private: bool, revision: str | None = None, message: str = "Upload model",
            retries: int = 4, backoff_s: float = 2.0, api: HfApi | None = None) -> str:
@@ -215,3 +123,9 @@ def checkpoint_uploads(out, is_main_process: bool) -> Iterator[BackgroundUploade
         if uploader:
             for problem in uploader.close(out.hub_upload_wait_s):
                 log.warning(f"checkpoint upload: {problem}")
+
+
+def repo_for(hub_model_id: str, kind: str, kinds) -> str:
+    """Where each output goes: the model (or merged model) to hub_model_id; an adapter there too when it
+    is the only output, else to hub_model_id-adapter."""
+    return f"{hub_model_id}-adapter" if kind == "adapter" and len(kinds) > 1 else hub_model_id

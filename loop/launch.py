@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from loop import config, data, models, preemption, rundir, templates
+from loop import config, data, lora, models, preemption, rundir, templates
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -40,6 +40,7 @@ def check(train_args: list[str]) -> config.Config:
     model_config = models.read_config(cfg)
     attn, _ = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
     models.check_trainable(model_config, cfg, attn)
+    lora.check(cfg)
     _, report, bad = data.collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
     if cfg.data.eval_files:
         bad += data.collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]

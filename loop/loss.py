@@ -70,8 +70,8 @@ def install_chunked_head(model, chunk_tokens: int) -> None:
     Generation and every other call keep the plain projection. chunk_tokens 0 leaves it alone.
     """
     head = model.get_output_embeddings()
-    if chunk_tokens <= 0 or head is None or getattr(head, "loss_targets", False) is not False:
-        return
+    if chunk_tokens <= 0 or type(head) is not torch.nn.Linear or getattr(head, "loss_targets", False) is not False:
+        return  # a wrapped projection (peft training it whole) keeps the plain loss
     plain = head.forward
     head.loss_targets = None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -51,6 +52,26 @@ def peak_flops_per_device(configured: float) -> float:
     return 0.0
 
 
+def setup(accelerator, cfg) -> tuple[str, str]:
+    """(how the processes shared the work, the precision), for the model card."""
+    plugin = accelerator.state.deepspeed_plugin
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) // max(
+        1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    where = f"{accelerator.num_processes} process(es) on {max(1, machines)} node(s)"
+    if plugin is not None:
+        zero = plugin.deepspeed_config.get("zero_optimization", {})
+        offload = [k.removeprefix("offload_") for k in ("offload_optimizer", "offload_param")
+                   if (zero.get(k) or {}).get("device") not in (None, "none")]
+        shared = f"DeepSpeed ZeRO-{plugin.zero_stage}" + (f", {' and '.join(offload)} offloaded" if offload else "")
+    else:
+        shared = "data parallel (DDP)" if accelerator.num_processes > 1 else "one process"
+    mixed = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    precision = f"{mixed} training, saved as {cfg.output.save_dtype}"
+    if cfg.lora.enabled and cfg.lora.quantize == "4bit":
+        precision += "; frozen base in 4-bit NF4"
+    return f"{shared}, {where}", precision
+
+
 def hardware(world_size: int) -> str:
     """What the run ran on, for the model card."""
     if torch.cuda.is_available():
@@ -67,17 +88,22 @@ def attention_pairs(n: np.ndarray, window: int | None) -> np.ndarray:
     return w * (w + 1) // 2 + (n - w) * w
 
 
-def training_flops(matmul_params: int, shape, piece_lengths: list[int]) -> float:
+def training_flops(matmul_params: int, shape, piece_lengths: list[int], trainable_matmul_params: int | None = None
+                   ) -> float:
     """FLOPs of forward + backward over these pieces (packed dialogues).
 
-    2 per matmul parameter per token forward and 4 backward (embedding lookups are no matmuls), plus
-    attention: QK^T and AV cost 2 * head_dim FLOPs each per query head per query-key pair forward,
-    times 3 for forward + backward; key/value heads shared by several query heads save memory, not
-    these FLOPs. Packing matters: pairs follow each dialogue's own length (and sliding window).
+    Per token, 2 per matmul parameter forward (embedding lookups are no matmuls), 2 backward for the
+    gradient of the activations (every layer passes it on), and 2 for the gradient of the weights,
+    which only trainable weights get: 6N when everything trains, 4N + 2N_trainable with a frozen base
+    (LoRA), so MFU does not count work that is not done. Plus attention: QK^T and AV cost 2 * head_dim
+    FLOPs each per query head per query-key pair forward, times 3 for forward + backward (it has no
+    weights); key/value heads shared by several query heads save memory, not these FLOPs. Packing
+    matters: pairs follow each dialogue's own length (and sliding window).
     """
     n = np.asarray(piece_lengths, dtype=np.int64)
+    trainable = matmul_params if trainable_matmul_params is None else trainable_matmul_params
     pairs = sum(int(attention_pairs(n, w).sum()) for w in shape.windows)
-    return 6.0 * matmul_params * int(n.sum()) + 12.0 * shape.q_heads * shape.head_dim * pairs
+    return (4.0 * matmul_params + 2.0 * trainable) * int(n.sum()) + 12.0 * shape.q_heads * shape.head_dim * pairs
 
 
 def peak_memory_bytes() -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from loop import config, export, loss
+from loop import config, export, lora, loss
 
 VERIFIED = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
 
@@ -116,20 +116,27 @@ def load_tokenizer(cfg: config.Config) -> PreTrainedTokenizerBase:
                                  f"({reason[:300]})") from None
 
 
-def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase, vocab_grew: bool, end_token: str,
-         zero3: bool) -> torch.nn.Module:
+def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int],
+         end_token: str, zero3: bool, device: torch.device) -> torch.nn.Module:
     """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
-    the template's tokens, a generation config that stops at the end token, and the loss head."""
+    the template's tokens, a generation config that stops at the end token, LoRA adapters when asked
+    (loop/lora.py), and the loss head."""
+    quantization = lora.quantization(cfg)
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=attention)
-    if vocab_grew:
+        attn_implementation=attention, quantization_config=quantization,
+        device_map={"": device} if quantization and not zero3 else None)  # ZeRO-3 places weights itself
+    if added_tokens:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.generation_config = export.chat_generation_config(tokenizer, end_token)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()  # the frozen embedding must still pass gradients back
+        model = lora.wrap(model, cfg.lora, added_tokens)
     loss.install_chunked_head(model, cfg.training.loss_chunk_tokens)
-    if zero3:
+    if zero3 and not cfg.lora.enabled:  # with a frozen base, DeepSpeed's leaf-module backward loses the adapters
         gather_by_block(model)
     return model
 
@@ -147,6 +154,10 @@ def gather_by_block(model: torch.nn.Module) -> None:
 
 
 def _numel(p: torch.Tensor) -> int:
+    """Logical elements: 4-bit packed weights keep theirs in their quant state, ZeRO-3 partitions in ds_numel."""
+    state = getattr(p, "quant_state", None)
+    if state is not None:
+        return int(torch.Size(state.shape).numel())
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
@@ -155,11 +166,18 @@ def parameter_count(model: torch.nn.Module) -> int:
     return sum(_numel(p) for p in model.parameters())
 
 
-def matmul_parameters(model: torch.nn.Module) -> int:
-    """The parameters that take part in matrix multiplies: all but embedding lookups (token and learned
-    position embeddings), except a token embedding that is also the output projection (tied)."""
+def counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters, also under ZeRO-3 and with a 4-bit base."""
+    params = list(model.parameters())
+    return sum(_numel(p) for p in params if p.requires_grad), sum(_numel(p) for p in params)
+
+
+def matmul_parameters(model: torch.nn.Module, trainable: bool = False) -> int:
+    """The parameters that take part in matrix multiplies (only the trainable ones, if asked): all but
+    embedding lookups (token and learned position embeddings), except a token embedding that is also
+    the output projection (tied)."""
     output = model.get_output_embeddings()
-    tied = output.weight if output is not None else None
-    lookups = sum(_numel(m.weight) for m in model.modules()
-                  if isinstance(m, torch.nn.Embedding) and m.weight is not tied)
-    return parameter_count(model) - lookups
+    tied = getattr(output, "weight", None)
+    lookups = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding) and m.weight is not tied}
+    return sum(_numel(p) for p in model.parameters()
+               if id(p) not in lookups and (p.requires_grad or not trainable))

@@ -100,8 +100,8 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
-def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[bool, str]:
-    """Give `tokenizer` the named template; return (vocabulary grew, end token).
+def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[list[int], str]:
+    """Give `tokenizer` the named template; return (ids of the tokens it had to add, end token).
 
     With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text
     with `{% generation %}` so that trained tokens can be found.
@@ -114,8 +114,7 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[boo
                 "{% generation %} markers, so the trained tokens cannot be found; "
                 "use data.template: starchat or chatml"
             )
-        end = tokenizer.eos_token
-        return False, end
+        return [], tokenizer.eos_token
     template = TEMPLATES[name]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
@@ -126,7 +125,7 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[boo
     tokenizer.chat_template = build_jinja(template, reserved, bos=adds_bos(tokenizer))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = template.end_token
-    return bool(missing), template.end_token
+    return tokenizer.convert_tokens_to_ids(missing), template.end_token
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:

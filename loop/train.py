@@ -27,11 +27,13 @@ from tqdm import tqdm
 from loop import (
     attention,
     batches,
+    card,
     checkpoints,
     config,
     data,
     export,
     hub,
+    lora,
     loss,
     metrics,
     models,
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         unverified = models.check_trainable(model_config, cfg, attn)
         shape = models.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
+        lora.check(cfg)
         for warning in filter(None, (fallback, unverified)):
             log.warning(warning)
         set_seed(t.seed)
@@ -182,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
         tokenizer = models.load_tokenizer(cfg)
-        vocab_grew, end_token = templates.install(tokenizer, cfg.data.template)
+        added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
         train_ds, eval_ds, report = prepare_data(accelerator, cfg, tokenizer)
         planner, evals = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
                                           attention.layout(attn, cfg.data.packing), world, accelerator.process_index,
@@ -202,8 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         # 3. Model and optimizer.
         attention.register()
         zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        model = models.load(cfg, attn, tokenizer, vocab_grew, end_token, zero3)
-        flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape)
+        model = models.load(cfg, attn, tokenizer, added_tokens, end_token, zero3, accelerator.device)
+        flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape,
+                                  trainable_matmul_params=models.matmul_parameters(model, trainable=True))
+        trainable, total = models.counts(model)
+        log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
         optimizer = optim.make_optimizer(model, t)
 
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
@@ -215,16 +221,20 @@ def main(argv: list[str] | None = None) -> int:
         for note in notes:
             log.warning(note) if "changed" in note or "broken" in note or "despite" in note else log.info(note)
         accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
-        summary = hub.RunSummary(world_size=world, hardware=metrics.hardware(world))
+        shared, precision = metrics.setup(accelerator, cfg)
+        summary = card.RunSummary(world_size=world, hardware=metrics.hardware(world), setup=shared, precision=precision,
+                                  evals=state.evals)
 
         def eval_and_log() -> None:
             summary.eval_loss = loss.evaluate(model, accelerator, evals.shard())
+            state.evals.append([state.step, summary.eval_loss])
             accelerator.log({"eval/loss": summary.eval_loss, "eval/perplexity": math.exp(min(summary.eval_loss, 50))},
                             step=state.step)
             log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
 
         if state.step == 0:
-            accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff}, step=0)
+            accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
+                                                   "model/trainable_parameters": trainable}, step=0)
             if evals.rows:  # the starting point of the eval curve
                 eval_and_log()
 
@@ -276,18 +286,23 @@ def main(argv: list[str] | None = None) -> int:
         if summary.eval_loss is None and evals.rows:  # resumed at its last step: the card still gets one
             eval_and_log()
 
-        # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config.
+        # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config; with
+        # LoRA, the adapter (adapter/) and, unless lora.merge is off, the merged model (final/).
         if cfg.output.save:
-            export.save_model(accelerator, model, tokenizer, out / "final", cfg.output.save_dtype)
-            log.info(f"final model saved to {out / 'final'}")
+            saved = export.save_final(accelerator, model, tokenizer, out, cfg)
+            log.info("saved " + ", ".join(f"the {kind} to {folder}" for kind, folder in saved.items()))
             if accelerator.is_main_process:
                 summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
-                                              tokens_seen=state.tokens_seen)
+                                              tokens_seen=state.tokens_seen, trainable=trainable, parameters=total,
+                                              vocab=len(tokenizer) if added_tokens else 0)
                 example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
-                hub.model_card(cfg, summary, tokenizer.chat_template, example).save(out / "final" / "README.md")
+                for kind, folder in saved.items():
+                    card.model_card(cfg, summary, tokenizer.chat_template, example, kind, folder).save(
+                        folder / "README.md")
                 if cfg.output.push_to_hub:
-                    hub.upload(out / "final", cfg.output.hub_model_id, cfg.output.hub_private,
-                               message=f"Final model after {state.step} steps")
+                    for kind, folder in saved.items():
+                        hub.upload(folder, hub.repo_for(cfg.output.hub_model_id, kind, saved),
+                                   cfg.output.hub_private, message=f"{kind.capitalize()} after {state.step} steps")
         return finish(accelerator, 0)
 
 
@@ -298,7 +313,7 @@ def run(argv: list[str] | None = None) -> int:
         return main(argv)
     except (config.ConfigError, data.DataError, rundir.DirectoryInUse, templates.TemplateError) as e:
         return say(e, 2)
-    except (checkpoints.CheckpointError, FloatingPointError) as e:
+    except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
         return say(e, 1)
 
 

@@ -117,7 +117,7 @@ def write_config(path: Path, tiny_dir: Path, out_dir: Path, **sections) -> Path:
         "output": {"output_dir": str(out_dir)},
     }
     for section, values in sections.items():
-        cfg[section].update(values)
+        cfg.setdefault(section, {}).update(values)
     path.write_text(yaml.safe_dump(cfg))
     return path
 

@@ -11,6 +11,7 @@ import yaml
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
+from loop import card as model_card
 from loop import checkpoints, hub, packing, preemption
 from tests.conftest import SECRET_TOKEN, poisoned, run_in_process, write_config
 from tools import push_to_hub
@@ -133,8 +134,8 @@ def test_model_card_metadata_names_hub_datasets_and_base_model_only(tmp_path):
 
     cfg = Config(model=ModelConfig(name_or_path="bigcode/starcoderbase"),
                  data=DataConfig(train_files=["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]))
-    card = hub.model_card(cfg, hub.RunSummary(world_size=8, hardware="8 x H100", steps=3), "{{ messages }}",
-                          "<|user|>\nhi")
+    card = model_card.model_card(cfg, model_card.RunSummary(world_size=8, hardware="8 x H100", steps=3),
+                                 "{{ messages }}", "<|user|>\nhi", "model", tmp_path)
     assert card.data.base_model == "bigcode/starcoderbase"
     assert card.data.datasets == ["HuggingFaceH4/oasst1_en"]  # no split suffix, no local paths
 
@@ -183,3 +184,16 @@ def test_a_run_that_stops_on_a_non_finite_loss_reports_uploads_it_could_not_fini
         assert not list((tmp_path / "out" / "checkpoints").glob("*/.in_use"))
     finally:
         hub_released.set()
+
+
+def test_a_lora_run_uploads_its_merged_model_and_its_adapter(tiny_dir, tmp_path, monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setattr(hub, "HfApi", fake)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 2, "save_every": 2},
+                       output={"push_to_hub": True, "hub_model_id": "me/run"}, lora={"enabled": True})
+    assert run_in_process(cfg) == 0
+    assert "model.safetensors" in fake.uploaded[("me/run", None)]  # the merged model
+    adapter = fake.uploaded[("me/run-adapter", None)]
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= set(adapter)
+    card = adapter["README.md"].decode()
+    assert 'PeftModel.from_pretrained(base, "me/run-adapter")' in card and "base_model:" in card

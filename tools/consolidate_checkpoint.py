@@ -9,6 +9,8 @@ Nothing that looks like a finished model is left in OUTPUT_DIR if anything fails
   python tools/consolidate_checkpoint.py RUN/checkpoints/step_00000500 MODEL --dtype fp32 --max-shard-size 2GB --verify
 
 CHECKPOINT_DIR may be one checkpoint (step_N) or a run's checkpoints/ folder (its newest complete one).
+A LoRA run's checkpoint gives the adapter (what peft.PeftModel.from_pretrained loads onto the base), or
+with --merged the base model with the adapter merged in (the base is the one the run started from).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=sorted(export.DTYPES), default="bf16",
                    help="dtype of the written weights (default bf16; the masters are fp32)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 200MB")
+    p.add_argument("--merged", action="store_true",
+                   help="LoRA checkpoints: write the base with the adapter merged in, instead of the adapter")
     p.add_argument("--verify", action="store_true",
                    help="reload with from_pretrained, compare weights and logits with the checkpoint")
     a = p.parse_args(argv)
@@ -46,8 +50,12 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(tensors=count[0])
                 bar.update(nbytes)
 
-            aliases = export.from_checkpoint(ckpt, a.output_dir, a.dtype, consolidate.parse_size(a.max_shard_size),
-                                             progress)
+            if a.merged:
+                export.merged_from_checkpoint(ckpt, a.output_dir, a.dtype)
+                aliases = {}
+            else:
+                aliases = export.from_checkpoint(ckpt, a.output_dir, a.dtype, consolidate.parse_size(a.max_shard_size),
+                                                 progress)
     except (consolidate.ConsolidationError, export.ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
+    p.add_argument("--lora-rank", type=int, default=0, help="estimate a LoRA run with adapters of this rank")
+    p.add_argument("--qlora", action="store_true", help="with --lora-rank: the frozen base in 4-bit (QLoRA)")
     p.add_argument("--trust-remote-code", action="store_true")
     a = p.parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
@@ -33,17 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     hub_logging.set_verbosity_error()  # an unreachable Hub is said once below, not once per retry
     try:
         head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len,
-                                        a.checkpointing, a.trust_remote_code)
+                                        a.checkpointing, a.trust_remote_code, a.lora_rank, a.qlora)
     except estimate.EstimateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{a.model}: {head['params'] / 1e9:.3f}B parameters (largest layer {head['largest_layer'] / 1e6:.1f}M); "
           f"{a.nodes} node(s) x {a.gpus_per_node} GPU(s); micro-batch {a.micro_batch} x {a.seq_len} tokens, "
           f"checkpointing {'on' if a.checkpointing else 'off'}: "
-          f"activations + logits {head['activations_gb']:.2f} GB/GPU")
-    print(f"{'ZeRO-3 setting':28s} {'GPU GB/GPU':>11s} {'(model states)':>15s} {'CPU GB/node':>12s}")
+          f"activations + logits {head['activations_gb']:.2f} GB/GPU"
+          + (f"; LoRA rank {a.lora_rank}: {head['adapter'] / 1e6:.1f}M trainable parameters" if a.lora_rank else ""))
+    print(f"{'setting':36s} {'GPU GB/GPU':>11s} {'(model states)':>15s} {'CPU GB/node':>12s}")
     for r in rows:
-        print(f"{r['setting']:28s} {r['gpu_gb']:11.2f} {r['model_states_gpu_gb']:15.2f} {r['cpu_gb_per_node']:12.2f}")
+        print(f"{r['setting']:36s} {r['gpu_gb']:11.2f} {r['model_states_gpu_gb']:15.2f} {r['cpu_gb_per_node']:12.2f}")
     return 0
 
 
