@@ -207,10 +207,13 @@ class Planner:
         return Step(step, micro_batches, len(every), self.columns.trained_in(every),
                     [e - s for row in every for _, s, e in row])
 
+    @property
+    def shard_batches(self) -> int:
+        return -(-len(self.rows) // (self.world * self.micro_batch_size))
+
     def shard(self) -> Iterator[Batch]:
         """This process's share of all rows in order (fillers at the end), for evaluation."""
-        per_batch = self.world * self.micro_batch_size
-        for b in range(-(-len(self.rows) // per_batch)):
+        for b in range(self.shard_batches):
             start = (b * self.world + self.rank) * self.micro_batch_size
             chosen = [self.rows[j] if j < len(self.rows) else [] for j in range(start, start + self.micro_batch_size)]
             yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate, self.mask_windows)

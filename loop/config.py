@@ -20,6 +20,7 @@ from loop import attention
 from loop.attention import Attention
 from loop.export import SaveDtype
 from loop.formats import Format, OasstPaths
+from loop.metrics import Tracker
 from loop.optim import Schedule
 from loop.packing import PackingMode
 from loop.templates import TemplateName
@@ -29,92 +30,101 @@ class ConfigError(ValueError):
     """A config value is unknown, mistyped or impossible; the message names the key."""
 
 
+def near(word: str, options) -> str:
+    """' (did you mean "x"?)' for a near miss among `options`, else nothing."""
+    import difflib
+
+    found = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f' (did you mean "{found[0]}"?)' if found else ""
+
+
 @dataclass
 class ModelConfig:
-    name_or_path: str = "artifacts/tiny-starcoder"
-    revision: str | None = None
-    trust_remote_code: bool = False
+    name_or_path: str = "artifacts/tiny-starcoder"  # Hub id or local folder of the model to fine-tune
+    revision: str | None = None  # Hub branch, tag or commit of the model (none: the default branch)
+    trust_remote_code: bool = False  # run the model's own modelling code from the Hub (only for models you trust)
     # auto: flash_attention_2 with CUDA + flash-attn, else varlen_attn (torch's kernel) on CUDA, else
     # sdpa. sdpa: block-diagonal masks; varlen_attn, flash_attention_2/3: varlen kernels on GPU (they
     # fall back with a message); sdpa_varlen: the varlen layout on any device, a reference (slow);
     # eager cannot pack (see loop/attention.py).
     attn_implementation: Attention = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
 
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)
-    eval_files: list[str] = field(default_factory=list)
+    train_files: list[str] = field(default_factory=list)  # JSONL / JSON / Parquet / YAML files, folders, Hub ids
+    eval_files: list[str] = field(default_factory=list)  # held-out dialogues (none: split off eval_fraction)
     # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
     format: Format = "messages"
     oasst_paths: OasstPaths = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
-    # Fraction of train dialogues held out for eval when no eval_files are given.
-    eval_fraction: float = 0.05
+    eval_fraction: float = 0.05  # share of train dialogues held out for eval when no eval_files are given
     template: TemplateName = "starchat"  # starchat | chatml | tokenizer (the tokenizer's own)
-    seq_len: int = 1024
-    packing: PackingMode = "bfd"  # bfd | pad | concat
-    on_bad_record: Literal["error", "skip"] = "error"
-    on_too_long: Literal["truncate", "drop"] = "truncate"
-    num_proc: int = 1
-    cache_dir: str | None = None
+    seq_len: int = 1024  # tokens per packed row; longer dialogues are cut at a turn or dropped
+    packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
+    on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them
+    on_too_long: Literal["truncate", "drop"] = "truncate"  # a dialogue over seq_len: cut at a turn, or drop it
+    num_proc: int = 1  # processes that tokenize
+    cache_dir: str | None = None  # where tokenized data is kept for the next run (none: no cache)
 
 
 @dataclass
 class TrainingConfig:
-    seed: int = 42
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    decay_embeddings_and_norms: bool = False
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    lr_schedule: Schedule = "cosine"
-    warmup_steps: int = 0
-    warmup_ratio: float = 0.0
-    min_lr_ratio: float = 0.0
-    num_epochs: int = 1
+    seed: int = 42  # fixes the data order and the initial random state
+    lr: float = 2e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay, on matrices only
+    decay_embeddings_and_norms: bool = False  # also decay embeddings and norm weights
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    lr_schedule: Schedule = "cosine"  # cosine | linear | constant, after the warm-up
+    warmup_steps: int = 0  # linear warm-up steps (wins over warmup_ratio)
+    warmup_ratio: float = 0.0  # warm-up as a share of all steps
+    min_lr_ratio: float = 0.0  # the schedule's floor, as a share of lr
+    num_epochs: int = 1  # passes over the training rows
     max_steps: int = 0  # > 0 overrides num_epochs
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
+    micro_batch_size: int = 4  # rows per process per forward pass
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
     fused_optimizer: bool = True  # torch's fused AdamW kernel (same results as the plain one within rounding)
     # Tokens per chunk of the loss computed inside the output projection (no float32 logits for the
     # whole micro-batch); 0 computes plain logits first (see loop/loss.py).
     loss_chunk_tokens: int = 8192
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps per logging window
     eval_every: int = 0  # 0: eval only at the end
-    save_every: int = 500
-    keep_last: int = 2
+    save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept
     sample_every: int = 0  # 0: samples only at the end
-    sample_prompts: list[str] = field(default_factory=list)
-    max_new_tokens: int = 64
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily into samples.md and TensorBoard
+    max_new_tokens: int = 64  # length of those answers
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop, or skip the step
     peak_flops_per_device: float = 0.0  # 0: look the device up (see loop/metrics.py)
 
 
 @dataclass
 class OutputConfig:
-    output_dir: str = "outputs/run"
-    save_dtype: SaveDtype = "bf16"
+    output_dir: str = "outputs/run"  # checkpoints, final model, logs; one run at a time
+    save_dtype: SaveDtype = "bf16"  # dtype of the saved model's weights
     resume_from_checkpoint: str | None = None  # latest | PATH
     # Resume even when the config changes the data order or what a step means (see RUN_IDENTITY).
     allow_config_change: bool = False
     save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_private: bool = True
+    push_to_hub: bool = False  # upload the final model (and adapter) at the end
+    hub_model_id: str | None = None  # NAMESPACE/NAME of the Hub repo
+    hub_private: bool = True  # create the repo private
     hub_push_checkpoints: bool = False  # also upload each checkpoint, consolidated, to branch step-N
     hub_upload_wait_s: float = 600.0  # at exit, how long queued checkpoint uploads may still take
     license: str = "other"  # for the model card
+    # Experiment trackers, through Accelerate: tensorboard | wandb | mlflow | trackio, or a list.
+    report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclass
 class LoraSettings:
     enabled: bool = False  # train LoRA adapters on a frozen base instead of every weight (loop/lora.py)
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
+    rank: int = 16  # rank of each adapter
+    alpha: float = 32.0  # adapter scale numerator (the update is scaled by alpha / rank)
+    dropout: float = 0.05  # dropout on the adapters' input
     # Linear layers to adapt: [auto] (every attention and MLP projection of the architecture), [all-linear]
     # (every linear layer but the output projection), or a list of module names.
     target_modules: list[str] = field(default_factory=lambda: ["auto"])
@@ -145,7 +155,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         allowed = typing.get_args(hint)
         if value in allowed:
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{near(value, allowed)}")
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
@@ -195,7 +205,8 @@ def from_dict(raw: dict[str, Any]) -> Config:
     sections = typing.get_type_hints(Config)
     unknown = set(raw) - set(sections)
     if unknown:
-        raise ConfigError(f"unknown section(s) {sorted(unknown)}; known: {sorted(sections)}")
+        first = sorted(unknown)[0]
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}{near(first, sections)}; known: {sorted(sections)}")
     built = {}
     for section, cls in sections.items():
         values = raw.get(section) or {}
@@ -204,7 +215,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         hints = _field_types(cls)
         for key in values:
             if key not in hints:
-                raise ConfigError(f"{section}.{key}: unknown key; known keys: {sorted(hints)}")
+                raise ConfigError(f"{section}.{key}: unknown key{near(key, hints)}; known keys: {sorted(hints)}")
         built[section] = cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
     config = Config(**built)
     validate(config)
@@ -251,6 +262,9 @@ def validate(config: Config) -> None:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:
         raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
+    if config.output.push_to_hub and config.output.hub_model_id.count("/") != 1:
+        raise ConfigError(f"output.hub_model_id: {config.output.hub_model_id!r} needs a namespace: "
+                          "YOUR_NAME_OR_ORG/REPO")
 
 
 # What a step of the run is: changing any of these on resume changes the data order or the meaning of
@@ -299,7 +313,7 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
         if "." not in key:
             matches = leaves.get(key, [])
             if len(matches) != 1:
-                hint = f"ambiguous, use one of {matches}" if matches else "unknown key"
+                hint = f"ambiguous, use one of {matches}" if matches else f"unknown key{near(key, leaves)}"
                 raise ConfigError(f"--{key}: {hint}")
             key = matches[0]
         section, _, name = key.partition(".")
@@ -336,5 +350,5 @@ def save(config: Config, path: str | Path) -> None:
 def from_argv(argv: list[str] | None = None) -> Config:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("--"):
-        raise ConfigError("usage: loop/train.py configs/RUN.yaml [--key value ...]")
+        raise ConfigError("usage: loop/train.py configs/RUN.yaml [--key value ...] (--help lists every key)")
     return load(argv[0], argv[1:])

@@ -315,3 +315,15 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731
     return {"count": len(s), "min": s[0], "median": pick(0.5), "p95": pick(0.95), "max": s[-1],
             "mean": sum(s) / len(s), "total": sum(s)}
+
+
+def held_out_prompts(cfg, count: int) -> list[str]:
+    """The first question of `count` dialogues a run held out for evaluation (its eval files, or the
+    split of its train files), for showing what a model learned on questions it never saw."""
+    if cfg.eval_files:
+        held, _ = load_dialogues(cfg.eval_files, cfg.format, "skip", cfg.oasst_paths)
+    else:
+        train, _ = load_dialogues(cfg.train_files, cfg.format, "skip", cfg.oasst_paths)
+        held = split(train, cfg.eval_fraction)[1]
+    firsts = [next(m["content"] for m in d if m["role"] == "user") for d in held]
+    return sorted(set(firsts), key=firsts.index)[:count]

@@ -42,12 +42,20 @@ def staged(out: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def readable(folder: Path) -> None:
+    """0755 folders and 0644 files, like the rest of a run's output: some writers (safetensors through
+    transformers) create 0600 files, which teammates on a shared filesystem cannot read."""
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from loop import config, data, lora, models, preemption, rundir, templates
+from loop import config, data, models, preemption, rundir, templates
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -34,13 +34,8 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def check(train_args: list[str]) -> config.Config:
     """What the run would refuse, refused before launching: config, model, data records."""
-    from loop import attention
-
     cfg = config.from_argv(train_args)
-    model_config = models.read_config(cfg)
-    attn, _ = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
-    models.check_trainable(model_config, cfg, attn)
-    lora.check(cfg)
+    models.preflight(cfg)
     _, report, bad = data.collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
     if cfg.data.eval_files:
         bad += data.collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]

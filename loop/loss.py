@@ -110,11 +110,13 @@ def loss_sum(model, batch: Batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, batches: Iterable[Batch]) -> float:
+def evaluate(model, accelerator, batches: Iterable[Batch], count: int | None = None) -> float:
     """Token-weighted loss over this process's eval batches, summed over every process."""
+    from tqdm import tqdm
+
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for batch in batches:
+    for batch in tqdm(batches, total=count, desc="eval", leave=False, disable=not accelerator.is_main_process):
         batch = to_device(batch, accelerator.device)
         total[0] += loss_sum(model, batch).double()
         total[1] += batch["target_index"].numel()

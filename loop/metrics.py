@@ -10,6 +10,8 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -19,6 +21,34 @@ PEAK_BF16_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12,
     "L4": 121e12, "A6000": 155e12, "4090": 165e12, "V100": 125e12, "MI300X": 1307e12,
 }
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, so that a log line never lands in the middle of the progress bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - as logging.StreamHandler does
+            self.handleError(record)
+
+
+FILE_ONLY = {"only": "file"}  # `extra` for lines that belong in train.log, not on the console
+CONSOLE_ONLY = {"only": "console"}
+
+
+def window_lines(scalars: dict[str, float], step: int, total: int) -> tuple[str, str]:
+    """(the short console line, the full line for train.log) of one logging window."""
+    full = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+    short = (f"step {step}/{total}  loss {scalars['train/loss']:.4f}  lr {scalars['train/lr']:.2e}  "
+             f"grad norm {scalars['train/grad_norm']:.3g}  {scalars['throughput/tokens_per_s']:,.0f} tokens/s"
+             + (f"  MFU {scalars['throughput/mfu']:.1%}" if "throughput/mfu" in scalars else ""))
+    return short, full
 
 
 def setup_logging(is_main: bool) -> logging.Logger:
@@ -32,12 +62,45 @@ def setup_logging(is_main: bool) -> logging.Logger:
         log.removeHandler(old)
     log.propagate = False
     log.setLevel(logging.INFO if is_main else logging.WARNING)
-    console = logging.StreamHandler(sys.stdout)
+    console = ConsoleHandler()
     console.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    console.addFilter(lambda record: getattr(record, "only", "console") == "console")
     log.addHandler(console)
     if is_main:
         log.addHandler(MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
     return log
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
+def start_trackers(accelerator, cfg, step: int) -> None:
+    """Every tracker of output.report_to, with the resolved config as the run's hyperparameters.
+
+    Accelerate starts W&B, MLflow and Trackio by name (W&B's files and, unless MLFLOW_TRACKING_URI says
+    otherwise, MLflow's file store go into the output directory; WANDB_MODE=offline keeps W&B local).
+    TensorBoard is built here because its writer must purge what a crashed run logged after `step`.
+    """
+    from accelerate.tracking import TensorBoardTracker
+
+    from loop import config
+
+    out = Path(cfg.output.output_dir)
+    flat = {f"{section}.{key}": value if isinstance(value, int | float | str | bool) else str(value)
+            for section, values in config.to_dict(cfg).items() for key, value in values.items()}
+    others = [t for t in cfg.output.report_to if t != "tensorboard"]
+    if "mlflow" in others and "MLFLOW_TRACKING_URI" not in os.environ:
+        # MLflow 3 refuses a file store unless asked; it is still the one backend that needs no server or database.
+        os.environ["MLFLOW_TRACKING_URI"] = (out / "mlruns").resolve().as_uri()
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if others:
+        accelerator.init_trackers(out.resolve().name, config=flat,
+                                  init_kwargs={"wandb": {"dir": str(out), "name": out.name, "resume": "allow"}})
+    if "tensorboard" in cfg.output.report_to and accelerator.is_main_process:
+        board = TensorBoardTracker("tensorboard", out, purge_step=step)
+        board.start()
+        board.store_init_configuration(flat)
+        accelerator.trackers.append(board)
 
 
 def peak_flops_per_device(configured: float) -> float:

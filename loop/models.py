@@ -104,6 +104,18 @@ def read_config(cfg: config.Config):
         raise config.ConfigError(f"model.name_or_path: cannot read {name}'s config{where}: {reason[:300]}") from None
 
 
+def preflight(cfg: config.Config) -> tuple[object, str, list[str]]:
+    """Everything about the model a run checks before loading any weight: (its config, the attention
+    that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
+    from loop import attention
+
+    model_config = read_config(cfg)
+    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+    unverified = check_trainable(model_config, cfg, attn)
+    lora.check(cfg)
+    return model_config, attn, [w for w in (fallback, unverified) if w]
+
+
 def load_tokenizer(cfg: config.Config) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
@@ -130,7 +142,11 @@ def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase,
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     model.generation_config = export.chat_generation_config(tokenizer, end_token)
     if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2's name for it
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora.enabled:
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()  # the frozen embedding must still pass gradients back

@@ -72,6 +72,7 @@ def start_log_file(output_dir: Path, log: logging.Logger) -> None:
 
     file = logging.FileHandler(output_dir / "train.log")
     file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    file.addFilter(lambda record: getattr(record, "only", "file") == "file")
     for early in [h for h in log.handlers if isinstance(h, MemoryHandler)]:
         early.setTarget(file)
         early.close()  # flushes the early lines into the file

@@ -49,6 +49,14 @@ def end_token_id(tokenizer: PreTrainedTokenizerBase, model) -> int | list[int]:
     return eos if eos is not None else tokenizer.eos_token_id
 
 
+def role_tokens(tokenizer: PreTrainedTokenizerBase, stop_id: int | list[int]) -> list[list[int]]:
+    """The template's special tokens other than the stop token: an answer never contains them, so
+    generation is not allowed to produce them (a barely trained model would, and show an empty answer)."""
+    stops = set(stop_id if isinstance(stop_id, list) else [stop_id])
+    ids = tokenizer.convert_tokens_to_ids(tokenizer.all_special_tokens)
+    return [[i] for i in ids if i not in stops and i != tokenizer.pad_token_id and i is not None]
+
+
 @torch.no_grad()
 def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]],
            sampling: SamplingConfig, stop_id: int | list[int], synced_gpus: bool = False,
@@ -60,6 +68,8 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     the longest answer is done.
     """
     texts = [templates.render(tokenizer, c, generation_prompt=True) for c in conversations]
+    if tokenizer.pad_token is None:  # pretrained bases often have none; left padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side
@@ -72,8 +82,9 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     out = model.generate(
         input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
         max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-        repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=synced_gpus, streamer=streamer, **kwargs,
+        repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id, min_new_tokens=1,
+        bad_words_ids=role_tokens(tokenizer, stop_id) or None, pad_token_id=tokenizer.pad_token_id,
+        synced_gpus=synced_gpus, streamer=streamer, **kwargs,
     )
     model.train(was_training)
     new = out[:, enc["input_ids"].shape[1]:]
@@ -87,11 +98,59 @@ def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prom
     Every process runs generate: with ZeRO-3 each forward pass gathers weights from all of them.
     """
     from accelerate import DistributedType
+    from tqdm import tqdm
 
     synced = accelerator.num_processes > 1 and accelerator.distributed_type == DistributedType.DEEPSPEED
-    answers = answer(accelerator.unwrap_model(model), tokenizer, [[{"role": "user", "content": p}] for p in prompts],
-                     SamplingConfig(max_new_tokens=max_new_tokens), stop_id, synced_gpus=synced)
+    answers = [answer(accelerator.unwrap_model(model), tokenizer, [[{"role": "user", "content": p}]],
+                      SamplingConfig(max_new_tokens=max_new_tokens), stop_id, synced_gpus=synced)[0]
+               for p in tqdm(prompts, desc="samples", leave=False, disable=not accelerator.is_main_process)]
     text = "\n\n".join(f"**{p}**\n\n{a}" for p, a in zip(prompts, answers))
     accelerator.log({"samples": text}, step=step)
     if accelerator.is_main_process:
         (out_dir / "samples.md").write_text(f"# Samples at step {step}\n\n{text}\n")
+
+
+def chat(model, tokenizer, cfg: SamplingConfig, stop, read=input, write=print) -> None:
+    """An interactive multi-turn chat that streams each answer: line editing and history (readline, on a
+    terminal), Ctrl-C cancels the answer being written (and at the prompt ends the chat), /reset starts
+    over, /save FILE appends the conversation as a messages-schema JSON line, an empty line or /exit ends."""
+    import json
+
+    from transformers import TextStreamer
+
+    try:
+        import readline  # noqa: F401 - importing it gives input() line editing and history
+    except ImportError:  # not on every platform
+        pass
+    conversation: list[dict] = []
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    write("chat: type a message; /reset starts over, /save FILE keeps the conversation, an empty line or /exit ends")
+    while True:
+        try:
+            line = read("user> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return
+        if not line or line == "/exit":
+            return
+        if line == "/reset":
+            conversation = []
+            continue
+        if line.startswith("/save"):
+            target = line.removeprefix("/save").strip()
+            if not target:
+                write("usage: /save FILE")
+                continue
+            with open(target, "a") as f:
+                f.write(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n")
+            write(f"saved {len(conversation)} messages to {target}")
+            continue
+        conversation.append({"role": "user", "content": line})
+        write("assistant> ", end="", flush=True)
+        try:
+            (reply,) = answer(model, tokenizer, [conversation], cfg, stop, streamer=streamer)
+        except KeyboardInterrupt:
+            write("\n(cancelled)")
+            conversation.pop()
+            continue
+        conversation.append({"role": "assistant", "content": reply})

@@ -71,14 +71,15 @@ def train_tokenizer(texts: list[str], style: TokenizerStyle = "starcoder", vocab
     return fast
 
 
-def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: int, positions: int, tokenizer):
+def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: int, positions: int, tokenizer,
+                 dropout: float = 0.0):
     """A small config of `family` with what makes it differ: multi-query attention and learned positions
     (GPTBigCode); rotary positions with grouped-query attention (the others); an untied output projection
     and a sliding window on every layer (Starcoder2, as its 15B); a window on some layers only (Qwen2)."""
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family == "gpt_bigcode":
         return GPTBigCodeConfig(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads,
-                                multi_query=True, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **ids)
+                                multi_query=True, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **ids)
     common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
                   num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=positions,
                   **ids)
@@ -93,14 +94,15 @@ def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: in
 
 def build(out_dir: Path, data_file: Path, family: Family = "gpt_bigcode", hidden: int = 128, layers: int = 4,
           heads: int = 4, positions: int = 1024, seed: int = 0, vocab_size: int | None = None, device: str = "cpu",
-          dtype: torch.dtype = torch.float32) -> None:
+          dtype: torch.dtype = torch.float32, dropout: float = 0.0, tokenizer_vocab: int = 4096) -> None:
     """vocab_size pads the model's embedding beyond the tokenizer (StarCoder's is 49152), for benchmarks;
     device "cuda" initializes a large benchmark model in seconds instead of minutes."""
     n = convert_corpus(data_file)
     texts = [m["content"] for line in data_file.open() for m in json.loads(line)["messages"]]
-    tokenizer = train_tokenizer(texts, TOKENIZER[family])
+    tokenizer = train_tokenizer(texts, TOKENIZER[family], tokenizer_vocab)
     torch.manual_seed(seed)
-    config = model_config(family, max(vocab_size or 0, len(tokenizer)), hidden, layers, heads, positions, tokenizer)
+    config = model_config(family, max(vocab_size or 0, len(tokenizer)), hidden, layers, heads, positions, tokenizer,
+                          dropout)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(out_dir)

@@ -33,7 +33,6 @@ from loop import (
     data,
     export,
     hub,
-    lora,
     loss,
     metrics,
     models,
@@ -43,6 +42,7 @@ from loop import (
     rundir,
     sampling,
     templates,
+    usage,
 )
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
@@ -54,7 +54,8 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
         # On CPU accelerate leaves the backend unset and every rank thinks it is alone.
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
-    accelerator = Accelerator(log_with="tensorboard", project_dir=cfg.output.output_dir,
+    named = [t for t in cfg.output.report_to if t != "tensorboard"]  # TensorBoard: metrics.start_trackers
+    accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
                               gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
                               kwargs_handlers=kwargs)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -172,13 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_argv(argv)
         t, out = cfg.training, Path(cfg.output.output_dir)
         preemption.follow_launcher()
-        model_config = models.read_config(cfg)
-        attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
-        unverified = models.check_trainable(model_config, cfg, attn)
+        model_config, attn, warnings = models.preflight(cfg)
         shape = models.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
-        lora.check(cfg)
-        for warning in filter(None, (fallback, unverified)):
+        for warning in warnings:
             log.warning(warning)
         set_seed(t.seed)
         world = accelerator.num_processes
@@ -220,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         state, notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, report.fingerprint)
         for note in notes:
             log.warning(note) if "changed" in note or "broken" in note or "despite" in note else log.info(note)
-        accelerator.init_trackers("tensorboard", init_kwargs={"tensorboard": {"purge_step": state.step}})
+        metrics.start_trackers(accelerator, cfg, state.step)
         shared, precision = metrics.setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=metrics.hardware(world), setup=shared, precision=precision,
                                   evals=state.evals)
 
         def eval_and_log() -> None:
-            summary.eval_loss = loss.evaluate(model, accelerator, evals.shard())
+            summary.eval_loss = loss.evaluate(model, accelerator, evals.shard(), evals.shard_batches)
             state.evals.append([state.step, summary.eval_loss])
             accelerator.log({"eval/loss": summary.eval_loss, "eval/perplexity": math.exp(min(summary.eval_loss, 50))},
                             step=state.step)
@@ -263,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
                 if due(state.step, t.log_every, total_steps):
                     scalars = meter.scalars(lr, state.step / per_epoch, state.tokens_trained)
                     accelerator.log(scalars, step=state.step)
-                    log.info(" ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                    short, full = metrics.window_lines(scalars, state.step, total_steps)
+                    log.info(short, extra=metrics.CONSOLE_ONLY)
+                    log.info(full, extra=metrics.FILE_ONLY)
                     summary.train_loss = scalars["train/loss"]
                 if due(state.step, t.eval_every, total_steps) and evals.rows:
                     eval_and_log()
@@ -309,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
 def run(argv: list[str] | None = None) -> int:
     """main(), with what a user can fix said in one line, by the first process only, without a traceback:
     exit 2 for config and data, 1 for a run that cannot go on (a checkpoint, a non-finite step)."""
+    if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        print(usage.text())
+        return 0
     try:
         return main(argv)
     except (config.ConfigError, data.DataError, rundir.DirectoryInUse, templates.TemplateError) as e:

@@ -47,3 +47,30 @@ def test_resolved_config_round_trips(tmp_path):
     config.save(cfg, tmp_path / "resolved.yaml")
     again = config.from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()))
     assert again == cfg and again.data.seq_len == 256
+
+
+def test_help_lists_every_key_with_its_default_and_comment():
+    import dataclasses
+    import subprocess
+    import sys
+    import typing
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "loop/train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    for section, cls in typing.get_type_hints(config.Config).items():
+        assert f"{section}:" in lines
+        for f in dataclasses.fields(cls):
+            at = next(i for i, line in enumerate(lines) if line.startswith(f"  {f.name} = "))
+            assert lines[at + 1].startswith("      ") and len(lines[at + 1].strip()) > 10, f.name  # its comment
+
+
+@pytest.mark.parametrize("override, said", [(["--lrr", "1"], '--lrr: unknown key (did you mean "lr"?)'),
+                                            (["--packing", "bdf"], '(did you mean "bfd"?)'),
+                                            (["--training.lerning_rate", "1"], "training.lerning_rate: unknown key")])
+def test_near_misses_get_a_did_you_mean(tmp_path, override, said):
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, {}), override)
+    assert said in str(e.value)

@@ -129,3 +129,6 @@ def test_convert_and_inspect_tools(tmp_path, tiny_dir):
     assert "[[" in out.stdout and "<|end|>]]" in out.stdout  # trained span marked, ends with the end token
     assert "packing (bfd, 1024)" in out.stdout and "efficiency" in out.stdout
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    refused = run("tools/inspect_data.py", str(cfg), "--seq_len", "4096")  # what the run would refuse too
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "error: data.seq_len: 4096 is above the model's context of 1024 tokens"

@@ -1,5 +1,7 @@
 """Exported model folders appear whole or not at all, and are checked against the full shapes."""
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -26,3 +28,14 @@ def test_zero3_placeholders_and_missing_weights_are_caught(tmp_path):
     expected = {"a": (4, 4), "b": (2, 2), "lm_head.weight": (2, 2), "c": (3,)}
     with pytest.raises(export.ExportError, match=r"c: missing; a: shape \(0,\) != \(4, 4\)"):
         export.check_saved_model(tmp_path, expected, tied={"lm_head.weight"})
+
+
+def test_exported_files_are_readable_by_group_and_others(tmp_path):
+    os.umask(0o022)
+    with export.staged(tmp_path / "model") as tmp:
+        fd = os.open(tmp / "model.safetensors", os.O_WRONLY | os.O_CREAT, 0o600)  # as a private writer makes it
+        os.close(fd)
+        (tmp / "sub").mkdir(mode=0o700)
+    assert oct((tmp_path / "model" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    assert oct((tmp_path / "model" / "sub").stat().st_mode & 0o777) == "0o755"
+    assert oct((tmp_path / "model").stat().st_mode & 0o777) == "0o755"

@@ -19,7 +19,7 @@ from tests.conftest import launch, write_config
 from tests.test_train import scalars
 
 FAMILIES = ("starcoder2", "llama", "qwen2")
-STEPS, SAVE_EVERY = 12, 6
+STEPS, SAVE_EVERY = 8, 4
 
 
 def run_config(family_root, out):
@@ -30,7 +30,7 @@ def run_config(family_root, out):
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family_run(request, family_dirs, tmp_path_factory):
-    """A 12-step run, and a second one resumed from the first's step-6 checkpoint in a folder of its own."""
+    """A short run, and a second one resumed from its middle checkpoint in a folder of its own."""
     family, root = request.param, family_dirs(request.param)
     tmp = tmp_path_factory.mktemp(f"{family}-run")
     launch(run_config(root, tmp / "ref"))

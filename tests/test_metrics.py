@@ -39,3 +39,58 @@ def test_attention_flops_follow_each_dialogues_own_length_heads_and_window():
     assert metrics.training_flops(1000, full, piece_lengths=[20]) > packed  # one long dialogue costs more
     windowed = Shape(**{**full.__dict__, "windows": (None, 4)})
     assert metrics.training_flops(1000, windowed, [10]) == 6 * 1000 * 10 + 12 * 8 * (55 + 10 + 6 * 4)
+
+
+def test_wandb_offline_and_mlflow_file_store_receive_the_scalars_and_the_config(tiny_dir, tmp_path, monkeypatch):
+    """Through Accelerate's trackers, with no network: W&B in offline mode, MLflow with a local file store."""
+    import re
+
+    from tests.conftest import run_in_process, write_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):  # the default: a file store in the output directory
+        monkeypatch.setenv(name, "")  # (recorded, so what the run sets is undone afterwards)
+        monkeypatch.delenv(name)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       training={"max_steps": 4, "log_every": 2, "save_every": 100, "lr": 1e-3},
+                       output={"report_to": ["tensorboard", "wandb", "mlflow"], "save": False})
+    assert run_in_process(cfg) == 0
+    # W&B 0.31 keeps an offline run only as protobuf records in run-*.wandb (no Python reader ships with it),
+    # so the scalars and the config are read out of its bytes.
+    record = next((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    losses = {float(v) for v in re.findall(rb"train/loss[^0-9]{1,4}(\d[\d.e+-]*)", record)}
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
+    assert re.search(rb"training\.lr[^0-9]{1,4}0\.001", record)
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient((tmp_path / "out" / "mlruns").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4]
+    assert run.data.params["training.lr"] == "0.001" and run.data.params["data.seq_len"] == "256"
+    from tests.test_train import scalars
+
+    assert [s for s, _ in scalars(tmp_path / "out")["train/loss"]] == [2, 4]  # TensorBoard as well
+
+
+def test_the_console_gets_a_short_line_and_train_log_every_scalar(tiny_dir, tmp_path):
+    """Log lines go through tqdm (never into the middle of the bar); the console line is short and
+    readable, train.log and TensorBoard have the full set."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, write_config
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       training={"max_steps": 4, "log_every": 2, "eval_every": 2, "save_every": 100})
+    proc = subprocess.run([sys.executable, "loop/train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    console = [line for line in proc.stdout.splitlines() if " INFO step " in line and "loss" in line]
+    assert any(line.endswith("tokens/s") or "MFU" in line for line in console)
+    assert all(len(line) < 130 and "throughput/" not in line for line in console), console
+    assert all("train:" not in line for line in proc.stdout.splitlines())  # the bar stays on stderr, apart
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert log.count("throughput/tokens_per_s=") == 2 and "time/forward_backward=" in log
+    assert "step 2/4  loss" not in log  # the short form is for the console only

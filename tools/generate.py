@@ -5,10 +5,14 @@ chat template, samples, and stops at the template's end token.
 
   python tools/generate.py outputs/quickstart/final                    # built-in coding prompts
   python tools/generate.py MODEL --prompts-file prompts.txt --out answers.md --temperature 0.7
+  python tools/generate.py MODEL --held-out outputs/quickstart --compare artifacts/tiny-starcoder
+                                # questions the run held out, with the base model's answers beside
   python tools/generate.py MODEL --chat                                # interactive, streams tokens
 
-In --chat mode each line you type is a user turn; the conversation is kept across turns.
-An empty line or /exit ends it, /reset starts over.
+In --chat mode each line you type is a user turn and the conversation is kept across turns, with line
+editing and history; Ctrl-C cancels the answer being written, /reset starts over, /save FILE appends
+the conversation as a messages-schema JSON line, an empty line or /exit (or Ctrl-C at the prompt) ends.
+Answers in batch mode are written to ./answers.md unless --out says otherwise.
 """
 
 from __future__ import annotations
@@ -16,10 +20,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from transformers import TextStreamer
-
-from loop import consolidate, sampling
+from loop import config, consolidate, data, sampling
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
 BUILT_IN_PROMPTS = [
@@ -33,31 +36,42 @@ BUILT_IN_PROMPTS = [
 ]
 
 
-def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, stdin=sys.stdin, stdout=sys.stdout) -> None:
-    conversation: list[dict] = []
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    stdout.write("chat: type a message, /reset to start over, empty line or /exit to quit\n")
-    while True:
-        stdout.write("user> ")
-        stdout.flush()
-        line = stdin.readline()
-        if not line or not line.strip() or line.strip() == "/exit":
-            return
-        if line.strip() == "/reset":
-            conversation = []
-            continue
-        conversation.append({"role": "user", "content": line.rstrip("\n")})
-        stdout.write("assistant> ")
-        stdout.flush()
-        (reply,) = sampling.answer(model, tokenizer, [conversation], cfg, stop, streamer=streamer)
-        conversation.append({"role": "assistant", "content": reply})
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load(name: str):
+    try:
+        return sampling.load(name)
+    except (consolidate.ConsolidationError, OSError, ValueError) as e:
+        fail(f"{name}: cannot load a model from it ({e})")
+
+
+def questions(a: argparse.Namespace) -> list[str]:
+    """The held-out questions of a run, the lines of a prompts file, or the built-in coding prompts."""
+    if a.held_out:
+        try:
+            return data.held_out_prompts(config.load(a.held_out / "config.yaml").data, a.count)
+        except (config.ConfigError, data.DataError, OSError) as e:
+            fail(f"--held-out {a.held_out}: {e}")
+    if a.prompts_file:
+        try:
+            return [line.strip() for line in a.prompts_file.read_text().splitlines() if line.strip()]
+        except OSError as e:
+            fail(f"--prompts-file: {e}")
+    return BUILT_IN_PROMPTS
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, Hub id, or a checkpoint folder (step_N)")
     p.add_argument("--prompts-file", type=Path, help="one prompt per line (default: built-in coding prompts)")
-    p.add_argument("--out", type=Path, help="write answers here (default: MODEL/answers.md or ./answers.md)")
+    p.add_argument("--held-out", type=Path, metavar="RUN_DIR",
+                   help="ask questions the run in RUN_DIR held out for evaluation (from its config.yaml)")
+    p.add_argument("--count", type=int, default=6, help="how many held-out questions (default 6)")
+    p.add_argument("--compare", metavar="BASE", help="also answer with this model (the base), side by side")
+    p.add_argument("--out", type=Path, default=Path("answers.md"), help="write answers here (default ./answers.md)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat, streaming tokens")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2, help="0 means greedy")
@@ -68,27 +82,31 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     import torch
 
+    prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
     torch.manual_seed(a.seed)
-    try:
-        model, tokenizer = sampling.load(a.model)
-    except (consolidate.ConsolidationError, OSError, ValueError) as e:
-        print(f"error: {a.model}: cannot load a model from it ({e})", file=sys.stderr)
-        return 2
+    model, tokenizer = load(a.model)
     cfg = sampling.SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
                                   temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p,
                                   repetition_penalty=a.repetition_penalty)
     stop = sampling.end_token_id(tokenizer, model)
     if a.chat:
-        chat(model, tokenizer, cfg, stop)
+        sampling.chat(model, tokenizer, cfg, stop)
         return 0
-    prompts = ([line.strip() for line in a.prompts_file.read_text().splitlines() if line.strip()]
-               if a.prompts_file else BUILT_IN_PROMPTS)
-    answers = sampling.answer(model, tokenizer, [[{"role": "user", "content": q}] for q in prompts], cfg, stop)
-    text = "\n\n".join(f"## {q}\n\n{ans}" for q, ans in zip(prompts, answers))
-    out = a.out or (Path(a.model) / "answers.md" if Path(a.model).is_dir() else Path("answers.md"))
-    out.write_text(text + "\n")
+    conversations = [[{"role": "user", "content": q}] for q in prompts]
+    answers = sampling.answer(model, tokenizer, conversations, cfg, stop)
+    if a.compare:
+        base, base_tokenizer = load(a.compare)
+        if base_tokenizer.chat_template is None:  # a pretrained base: ask it the same rendered prompt
+            base_tokenizer.chat_template = tokenizer.chat_template
+        torch.manual_seed(a.seed)
+        before = sampling.answer(base, base_tokenizer, conversations, cfg, sampling.end_token_id(base_tokenizer, base))
+        text = "\n\n".join(f"## {q}\n\n- before ({a.compare}): {b}\n- after ({a.model}): {ans}"
+                             for q, b, ans in zip(prompts, before, answers))
+    else:
+        text = "\n\n".join(f"## {q}\n\n{ans}" for q, ans in zip(prompts, answers))
+    a.out.write_text(text + "\n")
     print(text)
-    print(f"\nwrote {len(answers)} answers to {out}")
+    print(f"\nwrote {len(answers)} answers to {a.out}")
     return 0
 
 

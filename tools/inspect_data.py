@@ -14,9 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
-from loop import batches, config, data, packing, templates
+from loop import batches, config, data, models, packing, templates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     a, overrides = p.parse_known_args(argv)
     try:
         cfg = config.load(a.config, overrides)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
+        models.preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
+        tokenizer = models.load_tokenizer(cfg)
         templates.install(tokenizer, cfg.data.template)
         train, held, report = data.prepare(cfg.data, tokenizer)
-    except (config.ConfigError, data.DataError, ValueError) as e:
+    except (config.ConfigError, data.DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())

@@ -7,7 +7,7 @@ deterministically. The run then loads them with `from_pretrained` like any model
   python tools/make_tiny_model.py                                   # the quickstart's tiny GPTBigCode
   python tools/make_tiny_model.py --family starcoder2 --out artifacts/tiny-starcoder2
   python tools/make_tiny_model.py --hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 \\
-      --device cuda --dtype bf16 --out /tmp/model-1b         # the GPU benchmark's 1.1B model
+      --device cuda --dtype bf16 --dropout 0 --out /tmp/model-1b   # the GPU benchmark's 1.1B model
 """
 
 from __future__ import annotations
@@ -25,18 +25,22 @@ def main() -> None:
     p.add_argument("--data", default="artifacts/data/chatterbot.jsonl", help="converted dialogues (JSONL)")
     p.add_argument("--family", choices=typing.get_args(tiny.Family), default="gpt_bigcode",
                    help="architecture (and the kind of tokenizer it comes with; see loop/tiny.py)")
-    p.add_argument("--hidden", type=int, default=128)
+    # The quickstart's model (~9M parameters): wide enough to learn the corpus's style in 3 epochs, with
+    # enough dropout that its held-out loss keeps falling to the end instead of memorizing.
+    p.add_argument("--hidden", type=int, default=384)
     p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4, help="query heads (key/value heads: 1 for GPTBigCode, else half)")
+    p.add_argument("--heads", type=int, default=6, help="query heads (key/value heads: 1 for GPTBigCode, else half)")
     p.add_argument("--positions", type=int, default=1024, help="the model's context length")
     p.add_argument("--vocab-size", type=int, help="pad the model's vocabulary (StarCoder: 49152)")
+    p.add_argument("--tokenizer-vocab", type=int, default=4096, help="size of the BPE vocabulary trained on the corpus")
+    p.add_argument("--dropout", type=float, default=0.3, help="GPTBigCode's residual, embedding and attention dropout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones)")
     p.add_argument("--dtype", choices=sorted(export.DTYPES), default="fp32", help="dtype of the saved weights")
     a = p.parse_args()
     tiny.build(Path(a.out), Path(a.data), family=a.family, hidden=a.hidden, layers=a.layers, heads=a.heads,
                positions=a.positions, seed=a.seed, vocab_size=a.vocab_size, device=a.device,
-               dtype=export.DTYPES[a.dtype])
+               dtype=export.DTYPES[a.dtype], dropout=a.dropout, tokenizer_vocab=a.tokenizer_vocab)
 
 
 if __name__ == "__main__":

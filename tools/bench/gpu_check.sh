@@ -26,11 +26,11 @@ if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
 fi
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 if [ "${1:-}" = "--tiny" ]; then
-  dims=(--hidden 64 --layers 2 --heads 4 --positions 512)
-  seq=256 mb=2 steps=8 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa sdpa_varlen" device=cpu
+  dims=(--hidden 64 --layers 2 --heads 4 --positions 512 --dropout 0)
+  seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa sdpa_varlen" device=cpu
   export DS_ACCELERATOR=cpu
 else
-  dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16)
+  dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16 --dropout 0)
   seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda
   attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
