@@ -42,7 +42,8 @@ class DataReport:
 
     def describe(self) -> str:
         left_out = f", left out {dict(self.left_out)}" if self.left_out else ""
-        return (f"{self.dialogues} dialogues, skipped {dict(self.skipped)}{left_out}, truncated {self.truncated}, "
+        skipped = ", ".join(f"{n} {kind}" for kind, n in self.skipped.items()) or "none"
+        return (f"{self.dialogues} dialogues, skipped {skipped}{left_out}, truncated {self.truncated}, "
                 f"dropped as too long {self.dropped_too_long}")
 
     def as_scalars(self) -> dict[str, float]:

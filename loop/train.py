@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import math
 import os
@@ -55,9 +56,11 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
         # On CPU accelerate leaves the backend unset and every rank thinks it is alone.
         kwargs.append(InitProcessGroupKwargs(backend="gloo"))
     named = [t for t in cfg.output.report_to if t != "tensorboard"]  # TensorBoard: metrics.start_trackers
-    accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
-                              gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-                              kwargs_handlers=kwargs)
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # DeepSpeed prints "... built successfully" each start
+        accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
+                                  gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+                                  kwargs_handlers=kwargs)
+    print(*[line for line in said.getvalue().splitlines() if "built successfully" not in line], sep="\n", end="")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         t = cfg.training
         accelerator.state.deepspeed_plugin.deepspeed_config.update({
