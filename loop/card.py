@@ -24,7 +24,7 @@ base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="
 model = PeftModel.from_pretrained(base, "{where}")
 ```'''
 CHAT = '''```python
-messages = [{{"role": "user", "content": "Write a Python function that reverses a string."}}]
+messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
 inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                        return_dict=True).to(model.device)
 out = model.generate(**inputs, max_new_tokens=256, do_sample=True, temperature=0.2, top_p=0.95)

@@ -313,7 +313,10 @@ def run(argv: list[str] | None = None) -> int:
     """main(), with what a user can fix said in one line, by the first process only, without a traceback:
     exit 2 for config and data, 1 for a run that cannot go on (a checkpoint, a non-finite step)."""
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
-        print(usage.text())
+        try:
+            print(usage.text(), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     try:
         return main(argv)

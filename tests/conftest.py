@@ -189,3 +189,15 @@ def poisoned(tiny_dir: Path, tokenizer, corpus, folder: Path, n_short: int) -> t
     long = next(d for d in corpus if 110 < length(d) < 250)
     (folder / "train.jsonl").write_text("".join(json.dumps({"messages": d}) + "\n" for d in [*short, long]))
     return folder / "poisoned", short, long
+
+
+def run_card_snippets(folder: Path) -> str:
+    """Run the Python blocks of folder/README.md as a user would paste them (shorter answers), in a fresh
+    interpreter; return what they printed."""
+    card = (folder / "README.md").read_text()
+    code = "\n".join(block.split("```", 1)[0] for block in card.split("```python\n")[1:])
+    code = code.replace("max_new_tokens=256", "max_new_tokens=8")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, f"{code}\n{proc.stderr[-3000:]}"
+    return proc.stdout
