@@ -74,6 +74,18 @@ def setup_logging(is_main: bool) -> logging.Logger:
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 
 
+def check_trackers(report_to: list[str]) -> None:
+    """Refuse a tracker that is not installed: Accelerate would drop it with a warning and its metrics be lost."""
+    from accelerate.tracking import get_available_trackers
+
+    from loop import config
+
+    missing = sorted(set(report_to) - {t.value for t in get_available_trackers()})
+    if missing:
+        raise config.ConfigError(f"output.report_to: {', '.join(missing)} not installed here "
+                                 f"(pip install {' '.join(missing)}, or leave it out)")
+
+
 def start_trackers(accelerator, cfg, step: int) -> None:
     """Every tracker of output.report_to, with the resolved config as the run's hyperparameters.
 

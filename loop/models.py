@@ -105,9 +105,11 @@ def read_config(cfg: config.Config):
 
 
 def preflight(cfg: config.Config) -> tuple[object, str, list[str]]:
-    """Everything about the model a run checks before loading any weight: (its config, the attention
-    that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
-    from loop import attention
+    """Everything a run checks before loading any weight: (the model's config, the attention that will be
+    used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
+    from loop import attention, metrics
+
+    metrics.check_trackers(cfg.output.report_to)
 
     model_config = read_config(cfg)
     attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))

@@ -1,11 +1,14 @@
 """What the run reports: the logging window's scalars, the time split, FLOPs."""
 
+import importlib.util
+import re
 import time
 
 import pytest
 import torch
 
 from loop import metrics
+from tests.conftest import run_in_process, write_config
 
 
 def test_the_window_averages_trained_steps_and_counts_every_step():
@@ -43,10 +46,6 @@ def test_attention_flops_follow_each_dialogues_own_length_heads_and_window():
 
 def test_wandb_offline_and_mlflow_file_store_receive_the_scalars_and_the_config(tiny_dir, tmp_path, monkeypatch):
     """Through Accelerate's trackers, with no network: W&B in offline mode, MLflow with a local file store."""
-    import re
-
-    from tests.conftest import run_in_process, write_config
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):  # the default: a file store in the output directory
@@ -94,3 +93,15 @@ def test_the_console_gets_a_short_line_and_train_log_every_scalar(tiny_dir, tmp_
     log = (tmp_path / "out" / "train.log").read_text()
     assert log.count("throughput/tokens_per_s=") == 2 and "time/forward_backward=" in log
     assert "step 2/4  loss" not in log  # the short form is for the console only
+
+
+def test_a_tracker_that_is_not_installed_stops_the_run_before_it_starts(tiny_dir, tmp_path, capsys):
+    """Accelerate alone would drop it with a warning, and the run's metrics would go nowhere."""
+    if importlib.util.find_spec("trackio"):
+        pytest.skip("trackio is installed here")
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", output={"report_to": ["trackio"]})
+    assert run_in_process(cfg, entry="run") == 2
+    said = capsys.readouterr().out.strip().splitlines()
+    assert said[-1].endswith("error: output.report_to: trackio not installed here (pip install trackio, or leave "
+                             "it out)") and "Traceback" not in "".join(said)
+    assert not (tmp_path / "out" / "checkpoints").exists()
