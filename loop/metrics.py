@@ -11,10 +11,13 @@ from collections import defaultdict
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from loop.checkpoints import LoopState
 
 # Dense bf16 peak FLOP/s per device, for MFU when the config gives none.
 PEAK_BF16_FLOPS = {
@@ -49,6 +52,18 @@ def window_lines(scalars: dict[str, float], step: int, total: int) -> tuple[str,
              f"grad norm {scalars['train/grad_norm']:.3g}  {scalars['throughput/tokens_per_s']:,.0f} tokens/s"
              + (f"  MFU {scalars['throughput/mfu']:.1%}" if "throughput/mfu" in scalars else ""))
     return short, full
+
+
+def log_window(accelerator, meter: Meter, lr: float, state: LoopState, total_steps: int, steps_per_epoch: int) -> float:
+    """Close the logging window: every scalar to the trackers and train.log, a short line to the console.
+    Returns the window's train loss."""
+    scalars = meter.scalars(lr, state.step / steps_per_epoch, state.tokens_trained)
+    accelerator.log(scalars, step=state.step)
+    short, full = window_lines(scalars, state.step, total_steps)
+    log = logging.getLogger("loop")
+    log.info(short, extra=CONSOLE_ONLY)
+    log.info(full, extra=FILE_ONLY)
+    return scalars["train/loss"]
 
 
 def setup_logging(is_main: bool) -> logging.Logger:

@@ -144,6 +144,17 @@ def skip_or_stop(what: str, state: checkpoints.LoopState, policy: str, accelerat
     accelerator.log({"train/skipped_steps": state.skipped_steps + 1}, step=state.step + 1)
 
 
+def leave_preempted(accelerator: Accelerator, preempt: preemption.Preemption, step: int, saving: bool, ckpt_root: Path,
+                    out: Path) -> int:
+    """Say what was saved and how to resume, mark the run directory, and exit with the requeue code."""
+    saved = checkpoints.last_good(ckpt_root) if saving else "nothing (output.save: false)"
+    logging.getLogger("loop").warning(f"preempted ({preempt.describe()}) at step {step}; saved {saved}; "
+                                      "resume with --resume_from_checkpoint latest")
+    if accelerator.is_main_process:
+        (out / rundir.PREEMPTED).write_text(f"step {step}\n")
+    return finish(accelerator, preemption.PREEMPTED_EXIT_CODE)
+
+
 def due(step: int, every: int, last: int) -> bool:
     """Every `every` steps (0: never) and at the last step."""
     return step == last or (every > 0 and step % every == 0)
@@ -262,12 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
 
                 if due(state.step, t.log_every, total_steps):
-                    scalars = meter.scalars(lr, state.step / per_epoch, state.tokens_trained)
-                    accelerator.log(scalars, step=state.step)
-                    short, full = metrics.window_lines(scalars, state.step, total_steps)
-                    log.info(short, extra=metrics.CONSOLE_ONLY)
-                    log.info(full, extra=metrics.FILE_ONLY)
-                    summary.train_loss = scalars["train/loss"]
+                    summary.train_loss = metrics.log_window(accelerator, meter, lr, state, total_steps, per_epoch)
                 if due(state.step, t.eval_every, total_steps) and evals.rows:
                     eval_and_log()
                 if t.sample_prompts and due(state.step, t.sample_every, total_steps):
@@ -279,12 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                     if uploads:
                         uploads.submit(saved)
                 if result.preempted:
-                    saved = checkpoints.last_good(ckpt_root) if cfg.output.save else "nothing (output.save: false)"
-                    log.warning(f"preempted ({preempt.describe()}) at step {state.step}; saved {saved}; "
-                                "resume with --resume_from_checkpoint latest")
-                    if accelerator.is_main_process:
-                        (out / rundir.PREEMPTED).write_text(f"step {state.step}\n")
-                    return finish(accelerator, preemption.PREEMPTED_EXIT_CODE)
+                    return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
         bar.close()
         if summary.eval_loss is None and evals.rows:  # resumed at its last step: the card still gets one
             eval_and_log()

@@ -193,10 +193,11 @@ def poisoned(tiny_dir: Path, tokenizer, corpus, folder: Path, n_short: int) -> t
 
 def run_card_snippets(folder: Path) -> str:
     """Run the Python blocks of folder/README.md as a user would paste them (shorter answers), in a fresh
-    interpreter; return what they printed."""
+    interpreter; return what they printed, ending with the number of tokens the model generated."""
     card = (folder / "README.md").read_text()
     code = "\n".join(block.split("```", 1)[0] for block in card.split("```python\n")[1:])
     code = code.replace("max_new_tokens=256", "max_new_tokens=8")
+    code += '\nprint("new tokens:", out.shape[1] - inputs["input_ids"].shape[1])\n'
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, f"{code}\n{proc.stderr[-3000:]}"

@@ -12,4 +12,4 @@ def test_the_cards_snippet_loads_the_saved_folder_and_answers(trained_run):
     assert card.data.base_model and "bf16 training, saved as bf16" in card.text
     assert (final / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![eval loss](eval_loss.png)" in card.text
-    assert run_card_snippets(final).strip()  # the chat snippet printed an answer
+    assert int(run_card_snippets(final).split("new tokens:")[1]) >= 1  # the chat snippet generated an answer

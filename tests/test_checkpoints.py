@@ -103,14 +103,15 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
     assert state == ref_state  # token and sample counters continue exactly
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path, sig):
+def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send); SIGUSR1 takes the same path (tests/test_preemption.py), and
+    through the README's launch command too (tests/test_launch.py)."""
     out = tmp_path / "run"
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
     wait_for(out / "tensorboard", proc=proc)
     time.sleep(3)
     for w in workers(proc):
-        w.send_signal(sig)
+        w.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0, log[-2000:]
     assert "exitcode  : 75" in log, log[-3000:]  # the launcher reports each worker's exit code

@@ -81,7 +81,7 @@ def test_the_adapter_loads_in_peft_and_the_merged_model_in_transformers(lora_run
     assert "with a LoRA adapter merged into its weights" in card and "rank 8" in card
     assert "A LoRA adapter for" in (ref / "adapter" / "README.md").read_text()
     assert "library_name: peft" in (ref / "adapter" / "README.md").read_text()
-    assert run_card_snippets(ref / "adapter").strip()  # the adapter's snippet loads base + adapter and answers
+    assert int(run_card_snippets(ref / "adapter").split("new tokens:")[1]) >= 1  # base + adapter load and answer
 
 
 def test_a_lora_checkpoint_exports_the_adapter_and_the_merged_model(lora_runs, tmp_path):
