@@ -111,7 +111,7 @@ def write_config(path: Path, tiny_dir: Path, out_dir: Path, **sections) -> Path:
     cfg = {
         "model": {"name_or_path": str(tiny_dir / "model")},
         "data": {"train_files": [str(tiny_dir / "data" / "chatterbot.jsonl")], "seq_len": 256,
-                 "eval_fraction": 0.05},
+                 "eval_fraction": 0.05, "cache_dir": str(tiny_dir / "cache")},  # tokenized once per data set
         "training": {"lr": 3e-3, "warmup_steps": 2, "max_steps": 8, "micro_batch_size": 2,
                      "gradient_accumulation_steps": 2, "log_every": 2, "save_every": 100},
         "output": {"output_dir": str(out_dir)},

@@ -109,7 +109,8 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     out = tmp_path / "run"
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
     wait_for(out / "tensorboard", proc=proc)
-    time.sleep(3)
+    while "train/loss" not in (out / "train.log").read_text():  # some steps are done
+        assert proc.poll() is None and time.sleep(0.05) is None
     for w in workers(proc):
         w.send_signal(signal.SIGTERM)
     log, _ = proc.communicate(timeout=300)

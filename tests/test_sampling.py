@@ -9,18 +9,18 @@ from transformers import pipeline
 from tests.conftest import ROOT
 
 
-def test_generate_tool_batch_and_checkpoint(trained_run, tmp_path):
+def test_generate_tool_batch(trained_run, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("What is Python?\nWrite a loop in C.\n")
-    for source in (trained_run / "final", trained_run / "checkpoints" / "step_00000016"):
-        out = tmp_path / "answers.md"  # the default, in the working directory (not in the model folder)
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), str(source), "--prompts-file",
-                               str(prompts), "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "20"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        text = out.read_text()
-        assert not (source / "answers.md").exists()
-        assert "## What is Python?" in text and "## Write a loop in C." in text and "<|end|>" not in text
+    source = trained_run / "final"
+    out = tmp_path / "answers.md"  # the default, in the working directory (not in the model folder)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), str(source), "--prompts-file",
+                           str(prompts), "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "20"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert not (source / "answers.md").exists()
+    assert "## What is Python?" in text and "## Write a loop in C." in text and "<|end|>" not in text
 
 
 def test_generate_tool_chat_through_a_pipe(trained_run, tmp_path):
@@ -65,8 +65,10 @@ def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt
 
 
 def test_held_out_questions_answered_next_to_the_base_model(trained_run, tiny_dir, tmp_path):
+    """From a training checkpoint (its fp32 master weights), against the base model."""
     out = tmp_path / "answers.md"
-    proc = subprocess.run([sys.executable, "tools/generate.py", str(trained_run / "final"), "--held-out",
+    checkpoint = trained_run / "checkpoints" / "step_00000016"
+    proc = subprocess.run([sys.executable, "tools/generate.py", str(checkpoint), "--held-out",
                            str(trained_run), "--count", "3", "--compare", str(tiny_dir / "model"),
                            "--max-new-tokens", "6", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)

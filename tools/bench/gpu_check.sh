@@ -27,7 +27,7 @@ fi
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers 2 --heads 4 --positions 512 --dropout 0)
-  seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa sdpa_varlen" device=cpu
+  seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
   export DS_ACCELERATOR=cpu
 else
   dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16 --dropout 0)
