@@ -22,6 +22,8 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     (its fp32 master weights, merged in memory)."""
     path_ = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # pretrained bases often have none; batches are left-padded and masked
+        tokenizer.pad_token = tokenizer.eos_token
     if (path_ / "latest").is_file():  # a ZeRO checkpoint written by loop/train.py: read without unpickling
         from loop import consolidate
 
@@ -68,8 +70,6 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     the longest answer is done.
     """
     texts = [templates.render(tokenizer, c, generation_prompt=True) for c in conversations]
-    if tokenizer.pad_token is None:  # pretrained bases often have none; left padding is masked anyway
-        tokenizer.pad_token = tokenizer.eos_token
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     tokenizer.padding_side = side

@@ -60,7 +60,9 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
         accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
                                   gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
                                   kwargs_handlers=kwargs)
-    print(*[line for line in said.getvalue().splitlines() if "built successfully" not in line], sep="\n", end="")
+    kept = [line for line in said.getvalue().splitlines() if "built successfully" not in line]
+    if kept:
+        print("\n".join(kept))
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         t = cfg.training
         accelerator.state.deepspeed_plugin.deepspeed_config.update({
