@@ -35,6 +35,7 @@ def claimed(output_dir: Path, is_main: bool) -> Iterator[str | None]:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(output_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
     try:
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         try:
@@ -42,12 +43,15 @@ def claimed(output_dir: Path, is_main: bool) -> Iterator[str | None]:
         except BlockingIOError:
             raise DirectoryInUse(f"output.output_dir {output_dir} is in use by another run ({previous or 'unknown'}); "
                                  "wait for it to end or choose another output_dir") from None
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         (output_dir / PREEMPTED).unlink(missing_ok=True)
         yield (f"took over the lock of a run that is gone ({previous})" if previous else None)
     finally:
+        if held:  # a run that ends (even preempted or failing) leaves no name: only one that died does
+            os.ftruncate(fd, 0)
         os.close(fd)  # releases the lock
 
 

@@ -71,8 +71,10 @@ def test_an_empty_training_set_is_an_error_before_any_model_work(tiny_dir, tmp_p
     assert proc.returncode == 2 and "no training dialogues" in proc.stderr
 
 
-def test_lock_file_names_the_holder(tmp_path):
-    with rundir.claimed(tmp_path / "d", is_main=True):
+def test_lock_file_names_the_holder_and_a_run_that_ended_leaves_no_name(tmp_path):
+    with rundir.claimed(tmp_path / "d", is_main=True) as took_over:
         holder = (tmp_path / "d" / rundir.LOCK).read_text()
-        assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()}")
+        assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()}") and took_over is None
     assert json.dumps(holder)  # plain text a person can read
+    with rundir.claimed(tmp_path / "d", is_main=True) as took_over:  # the next run (a resume, say)
+        assert took_over is None  # no warning about a run that is gone: the last one ended
