@@ -99,6 +99,10 @@ class TrainingConfig:
     max_new_tokens: int = 64  # length of those answers
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop, or skip the step
     peak_flops_per_device: float = 0.0  # 0: look the device up (see loop/metrics.py)
+    # > 1: record a PyTorch profiler trace of optimizer steps profile_from .. profile_from + profile_steps - 1
+    # into output_dir/profile, with device busy time, kernel launches and synchronisations per step.
+    profile_from: int = 0
+    profile_steps: int = 3  # steps the profiler records (after one warm-up step)
 
 
 @dataclass
@@ -243,6 +247,9 @@ def validate(config: Config) -> None:
         ("training.sample_every", t.sample_every >= 0, "must be >= 0"),
         ("training.max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
         ("training.loss_chunk_tokens", t.loss_chunk_tokens >= 0, "must be >= 0 (0: plain logits)"),
+        ("training.profile_from", t.profile_from == 0 or t.profile_from >= 2,
+         "must be 0 (no profile) or >= 2 (step profile_from - 1 warms the profiler up)"),
+        ("training.profile_steps", t.profile_steps >= 1, "must be >= 1"),
         ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
         ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),

@@ -40,6 +40,7 @@ from loop import (
     optim,
     packing,
     preemption,
+    profiling,
     rundir,
     sampling,
     templates,
@@ -260,7 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         with (preemption.Preemption() as preempt,
               hub.checkpoint_uploads(cfg.output, accelerator.is_main_process) as uploads,
-              batches.prefetch(planner, state.step, total_steps) as steps):
+              batches.prefetch(planner, state.step, total_steps) as steps,
+              profiling.profiled_steps(t.profile_from, t.profile_steps, state.step, out / "profile",
+                                       accelerator.process_index) as profiled):
             while state.step < total_steps:
                 with timers("data", host=True):
                     step = next(steps)
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
                 state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
                 meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
+                profiled(state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
 

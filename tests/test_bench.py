@@ -19,4 +19,9 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     for attn in ("sdpa", "sdpa_varlen"):  # the choices run, and the varlen reference
         assert f"{attn}: packed vs alone max |logit diff|" in proc.stdout
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
+    profiled = lines[next(i for i, line in enumerate(lines) if line.startswith("profiled (3 steps)")) + 1:]
+    for name in ("loop/train.py sdpa", "HF Trainer + DeepSpeed ZeRO-3", "ceiling"):  # each profiled after its run
+        row = next(line for line in profiled if line.startswith(name)).removeprefix(name).split()
+        step_ms, busy, operators = float(row[0]), row[1], float(row[2].replace(",", ""))
+        assert step_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline
     assert "FAIL" not in proc.stdout

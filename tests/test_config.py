@@ -36,6 +36,7 @@ def test_yaml_and_overrides_in_every_spelling(tmp_path):
     ({"trainer": {}}, [], "trainer"),
     ({"model": {"attn_implementation": "eager"}}, [], "model.attn_implementation.*data.packing: pad"),
     ({"data": {"format": "csv"}}, [], "data.format"),
+    ({}, ["--profile_from", "1"], "training.profile_from.*warms the profiler up"),
 ])
 def test_bad_values_stop_with_the_key_named(tmp_path, body, overrides, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import attention, batches, metrics, models
+from loop import attention, batches, metrics, models, profiling
 from loop.packing import IGNORE
 from tools.bench import workload
 
@@ -55,6 +56,10 @@ def main() -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
+    with profiling.profiled_steps(2 if a.profile else 0, 3, 0, Path(a.profile or "."), rank=0) as profiled:
+        for i in range(1, 5 if a.profile else 0):  # no synchronisation between these steps
+            step()
+            profiled(i)
     pieces = [e - s for row in chosen for _, s, e in row]
     flops = metrics.training_flops(models.matmul_parameters(model), models.Shape.of(model.config), pieces)
     peak = metrics.peak_flops_per_device(0.0)

@@ -7,13 +7,16 @@
 # 3. For each fast attention choice available here (sdpa; varlen_attn; flash_attention_2/3 when the
 #    package is installed; missing ones are skipped, not run as a fallback twice), trains packed
 #    2048-token rows, micro-batch 8, bf16, one-process ZeRO-3, and reads tokens/s, MFU, peak memory
-#    and the step's time split from the run's TensorBoard.
+#    and the step's time split from the run's TensorBoard; then records 3 more steps with the PyTorch
+#    profiler (device busy time, kernel launches, synchronisations per step; a trace to open in Perfetto).
 # 4. Runs the HF Trainer + DeepSpeed ZeRO-3 baseline on the same model, rows and batch, and the
-#    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), and prints the ratios.
+#    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), profiles both the
+#    same way, and prints the ratios and the profiles side by side.
 # 5. Checks on the GPU that each dialogue's logits inside a packed batch equal its logits alone.
 #
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
+#   bash tools/bench/gpu_check.sh --tiny 24  # toy width, the GPU model's 24 layers: host work per step on CPU
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
@@ -26,7 +29,7 @@ if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
 fi
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
 if [ "${1:-}" = "--tiny" ]; then
-  dims=(--hidden 64 --layers 2 --heads 4 --positions 512 --dropout 0)
+  dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
   export DS_ACCELERATOR=cpu
 else
@@ -44,17 +47,19 @@ for attn in $attns; do
   stamp "loop/train.py with $attn"
   launch loop/train.py configs/quickstart.yaml --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" \
     --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 \
-    --max_steps "$steps" --log_every "$log" --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
+    --max_steps $((steps + 4)) --profile_from $((steps + 2)) --profile_steps 3 --log_every "$log" \
+    --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
     --attn_implementation "$attn" --output_dir "$WORK/run-$attn" --save false > "$WORK/run-$attn.log" 2>&1 \
     || { tail -30 "$WORK/run-$attn.log"; exit 1; }
 done
 stamp "HF Trainer + DeepSpeed ZeRO-3"
 launch --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
-  --steps "$steps" --warmup "$log" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
+  --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
   || { tail -30 "$WORK/trainer.log"; exit 1; }
 stamp "plain PyTorch ceiling"
 "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
-  > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" || { tail -30 "$WORK/ceiling.log"; exit 1; }
+  --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
+  || { tail -30 "$WORK/ceiling.log"; exit 1; }
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
 "$PY" -m tools.bench.gpu_report "$WORK" $attns
 stamp "packed logits on $device"

@@ -1,5 +1,6 @@
 """The table gpu_check.sh ends with: the loop's runs (read from their TensorBoard logs, warm-up
-window left out) next to the Trainer baseline and the plain-PyTorch ceiling, with the ratios.
+window left out) next to the Trainer baseline and the plain-PyTorch ceiling, with the ratios; then
+what the profiler saw of a few steps of each (loop/profiling.py), recorded after the measured ones.
 
   python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn ...
 """
@@ -14,15 +15,21 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
-def windows(run: Path) -> dict[str, float]:
-    """Each scalar's mean over the logging windows after the first (which holds start-up)."""
+def windows(run: Path, until: int | None = None) -> dict[str, float]:
+    """Each scalar's mean over the logging windows after the first (which holds start-up), up to step
+    `until` (the profiled steps that follow are slower)."""
     acc = EventAccumulator(str(run / "tensorboard"))
     acc.Reload()
     out = {}
     for tag in acc.Tags()["scalars"]:
-        values = [e.value for e in acc.Scalars(tag)]
+        values = [e.value for e in acc.Scalars(tag) if until is None or e.step <= until]
         out[tag] = statistics.mean(values[1:] or values)
     return out
+
+
+def profile(folder: Path) -> dict:
+    path = folder / "summary-rank0.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def result(path: Path) -> dict:
@@ -36,8 +43,10 @@ def main(work: str, *attns: str) -> int:
     print(f"{'run':28s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'data ms':>8s} {'fwd+bwd ms':>11s} "
           f"{'optim ms':>9s} {'x Trainer':>10s} {'x ceiling':>10s}")
     rate = lambda r: r.get("tokens_per_s") or float("nan")  # noqa: E731
+    profiles = {f"loop/train.py {attn}": profile(root / f"run-{attn}" / "profile") for attn in attns}
     for attn in attns:
-        s = windows(root / f"run-{attn}")
+        first = profiles[f"loop/train.py {attn}"].get("first")
+        s = windows(root / f"run-{attn}", first - 2 if first else None)
         tps = s.get("throughput/tokens_per_s", float("nan"))
         ms = lambda tag: 1000 * s.get(f"time/{tag}", float("nan"))  # noqa: E731, B023
         print(f"{'loop/train.py ' + attn:28s} {tps:10,.0f} {s.get('throughput/mfu', float('nan')):6.1%} "
@@ -47,6 +56,15 @@ def main(work: str, *attns: str) -> int:
     for name, r in (("HF Trainer + DeepSpeed ZeRO-3", trainer), (f"ceiling ({ceiling.get('attention')})", ceiling)):
         mfu = f"{r['mfu']:6.1%}" if r.get("mfu") else f"{'-':>6s}"
         print(f"{name:28s} {rate(r):10,.0f} {mfu} {r.get('peak_bytes', 0) / 2**30:8.1f}")
+    profiles |= {"HF Trainer + DeepSpeed ZeRO-3": profile(root / "profile-trainer"),
+                 "ceiling": profile(root / "profile-ceiling")}
+    print(f"\n{'profiled (3 steps)':28s} {'step ms':>8s} {'device busy':>12s} {'operators':>10s} {'launches':>9s} "
+          f"{'syncs':>6s}  (per step)")
+    for name, p in profiles.items():
+        if p:
+            busy = f"{p['device_busy']:12.0%}" if p["device_busy"] is not None else f"{'-':>12s}"
+            print(f"{name:28s} {p['step_ms']:8.1f} {busy} {p['operators_per_step']:10,.0f} "
+                  f"{p['launches_per_step']:9,.0f} {p['syncs_per_step']:6.0f}")
     return 0
 
 

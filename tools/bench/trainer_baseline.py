@@ -17,12 +17,13 @@ import json
 import os
 import tempfile
 import time
+from pathlib import Path
 
 import datasets
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from loop import batches
+from loop import batches, profiling
 from loop.packing import IGNORE
 from tools.bench import workload
 
@@ -54,6 +55,7 @@ def main() -> None:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.rate = (counted["tokens"] - self.tokens) / (time.perf_counter() - self.start)
+            self.profiled(state.global_step)
 
     clock = Clock()
     gpu = torch.cuda.is_available()
@@ -62,12 +64,15 @@ def main() -> None:
                                                  dtype=torch.bfloat16 if bf16 else torch.float32)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.micro_batch,
-                                 gradient_accumulation_steps=a.accumulation, max_steps=a.steps, learning_rate=1e-4,
+                                 gradient_accumulation_steps=a.accumulation, learning_rate=1e-4,
+                                 max_steps=a.steps + (4 if a.profile else 0),
                                  bf16=bf16, use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=10_000,
                                  remove_unused_columns=False, disable_tqdm=True)
         train = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
-        trainer.train()
+        with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, Path(a.profile or "."),
+                                      rank=int(os.environ.get("RANK", 0))) as clock.profiled:
+            trainer.train()
     peak = torch.cuda.max_memory_allocated() if gpu else 0
     if trainer.accelerator.is_main_process:
         print(json.dumps({"tokens_per_s": clock.rate, "peak_bytes": peak,

@@ -38,4 +38,6 @@ def arguments(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=warmup, help="steps left out of the measurement")
+    p.add_argument("--profile", metavar="DIR", help="after the measured steps, record 3 more with the PyTorch "
+                   "profiler (and one warm-up) into DIR, as loop/profiling.py does for the loop")
     return p

@@ -1,0 +1,106 @@
+"""A PyTorch profiler trace of a few optimizer steps, and what it says about them in numbers.
+
+The loop's timers split a step into data, forward+backward and optimizer, but a step can also lose
+time that no timer shows: Python hooks, kernel launches, host-device synchronisations, a device left
+idle while the host catches up. The trace shows those gaps (open it in Perfetto or chrome://tracing);
+the summary counts them per step: how busy the device was, how many operators, kernel launches and
+synchronisations each step cost. Torch's profiler records; only the counting is ours.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+def busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals: the time at least one kernel was running."""
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def summarize(prof: torch.profiler.profile, first: int, count: int) -> dict:
+    """Per-step figures of the recorded steps (`first` .. `first + count - 1`)."""
+    events = prof.events()
+    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # "ProfilerStep*" here, "#N" in the trace
+    wall_us = sum(e.time_range.elapsed_us() for e in steps) or 1.0
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    per_step = lambda n: n / max(1, len(steps))  # noqa: E731
+    return {
+        "first": first, "steps": count,
+        "step_ms": wall_us / 1000 / max(1, len(steps)),
+        "device_busy": busy_us(kernels) / wall_us if kernels else None,
+        "operators_per_step": per_step(sum(e.name.startswith("aten::") for e in events)),
+        "launches_per_step": per_step(sum(e.name in LAUNCHES for e in events)),
+        "syncs_per_step": per_step(sum(e.name in SYNCS for e in events)),
+    }
+
+
+def describe(s: dict) -> str:
+    busy = f"device busy {s['device_busy']:.0%} of " if s["device_busy"] is not None else ""
+    return (f"profiled steps {s['first']}-{s['first'] + s['steps'] - 1}: {busy}{s['step_ms']:.1f} ms a step; per step "
+            f"{s['operators_per_step']:,.0f} operators, {s['launches_per_step']:,.0f} kernel launches, "
+            f"{s['syncs_per_step']:.0f} synchronisations")
+
+
+@contextmanager
+def profiled_steps(first: int, count: int, done: int, out: Path, rank: int) -> Iterator[Callable[[int], None]]:
+    """Yields `after_step(step)`, to call once each optimizer step is over (steps count from 1, as logged).
+
+    Steps `first` .. `first + count - 1` are recorded after one warm-up step (the profiler's own start-up
+    would otherwise land in the first); `first` 0 records nothing. `done` is the step the run starts
+    from (a resumed run past `first` records nothing). On every way out the profiler is stopped, so a
+    failing run never leaves it recording; each process writes its own files, named by rank.
+    """
+    prof: torch.profiler.profile | None = None
+    last = first + count - 1
+
+    def write(p: torch.profiler.profile) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        p.export_chrome_trace(str(out / f"trace-rank{rank}.json.gz"))
+        device = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        (out / f"operators-rank{rank}.txt").write_text(p.key_averages().table(sort_by=device, row_limit=30))
+        summary = summarize(p, first, count)
+        (out / f"summary-rank{rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if rank == 0:
+            logging.getLogger("loop").info(f"{describe(summary)}; trace: {out}/trace-rank0.json.gz")
+
+    def start_if_due(step: int) -> None:
+        nonlocal prof
+        if first > 0 and step == first - 2:  # the next step is the warm-up
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            prof = torch.profiler.profile(activities=activities, on_trace_ready=write,
+                                          schedule=torch.profiler.schedule(wait=0, warmup=1, active=count, repeat=1))
+            prof.start()
+
+    def after_step(step: int) -> None:
+        nonlocal prof
+        if prof is not None:
+            prof.step()  # after the last recorded step this hands the trace to write()
+            if step == last:
+                prof.stop()
+                prof = None
+        start_if_due(step)
+
+    start_if_due(done)
+    try:
+        yield after_step
+    finally:
+        if prof is not None:
+            prof.on_trace_ready = None  # an unfinished recording is dropped, not written
+            prof.stop()

@@ -1,0 +1,59 @@
+"""The profiler records exactly the asked steps, writes a trace and per-step figures, and never stays on."""
+
+import gzip
+import json
+
+import pytest
+import torch
+
+from loop import profiling
+
+
+def train(steps: int, after_step, fail_at: int | None = None) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.AdamW(model.parameters())
+    for step in range(1, steps + 1):
+        if step == fail_at:
+            raise RuntimeError("boom")
+        model(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        after_step(step)
+
+
+def test_records_the_asked_steps_only(tmp_path):
+    with profiling.profiled_steps(4, 2, 0, tmp_path, rank=0) as after_step:
+        train(8, after_step)
+    trace = json.loads(gzip.decompress((tmp_path / "trace-rank0.json.gz").read_bytes()))
+    steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+    assert len(steps) == 2  # the warm-up step (3) and the steps after 5 are not in it
+    summary = json.loads((tmp_path / "summary-rank0.json").read_text())
+    assert summary["first"] == 4 and summary["steps"] == 2 and summary["step_ms"] > 0.01
+    # Each step runs the same operators: two linears forward and backward, the loss, AdamW.
+    assert summary["operators_per_step"] > 20
+    assert summary["device_busy"] is None and summary["launches_per_step"] == 0  # CPU: no device timeline
+    assert "aten::addmm" in (tmp_path / "operators-rank0.txt").read_text()
+    assert "profiled steps 4-5" in profiling.describe(summary)
+
+
+def test_resumed_past_the_window_or_off_records_nothing(tmp_path):
+    for first, done in ((3, 5), (0, 0)):
+        with profiling.profiled_steps(first, 2, done, tmp_path, rank=0) as after_step:
+            train(4, lambda step, f=after_step, d=done: f(step + d))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_a_failing_run_stops_the_profiler(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with profiling.profiled_steps(2, 3, 0, tmp_path, rank=0) as after_step:
+            train(6, after_step, fail_at=3)
+    assert not (tmp_path / "trace-rank0.json.gz").exists()  # an unfinished recording is not written
+    with profiling.profiled_steps(2, 1, 0, tmp_path, rank=1) as after_step:  # a new profiler can start
+        train(3, after_step)
+    assert (tmp_path / "summary-rank1.json").is_file()
+
+
+def test_device_busy_is_the_union_of_kernel_intervals():
+    assert profiling.busy_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
+    assert profiling.busy_us([]) == 0
