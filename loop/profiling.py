@@ -32,15 +32,17 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(prof: torch.profiler.profile, first: int, count: int) -> dict:
-    """Per-step figures of the recorded steps (`first` .. `first + count - 1`)."""
+def summarize(prof: torch.profiler.profile, first: int, recorded: int) -> dict:
+    """Per-step figures of the `recorded` steps from `first` (a run that ended inside the window leaves
+    an empty step open after them)."""
     events = prof.events()
-    steps = [e for e in events if e.name.startswith("ProfilerStep")]  # "ProfilerStep*" here, "#N" in the trace
+    steps = sorted((e for e in events if e.name.startswith("ProfilerStep")),  # "ProfilerStep*" here, "#N" in traces
+                   key=lambda e: e.time_range.start)[:recorded]
     wall_us = sum(e.time_range.elapsed_us() for e in steps) or 1.0
     kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
     per_step = lambda n: n / max(1, len(steps))  # noqa: E731
     return {
-        "first": first, "steps": count,
+        "first": first, "steps": len(steps),
         "step_ms": wall_us / 1000 / max(1, len(steps)),
         "device_busy": busy_us(kernels) / wall_us if kernels else None,
         "operators_per_step": per_step(sum(e.name.startswith("aten::") for e in events)),
@@ -57,23 +59,30 @@ def describe(s: dict) -> str:
 
 
 @contextmanager
-def profiled_steps(first: int, count: int, done: int, out: Path, rank: int) -> Iterator[Callable[[int], None]]:
+def profiled_steps(first: int, count: int, done: int, total: int, out: Path,
+                   rank: int) -> Iterator[Callable[[int], None]]:
     """Yields `after_step(step)`, to call once each optimizer step is over (steps count from 1, as logged).
 
     Steps `first` .. `first + count - 1` are recorded after one warm-up step (the profiler's own start-up
     would otherwise land in the first); `first` 0 records nothing. `done` is the step the run starts
-    from (a resumed run past `first` records nothing). On every way out the profiler is stopped, so a
-    failing run never leaves it recording; each process writes its own files, named by rank.
+    from (a resumed run past `first` records nothing), `total` its last step. A run that ends inside
+    the window (its last step, a preemption) writes what was recorded; one that fails drops it. Either
+    way the profiler is stopped. Each process writes its own files, named by rank.
     """
     prof: torch.profiler.profile | None = None
-    last = first + count - 1
+    last, recorded = first + count - 1, 0
+    if rank == 0 and first > total:
+        logging.getLogger("loop").warning(f"training.profile_from {first} is after the last step ({total}): "
+                                          "nothing is profiled")
 
     def write(p: torch.profiler.profile) -> None:
+        summary = summarize(p, first, recorded)
+        if not summary["steps"]:  # the run ended in the warm-up step
+            return
         out.mkdir(parents=True, exist_ok=True)
         p.export_chrome_trace(str(out / f"trace-rank{rank}.json.gz"))
         device = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         (out / f"operators-rank{rank}.txt").write_text(p.key_averages().table(sort_by=device, row_limit=30))
-        summary = summarize(p, first, count)
         (out / f"summary-rank{rank}.json").write_text(json.dumps(summary, indent=1) + "\n")
         if rank == 0:
             logging.getLogger("loop").info(f"{describe(summary)}; trace: {out}/trace-rank0.json.gz")
@@ -89,8 +98,9 @@ def profiled_steps(first: int, count: int, done: int, out: Path, rank: int) -> I
             prof.start()
 
     def after_step(step: int) -> None:
-        nonlocal prof
+        nonlocal prof, recorded
         if prof is not None:
+            recorded += step >= first
             prof.step()  # after the last recorded step this hands the trace to write()
             if step == last:
                 prof.stop()
@@ -100,7 +110,10 @@ def profiled_steps(first: int, count: int, done: int, out: Path, rank: int) -> I
     start_if_due(done)
     try:
         yield after_step
-    finally:
+    except BaseException:
         if prof is not None:
-            prof.on_trace_ready = None  # an unfinished recording is dropped, not written
+            prof.on_trace_ready = None  # a failing run's recording is dropped, not written
             prof.stop()
+        raise
+    if prof is not None:
+        prof.stop()  # the run ended inside the window: what was recorded is written

@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         with (preemption.Preemption() as preempt,
               hub.checkpoint_uploads(cfg.output, accelerator.is_main_process) as uploads,
               batches.prefetch(planner, state.step, total_steps) as steps,
-              profiling.profiled_steps(t.profile_from, t.profile_steps, state.step, out / "profile",
+              profiling.profiled_steps(t.profile_from, t.profile_steps, state.step, total_steps, out / "profile",
                                        accelerator.process_index) as profiled):
             while state.step < total_steps:
                 with timers("data", host=True):

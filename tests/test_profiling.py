@@ -23,7 +23,7 @@ def train(steps: int, after_step, fail_at: int | None = None) -> None:
 
 
 def test_records_the_asked_steps_only(tmp_path):
-    with profiling.profiled_steps(4, 2, 0, tmp_path, rank=0) as after_step:
+    with profiling.profiled_steps(4, 2, 0, 8, tmp_path, rank=0) as after_step:
         train(8, after_step)
     trace = json.loads(gzip.decompress((tmp_path / "trace-rank0.json.gz").read_bytes()))
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
@@ -37,19 +37,27 @@ def test_records_the_asked_steps_only(tmp_path):
     assert "profiled steps 4-5" in profiling.describe(summary)
 
 
-def test_resumed_past_the_window_or_off_records_nothing(tmp_path):
-    for first, done in ((3, 5), (0, 0)):
-        with profiling.profiled_steps(first, 2, done, tmp_path, rank=0) as after_step:
+def test_resumed_past_the_window_or_off_records_nothing(tmp_path, caplog):
+    for first, done in ((3, 5), (0, 0), (20, 0)):
+        with profiling.profiled_steps(first, 2, done, done + 4, tmp_path, rank=0) as after_step:
             train(4, lambda step, f=after_step, d=done: f(step + d))
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+    assert "profile_from 20 is after the last step (4): nothing is profiled" in caplog.text
+
+
+def test_a_run_that_ends_inside_the_window_writes_what_was_recorded(tmp_path):
+    with profiling.profiled_steps(3, 5, 0, 4, tmp_path, rank=0) as after_step:  # the run stops after step 4
+        train(4, after_step)
+    summary = json.loads((tmp_path / "summary-rank0.json").read_text())
+    assert (summary["first"], summary["steps"]) == (3, 2)
 
 
 def test_a_failing_run_stops_the_profiler(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
-        with profiling.profiled_steps(2, 3, 0, tmp_path, rank=0) as after_step:
+        with profiling.profiled_steps(2, 3, 0, 6, tmp_path, rank=0) as after_step:
             train(6, after_step, fail_at=3)
     assert not (tmp_path / "trace-rank0.json.gz").exists()  # an unfinished recording is not written
-    with profiling.profiled_steps(2, 1, 0, tmp_path, rank=1) as after_step:  # a new profiler can start
+    with profiling.profiled_steps(2, 1, 0, 3, tmp_path, rank=1) as after_step:  # a new profiler can start
         train(3, after_step)
     assert (tmp_path / "summary-rank1.json").is_file()
 

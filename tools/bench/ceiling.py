@@ -56,7 +56,7 @@ def main() -> None:
         if i >= a.warmup:
             times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    with profiling.profiled_steps(2 if a.profile else 0, 3, 0, Path(a.profile or "."), rank=0) as profiled:
+    with profiling.profiled_steps(2 if a.profile else 0, 3, 0, 4, Path(a.profile or "."), rank=0) as profiled:
         for i in range(1, 5 if a.profile else 0):  # no synchronisation between these steps
             step()
             profiled(i)

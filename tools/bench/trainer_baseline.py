@@ -70,7 +70,7 @@ def main() -> None:
                                  remove_unused_columns=False, disable_tqdm=True)
         train = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
-        with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, Path(a.profile or "."),
+        with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, a.steps + 4, Path(a.profile or "."),
                                       rank=int(os.environ.get("RANK", 0))) as clock.profiled:
             trainer.train()
     peak = torch.cuda.max_memory_allocated() if gpu else 0
