@@ -62,6 +62,15 @@ def test_a_failing_run_stops_the_profiler(tmp_path):
     assert (tmp_path / "summary-rank1.json").is_file()
 
 
+def test_every_process_of_a_zero3_run_writes_its_profile(trained_run):
+    """tests/conftest.py's 2-process ZeRO-3 run asks for steps 10-11."""
+    for rank in (0, 1):
+        summary = json.loads((trained_run / "profile" / f"summary-rank{rank}.json").read_text())
+        assert (summary["first"], summary["steps"]) == (10, 2)
+        assert summary["operators_per_step"] > 1000  # a forward, a backward and DeepSpeed's step
+    assert "profiled steps 10-11" in (trained_run / "train.log").read_text()
+
+
 def test_device_busy_is_the_union_of_kernel_intervals():
     assert profiling.busy_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert profiling.busy_us([]) == 0
