@@ -56,6 +56,7 @@ def test_a_failing_run_stops_the_profiler(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         with profiling.profiled_steps(2, 3, 0, 6, tmp_path, rank=0) as after_step:
             train(6, after_step, fail_at=3)
+    assert not torch._C._autograd._profiler_enabled()  # nothing keeps recording after the failure
     assert not (tmp_path / "trace-rank0.json.gz").exists()  # an unfinished recording is not written
     with profiling.profiled_steps(2, 1, 0, 3, tmp_path, rank=1) as after_step:  # a new profiler can start
         train(3, after_step)
