@@ -51,6 +51,31 @@ def test_chunked_loss_and_gradients_equal_the_plain_computation(dtype):
         assert torch.allclose(evaluated, expected, rtol=1e-2)
 
 
+def test_chunked_loss_under_autocast_equals_the_plain_computation():
+    """Mixed precision without DeepSpeed (`accelerate launch --mixed_precision bf16`): float32 weights
+    under bf16 autocast, where the projection's matmuls come out in bf16. The chunked loss and its
+    gradients equal the plain loss under the same autocast, in the inputs' own dtypes."""
+    torch.manual_seed(0)
+    n, d, vocab = 200, 32, 300
+    hidden = torch.randn(n, d, requires_grad=True)
+    head = torch.nn.Linear(d, vocab, bias=True)
+    targets = torch.randint(0, vocab, (n,))
+    targets[::4] = packing.IGNORE
+    index = (targets != packing.IGNORE).nonzero()[:, 0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = F.cross_entropy(head(hidden).float(), targets, ignore_index=packing.IGNORE, reduction="sum")
+    plain.backward()
+    expected = [hidden.grad.clone(), head.weight.grad.clone(), head.bias.grad.clone()]
+    hidden.grad = head.weight.grad = head.bias.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        chunked = loss.ChunkedLinearCrossEntropy.apply(hidden, head.weight, head.bias, index, targets[index], 64)
+    chunked.backward()
+    torch.testing.assert_close(chunked, plain, rtol=1e-3, atol=1e-2)
+    for got, want in zip([hidden.grad, head.weight.grad, head.bias.grad], expected):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_the_installed_head_returns_the_loss_only_when_given_targets(tiny_dir, tokenizer, corpus):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
     ids = torch.tensor([templates.encode(tokenizer, corpus[0])[0]])

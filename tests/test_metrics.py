@@ -1,6 +1,7 @@
 """What the run reports: the logging window's scalars, the time split, FLOPs."""
 
 import importlib.util
+import os
 import re
 import time
 
@@ -83,8 +84,10 @@ def test_the_console_gets_a_short_line_and_train_log_every_scalar(tiny_dir, tmp_
 
     cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
                        training={"max_steps": 4, "log_every": 2, "eval_every": 2, "save_every": 100})
+    # No DeepSpeed, bf16 autocast over float32 weights: what `accelerate launch --mixed_precision bf16` runs
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
     proc = subprocess.run([sys.executable, "loop/train.py", str(cfg)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     console = [line for line in proc.stdout.splitlines() if " INFO step " in line and "loss" in line]
     assert any(line.endswith("tokens/s") or "MFU" in line for line in console)
