@@ -101,8 +101,8 @@ def _targets_for_head(model, batch: Batch) -> Iterator[bool]:
 
 def loss_sum(model, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy over the trained positions of a device batch (float32 scalar)."""
-    with _targets_for_head(model, batch) as chunked:
-        out = model(**model_inputs(batch)).logits
+    with _targets_for_head(model, batch) as chunked:  # use_cache: transformers would fill a KV cache
+        out = model(**model_inputs(batch), use_cache=False).logits
     if chunked:
         return out  # the head returned the loss (see install_chunked_head)
     return F.cross_entropy(out.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE,

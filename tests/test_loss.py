@@ -89,6 +89,23 @@ def test_the_installed_head_returns_the_loss_only_when_given_targets(tiny_dir, t
     assert torch.equal(model(ids).logits, logits)  # and stay untouched afterwards
 
 
+def test_training_forward_builds_no_kv_cache(tiny_dir, tokenizer, corpus):
+    """transformers fills a KV cache on every forward unless told not to (in training too, without
+    gradient checkpointing): a copy of every layer's keys and values that nothing reads."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32).train()
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(out))
+    ids = torch.tensor([templates.encode(tokenizer, corpus[0])[0]])
+    targets = torch.cat([ids[:, 1:], torch.full((1, 1), packing.IGNORE)], dim=1)
+    batch = {"input_ids": ids, "targets": targets, "target_index": (targets[0] != packing.IGNORE).nonzero()[:, 0]}
+    model(ids)
+    assert outputs.pop().past_key_values is not None  # the default this guards against
+    for chunk in (0, 7):
+        loss.install_chunked_head(model, chunk_tokens=chunk)
+        loss.loss_sum(model, batch).backward()
+        assert outputs.pop().past_key_values is None
+
+
 @pytest.mark.parametrize("family, packing_mode, attention, chunk", [
     # Each family once, each attention layout and both loss paths (packed sdpa: Starcoder2 and Qwen2).
     ("gpt_bigcode", "pad", "sdpa", 0), ("gpt_bigcode", "bfd", "sdpa_varlen", 100),
