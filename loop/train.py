@@ -64,6 +64,11 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     kept = [line for line in said.getvalue().splitlines() if "built successfully" not in line]
     if kept:
         print("\n".join(kept))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.distributed_type == DistributedType.NO:  # accelerate's --multi_gpu without GPUs
+        raise config.ConfigError(f"{launched} processes were launched but accelerate set up no distributed training "
+                                 "(--multi_gpu on a machine without GPUs?), so each would train alone into the same "
+                                 "output_dir; launch with a config from accelerate_configs/ or one process")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         t = cfg.training
         accelerator.state.deepspeed_plugin.deepspeed_config.update({

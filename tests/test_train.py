@@ -1,5 +1,7 @@
 """End to end: 2-process DeepSpeed ZeRO-3 on CPU over gloo, the way the quickstart runs."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,8 @@ import yaml
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import ROOT, free_port, write_config
 
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -70,3 +74,17 @@ def test_saved_model_chats_with_its_template(run):
     new = new[0, prompt["input_ids"].shape[1]:].tolist()
     assert tokenizer.decode(new, skip_special_tokens=True).strip()
     assert end not in new[:-1]  # generation stops at the end token: nothing follows it
+
+
+def test_processes_that_accelerate_leaves_unconnected_are_refused(tiny_dir, tmp_path):
+    """`accelerate launch --multi_gpu` on a machine without GPUs starts the processes but sets up no
+    distributed training: each would train on its own and overwrite the others' checkpoints."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 2})
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), "loop/train.py", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "2 processes were launched but accelerate set up no distributed training" in errors[0]
+    assert "Traceback" not in proc.stdout
+    assert not (tmp_path / "out" / "checkpoints").exists()
