@@ -4,24 +4,66 @@ import os
 import subprocess
 import sys
 
+import yaml
+
 from tests.conftest import ROOT
+from tools.bench import ds_variant
 
 
 def test_gpu_check_runs_at_toy_size(tmp_path):
+    variant = "memory_efficient_linear=false"
     proc = subprocess.run(["bash", "tools/bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable})
+                          timeout=600, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
+                                                         "DS_VARIANTS": variant})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     row = next(line for line in lines if line.startswith("loop/train.py sdpa "))  # one choice at toy size
     tokens_per_s, *_, x_trainer, x_ceiling = row.split()[2:]
     assert float(tokens_per_s.replace(",", "")) > 0  # read back from the run's TensorBoard
     assert float(x_trainer) > 0 and float(x_ceiling) > 0  # both baselines ran and were compared
+    row = next(line for line in lines if line.startswith(f"loop/train.py sdpa+{variant} "))  # and the variant
+    assert float(row.split()[2].replace(",", "")) > 0
+    assert '"memory_efficient_linear": false' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()
     for attn in ("sdpa", "sdpa_varlen"):  # the choices run, and the varlen reference
         assert f"{attn}: packed vs alone max |logit diff|" in proc.stdout
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
     profiled = lines[next(i for i, line in enumerate(lines) if line.startswith("profiled (3 steps)")) + 1:]
-    for name in ("loop/train.py sdpa", "HF Trainer + DeepSpeed ZeRO-3", "ceiling"):  # each profiled after its run
+    runs = ("loop/train.py sdpa ", f"loop/train.py sdpa+{variant}", "HF Trainer + DeepSpeed ZeRO-3", "ceiling")
+    for name in runs:  # each profiled after its run
         row = next(line for line in profiled if line.startswith(name)).removeprefix(name).split()
         step_ms, busy, operators = float(row[0]), row[1], float(row[2].replace(",", ""))
         assert step_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline
     assert "FAIL" not in proc.stdout
+
+
+def test_a_deepspeed_variant_changes_only_the_settings_it_names(tmp_path):
+    """The JSON file a variant needs must say everything the base YAML said, or the comparison would
+    measure more than the one setting."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    base_path = ROOT / "accelerate_configs" / "zero3.yaml"
+    base = yaml.safe_load(base_path.read_text())
+    assert ds_variant.main([str(base_path), str(tmp_path), "memory_efficient_linear=false",
+                            "stage3_prefetch_bucket_size=5e8"]) == 0
+    made = yaml.safe_load((tmp_path / "accelerate.yaml").read_text())
+    ds = base.pop("deepspeed_config")
+    assert made.pop("deepspeed_config")["zero3_init_flag"] == ds["zero3_init_flag"]
+    assert made == {k: v for k, v in base.items() if k != "mixed_precision"}  # accelerate refuses it beside a file
+    variant = DeepSpeedPlugin(hf_ds_config=str(tmp_path / "deepspeed.json"), zero3_init_flag=True).deepspeed_config
+    plain = DeepSpeedPlugin(zero_stage=ds["zero_stage"], offload_optimizer_device=ds["offload_optimizer_device"],
+                            offload_param_device=ds["offload_param_device"],
+                            zero3_save_16bit_model=ds["zero3_save_16bit_model"], zero3_init_flag=True).deepspeed_config
+    zero = variant["zero_optimization"]
+    assert zero.pop("memory_efficient_linear") is False and zero.pop("stage3_prefetch_bucket_size") == 500_000_000
+    for k in ("offload_optimizer", "offload_param"):
+        plain["zero_optimization"][k].pop("nvme_path")
+    assert variant.pop("bf16") == {"enabled": base["mixed_precision"] == "bf16"}
+    assert variant.pop("fp16") == {"enabled": False}
+    assert variant == plain
+
+
+def test_a_deepspeed_setting_it_does_not_know_is_refused(tmp_path, capsys):
+    base = str(ROOT / "accelerate_configs" / "zero3.yaml")
+    assert ds_variant.main([base, str(tmp_path), "memory_efficient=false"]) == 2
+    assert "'memory_efficient=false': not KEY=VALUE of a zero_optimization setting" in capsys.readouterr().err
+    assert not (tmp_path / "accelerate.yaml").exists()

@@ -17,6 +17,10 @@
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
 #   bash tools/bench/gpu_check.sh --tiny 24  # toy width, the GPU model's 24 layers: host work per step on CPU
+#
+# DS_VARIANTS="memory_efficient_linear=false reduce_scatter=false,contiguous_gradients=false" adds one loop
+# run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
+# reported beside the loop's own: about a minute of device time each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
@@ -41,27 +45,38 @@ mkdir -p "$WORK"
 stamp "building the model; attention choices here: $attns"
 "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
 port=29500
-launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --config_file "$acc" --num_processes 1 \
-             --main_process_port "$port" "$@"; }
-for attn in $attns; do
-  stamp "loop/train.py with $attn"
-  launch loop/train.py configs/quickstart.yaml --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" \
+launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --num_processes 1 --main_process_port "$port" "$@"; }
+train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled steps; NAME starts with the attention
+  local name=$1; shift
+  launch "$@" loop/train.py configs/quickstart.yaml --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" \
     --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 \
     --max_steps $((steps + 4)) --profile_from $((steps + 2)) --profile_steps 3 --log_every "$log" \
     --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
-    --attn_implementation "$attn" --output_dir "$WORK/run-$attn" --save false > "$WORK/run-$attn.log" 2>&1 \
-    || { tail -30 "$WORK/run-$attn.log"; exit 1; }
+    --attn_implementation "${name%%+*}" --output_dir "$WORK/run-$name" --save false > "$WORK/run-$name.log" 2>&1 \
+    || { tail -30 "$WORK/run-$name.log"; exit 1; }
+}
+for attn in $attns; do
+  stamp "loop/train.py with $attn"
+  train "$attn" --config_file "$acc"
+done
+runs=$attns best=${attns##* }
+for variant in ${DS_VARIANTS:-}; do
+  name="$best+$variant"
+  stamp "loop/train.py with $best and $variant"
+  "$PY" -m tools.bench.ds_variant "$acc" "$WORK/ds-$variant" ${variant//,/ } > /dev/null
+  train "$name" --config_file "$WORK/ds-$variant/accelerate.yaml"
+  runs="$runs $name"
 done
 stamp "HF Trainer + DeepSpeed ZeRO-3"
-launch --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
-  --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
+launch --config_file "$acc" --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" \
+  --micro-batch "$mb" --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
   || { tail -30 "$WORK/trainer.log"; exit 1; }
 stamp "plain PyTorch ceiling"
 "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
   --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
   || { tail -30 "$WORK/ceiling.log"; exit 1; }
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
-"$PY" -m tools.bench.gpu_report "$WORK" $attns
+"$PY" -m tools.bench.gpu_report "$WORK" $runs
 stamp "packed logits on $device"
 checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
 "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"

@@ -2,7 +2,9 @@
 window left out) next to the Trainer baseline and the plain-PyTorch ceiling, with the ratios; then
 what the profiler saw of a few steps of each (loop/profiling.py), recorded after the measured ones.
 
-  python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn ...
+  python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn varlen_attn+memory_efficient_linear=false ...
+
+Each name is a run folder `run-NAME`: an attention choice, then `+` and the ZeRO settings it changed.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def result(path: Path) -> dict:
 def main(work: str, *attns: str) -> int:
     root = Path(work)
     trainer, ceiling = result(root / "trainer.json"), result(root / "ceiling.json")
-    print(f"{'run':28s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'data ms':>8s} {'fwd+bwd ms':>11s} "
+    w = max([28] + [len(f"loop/train.py {attn}") for attn in attns])
+    print(f"{'run':{w}s} {'tokens/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'data ms':>8s} {'fwd+bwd ms':>11s} "
           f"{'optim ms':>9s} {'x Trainer':>10s} {'x ceiling':>10s}")
     rate = lambda r: r.get("tokens_per_s") or float("nan")  # noqa: E731
     profiles = {f"loop/train.py {attn}": profile(root / f"run-{attn}" / "profile") for attn in attns}
@@ -49,21 +52,21 @@ def main(work: str, *attns: str) -> int:
         s = windows(root / f"run-{attn}", first - 2 if first else None)
         tps = s.get("throughput/tokens_per_s", float("nan"))
         ms = lambda tag: 1000 * s.get(f"time/{tag}", float("nan"))  # noqa: E731, B023
-        print(f"{'loop/train.py ' + attn:28s} {tps:10,.0f} {s.get('throughput/mfu', float('nan')):6.1%} "
+        print(f"{'loop/train.py ' + attn:{w}s} {tps:10,.0f} {s.get('throughput/mfu', float('nan')):6.1%} "
               f"{s.get('memory/peak_bytes', float('nan')) / 2**30:8.1f} {ms('data'):8.1f} "
               f"{ms('forward_backward'):11.1f} {ms('optimizer'):9.1f} "
               f"{tps / rate(trainer):10.2f} {tps / rate(ceiling):10.2f}")
     for name, r in (("HF Trainer + DeepSpeed ZeRO-3", trainer), (f"ceiling ({ceiling.get('attention')})", ceiling)):
         mfu = f"{r['mfu']:6.1%}" if r.get("mfu") else f"{'-':>6s}"
-        print(f"{name:28s} {rate(r):10,.0f} {mfu} {r.get('peak_bytes', 0) / 2**30:8.1f}")
+        print(f"{name:{w}s} {rate(r):10,.0f} {mfu} {r.get('peak_bytes', 0) / 2**30:8.1f}")
     profiles |= {"HF Trainer + DeepSpeed ZeRO-3": profile(root / "profile-trainer"),
                  "ceiling": profile(root / "profile-ceiling")}
-    print(f"\n{'profiled (3 steps)':28s} {'step ms':>8s} {'device busy':>12s} {'operators':>10s} {'launches':>9s} "
+    print(f"\n{'profiled (3 steps)':{w}s} {'step ms':>8s} {'device busy':>12s} {'operators':>10s} {'launches':>9s} "
           f"{'syncs':>6s}  (per step)")
     for name, p in profiles.items():
         if p:
             busy = f"{p['device_busy']:12.0%}" if p["device_busy"] is not None else f"{'-':>12s}"
-            print(f"{name:28s} {p['step_ms']:8.1f} {busy} {p['operators_per_step']:10,.0f} "
+            print(f"{name:{w}s} {p['step_ms']:8.1f} {busy} {p['operators_per_step']:10,.0f} "
                   f"{p['launches_per_step']:9,.0f} {p['syncs_per_step']:6.0f}")
     return 0
 

@@ -1,0 +1,76 @@
+"""An accelerate config that runs like BASE but with some ZeRO settings changed, for gpu_check.sh to
+measure one DeepSpeed setting at a time against the loop's own run.
+
+accelerate's YAML reaches only a few DeepSpeed settings; the others (`memory_efficient_linear`,
+`reduce_scatter`, `contiguous_gradients`, `overlap_comm`, `sub_group_size`, bucket sizes) need a
+DeepSpeed JSON file, which then has to say everything BASE said. This writes both and prints the
+YAML's path.
+
+  python -m tools.bench.ds_variant accelerate_configs/zero3.yaml OUT_DIR memory_efficient_linear=false
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+MOVED = ("zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_save_16bit_model")
+
+
+def settings(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs of `zero_optimization`, values read as JSON (false, 5e8: a whole number is an int)
+    or else as text."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    known = {n for name, f in DeepSpeedZeroConfig.model_fields.items() for n in (name, f.alias) if n}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"{pair!r}: not KEY=VALUE of a zero_optimization setting DeepSpeed knows")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+        if isinstance(out[key], float) and out[key].is_integer():
+            out[key] = int(out[key])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("base", type=Path, help="the accelerate config to start from (accelerate_configs/...)")
+    p.add_argument("out", type=Path, help="folder for the variant's accelerate YAML and DeepSpeed JSON")
+    p.add_argument("set", nargs="+", metavar="KEY=VALUE", help="zero_optimization settings to change")
+    a = p.parse_args(argv)
+    try:
+        changed = settings(a.set)
+    except ValueError as e:
+        print(f"ds_variant: {e}", file=sys.stderr)
+        return 2
+    base = yaml.safe_load(a.base.read_text())
+    ds = base.pop("deepspeed_config")
+    zero = {"stage": ds.get("zero_stage", 3),
+            "offload_optimizer": {"device": ds.get("offload_optimizer_device", "none")},
+            "offload_param": {"device": ds.get("offload_param_device", "none")},
+            "stage3_gather_16bit_weights_on_model_save": ds.get("zero3_save_16bit_model", False)} | changed
+    precision = base.pop("mixed_precision", "no")
+    config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+              "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+              "bf16": {"enabled": precision == "bf16"}, "fp16": {"enabled": precision == "fp16"},
+              "zero_optimization": zero, "steps_per_print": 2**31 - 1}
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "deepspeed.json").write_text(json.dumps(config, indent=1))
+    kept = {k: v for k, v in ds.items() if k not in MOVED}
+    base["deepspeed_config"] = kept | {"deepspeed_config_file": str((a.out / "deepspeed.json").resolve())}
+    (a.out / "accelerate.yaml").write_text(yaml.safe_dump(base, sort_keys=False))
+    print(a.out / "accelerate.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
