@@ -70,21 +70,27 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
                                  "(--multi_gpu on a machine without GPUs?), so each would train alone into the same "
                                  "output_dir; launch with a config from accelerate_configs/ or one process")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        t = cfg.training
-        accelerator.state.deepspeed_plugin.deepspeed_config.update({
-            "train_micro_batch_size_per_gpu": t.micro_batch_size,
-            "gradient_accumulation_steps": t.gradient_accumulation_steps,
-            "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * accelerator.num_processes,
-            "gradient_clipping": t.max_grad_norm,
-        })
-        zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-        on_device = zero.get("offload_param", {}).get("device", "none") in ("none", None)
-        if accelerator.num_processes == 1 and zero.get("stage") == 3 and on_device:
-            # One process holds every shard anyway: gathering and releasing each layer's weights around
-            # every forward and backward only stalls the GPU, so every parameter stays (unless configured).
-            if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
-                zero["stage3_param_persistence_threshold"] = 2**62
+        deepspeed_settings(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.training, accelerator.num_processes)
     return accelerator
+
+
+def deepspeed_settings(ds: dict, t: config.TrainingConfig, processes: int) -> None:
+    """Fill in the DeepSpeed config accelerate built: the batch from the run config, and two defaults
+    that cost throughput (unless the DeepSpeed config sets them itself)."""
+    ds.update({"train_micro_batch_size_per_gpu": t.micro_batch_size,
+               "gradient_accumulation_steps": t.gradient_accumulation_steps,
+               "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * processes,
+               "gradient_clipping": t.max_grad_norm})
+    # DeepSpeed's throughput timer synchronises the device at every forward and at every step, so the
+    # host cannot queue work ahead; the loop times its steps with CUDA events instead.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
+    zero = ds.get("zero_optimization", {})
+    on_device = zero.get("offload_param", {}).get("device", "none") in ("none", None)
+    if processes == 1 and zero.get("stage") == 3 and on_device:
+        # One process holds every shard anyway: gathering and releasing each layer's weights around
+        # every forward and backward only stalls the GPU, so every parameter stays.
+        if zero.get("stage3_param_persistence_threshold", "auto") == "auto":
+            zero["stage3_param_persistence_threshold"] = 2**62
 
 
 @dataclass

@@ -88,3 +88,26 @@ def test_processes_that_accelerate_leaves_unconnected_are_refused(tiny_dir, tmp_
     assert len(errors) == 1 and "2 processes were launched but accelerate set up no distributed training" in errors[0]
     assert "Traceback" not in proc.stdout
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_deepspeed_settings_the_loop_fills_in():
+    """The batch comes from the run config; DeepSpeed's throughput timer (a device synchronisation at every
+    forward and step) is off and one process keeps every weight resident, unless DeepSpeed's config says."""
+    from deepspeed.utils.config import get_timers_config
+
+    from loop import config, train
+
+    t = config.TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.5)
+    one = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
+    train.deepspeed_settings(one, t, 1)
+    assert get_timers_config(one).enabled is False  # read the way DeepSpeed reads it
+    assert one["zero_optimization"]["stage3_param_persistence_threshold"] == 2**62
+    assert (one["train_batch_size"], one["gradient_clipping"]) == (6, 0.5)
+    many = {"zero_optimization": {"stage": 3}}
+    train.deepspeed_settings(many, t, 8)
+    assert "stage3_param_persistence_threshold" not in many["zero_optimization"] and many["train_batch_size"] == 48
+    chosen = {"timers": {"throughput": {"enabled": True, "synchronized": False}},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000}}
+    train.deepspeed_settings(chosen, t, 1)
+    assert get_timers_config(chosen).enabled and not get_timers_config(chosen).synchronized
+    assert chosen["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
