@@ -40,7 +40,7 @@ def main() -> None:
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(**batches.model_inputs(batch)).logits
+            logits = model(**batches.model_inputs(batch), use_cache=False).logits  # as the loop: no KV cache
         loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten(), ignore_index=IGNORE,
                                reduction="sum") / trained
         loss.backward()
