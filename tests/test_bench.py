@@ -10,30 +10,43 @@ from tests.conftest import ROOT
 from tools.bench import ds_variant
 
 
-def test_gpu_check_runs_at_toy_size(tmp_path):
-    variant = "memory_efficient_linear=false"
+def gpu_check(work, **env) -> list[str]:
     proc = subprocess.run(["bash", "tools/bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
-                                                         "DS_VARIANTS": variant})
+                          timeout=600, env=os.environ | {"WORK": str(work), "PYTHON": sys.executable} | env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    assert "FAIL" not in proc.stdout
+    return proc.stdout.splitlines()
+
+
+def profiled(lines: list[str], name: str) -> tuple[float, str, float]:
+    """(step ms, device busy, operators) of a run in the profile table."""
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("profiled (3 steps)")) + 1:]
+    row = next(line for line in table if line.startswith(name)).removeprefix(name).split()
+    return float(row[0]), row[1], float(row[2].replace(",", ""))
+
+
+def test_gpu_check_runs_at_toy_size(tmp_path):
+    lines = gpu_check(tmp_path)
     row = next(line for line in lines if line.startswith("loop/train.py sdpa "))  # one choice at toy size
     tokens_per_s, *_, x_trainer, x_ceiling = row.split()[2:]
     assert float(tokens_per_s.replace(",", "")) > 0  # read back from the run's TensorBoard
     assert float(x_trainer) > 0 and float(x_ceiling) > 0  # both baselines ran and were compared
-    row = next(line for line in lines if line.startswith(f"loop/train.py sdpa+{variant} "))  # and the variant
-    assert float(row.split()[2].replace(",", "")) > 0
-    assert '"memory_efficient_linear": false' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()
     for attn in ("sdpa", "sdpa_varlen"):  # the choices run, and the varlen reference
-        assert f"{attn}: packed vs alone max |logit diff|" in proc.stdout
+        assert any(line.startswith(f"{attn}: packed vs alone max |logit diff|") for line in lines)
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
-    profiled = lines[next(i for i, line in enumerate(lines) if line.startswith("profiled (3 steps)")) + 1:]
-    runs = ("loop/train.py sdpa ", f"loop/train.py sdpa+{variant}", "HF Trainer + DeepSpeed ZeRO-3", "ceiling")
-    for name in runs:  # each profiled after its run
-        row = next(line for line in profiled if line.startswith(name)).removeprefix(name).split()
-        step_ms, busy, operators = float(row[0]), row[1], float(row[2].replace(",", ""))
+    for name in ("loop/train.py sdpa ", "HF Trainer + DeepSpeed ZeRO-3", "ceiling"):  # each profiled after its run
+        step_ms, busy, operators = profiled(lines, name)
         assert step_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline
-    assert "FAIL" not in proc.stdout
+
+    # A second call on the same machine: only the DeepSpeed variant runs, beside the first call's results.
+    variant = "memory_efficient_linear=false"
+    again = gpu_check(tmp_path, REUSE="1", DS_VARIANTS=variant)
+    assert [line for line in again if "reusing" in line] and not any("packed vs alone" in line for line in again)
+    assert next(line for line in again if line.startswith("loop/train.py sdpa ")).split() == row.split()  # read again
+    assert '"memory_efficient_linear": false' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()
+    variant_row = next(line for line in again if line.startswith(f"loop/train.py sdpa+{variant} "))
+    assert float(variant_row.split()[2].replace(",", "")) > 0
+    assert profiled(again, f"loop/train.py sdpa+{variant}")[0] > 0
 
 
 def test_a_deepspeed_variant_changes_only_the_settings_it_names(tmp_path):

@@ -20,18 +20,22 @@
 #
 # DS_VARIANTS="memory_efficient_linear=false reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
-# reported beside the loop's own: about a minute of device time each.
+# reported beside the loop's own: about a minute of device time each. REUSE=1 keeps what an earlier call
+# on the same machine left in $WORK (the model, runs, baselines) and runs only what is missing: a second
+# call with new variants costs only their runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"  # installed by an earlier call here
 if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
 stamp() { echo "[$(date +%H:%M:%S)] $*"; }
+reuse() { [ -n "${REUSE:-}" ] && [ -s "$1" ] && stamp "reusing $1"; }  # true: an earlier call made FILE
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
@@ -43,11 +47,13 @@ else
 fi
 mkdir -p "$WORK"
 stamp "building the model; attention choices here: $attns"
-"$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
+reuse "$WORK/model/config.json" ||
+  "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
 port=29500
 launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --num_processes 1 --main_process_port "$port" "$@"; }
 train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled steps; NAME starts with the attention
   local name=$1; shift
+  reuse "$WORK/run-$name/profile/summary-rank0.json" && return
   launch "$@" loop/train.py configs/quickstart.yaml --name_or_path "$WORK/model" --train_files "[$WORK/data.jsonl]" \
     --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 \
     --max_steps $((steps + 4)) --profile_from $((steps + 2)) --profile_steps 3 --log_every "$log" \
@@ -68,16 +74,20 @@ for variant in ${DS_VARIANTS:-}; do
   runs="$runs $name"
 done
 stamp "HF Trainer + DeepSpeed ZeRO-3"
-launch --config_file "$acc" --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" \
-  --micro-batch "$mb" --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" > "$WORK/trainer.json" 2> "$WORK/trainer.log" \
-  || { tail -30 "$WORK/trainer.log"; exit 1; }
+reuse "$WORK/trainer.json" ||
+  launch --config_file "$acc" --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" \
+    --micro-batch "$mb" --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" \
+    > "$WORK/trainer.json" 2> "$WORK/trainer.log" || { tail -30 "$WORK/trainer.log"; exit 1; }
 stamp "plain PyTorch ceiling"
-"$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
-  --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
-  || { tail -30 "$WORK/ceiling.log"; exit 1; }
+reuse "$WORK/ceiling.json" ||
+  "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
+    --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
+    || { tail -30 "$WORK/ceiling.log"; exit 1; }
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
 "$PY" -m tools.bench.gpu_report "$WORK" $runs
-stamp "packed logits on $device"
-checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
-"$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
+if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no attention code
+  stamp "packed logits on $device"
+  checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
+  "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
+fi
 stamp done
