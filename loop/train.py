@@ -65,10 +65,11 @@ def make_accelerator(cfg: config.Config) -> Accelerator:
     if kept:
         print("\n".join(kept))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.distributed_type == DistributedType.NO:  # accelerate's --multi_gpu without GPUs
-        raise config.ConfigError(f"{launched} processes were launched but accelerate set up no distributed training "
-                                 "(--multi_gpu on a machine without GPUs?), so each would train alone into the same "
-                                 "output_dir; launch with a config from accelerate_configs/ or one process")
+    if launched > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise config.ConfigError(f"{launched} processes were launched but accelerate set up no distributed training, "
+                                 "so each would train alone into the same output_dir (without GPUs, `accelerate launch "
+                                 "--multi_gpu` and plain torchrun do this); launch with a config from "
+                                 "accelerate_configs/, or one process")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         deepspeed_settings(accelerator.state.deepspeed_plugin.deepspeed_config, cfg.training, accelerator.num_processes)
     return accelerator
