@@ -50,7 +50,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 if grad_bias is not None:
                     grad_bias += grad.sum(0)
                 grad = grad.to(h.dtype)
-                grad_hidden.index_copy_(0, rows, (grad @ weight).to(grad_hidden.dtype))  # autocast: bf16
+                grad_hidden.index_copy_(0, rows, (grad @ weight).to(grad_hidden.dtype))  # bf16 under autocast
                 grad_weight += (grad.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.weight_dtype = weight.dtype
