@@ -2,6 +2,9 @@
 processes: checked under real 2-process ZeRO-3 against plain PyTorch on one process."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from loop import data, loss, packing, templates
-from tests.conftest import launch, poisoned, write_config
+from tests.conftest import ROOT, free_port, launch, poisoned, write_config
 from tests.test_train import scalars
 
 WORLD, MICRO, ACCUM = 2, 2, 4  # 16 dialogues = exactly one optimizer step
@@ -198,3 +201,26 @@ def test_non_finite_loss_stops_or_skips_the_step(tiny_dir, tokenizer, corpus, tm
     assert proc.returncode != 0
     said = proc.stdout + proc.stderr
     assert "non-finite loss at step" in said and "last good checkpoint: " in said
+
+
+def test_without_deepspeed_two_processes_train_as_one_with_more_accumulation(tiny_dir, tmp_path):
+    """Data parallel without DeepSpeed (torchrun, DDP over gloo): 2 processes x 2 micro-batches give the
+    loss and gradient norm of 1 process x 4, step by step (the same rows, the same mean over tokens)."""
+    def run(name, processes, accumulation):
+        cfg = write_config(tmp_path / f"{name}.yaml", tiny_dir, tmp_path / name, data={"eval_fraction": 0},
+                           training={"max_steps": 3, "log_every": 1, "gradient_accumulation_steps": accumulation},
+                           output={"save": False})
+        cmd = [sys.executable, "loop/train.py", str(cfg)]
+        if processes > 1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_port", str(free_port()), *cmd[1:]]
+        env = os.environ | {"ACCELERATE_USE_CPU": "true"}  # DDP over gloo, as accelerate's MULTI_CPU
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return scalars(tmp_path / name)
+
+    two, one = run("two", 2, 2), run("one", 1, 4)
+    for tag in ("train/loss", "train/grad_norm"):
+        assert [s for s, _ in two[tag]] == [1, 2, 3]
+        for (_, a), (_, b) in zip(two[tag], one[tag], strict=True):
+            assert a == pytest.approx(b, rel=1e-5), tag
