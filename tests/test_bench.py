@@ -10,11 +10,11 @@ from tests.conftest import ROOT
 from tools.bench import ds_variant
 
 
-def gpu_check(work, **env) -> list[str]:
+def gpu_check(work, code: int = 0, **env) -> list[str]:
     proc = subprocess.run(["bash", "tools/bench/gpu_check.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=os.environ | {"WORK": str(work), "PYTHON": sys.executable} | env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "FAIL" not in proc.stdout
+    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("FAIL" in proc.stdout) == (code != 0)
     return proc.stdout.splitlines()
 
 
@@ -38,9 +38,11 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
         step_ms, busy, operators = profiled(lines, name)
         assert step_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline
 
-    # A second call on the same machine: only the DeepSpeed variant runs, beside the first call's results.
-    variant = "memory_efficient_linear=false"
-    again = gpu_check(tmp_path, REUSE="1", DS_VARIANTS=variant)
+    # A second call on the same machine: only the DeepSpeed variants run, beside the first call's results.
+    # One of them fails (nvme offload without a path): it is named at the end, and the rest still runs.
+    variant, broken = "memory_efficient_linear=false", 'offload_param={"device":"nvme"}'
+    again = gpu_check(tmp_path, code=1, REUSE="1", DS_VARIANTS=f"{broken} {variant}")
+    assert again[-1].endswith(f"FAILED: loop/train.py sdpa+{broken}")
     assert [line for line in again if "reusing" in line] and not any("packed vs alone" in line for line in again)
     assert next(line for line in again if line.startswith("loop/train.py sdpa ")).split() == row.split()  # read again
     assert '"memory_efficient_linear": false' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from loop.config import near
+
 MOVED = ("zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_save_16bit_model")
 
 
@@ -31,7 +33,8 @@ def settings(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
-            raise ValueError(f"{pair!r}: not KEY=VALUE of a zero_optimization setting DeepSpeed knows")
+            raise ValueError(f"{pair!r}: not KEY=VALUE of a zero_optimization setting DeepSpeed knows"
+                             f"{near(key, known)}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

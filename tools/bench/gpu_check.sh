@@ -46,6 +46,13 @@ else
   attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
 mkdir -p "$WORK"
+for variant in ${DS_VARIANTS:-}; do  # a misspelt setting stops the run here, before any device time is spent
+  "$PY" -m tools.bench.ds_variant "$acc" "$WORK/ds-$variant" ${variant//,/ } > /dev/null
+done
+failed=""
+fail() {  # LOG WHAT: a part that failed is shown and named at the end; the other parts still run
+  tail -30 "$1"; failed="$failed; $2"; stamp "FAILED: $2 (the other parts go on; $1)"
+}
 stamp "building the model; attention choices here: $attns"
 reuse "$WORK/model/config.json" ||
   "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
@@ -59,7 +66,7 @@ train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled 
     --max_steps $((steps + 4)) --profile_from $((steps + 2)) --profile_steps 3 --log_every "$log" \
     --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
     --attn_implementation "${name%%+*}" --output_dir "$WORK/run-$name" --save false > "$WORK/run-$name.log" 2>&1 \
-    || { tail -30 "$WORK/run-$name.log"; exit 1; }
+    || fail "$WORK/run-$name.log" "loop/train.py $name"
 }
 for attn in $attns; do
   stamp "loop/train.py with $attn"
@@ -69,7 +76,6 @@ runs=$attns best=${attns##* }
 for variant in ${DS_VARIANTS:-}; do
   name="$best+$variant"
   stamp "loop/train.py with $best and $variant"
-  "$PY" -m tools.bench.ds_variant "$acc" "$WORK/ds-$variant" ${variant//,/ } > /dev/null
   train "$name" --config_file "$WORK/ds-$variant/accelerate.yaml"
   runs="$runs $name"
 done
@@ -77,12 +83,12 @@ stamp "HF Trainer + DeepSpeed ZeRO-3"
 reuse "$WORK/trainer.json" ||
   launch --config_file "$acc" --module tools.bench.trainer_baseline "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" \
     --micro-batch "$mb" --steps "$steps" --warmup "$log" --profile "$WORK/profile-trainer" \
-    > "$WORK/trainer.json" 2> "$WORK/trainer.log" || { tail -30 "$WORK/trainer.log"; exit 1; }
+    > "$WORK/trainer.json" 2> "$WORK/trainer.log" || fail "$WORK/trainer.log" "HF Trainer baseline"
 stamp "plain PyTorch ceiling"
 reuse "$WORK/ceiling.json" ||
   "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
     --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
-    || { tail -30 "$WORK/ceiling.log"; exit 1; }
+    || fail "$WORK/ceiling.log" "plain PyTorch ceiling"
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
 "$PY" -m tools.bench.gpu_report "$WORK" $runs
 if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no attention code
@@ -90,4 +96,5 @@ if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no att
   checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
   "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
 fi
+[ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
 stamp done

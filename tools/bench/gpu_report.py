@@ -48,6 +48,9 @@ def main(work: str, *attns: str) -> int:
     rate = lambda r: r.get("tokens_per_s") or float("nan")  # noqa: E731
     profiles = {f"loop/train.py {attn}": profile(root / f"run-{attn}" / "profile") for attn in attns}
     for attn in attns:
+        if not (root / f"run-{attn}" / "tensorboard").is_dir():
+            print(f"{'loop/train.py ' + attn:{w}s} failed before its first step: see run-{attn}.log")
+            continue
         first = profiles[f"loop/train.py {attn}"].get("first")
         s = windows(root / f"run-{attn}", first - 2 if first else None)
         tps = s.get("throughput/tokens_per_s", float("nan"))
