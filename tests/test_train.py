@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from deepspeed.utils.config import get_timers_config
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loop import config, train
 from tests.conftest import ROOT, free_port, write_config
 
 
@@ -93,10 +95,6 @@ def test_processes_that_accelerate_leaves_unconnected_are_refused(tiny_dir, tmp_
 def test_deepspeed_settings_the_loop_fills_in():
     """The batch comes from the run config; DeepSpeed's throughput timer (a device synchronisation at every
     forward and step) is off and one process keeps every weight resident, unless DeepSpeed's config says."""
-    from deepspeed.utils.config import get_timers_config
-
-    from loop import config, train
-
     t = config.TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.5)
     one = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
     train.deepspeed_settings(one, t, 1)
