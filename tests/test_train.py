@@ -38,8 +38,8 @@ def test_loss_falls_and_tensorboard_holds_the_scalars(run):
     evals = dict(logged["eval/loss"])
     assert sorted(evals) == [0, 8, 16]
     assert evals[16] < evals[0] - 0.5, evals
-    train = [v for _, v in logged["train/loss"]]
-    assert train[-1] < train[0]
+    losses = [v for _, v in logged["train/loss"]]
+    assert losses[-1] < losses[0]
     assert yaml.safe_load((out / "config.yaml").read_text())["training"]["seed"] == 7  # resolved + override
     assert (out / "train.log").read_text().count("eval loss") == 3
     assert "**What is Python?**" in (out / "samples.md").read_text()
