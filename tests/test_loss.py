@@ -3,12 +3,14 @@ processes: checked under real 2-process ZeRO-3 against plain PyTorch on one proc
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from loop import data, loss, packing, templates
@@ -203,14 +205,15 @@ def test_non_finite_loss_stops_or_skips_the_step(tiny_dir, tokenizer, corpus, tm
     assert "non-finite loss at step" in said and "last good checkpoint: " in said
 
 
-def test_without_deepspeed_two_processes_train_as_one_with_more_accumulation(tiny_dir, tmp_path):
+def test_without_deepspeed_two_processes_train_as_one_and_resume_exactly(tiny_dir, tmp_path):
     """Data parallel without DeepSpeed (torchrun, DDP over gloo): 2 processes x 2 micro-batches give the
-    loss and gradient norm of 1 process x 4, step by step (the same rows, the same mean over tokens)."""
-    def run(name, processes, accumulation):
+    loss and gradient norm of 1 process x 4, step by step (the same rows, the same mean over tokens); and
+    2 processes resumed from their step-2 checkpoint end with the same weights, bit for bit."""
+    def run(name, processes, accumulation, *overrides):
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_dir, tmp_path / name, data={"eval_fraction": 0},
-                           training={"max_steps": 3, "log_every": 1, "gradient_accumulation_steps": accumulation},
-                           output={"save": False})
-        cmd = [sys.executable, "loop/train.py", str(cfg)]
+                           training={"max_steps": 3, "log_every": 1, "save_every": 2,
+                                     "gradient_accumulation_steps": accumulation})
+        cmd = [sys.executable, "loop/train.py", str(cfg), *overrides]
         if processes > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                    "--master_port", str(free_port()), *cmd[1:]]
@@ -219,8 +222,14 @@ def test_without_deepspeed_two_processes_train_as_one_with_more_accumulation(tin
         assert proc.returncode == 0, proc.stderr[-3000:]
         return scalars(tmp_path / name)
 
-    two, one = run("two", 2, 2), run("one", 1, 4)
+    two, one = run("two", 2, 2), run("one", 1, 4, "--save", "false")
     for tag in ("train/loss", "train/grad_norm"):
         assert [s for s, _ in two[tag]] == [1, 2, 3]
         for (_, a), (_, b) in zip(two[tag], one[tag], strict=True):
             assert a == pytest.approx(b, rel=1e-5), tag
+
+    checkpoint = lambda name, step: tmp_path / name / "checkpoints" / f"step_{step:08d}"  # noqa: E731
+    shutil.copytree(checkpoint("two", 2), checkpoint("resumed", 2))
+    run("resumed", 2, 2, "--resume_from_checkpoint", "latest")
+    ended, resumed = (load_file(checkpoint(name, 3) / "model.safetensors") for name in ("two", "resumed"))  # fp32
+    assert ended.keys() == resumed.keys() and all(torch.equal(ended[k], resumed[k]) for k in ended)
