@@ -20,7 +20,10 @@ import yaml
 
 from loop.config import near
 
-MOVED = ("zero_stage", "offload_optimizer_device", "offload_param_device", "zero3_save_16bit_model")
+# The YAML keys accelerate refuses beside a DeepSpeed file: said in the file instead (accumulation and
+# clipping the loop fills in from the run config).
+MOVED = ("zero_stage", "offload_optimizer_device", "offload_param_device", "offload_optimizer_nvme_path",
+         "offload_param_nvme_path", "zero3_save_16bit_model", "gradient_accumulation_steps", "gradient_clipping")
 
 
 def settings(pairs: list[str]) -> dict:
@@ -57,9 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = yaml.safe_load(a.base.read_text())
     ds = base.pop("deepspeed_config")
-    zero = {"stage": ds.get("zero_stage", 3),
-            "offload_optimizer": {"device": ds.get("offload_optimizer_device", "none")},
-            "offload_param": {"device": ds.get("offload_param_device", "none")},
+    offload = {part: {"device": ds.get(f"offload_{part}_device", "none")}
+               | ({"nvme_path": ds[f"offload_{part}_nvme_path"]} if ds.get(f"offload_{part}_nvme_path") else {})
+               for part in ("optimizer", "param")}
+    zero = {"stage": ds.get("zero_stage", 3), "offload_optimizer": offload["optimizer"],
+            "offload_param": offload["param"],
             "stage3_gather_16bit_weights_on_model_save": ds.get("zero3_save_16bit_model", False)} | changed
     precision = base.pop("mixed_precision", "no")
     config = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
