@@ -131,14 +131,15 @@ def load_tokenizer(cfg: config.Config) -> PreTrainedTokenizerBase:
 
 
 def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int],
-         end_token: str, zero3: bool, device: torch.device) -> torch.nn.Module:
+         end_token: str, zero_stage: int | None, device: torch.device) -> torch.nn.Module:
     """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
     the template's tokens, a generation config that stops at the end token, LoRA adapters when asked
-    (loop/lora.py), and the loss head."""
+    (loop/lora.py), and the loss head. `zero_stage` is DeepSpeed's, None without DeepSpeed."""
     quantization = lora.quantization(cfg)
+    zero3 = zero_stage == 3
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=attention, quantization_config=quantization,
+        attn_implementation=attention, quantization_config=quantization, dtype=weights_dtype(cfg, zero_stage),
         device_map={"": device} if quantization and not zero3 else None)  # ZeRO-3 places weights itself
     if added_tokens:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -157,6 +158,18 @@ def load(cfg: config.Config, attention: str, tokenizer: PreTrainedTokenizerBase,
     if zero3 and not cfg.lora.enabled:  # with a frozen base, DeepSpeed's leaf-module backward loses the adapters
         gather_by_block(model)
     return model
+
+
+def weights_dtype(cfg: config.Config, zero_stage: int | None) -> torch.dtype | str:
+    """float32 for weights the optimizer updates itself; the checkpoint's own dtype ("auto") otherwise.
+
+    transformers loads a checkpoint in the dtype it was saved in, and code models are saved in bf16.
+    DeepSpeed keeps float32 master weights beside bf16 ones, but without it the loaded weights are the
+    optimizer's: bf16 there would silently drop every update under ~1/256 of a weight (and autocast,
+    which mixed precision means without DeepSpeed, needs float32 weights to cast from). A frozen LoRA
+    base keeps its dtype: it is never updated, and halving it is the point of adapters.
+    """
+    return torch.float32 if zero_stage is None and not cfg.lora.enabled else "auto"
 
 
 def gather_by_block(model: torch.nn.Module) -> None:

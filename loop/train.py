@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Model and optimizer.
         attention.register()
-        zero3 = getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        model = models.load(cfg, attn, tokenizer, added_tokens, end_token, zero3, accelerator.device)
+        zero_stage = accelerator.state.deepspeed_plugin.zero_stage if accelerator.state.deepspeed_plugin else None
+        model = models.load(cfg, attn, tokenizer, added_tokens, end_token, zero_stage, accelerator.device)
         flops = functools.partial(metrics.training_flops, models.matmul_parameters(model), shape,
                                   trainable_matmul_params=models.matmul_parameters(model, trainable=True))
         trainable, total = models.counts(model)

@@ -69,3 +69,24 @@ def test_refusal_comes_before_any_weight_is_read(tiny_dir, tmp_path):
         run_in_process(cfg)
     assert not (tmp_path / "out" / "checkpoints").exists()
     assert AutoConfig.from_pretrained(tmp_path / "t5") and not list((tmp_path / "t5").glob("*.safetensors"))
+
+
+def test_a_bf16_checkpoint_trains_float32_weights_without_deepspeed(tiny_dir, tmp_path):
+    """transformers loads a checkpoint in its saved dtype (code models ship bf16). Without DeepSpeed's float32
+    master copy the loaded weights are the optimizer's: in bf16 an update below ~1/256 of a weight is lost."""
+    import torch
+    from safetensors.torch import load_file
+
+    start = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.bfloat16)
+    start.save_pretrained(tmp_path / "bf16")
+    for f in (tiny_dir / "model").glob("tokenizer*"):
+        (tmp_path / "bf16" / f.name).write_bytes(f.read_bytes())
+    training = {"max_steps": 2, "lr": 1e-5, "warmup_steps": 0, "save_every": 2, "eval_every": 0, "sample_prompts": []}
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       model={"name_or_path": str(tmp_path / "bf16")}, training=training)
+    assert run_in_process(cfg) == 0
+    (saved,) = (tmp_path / "out" / "checkpoints").glob("step_*/model.safetensors")
+    name = "transformer.h.0.mlp.c_fc.weight"
+    after, before = load_file(saved)[name], start.state_dict()[name]
+    assert after.dtype == torch.float32
+    assert (after != before.float()).float().mean() > 0.9  # in bf16, 85% of them round away
