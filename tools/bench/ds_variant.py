@@ -6,7 +6,12 @@ accelerate's YAML reaches only a few DeepSpeed settings; the others (`memory_eff
 DeepSpeed JSON file, which then has to say everything BASE said. This writes both and prints the
 YAML's path.
 
+`deepspeed=off` instead writes a YAML for one process with BASE's precision and device and no DeepSpeed
+(bf16 autocast over float32 weights and fused AdamW, as the plain-PyTorch ceiling trains): the loop's
+own cost against the ceiling, apart from DeepSpeed's.
+
   python -m tools.bench.ds_variant accelerate_configs/zero3.yaml OUT_DIR memory_efficient_linear=false
+  python -m tools.bench.ds_variant accelerate_configs/zero3.yaml OUT_DIR deepspeed=off
 """
 
 from __future__ import annotations
@@ -47,18 +52,36 @@ def settings(pairs: list[str]) -> dict:
     return out
 
 
+OFF = "deepspeed=off"
+
+
+def without_deepspeed(base: dict) -> dict:
+    """BASE's launch (precision, CPU or not) in one process with no distributed wrapper at all."""
+    kept = {k: v for k, v in base.items() if k not in ("deepspeed_config", "distributed_type", "num_processes")}
+    return {"distributed_type": "NO", "num_processes": 1} | kept
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("base", type=Path, help="the accelerate config to start from (accelerate_configs/...)")
     p.add_argument("out", type=Path, help="folder for the variant's accelerate YAML and DeepSpeed JSON")
-    p.add_argument("set", nargs="+", metavar="KEY=VALUE", help="zero_optimization settings to change")
+    p.add_argument("set", nargs="+", metavar="KEY=VALUE",
+                   help=f"zero_optimization settings to change, or {OFF} alone: the same launch without DeepSpeed")
     a = p.parse_args(argv)
+    base = yaml.safe_load(a.base.read_text())
+    if OFF in a.set:
+        if len(a.set) > 1:
+            print(f"ds_variant: {OFF} takes no other settings (got {' '.join(a.set)})", file=sys.stderr)
+            return 2
+        a.out.mkdir(parents=True, exist_ok=True)
+        (a.out / "accelerate.yaml").write_text(yaml.safe_dump(without_deepspeed(base), sort_keys=False))
+        print(a.out / "accelerate.yaml")
+        return 0
     try:
         changed = settings(a.set)
     except ValueError as e:
         print(f"ds_variant: {e}", file=sys.stderr)
         return 2
-    base = yaml.safe_load(a.base.read_text())
     ds = base.pop("deepspeed_config")
     offload = {part: {"device": ds.get(f"offload_{part}_device", "none")}
                | ({"nvme_path": ds[f"offload_{part}_nvme_path"]} if ds.get(f"offload_{part}_nvme_path") else {})

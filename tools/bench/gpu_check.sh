@@ -20,9 +20,10 @@
 #
 # DS_VARIANTS="memory_efficient_linear=false reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
-# reported beside the loop's own: about a minute of device time each. REUSE=1 keeps what an earlier call
-# on the same machine left in $WORK (the model, runs, baselines) and runs only what is missing: a second
-# call with new variants costs only their runs.
+# reported beside the loop's own: about a minute of device time each. The word deepspeed=off runs the
+# loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs.
+# REUSE=1 keeps what an earlier call on the same machine left in $WORK (the model, runs, baselines) and
+# runs only what is missing: a second call with new variants costs only their runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
