@@ -176,12 +176,14 @@ def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from loop import consolidate
+    from loop import consolidate, lora
 
     trained = load_file(ckpt / "model.safetensors") if not (ckpt / "latest").exists() else consolidate.state_dict(ckpt)
     peft_config = PeftConfig.from_pretrained(ckpt)
-    with torch.device("meta"):
-        skeleton = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt)), peft_config)
+    with torch.device("meta"), lora.quiet_peft():
+        bare = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
+        bare.name_or_path = peft_config.base_model_name_or_path  # else peft names the checkpoint as the base
+        skeleton = get_peft_model(bare, peft_config)
     adapter = get_peft_model_state_dict(skeleton, state_dict=trained)
     with staged(out) as tmp:
         save_file({k: v.contiguous() for k, v in adapter.items()}, str(tmp / "adapter_model.safetensors"),

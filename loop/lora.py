@@ -10,6 +10,9 @@ as peft saves it and, unless told not to, the base with the adapter merged in.
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,7 +78,17 @@ def wrap(model, settings: config.LoraSettings, added_tokens: list[int]):
         modules_to_save=saved if settings.train_embeddings else None,
         trainable_token_indices=added_tokens if added_tokens and not settings.train_embeddings else None,
         ensure_weight_tying=tied and (settings.train_embeddings or bool(added_tokens)))
-    return get_peft_model(model, peft_config)
+    with quiet_peft():
+        return get_peft_model(model, peft_config)
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft reads `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning each
+    time: a line on the user's terminal about two libraries' code, with nothing for them to do."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def save_adapter(peft_model, state_dict: dict, folder: Path, tokenizer) -> None:
@@ -122,4 +135,5 @@ def merge(base, adapter_folder: Path):
     """The base with the adapter merged into its weights, in float32, a plain transformers model."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
+    with quiet_peft():
+        return PeftModel.from_pretrained(base, adapter_folder).merge_and_unload()
