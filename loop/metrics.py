@@ -83,7 +83,17 @@ def setup_logging(is_main: bool) -> logging.Logger:
     log.addHandler(console)
     if is_main:
         log.addHandler(MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    saver = logging.getLogger("accelerate.utils.other")
+    if _tied_weights_note not in saver.filters:
+        saver.addFilter(_tied_weights_note)
     return log
+
+
+def _tied_weights_note(record: logging.LogRecord) -> bool:
+    """Drop accelerate's warning, at every checkpoint without DeepSpeed, that a weight tied to another (the
+    output projection to the token embedding) is stored once: loading ties it again, and resume is
+    bit-identical (tests/test_loss.py), so the line only breaks into the progress bar."""
+    return "Removed shared tensor" not in record.getMessage()  # after accelerate's "[RANK 0] "
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]

@@ -93,6 +93,7 @@ def test_the_console_gets_a_short_line_and_train_log_every_scalar(tiny_dir, tmp_
     assert any(line.endswith("tokens/s") or "MFU" in line for line in console)
     assert all(len(line) < 130 and "throughput/" not in line for line in console), console
     assert all("train:" not in line for line in proc.stdout.splitlines())  # the bar stays on stderr, apart
+    assert "checkpoint" in proc.stdout and "Removed shared tensor" not in proc.stderr  # accelerate's note on ties
     log = (tmp_path / "out" / "train.log").read_text()
     assert log.count("throughput/tokens_per_s=") == 2 and "time/forward_backward=" in log
     assert "step 2/4  loss" not in log  # the short form is for the console only
