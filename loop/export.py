@@ -197,10 +197,17 @@ def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
 
 def merged_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16") -> None:
     """From a LoRA checkpoint, the base model (named in its run config) with the adapter merged in."""
+    from transformers import AutoTokenizer
+
+    save_plain(merged_model(ckpt), AutoTokenizer.from_pretrained(ckpt), out, dtype)
+
+
+def merged_model(ckpt: Path):
+    """A LoRA checkpoint's base with its adapter merged in, in memory (float32, plain transformers)."""
     import tempfile
 
     import yaml
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     from loop import lora
 
@@ -211,7 +218,7 @@ def merged_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16") -> 
                               run.get("trust_remote_code", False))
         model = lora.merge(base, Path(work) / "adapter")
     model.generation_config = GenerationConfig.from_pretrained(ckpt)
-    save_plain(model, AutoTokenizer.from_pretrained(ckpt), out, dtype)
+    return model
 
 
 def _copy_plain(ckpt: Path, tmp: Path, dtype: torch.dtype) -> None:

@@ -19,16 +19,22 @@ from loop import templates
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
     """A model and tokenizer from a model directory (or Hub id), or from a training checkpoint
-    (its fp32 master weights, merged in memory)."""
+    (its fp32 master weights, merged in memory; a LoRA checkpoint's adapter merged into its base)."""
     path_ = Path(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # pretrained bases often have none; batches are left-padded and masked
         tokenizer.pad_token = tokenizer.eos_token
+    if (path_ / "run_config.yaml").is_file() and (path_ / "adapter_config.json").is_file():  # loop/checkpoints.py
+        from loop import export
+
+        return export.merged_model(path_).to(dtype).eval(), tokenizer
     if (path_ / "latest").is_file():  # a ZeRO checkpoint written by loop/train.py: read without unpickling
         from loop import consolidate
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
-        model.load_state_dict(consolidate.state_dict(path_), strict=False)
+        unexpected = model.load_state_dict(consolidate.state_dict(path_), strict=False).unexpected_keys
+        if unexpected:  # strict=False lets the tied output projection be absent, nothing else
+            raise ValueError(f"the checkpoint holds weights this model does not have ({', '.join(unexpected[:3])})")
         model.tie_weights()
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model.to(dtype).eval(), tokenizer

@@ -146,3 +146,21 @@ def test_a_changed_frozen_base_is_caught(tiny_dir):
     key = next(k for k in state if "c_attn.base_layer.weight" in k)
     state[key][0, 0] += 1e-3
     assert lora.base_changes(state, base) == [key.removeprefix("base_model.model.").replace(".base_layer.", ".")]
+
+
+def test_a_lora_checkpoint_answers_as_its_merged_model(lora_runs, tmp_path):
+    """tools/generate.py takes a checkpoint folder: a LoRA one is its base with the adapter merged in (read as a
+    plain ZeRO checkpoint, its adapter-only weights would match nothing and a random model would answer)."""
+    from loop import sampling
+
+    ref, _ = lora_runs
+    ckpt = checkpoints.find("latest", ref / "checkpoints")
+    from_ckpt, tokenizer = sampling.load(ckpt)
+    exported = tmp_path / "merged"
+    subprocess.run([sys.executable, "tools/consolidate_checkpoint.py", str(ckpt), str(exported), "--merged",
+                    "--dtype", "fp32"], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    merged, _ = sampling.load(exported)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        assert (from_ckpt(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
