@@ -171,12 +171,11 @@ def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_
 def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
     """A LoRA checkpoint holds the trainable weights under peft's in-memory names: write them as peft saves
     an adapter (names mapped by peft itself, on a skeleton of the model that holds no weights)."""
+    from loop import consolidate, lora  # noqa: I001  (lora first: it quiets what importing peft says)
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from loop import consolidate, lora
 
     trained = load_file(ckpt / "model.safetensors") if not (ckpt / "latest").exists() else consolidate.state_dict(ckpt)
     peft_config = PeftConfig.from_pretrained(ckpt)

@@ -21,6 +21,11 @@ from loop import config
 
 log = logging.getLogger("loop")
 ADAPTER_CONFIG = "adapter_config.json"
+# Importing peft imports bitsandbytes, which on any CPU with AVX512-BF16 (GPU machines' too) warns that an
+# optional kernel for 4-bit matmuls on the CPU cannot be fetched from the Hub: a line at every LoRA run
+# about a path that only CPU QLoRA takes, and it still works without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward"))
 
 # The linear layers adapted by default: every projection of attention and MLP, per architecture.
 TARGETS = {
