@@ -150,7 +150,10 @@ The tokenizer carries the chat template the model was trained with (`{cfg.data.t
 {example}
 ```
 
-Generation should stop at the end token; `generation_config.json` sets it as `eos_token_id`.
+Generation should stop at the end token; `generation_config.json` sets it as `eos_token_id`. The
+template below (in `tokenizer_config.json`, where TGI reads it) is the default; the same template with
+the `{{% generation %}}` markers that picked the trained tokens is saved beside it as `"training"`
+(`apply_chat_template(messages, chat_template="training", return_assistant_tokens_mask=True)`).
 
 {CHAT}
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from loop import config as config_mod
-from loop import integrity
+from loop import integrity, templates
 from loop.preemption import any_process
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
@@ -180,7 +180,7 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.save_pretrained(tmp)
         unwrapped.generation_config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        templates.save_tokenizer(tokenizer, tmp)
         if cfg.lora.enabled:
             unwrapped.peft_config["default"].save_pretrained(tmp)  # adapter_config.json: what the weights are
         integrity.write_manifest(tmp)

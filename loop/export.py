@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from safetensors import safe_open
 
+from loop import templates
+
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
     from accelerate import Accelerator
     from transformers import GenerationConfig, PreTrainedTokenizerBase
@@ -103,7 +105,7 @@ def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
             unwrapped.config.dtype = DTYPES[dtype]
             # transformers empties the dict it is given, so pass a copy.
             unwrapped.save_pretrained(tmp, state_dict=dict(state_dict))
-            tokenizer.save_pretrained(tmp)
+            templates.save_tokenizer(tokenizer, tmp)
             check_saved_model(tmp, expected, tied)
     accelerator.wait_for_everyone()
 
@@ -142,7 +144,7 @@ def save_plain(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: 
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     with staged(out_dir) as tmp:
         model.to(DTYPES[dtype]).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        templates.save_tokenizer(tokenizer, tmp)
         check_saved_model(tmp, expected, tied)
 
 

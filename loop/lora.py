@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loop import config
+from loop import config, templates
 
 log = logging.getLogger("loop")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -99,7 +99,7 @@ def quiet_peft() -> Iterator[None]:
 def save_adapter(peft_model, state_dict: dict, folder: Path, tokenizer) -> None:
     """The adapter as peft writes it (adapter_model.safetensors, adapter_config.json), with the tokenizer."""
     peft_model.save_pretrained(folder, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
+    templates.save_tokenizer(tokenizer, folder)
 
 
 def load_base(base_name: str, vocab: int, revision: str | None = None, trust_remote_code: bool = False):

@@ -4,6 +4,9 @@ The Jinja `chat_template` is the one source of truth: training ids and trained p
 `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` on the very template that is
 saved with the model, so transformers, vLLM and TGI render exactly what the model was trained on.
 Assistant text and its closing end token sit inside `{% generation %}` markers; nothing else is trained.
+Those markers are transformers' own Jinja extension, which TGI's minijinja, llama.cpp's bindings and
+other servers refuse, so a saved model's default template has them turned into plain `if true` blocks
+(the same text) and the marked one is saved beside it under the name "training" (see `save_tokenizer`).
 
 Special-token text inside message content (a user typing "<|end|>") would otherwise tokenize to the
 special token and forge a turn. The template defuses it: `<|end|>` in content renders as `< |end|>`.
@@ -11,7 +14,9 @@ special token and forge a turn. The template defuses it: `<|end|>` in content re
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
@@ -94,6 +99,29 @@ def build_jinja(template: Template, reserved: list[str], bos: bool = False) -> s
     return ("{{ bos_token }}" if bos else "") + template.jinja.replace("@CONTENT@", expr)
 
 
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def serving(jinja: str) -> str:
+    """The template with its `{% generation %}` blocks as `{% if true %}` blocks: the same rendered text
+    (whitespace control kept), in Jinja that every engine parses."""
+    return _GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", jinja)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """Save the tokenizer with a template any server can use: "default" without generation markers,
+    "training" with them (`apply_chat_template(..., chat_template="training",
+    return_assistant_tokens_mask=True)` gives the trained positions), both in tokenizer_config.json,
+    the only place TGI looks (transformers 5 would write chat_template.jinja instead)."""
+    trained = tokenizer.chat_template
+    if isinstance(trained, str) and _GENERATION_TAG.search(trained):
+        tokenizer.chat_template = {"default": serving(trained), "training": trained}
+    try:
+        tokenizer.save_pretrained(folder, save_jinja_files=False)
+    finally:
+        tokenizer.chat_template = trained
+
+
 def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     """Whether the tokenizer puts a BOS token before plain text (Llama's do, StarCoder's do not)."""
     bos = tokenizer.bos_token_id
@@ -108,7 +136,10 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[lis
     """
     if name == "tokenizer":
         own = tokenizer.chat_template
-        if not own or "generation" not in own:
+        if isinstance(own, dict):  # saved by save_tokenizer (a model this loop trained), or named templates
+            own = own.get("training") or own.get("default")
+            tokenizer.chat_template = own
+        if not own or not _GENERATION_TAG.search(own):
             raise TemplateError(
                 "data.template is 'tokenizer' but the tokenizer's chat_template has no "
                 "{% generation %} markers, so the trained tokens cannot be found; "

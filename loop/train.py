@@ -318,9 +318,9 @@ def main(argv: list[str] | None = None) -> int:
                                               tokens_seen=state.tokens_seen, trainable=trainable, parameters=total,
                                               vocab=len(tokenizer) if added_tokens else 0)
                 example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
+                served = templates.serving(tokenizer.chat_template)
                 for kind, folder in saved.items():
-                    card.model_card(cfg, summary, tokenizer.chat_template, example, kind, folder).save(
-                        folder / "README.md")
+                    card.model_card(cfg, summary, served, example, kind, folder).save(folder / "README.md")
                 if cfg.output.push_to_hub:
                     for kind, folder in saved.items():
                         hub.upload(folder, hub.repo_for(cfg.output.hub_model_id, kind, saved),

@@ -39,7 +39,7 @@ def test_output_equals_deepspeeds_zero_to_fp32(ckpt, tmp_path, dtype):
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied again
     assert torch.equal(model.lm_head.weight, reference["lm_head.weight"].to(export.DTYPES[dtype]))
     tok = AutoTokenizer.from_pretrained(tmp_path / "m")
-    assert "<|assistant|>" in tok.chat_template and model.generation_config.eos_token_id == \
+    assert "<|assistant|>" in tok.chat_template["default"] and model.generation_config.eos_token_id == \
         tok.convert_tokens_to_ids("<|end|>")
 
 

@@ -82,7 +82,7 @@ def test_model_card_and_push_tool(trained_run, monkeypatch):
     assert push_to_hub.main([str(trained_run), "--repo-id", "me/tiny-chat"]) == 0
     files = fake.uploaded[("me/tiny-chat", None)]
     assert {"model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
-            "chat_template.jinja"} <= set(files)
+            "tokenizer_config.json"} <= set(files)  # the chat template is inside, where TGI reads it
     assert ("create_repo", "me/tiny-chat", True) in fake.calls  # private unless asked
     no_secret_in(files)
     no_secret_in({str(p): p.read_bytes() for p in trained_run.rglob("*") if p.is_file()})

@@ -67,7 +67,7 @@ def test_resume_is_bit_identical_and_checkpoints_are_small(lora_runs, trained_ru
 def test_the_adapter_loads_in_peft_and_the_merged_model_in_transformers(lora_runs, tiny_dir):
     ref, _ = lora_runs
     tokenizer = AutoTokenizer.from_pretrained(ref / "adapter")
-    assert "<|assistant|>" in tokenizer.chat_template
+    assert "<|assistant|>" in tokenizer.chat_template["default"]
     base = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", dtype=torch.float32)
     with_adapter = PeftModel.from_pretrained(base, ref / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(ref / "final").eval()

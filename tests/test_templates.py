@@ -93,11 +93,12 @@ def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(family_dirs, 
     bos = [tok.bos_token_id] if family == "llama" else []
     dialogues = corpus + TRICKY
     ds = data.tokenize(dialogues, tok, seq_len=100_000, on_too_long="drop")
-    tok.save_pretrained(tmp_path)
+    templates.save_tokenizer(tok, tmp_path)
     served = AutoTokenizer.from_pretrained(tmp_path)
     for dialogue, ids, mask in zip(dialogues, ds["input_ids"], ds["assistant_mask"]):
         assert ids[: len(bos)] == bos and (not bos or ids.count(bos[0]) == 1)
-        out = served.apply_chat_template(dialogue, tokenize=True, return_dict=True,
+        assert list(served.apply_chat_template(dialogue, return_dict=True)["input_ids"]) == ids  # as served
+        out = served.apply_chat_template(dialogue, tokenize=True, return_dict=True, chat_template="training",
                                          return_assistant_tokens_mask=True)
         assert list(out["input_ids"]) == ids
         assert list(out["assistant_masks"]) == mask
@@ -110,12 +111,32 @@ def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(family_dirs, 
             assert mask[len(prompt) - 1] == 0 and mask[len(prompt)] == 1  # first answer token is trained
 
 
+def test_the_saved_default_template_parses_without_transformers_extension(tokenizer, tmp_path):
+    """TGI (minijinja), llama.cpp's bindings and other servers reject `{% generation %}`, and TGI reads the
+    template only from tokenizer_config.json: the default one there must be plain Jinja."""
+    import json
+
+    import jinja2
+
+    templates.save_tokenizer(tokenizer, tmp_path)
+    saved = {t["name"]: t["template"] for t in json.loads((tmp_path / "tokenizer_config.json").read_text())
+             ["chat_template"]}
+    assert saved["training"] == tokenizer.chat_template and not (tmp_path / "chat_template.jinja").exists()
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+        jinja2.Environment().from_string(saved["training"])
+    plain = jinja2.Environment().from_string(saved["default"])  # what a server without the extension does
+    for dialogue in [DIALOGUE, *TRICKY]:
+        for prompt in (False, True):
+            assert plain.render(messages=dialogue, add_generation_prompt=prompt, bos_token="") == \
+                templates.render(tokenizer, dialogue, generation_prompt=prompt)
+
+
 def test_the_tokenizers_own_template_is_used_when_it_marks_assistant_text(tiny_dir, tmp_path):
     """data.template: tokenizer keeps a template that came with the model (here a saved ChatML one)."""
     tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
     templates.install(tok, "chatml")
     tok.eos_token = "<|im_end|>"
-    tok.save_pretrained(tmp_path)
+    templates.save_tokenizer(tok, tmp_path)  # as this loop saves a model (a second fine-tune starts from it)
     own = AutoTokenizer.from_pretrained(tmp_path)
     grew, end = templates.install(own, "tokenizer")
     assert not grew and end == "<|im_end|>" and own.chat_template == tok.chat_template
