@@ -178,6 +178,10 @@ def due(step: int, every: int, last: int) -> bool:
 def finish(accelerator: Accelerator, code: int) -> int:
     accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
     accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Join the process group's threads now: left to interpreter shutdown, a gloo thread still alive
+        # now and then ends a finished process with "terminate called without an active exception".
+        torch.distributed.destroy_process_group()
     return code
 
 
