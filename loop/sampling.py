@@ -14,7 +14,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from loop import templates
+from loop import lora, templates
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -24,7 +24,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # pretrained bases often have none; batches are left-padded and masked
         tokenizer.pad_token = tokenizer.eos_token
-    if (path_ / "run_config.yaml").is_file() and (path_ / "adapter_config.json").is_file():  # loop/checkpoints.py
+    if (path_ / "run_config.yaml").is_file() and (path_ / lora.ADAPTER_CONFIG).is_file():  # a LoRA run's checkpoint
         from loop import export
 
         return export.merged_model(path_).to(dtype).eval(), tokenizer
