@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 SYNCS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize")
@@ -32,19 +33,31 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def summarize(prof: torch.profiler.profile, first: int, recorded: int) -> dict:
-    """Per-step figures of the `recorded` steps from `first` (a run that ended inside the window leaves
-    an empty step open after them)."""
-    events = prof.events()
-    steps = sorted((e for e in events if e.name.startswith("ProfilerStep")),  # "ProfilerStep*" here, "#N" in traces
+def summarize(events: list[FunctionEvent], first: int, recorded: int) -> dict:
+    """Per-step figures from a profiler's events of the `recorded` steps from `first` (a run that ended
+    inside the window leaves an empty step open after them).
+
+    The host queues work ahead of the device, so a step's host span is not its length: the steps last
+    from the first one's start on the host to whichever ends later, the last step on the host or the
+    last of their device work. `host_ms` is the host's own share; the device was busy `device_busy` of
+    the steps' length (its work on every stream, merged; not the profiler's own step ranges on it).
+    """
+    steps = sorted((e for e in events  # "ProfilerStep*" here, "#N" in traces; the device has copies of them
+                    if e.name.startswith("ProfilerStep") and e.device_type == DeviceType.CPU),
                    key=lambda e: e.time_range.start)[:recorded]
-    wall_us = sum(e.time_range.elapsed_us() for e in steps) or 1.0
-    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA]
+    work = [(e.time_range.start, e.time_range.end) for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+            and not e.name.startswith("ProfilerStep")]
+    start = min((e.time_range.start for e in steps), default=0.0)
+    host_end = max((e.time_range.end for e in steps), default=0.0)
+    work = [(max(a, start), b) for a, b in work if b > start]  # an earlier step's work still running
+    span_us = max([host_end] + [b for _, b in work]) - start or 1.0
     per_step = lambda n: n / max(1, len(steps))  # noqa: E731
     return {
         "first": first, "steps": len(steps),
-        "step_ms": wall_us / 1000 / max(1, len(steps)),
-        "device_busy": busy_us(kernels) / wall_us if kernels else None,
+        "step_ms": per_step(span_us / 1000),
+        "host_ms": per_step(sum(e.time_range.elapsed_us() for e in steps) / 1000),
+        "device_busy": busy_us(work) / span_us if work else None,
         "operators_per_step": per_step(sum(e.name.startswith("aten::") for e in events)),
         "launches_per_step": per_step(sum(e.name in LAUNCHES for e in events)),
         "syncs_per_step": per_step(sum(e.name in SYNCS for e in events)),
@@ -53,7 +66,8 @@ def summarize(prof: torch.profiler.profile, first: int, recorded: int) -> dict:
 
 def describe(s: dict) -> str:
     busy = f"device busy {s['device_busy']:.0%} of " if s["device_busy"] is not None else ""
-    return (f"profiled steps {s['first']}-{s['first'] + s['steps'] - 1}: {busy}{s['step_ms']:.1f} ms a step; per step "
+    return (f"profiled steps {s['first']}-{s['first'] + s['steps'] - 1}: {busy}{s['step_ms']:.1f} ms a step "
+            f"({s['host_ms']:.1f} ms on the host); per step "
             f"{s['operators_per_step']:,.0f} operators, {s['launches_per_step']:,.0f} kernel launches, "
             f"{s['syncs_per_step']:.0f} synchronisations")
 
@@ -76,7 +90,7 @@ def profiled_steps(first: int, count: int, done: int, total: int, out: Path,
                                           "nothing is profiled")
 
     def write(p: torch.profiler.profile) -> None:
-        summary = summarize(p, first, recorded)
+        summary = summarize(p.events(), first, recorded)
         if not summary["steps"]:  # the run ended in the warm-up step
             return
         out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,8 @@ import json
 
 import pytest
 import torch
+from torch.autograd import DeviceType
+from torch.autograd.profiler_util import FunctionEvent
 
 from loop import profiling
 
@@ -29,7 +31,7 @@ def test_records_the_asked_steps_only(tmp_path):
     steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
     assert len(steps) == 2  # the warm-up step (3) and the steps after 5 are not in it
     summary = json.loads((tmp_path / "summary-rank0.json").read_text())
-    assert summary["first"] == 4 and summary["steps"] == 2 and summary["step_ms"] > 0.01
+    assert summary["first"] == 4 and summary["steps"] == 2 and summary["step_ms"] >= summary["host_ms"] > 0.01
     # Each step runs the same operators: two linears forward and backward, the loss, AdamW.
     assert summary["operators_per_step"] > 20
     assert summary["device_busy"] is None and summary["launches_per_step"] == 0  # CPU: no device timeline
@@ -75,3 +77,24 @@ def test_every_process_of_a_zero3_run_writes_its_profile(trained_run):
 def test_device_busy_is_the_union_of_kernel_intervals():
     assert profiling.busy_us([(0, 10), (5, 15), (20, 25), (21, 22)]) == 20
     assert profiling.busy_us([]) == 0
+
+
+def test_a_step_lasts_until_its_device_work_ends():
+    """The host queues work ahead: two steps that take 100 us each on the host and whose kernels run from
+    50 to 350 us last 350 us, the device busy 300 of them. The profiler's copies of the step ranges on
+    the device (what GPU traces show as "ProfilerStep#N" on a stream) are neither steps nor work."""
+    def event(name, start, end, device=DeviceType.CPU, annotation=False):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=device,
+                             is_user_annotation=annotation)
+
+    cuda = DeviceType.CUDA
+    events = [event("ProfilerStep#1", 0, 100), event("ProfilerStep#2", 100, 200),
+              event("ProfilerStep#1", 60, 200, cuda, annotation=True), event("ProfilerStep#2", 200, 350, cuda, True),
+              event("ProfilerStep#2", 349, 350, cuda, True),
+              event("gemm", -20, 10, cuda),  # the warm-up step's, still running: only 10 us of it count
+              event("gemm", 50, 150, cuda), event("gemm", 140, 200, cuda), event("adam", 250, 350, cuda),
+              event("cudaLaunchKernel", 10, 11), event("cudaStreamSynchronize", 180, 240)]
+    summary = profiling.summarize(events, first=5, recorded=2)
+    assert (summary["step_ms"], summary["host_ms"]) == (0.175, 0.1)
+    assert summary["device_busy"] == pytest.approx((10 + 150 + 100) / 350)
+    assert (summary["launches_per_step"], summary["syncs_per_step"]) == (0.5, 0.5)

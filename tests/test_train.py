@@ -1,5 +1,6 @@
 """End to end: 2-process DeepSpeed ZeRO-3 on CPU over gloo, the way the quickstart runs."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,18 +95,50 @@ def test_processes_that_accelerate_leaves_unconnected_are_refused(tiny_dir, tmp_
 
 def test_deepspeed_settings_the_loop_fills_in():
     """The batch comes from the run config; DeepSpeed's throughput timer (a device synchronisation at every
-    forward and step) is off and one process keeps every weight resident, unless DeepSpeed's config says."""
+    forward and step) is off and one process keeps every weight resident and uses torch's linear, unless
+    DeepSpeed's config says."""
     t = config.TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.5)
     one = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
     train.deepspeed_settings(one, t, 1)
     assert get_timers_config(one).enabled is False  # read the way DeepSpeed reads it
     assert one["zero_optimization"]["stage3_param_persistence_threshold"] == 2**62
+    assert one["zero_optimization"]["memory_efficient_linear"] is False  # nothing is released to re-gather
     assert (one["train_batch_size"], one["gradient_clipping"]) == (6, 0.5)
     many = {"zero_optimization": {"stage": 3}}
     train.deepspeed_settings(many, t, 8)
     assert "stage3_param_persistence_threshold" not in many["zero_optimization"] and many["train_batch_size"] == 48
+    assert "memory_efficient_linear" not in many["zero_optimization"]
     chosen = {"timers": {"throughput": {"enabled": True, "synchronized": False}},
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000}}
     train.deepspeed_settings(chosen, t, 1)
     assert get_timers_config(chosen).enabled and not get_timers_config(chosen).synchronized
     assert chosen["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
+    assert "memory_efficient_linear" not in chosen["zero_optimization"]  # some weights are released
+
+
+PROBE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from loop import config, train
+accelerator = train.make_accelerator(config.load(sys.argv[1]))
+AutoModelForCausalLM.from_pretrained(sys.argv[2])  # under zero.Init, as models.load does
+print("linear:", torch.nn.functional.linear.__module__.split(".")[0])
+"""
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_one_zero3_process_loads_the_model_with_torchs_linear(tiny_dir, tmp_path, processes):
+    """DeepSpeed's memory-efficient linear re-gathers a released weight in backward; one process releases
+    none, so its model is built with torch's (which is faster), while several processes keep DeepSpeed's.
+    The setting must reach the config copy that transformers' zero.Init reads."""
+    (tmp_path / "probe.py").write_text(PROBE)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out")
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           "accelerate_configs/cpu_zero3.yaml", "--num_processes", str(processes),
+                           "--main_process_port", str(free_port()), str(tmp_path / "probe.py"), str(cfg),
+                           str(tiny_dir / "model")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    linear = {line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("linear:")}
+    assert linear == ({"torch"} if processes == 1 else {"deepspeed"}), proc.stdout

@@ -64,13 +64,13 @@ def main(work: str, *attns: str) -> int:
         print(f"{name:{w}s} {rate(r):10,.0f} {mfu} {r.get('peak_bytes', 0) / 2**30:8.1f}")
     profiles |= {"HF Trainer + DeepSpeed ZeRO-3": profile(root / "profile-trainer"),
                  "ceiling": profile(root / "profile-ceiling")}
-    print(f"\n{'profiled (3 steps)':{w}s} {'step ms':>8s} {'device busy':>12s} {'operators':>10s} {'launches':>9s} "
-          f"{'syncs':>6s}  (per step)")
+    print(f"\n{'profiled (3 steps)':{w}s} {'step ms':>8s} {'host ms':>8s} {'device busy':>12s} {'operators':>10s} "
+          f"{'launches':>9s} {'syncs':>6s}  (per step)")
     for name, p in profiles.items():
         if p:
             busy = f"{p['device_busy']:12.0%}" if p["device_busy"] is not None else f"{'-':>12s}"
-            print(f"{name:{w}s} {p['step_ms']:8.1f} {busy} {p['operators_per_step']:10,.0f} "
-                  f"{p['launches_per_step']:9,.0f} {p['syncs_per_step']:6.0f}")
+            print(f"{name:{w}s} {p['step_ms']:8.1f} {p.get('host_ms', float('nan')):8.1f} {busy} "
+                  f"{p['operators_per_step']:10,.0f} {p['launches_per_step']:9,.0f} {p['syncs_per_step']:6.1f}")
     return 0
 
 
