@@ -40,12 +40,12 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
 
     # A second call on the same machine: only the DeepSpeed variants run, beside the first call's results.
     # One of them fails (nvme offload without a path): it is named at the end, and the rest still runs.
-    variant, broken = "memory_efficient_linear=false", 'offload_param={"device":"nvme"}'
+    variant, broken = "memory_efficient_linear=true", 'offload_param={"device":"nvme"}'
     again = gpu_check(tmp_path, code=1, REUSE="1", DS_VARIANTS=f"{broken} {variant} deepspeed=off")
     assert again[-1].endswith(f"FAILED: loop/train.py sdpa+{broken}")
     assert [line for line in again if "reusing" in line] and not any("packed vs alone" in line for line in again)
     assert next(line for line in again if line.startswith("loop/train.py sdpa ")).split() == row.split()  # read again
-    assert '"memory_efficient_linear": false' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()
+    assert '"memory_efficient_linear": true' in (tmp_path / f"ds-{variant}" / "deepspeed.json").read_text()
     variant_row = next(line for line in again if line.startswith(f"loop/train.py sdpa+{variant} "))
     assert float(variant_row.split()[2].replace(",", "")) > 0
     assert profiled(again, f"loop/train.py sdpa+{variant}")[0] > 0

@@ -18,7 +18,7 @@
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
 #   bash tools/bench/gpu_check.sh --tiny 24  # toy width, the GPU model's 24 layers: host work per step on CPU
 #
-# DS_VARIANTS="memory_efficient_linear=false reduce_scatter=false,contiguous_gradients=false" adds one loop
+# DS_VARIANTS="memory_efficient_linear=true reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
 # reported beside the loop's own: about a minute of device time each. The word deepspeed=off runs the
 # loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs.
