@@ -80,9 +80,10 @@ def test_device_busy_is_the_union_of_kernel_intervals():
 
 
 def test_a_step_lasts_until_its_device_work_ends():
-    """The host queues work ahead: two steps that take 100 us each on the host and whose kernels run from
-    50 to 350 us last 350 us, the device busy 300 of them. The profiler's copies of the step ranges on
-    the device (what GPU traces show as "ProfilerStep#N" on a stream) are neither steps nor work."""
+    """The host queues work ahead: two steps that take 100 us each on the host and whose last kernel ends
+    at 350 us last 350 us, the device busy 260 of them (10 with the warm-up step's last kernel). The
+    profiler's copies of the step ranges on the device (what GPU traces show as "ProfilerStep#N" on a
+    stream) are neither steps nor work, and its synchronisation when it stops is not the steps'."""
     def event(name, start, end, device=DeviceType.CPU, annotation=False):
         return FunctionEvent(id=0, name=name, thread=0, start_us=start, end_us=end, device_type=device,
                              is_user_annotation=annotation)
