@@ -53,15 +53,19 @@ def summarize(events: list[FunctionEvent], first: int, recorded: int) -> dict:
     work = [(max(a, start), b) for a, b in work if b > start]  # an earlier step's work still running
     span_us = max([host_end] + [b for _, b in work]) - start or 1.0
     per_step = lambda n: n / max(1, len(steps))  # noqa: E731
-    within = lambda e: start <= e.time_range.start < host_end  # noqa: E731
+
+    def count(kind: Callable[[str], bool]) -> int:
+        """Host events of that kind inside the steps (not the profiler's own, such as its closing sync)."""
+        return sum(kind(e.name) and start <= e.time_range.start < host_end for e in events)
+
     return {
         "first": first, "steps": len(steps),
         "step_ms": per_step(span_us / 1000),
         "host_ms": per_step(sum(e.time_range.elapsed_us() for e in steps) / 1000),
         "device_busy": busy_us(work) / span_us if work else None,
-        "operators_per_step": per_step(sum(e.name.startswith("aten::") for e in events)),
-        "launches_per_step": per_step(sum(e.name in LAUNCHES and within(e) for e in events)),
-        "syncs_per_step": per_step(sum(e.name in SYNCS and within(e) for e in events)),  # not the profiler's own
+        "operators_per_step": per_step(count(lambda name: name.startswith("aten::"))),
+        "launches_per_step": per_step(count(LAUNCHES.__contains__)),
+        "syncs_per_step": per_step(count(SYNCS.__contains__)),
     }
 
 

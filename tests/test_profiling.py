@@ -95,8 +95,9 @@ def test_a_step_lasts_until_its_device_work_ends():
               event("gemm", -20, 10, cuda),  # the warm-up step's, still running: only 10 us of it count
               event("gemm", 50, 150, cuda), event("gemm", 140, 200, cuda), event("adam", 250, 350, cuda),
               event("cudaLaunchKernel", 10, 11), event("cudaStreamSynchronize", 180, 240),
-              event("cudaDeviceSynchronize", 240, 350)]  # the profiler's own, when it stops
+              event("cudaDeviceSynchronize", 240, 350),  # the profiler's own, when it stops
+              event("aten::mm", 20, 30), event("aten::copy_", 260, 270)]  # the second as it stops, too
     summary = profiling.summarize(events, first=5, recorded=2)
     assert (summary["step_ms"], summary["host_ms"]) == (0.175, 0.1)
     assert summary["device_busy"] == pytest.approx((10 + 150 + 100) / 350)
-    assert (summary["launches_per_step"], summary["syncs_per_step"]) == (0.5, 0.5)
+    assert (summary["operators_per_step"], summary["launches_per_step"], summary["syncs_per_step"]) == (0.5, 0.5, 0.5)
