@@ -20,7 +20,13 @@ from pathlib import Path
 
 import psutil
 
-from loop import config, data, models, preemption, rundir, templates
+from loop import config
+from loop.data import templates
+from loop.data.dialogues import collect, refuse_bad
+from loop.data.records import DataError
+from loop.model.load import preflight
+from loop.report import trackers
+from loop.state import preemption, rundir
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -35,14 +41,15 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 def check(train_args: list[str]) -> config.Config:
     """What the run would refuse, refused before launching: config, model, data records."""
     cfg = config.from_argv(train_args)
-    models.preflight(cfg)
-    _, report, bad = data.collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
+    trackers.check(cfg.output.report_to)
+    preflight(cfg)
+    _, report, bad = collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
     if cfg.data.eval_files:
-        bad += data.collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]
+        bad += collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]
     if cfg.data.on_bad_record == "error":
-        data.refuse_bad(bad)
+        refuse_bad(bad)
     if report.dialogues == len(bad):
-        raise data.DataError(f"no training dialogues in {', '.join(cfg.data.train_files)}: {report.describe()}")
+        raise DataError(f"no training dialogues in {', '.join(cfg.data.train_files)}: {report.describe()}")
     return cfg
 
 
@@ -58,7 +65,7 @@ def run(argv: list[str]) -> int:
     try:
         launcher_args, train_args = split(argv)
         cfg = check(train_args[1:])
-    except (config.ConfigError, data.DataError, templates.TemplateError) as e:
+    except (config.ConfigError, DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     marker = Path(cfg.output.output_dir) / rundir.PREEMPTED

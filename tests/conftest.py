@@ -17,10 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from loop import tiny  # noqa: E402
+from loop.model import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# A token that must never appear in any file a run writes (tests/test_hub.py scans for it).
+# A token that must never appear in any file a run writes (tests/report/test_hub.py scans for it).
 SECRET_TOKEN = "hf_SENTINELtokenThatMustNeverBeWritten"
 os.environ["HF_TOKEN"] = SECRET_TOKEN
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
@@ -39,7 +39,7 @@ FAMILIES = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory, tiny_dir):
-    """A tiny model of each supported family (its own kind of tokenizer; see loop/tiny.py), built on first use."""
+    """A tiny model of each supported family (its own kind of tokenizer; see loop/model/tiny.py), built on first use."""
     built = {"gpt_bigcode": tiny_dir}
 
     def get(family: str) -> Path:
@@ -60,7 +60,7 @@ def prepared(family_dirs, tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loop import templates
+    from loop.data import templates
 
     cache = {}
 
@@ -87,7 +87,7 @@ def prepared(family_dirs, tmp_path_factory):
 def tokenizer(tiny_dir):
     from transformers import AutoTokenizer
 
-    from loop import templates
+    from loop.data import templates
 
     tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
     templates.install(tok, "starchat")
@@ -98,6 +98,15 @@ def tokenizer(tiny_dir):
 def corpus(tiny_dir) -> list[list[dict]]:
     path = tiny_dir / "data" / "chatterbot.jsonl"
     return [json.loads(line)["messages"] for line in path.open()]
+
+
+def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def free_port() -> int:
@@ -179,7 +188,7 @@ def poisoned(tiny_dir: Path, tokenizer, corpus, folder: Path, n_short: int) -> t
     import torch
     from transformers import AutoModelForCausalLM
 
-    from loop import templates
+    from loop.data import templates
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
     with torch.no_grad():

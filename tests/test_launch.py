@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from loop import checkpoints
+from loop.state import checkpoints
 from tests.conftest import ROOT, free_port, write_config
 
 

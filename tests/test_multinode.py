@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from loop import checkpoints
+from loop.state import checkpoints
 from tests.conftest import ROOT, free_port, write_config
 
 

@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,14 +12,9 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loop import config, train
-from tests.conftest import ROOT, free_port, write_config
-
-
-def scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+from loop import config
+from loop.engine import deepspeed
+from tests.conftest import ROOT, free_port, scalars, write_config
 
 
 @pytest.fixture(scope="module")
@@ -99,18 +93,18 @@ def test_deepspeed_settings_the_loop_fills_in():
     DeepSpeed's config says."""
     t = config.TrainingConfig(micro_batch_size=2, gradient_accumulation_steps=3, max_grad_norm=0.5)
     one = {"zero_optimization": {"stage": 3, "offload_param": {"device": "none"}}}
-    train.deepspeed_settings(one, t, 1)
+    deepspeed.settings(one, t, 1)
     assert get_timers_config(one).enabled is False  # read the way DeepSpeed reads it
     assert one["zero_optimization"]["stage3_param_persistence_threshold"] == 2**62
     assert one["zero_optimization"]["memory_efficient_linear"] is False  # nothing is released to re-gather
     assert (one["train_batch_size"], one["gradient_clipping"]) == (6, 0.5)
     many = {"zero_optimization": {"stage": 3}}
-    train.deepspeed_settings(many, t, 8)
+    deepspeed.settings(many, t, 8)
     assert "stage3_param_persistence_threshold" not in many["zero_optimization"] and many["train_batch_size"] == 48
     assert "memory_efficient_linear" not in many["zero_optimization"]
     chosen = {"timers": {"throughput": {"enabled": True, "synchronized": False}},
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100_000}}
-    train.deepspeed_settings(chosen, t, 1)
+    deepspeed.settings(chosen, t, 1)
     assert get_timers_config(chosen).enabled and not get_timers_config(chosen).synchronized
     assert chosen["zero_optimization"]["stage3_param_persistence_threshold"] == 100_000
     assert "memory_efficient_linear" not in chosen["zero_optimization"]  # some weights are released
@@ -119,9 +113,10 @@ def test_deepspeed_settings_the_loop_fills_in():
 PROBE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
-from loop import config, train
-accelerator = train.make_accelerator(config.load(sys.argv[1]))
-AutoModelForCausalLM.from_pretrained(sys.argv[2])  # under zero.Init, as models.load does
+from loop import config
+from loop.engine.accelerator import make_accelerator
+accelerator = make_accelerator(config.from_file(sys.argv[1]))
+AutoModelForCausalLM.from_pretrained(sys.argv[2])  # under zero.Init, as load_model does
 print("linear:", torch.nn.functional.linear.__module__.split(".")[0])
 """
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from loop import checkpoints, consolidate, export
+from loop.engine import zero3_files
+from loop.state import checkpoints, consolidate, export
 
 VERIFY_PROMPTS = ["Write a Python function that reverses a string.", "What is a linked list?"]
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="reload with from_pretrained, compare weights and logits with the checkpoint")
     a = p.parse_args(argv)
     ckpt = a.checkpoint_dir
-    if ckpt.is_dir() and not (ckpt / "latest").exists() and checkpoints.complete_checkpoints(ckpt):
+    if ckpt.is_dir() and not zero3_files.is_zero_checkpoint(ckpt) and checkpoints.complete_checkpoints(ckpt):
         ckpt = checkpoints.complete_checkpoints(ckpt)[-1]
     try:
         with tqdm(unit="B", unit_scale=True, desc="consolidate") as bar:

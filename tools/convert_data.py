@@ -21,21 +21,23 @@ import sys
 import typing
 from pathlib import Path
 
-from loop import data, formats
+from loop.config import Format, OasstPaths
+from loop.data.dialogues import load_dialogues
+from loop.data.records import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("format", choices=typing.get_args(formats.Format))
+    p.add_argument("format", choices=typing.get_args(Format))
     p.add_argument("inputs", nargs="+")
     p.add_argument("--out", type=Path, required=True, help="output JSONL in the messages schema")
     p.add_argument("--skip-bad", action="store_true", help="skip bad records (counted) instead of stopping")
-    p.add_argument("--oasst-paths", choices=typing.get_args(formats.OasstPaths), default="longest",
+    p.add_argument("--oasst-paths", choices=typing.get_args(OasstPaths), default="longest",
                    help="OpenAssistant trees: the longest path of each tree, or every root-to-leaf path")
     a = p.parse_args(argv)
     try:
-        dialogues, report = data.load_dialogues(a.inputs, a.format, "skip" if a.skip_bad else "error", a.oasst_paths)
-    except data.DataError as e:
+        dialogues, report = load_dialogues(a.inputs, a.format, "skip" if a.skip_bad else "error", a.oasst_paths)
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from loop import estimate
+from loop.model import estimate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,12 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from loop import config, consolidate, data, sampling
+from loop import config
+from loop.data.prepare import held_out_prompts
+from loop.data.records import DataError
+from loop.engine.zero3_files import ConsolidationError
+from loop.inference import chat, sampling
+from loop.inference.load import load_for_generation
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
 BUILT_IN_PROMPTS = [
@@ -43,8 +48,8 @@ def fail(message: str) -> NoReturn:
 
 def load(name: str):
     try:
-        return sampling.load(name)
-    except (consolidate.ConsolidationError, OSError, ValueError) as e:
+        return load_for_generation(name)
+    except (ConsolidationError, OSError, ValueError) as e:
         fail(f"{name}: cannot load a model from it ({e})")
 
 
@@ -52,8 +57,8 @@ def questions(a: argparse.Namespace) -> list[str]:
     """The held-out questions of a run, the lines of a prompts file, or the built-in coding prompts."""
     if a.held_out:
         try:
-            return data.held_out_prompts(config.load(a.held_out / "config.yaml").data, a.count)
-        except (config.ConfigError, data.DataError, OSError) as e:
+            return held_out_prompts(config.from_file(a.held_out / "config.yaml").data, a.count)
+        except (config.ConfigError, DataError, OSError) as e:
             fail(f"--held-out {a.held_out}: {e}")
     if a.prompts_file:
         try:
@@ -90,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                   repetition_penalty=a.repetition_penalty)
     stop = sampling.end_token_id(tokenizer, model)
     if a.chat:
-        sampling.chat(model, tokenizer, cfg, stop)
+        chat.chat(model, tokenizer, cfg, stop)
         return 0
     conversations = [[{"role": "user", "content": q}] for q in prompts]
     answers = sampling.answer(model, tokenizer, conversations, cfg, stop)

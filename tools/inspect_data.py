@@ -14,7 +14,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from loop import batches, config, data, models, packing, templates
+from loop import config
+from loop.data import batches, packing, templates
+from loop.data.dialogues import length_stats
+from loop.data.prepare import prepare
+from loop.data.records import DataError
+from loop.model.load import load_tokenizer, preflight
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto")
     a, overrides = p.parse_known_args(argv)
     try:
-        cfg = config.load(a.config, overrides)
-        models.preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
-        tokenizer = models.load_tokenizer(cfg)
+        cfg = config.from_file(a.config, overrides)
+        preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
+        tokenizer = load_tokenizer(cfg)
         templates.install(tokenizer, cfg.data.template)
-        train, held, report = data.prepare(cfg.data, tokenizer)
-    except (config.ConfigError, data.DataError, templates.TemplateError) as e:
+        train, held, report = prepare(cfg.data, tokenizer)
+    except (config.ConfigError, DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
@@ -40,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         print(templates.mark_trained(tokenizer, ids, mask, color))
     columns = batches.Columns.from_dataset(train)
     lengths = columns.lengths()
-    stats = data.length_stats(lengths)
+    stats = length_stats(lengths)
     rows = packing.plan_rows(lengths, cfg.data.seq_len, cfg.data.packing)
     trained = int(columns.trained.sum())
     print("--- summary ---")

@@ -16,7 +16,8 @@ import argparse
 import typing
 from pathlib import Path
 
-from loop import export, tiny
+from loop.model import tiny
+from loop.state.export import DTYPES
 
 
 def main() -> None:
@@ -24,7 +25,7 @@ def main() -> None:
     p.add_argument("--out", default="artifacts/tiny-starcoder", help="model + tokenizer directory")
     p.add_argument("--data", default="artifacts/data/chatterbot.jsonl", help="converted dialogues (JSONL)")
     p.add_argument("--family", choices=typing.get_args(tiny.Family), default="gpt_bigcode",
-                   help="architecture (and the kind of tokenizer it comes with; see loop/tiny.py)")
+                   help="architecture (and the kind of tokenizer it comes with; see loop/model/tiny.py)")
     # The quickstart's model (~9M parameters): wide enough to learn the corpus's style in 3 epochs, with
     # enough dropout that its held-out loss keeps falling to the end instead of memorizing.
     p.add_argument("--hidden", type=int, default=384)
@@ -36,11 +37,11 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.3, help="GPTBigCode's residual, embedding and attention dropout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones)")
-    p.add_argument("--dtype", choices=sorted(export.DTYPES), default="fp32", help="dtype of the saved weights")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     a = p.parse_args()
     tiny.build(Path(a.out), Path(a.data), family=a.family, hidden=a.hidden, layers=a.layers, heads=a.heads,
                positions=a.positions, seed=a.seed, vocab_size=a.vocab_size, device=a.device,
-               dtype=export.DTYPES[a.dtype], dropout=a.dropout, tokenizer_vocab=a.tokenizer_vocab)
+               dtype=DTYPES[a.dtype], dropout=a.dropout, tokenizer_vocab=a.tokenizer_vocab)
 
 
 if __name__ == "__main__":

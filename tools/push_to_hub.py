@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from loop import hub
+from loop.report import hub
 
 
 def main(argv: list[str] | None = None) -> int:

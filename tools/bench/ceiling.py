@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from loop import attention, batches, metrics, models, profiling
-from loop.packing import IGNORE
+from loop.data import batches
+from loop.data.packing import IGNORE
+from loop.model import architecture, attention, flops
+from loop.report import metrics, profiling
 from tools.bench import workload
 
 
@@ -61,10 +63,10 @@ def main() -> None:
             step()
             profiled(i)
     pieces = [e - s for row in chosen for _, s, e in row]
-    flops = metrics.training_flops(models.matmul_parameters(model), models.Shape.of(model.config), pieces)
+    cost = flops.training_flops(flops.matmul_parameters(model), architecture.Shape.of(model.config), pieces)
     peak = metrics.peak_flops_per_device(0.0)
     print(json.dumps({"attention": impl, "step_s": seconds, "tokens_per_s": sum(pieces) / seconds,
-                      "mfu": flops / seconds / peak if peak else None,
+                      "mfu": cost / seconds / peak if peak else None,
                       "peak_bytes": torch.cuda.max_memory_allocated() if cuda else 0}))
 
 

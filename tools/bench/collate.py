@@ -19,7 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from loop import batches, tiny
+from loop.data import batches
+from loop.model import tiny
 from tools.bench import gpu_report, workload
 
 ROOT = Path(__file__).resolve().parents[2]

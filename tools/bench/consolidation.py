@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from loop import checkpoints, tiny
+from loop.model import tiny
+from loop.state import checkpoints
 from tools.bench.measure import measure
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,7 +16,9 @@ import time
 
 from transformers import AutoTokenizer
 
-from loop import data, packing, templates
+from loop.data import packing, templates
+from loop.data.dialogues import load_dialogues
+from loop.data.tokenize import tokenize
 
 
 def timed(fn):
@@ -38,8 +40,8 @@ def main() -> None:
     print(f"{'seq':>5s} {'method':34s} {'rows':>6s} {'tokens kept':>12s} {'efficiency':>11s} "
           f"{'pack s':>8s} {'dialogues/s':>12s} {'isolated':>9s}")
     for seq in (512, 2048):
-        (dialogues, _), t_load = timed(lambda: data.load_dialogues([a.data], "messages", "error"))
-        ds, t_tok = timed(lambda: data.tokenize(dialogues, tokenizer, seq, "truncate"))  # noqa: B023
+        (dialogues, _), t_load = timed(lambda: load_dialogues([a.data], "messages", "error"))
+        ds, t_tok = timed(lambda: tokenize(dialogues, tokenizer, seq, "truncate"))  # noqa: B023
         lengths = [len(x) for x in ds["input_ids"]]
         total = sum(lengths)
         n = len(dialogues)

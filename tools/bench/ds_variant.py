@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from loop.config import near
+from loop.config import did_you_mean
 
 # The YAML keys accelerate refuses beside a DeepSpeed file: said in the file instead (accumulation and
 # clipping the loop fills in from the run config).
@@ -42,7 +42,7 @@ def settings(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             raise ValueError(f"{pair!r}: not KEY=VALUE of a zero_optimization setting DeepSpeed knows"
-                             f"{near(key, known)}")
+                             f"{did_you_mean(key, known)}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:

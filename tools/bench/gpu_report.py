@@ -1,6 +1,6 @@
 """The table gpu_check.sh ends with: the loop's runs (read from their TensorBoard logs, warm-up
 window left out) next to the Trainer baseline and the plain-PyTorch ceiling, with the ratios; then
-what the profiler saw of a few steps of each (loop/profiling.py), recorded after the measured ones.
+what the profiler saw of a few steps of each (loop/report/profiling.py), recorded after the measured ones.
 
   python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn varlen_attn+memory_efficient_linear=false ...
 

@@ -13,7 +13,8 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM
 
-from loop import attention, batches
+from loop.data import batches
+from loop.model import attention
 from tools.bench import workload
 
 

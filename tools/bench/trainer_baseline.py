@@ -23,8 +23,9 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-from loop import batches, profiling
-from loop.packing import IGNORE
+from loop.data import batches
+from loop.data.packing import IGNORE
+from loop.report import profiling
 from tools.bench import workload
 
 

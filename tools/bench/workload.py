@@ -9,16 +9,18 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from loop import batches, data, packing, templates
-from loop.packing import Row
+from loop.data import batches, packing, templates
+from loop.data.dialogues import load_dialogues
+from loop.data.packing import Row
+from loop.data.tokenize import tokenize
 
 
 def load(model_dir: str | Path, data_file: str | Path, seq_len: int, seed: int = 42):
     """(tokenizer, columns, rows in the loop's first-epoch order)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     templates.install(tokenizer, "starchat")
-    dialogues, _ = data.load_dialogues([str(data_file)], "messages", "error")
-    columns = batches.Columns.from_dataset(data.tokenize(dialogues, tokenizer, seq_len, "truncate"))
+    dialogues, _ = load_dialogues([str(data_file)], "messages", "error")
+    columns = batches.Columns.from_dataset(tokenize(dialogues, tokenizer, seq_len, "truncate"))
     rows = packing.plan_rows(columns.lengths(), seq_len, "bfd")
     order = packing.epoch_order(len(rows), seed, 0)
     return tokenizer, columns, [rows[j] for j in order]
@@ -39,5 +41,5 @@ def arguments(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--warmup", type=int, default=warmup, help="steps left out of the measurement")
     p.add_argument("--profile", metavar="DIR", help="after the measured steps, record 3 more with the PyTorch "
-                   "profiler (and one warm-up) into DIR, as loop/profiling.py does for the loop")
+                   "profiler (and one warm-up) into DIR, as loop/report/profiling.py does for the loop")
     return p

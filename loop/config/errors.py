@@ -1,0 +1,23 @@
+"""Errors a user can fix, said in one line: the config's own error, a did-you-mean for near misses, and
+the first line of any library's exception (the rest is a traceback the user did not ask for)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, mistyped or impossible; the message names the key."""
+
+
+def did_you_mean(word: object, options: Iterable[object]) -> str:
+    """' (did you mean "x"?)' for a near miss among `options`, else nothing."""
+    found = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
+    return f' (did you mean "{found[0]}"?)' if found else ""
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type when it has none), at most `limit` characters."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]

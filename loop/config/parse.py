@@ -1,0 +1,184 @@
+"""Reading a run's config: YAML plus `--key value` overrides into the dataclasses of settings.py, every
+value checked and every error naming its key, so a typo costs seconds, not a queued GPU job; and what a
+resumed run compares with the config its checkpoint was written under."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from loop.config.errors import ConfigError, did_you_mean
+from loop.config.settings import Config, validate
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check `value` against the dataclass field type `hint`; return it converted."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(t for t in options if t is not type(None))
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:  # YAML 1.1 reads "1e-4" (no dot) as a string
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _leaf_index() -> dict[str, list[str]]:
+    """Map a bare leaf name (`lr`) to the dotted keys that end with it (`training.lr`)."""
+    index: dict[str, list[str]] = {}
+    for section, cls in typing.get_type_hints(Config).items():
+        for name in _field_types(cls):
+            index.setdefault(name, []).append(f"{section}.{name}")
+    return index
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from nested dicts, rejecting unknown sections and keys by name."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config file must hold a mapping of sections (model, data, training, output)")
+    sections = typing.get_type_hints(Config)
+    unknown = set(raw) - set(sections)
+    if unknown:
+        first = sorted(unknown)[0]
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}{did_you_mean(first, sections)}; "
+                          f"known: {sorted(sections)}")
+    built = {}
+    for section, cls in sections.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+        hints = _field_types(cls)
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"{section}.{key}: unknown key{did_you_mean(key, hints)}; "
+                                  f"known keys: {sorted(hints)}")
+        built[section] = cls(**{k: _coerce(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+    config = Config(**built)
+    validate(config)
+    return config
+
+
+# What a step of the run is: changing any of these on resume changes the data order or the meaning of
+# a step, so the checkpoint would continue another run. Every other key may change (with a warning).
+RUN_IDENTITY = ("model.name_or_path", "model.revision", "data.train_files", "data.eval_files", "data.format",
+                "data.oasst_paths", "data.eval_fraction", "data.template", "data.seq_len", "data.packing",
+                "data.on_bad_record", "data.on_too_long", "training.seed", "training.micro_batch_size",
+                "training.gradient_accumulation_steps", "lora.enabled", "lora.rank", "lora.target_modules",
+                "lora.train_embeddings", "lora.quantize")
+NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change")
+
+
+def differences(saved: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:
+    """(changes to RUN_IDENTITY keys, other changes) between a saved resolved config and this one, each
+    as `key: old -> new`."""
+    now = to_dict(config)
+    identity, other = [], []
+    for section, values in now.items():
+        for name, value in values.items():
+            key = f"{section}.{name}"
+            old = (saved.get(section) or {}).get(name, value) if isinstance(saved, dict) else value
+            if key not in NOT_COMPARED and old != value:
+                (identity if key in RUN_IDENTITY else other).append(f"{key}: {old!r} -> {value!r}")
+    return identity, other
+
+
+def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
+    """Turn `--training.lr 1e-4`, `--lr=1e-4` or `--lr 1e-4` into nested dicts.
+
+    Values are read as YAML, so `--train_files "[a.jsonl, b.jsonl]"` and `--push_to_hub false` work.
+    """
+    leaves = _leaf_index()
+    nested: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --key value")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"--{key}: missing value")
+            value = args[i + 1]
+            i += 1
+        i += 1
+        if "." not in key:
+            matches = leaves.get(key, [])
+            if len(matches) != 1:
+                hint = f"ambiguous, use one of {matches}" if matches else f"unknown key{did_you_mean(key, leaves)}"
+                raise ConfigError(f"--{key}: {hint}")
+            key = matches[0]
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+    return nested
+
+
+def from_file(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML run file and apply command-line overrides on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    for section, values in parse_overrides(overrides or []).items():
+        if not isinstance(raw, dict):
+            break
+        raw.setdefault(section, {})
+        if isinstance(raw[section], dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    return from_dict(raw)
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def save(config: Config, path: str | Path) -> None:
+    """Write the resolved config (every default filled in) next to the run's outputs."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def from_argv(argv: list[str] | None = None) -> Config:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("usage: loop/train.py configs/RUN.yaml [--key value ...] (--help lists every key)")
+    return from_file(argv[0], argv[1:])

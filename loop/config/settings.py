@@ -1,0 +1,187 @@
+"""Every setting of a run, declared once: the value lists (each choice the config accepts) and the
+dataclasses of the five sections, with a comment on every field (`--help` prints them, loop/config/usage.py).
+
+This is the ground floor of the package: it imports nothing outside loop/config, nor torch or transformers, so any
+module (and any tool) can read a config cheaply. Modules that implement a choice import its name from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from loop.config.errors import ConfigError
+
+# The value lists. Each is checked as the config is read; the module that implements it imports it.
+Attention = Literal["auto", "sdpa", "eager", "varlen_attn", "sdpa_varlen", "flash_attention_2", "flash_attention_3"]
+Layout = Literal["mask", "varlen"]  # how a micro-batch keeps packed dialogues apart (loop/model/attention.py)
+# The layout each implementation that can pack needs; "auto" resolves to one of them, eager to none.
+ATTENTION_LAYOUT: dict[str, Layout] = {"sdpa": "mask", "varlen_attn": "varlen", "sdpa_varlen": "varlen",
+                                       "flash_attention_2": "varlen", "flash_attention_3": "varlen"}
+PACKABLE_ATTENTION = sorted({"auto", *ATTENTION_LAYOUT})
+Format = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"]
+OasstPaths = Literal["longest", "all"]
+TemplateName = Literal["starchat", "chatml", "tokenizer"]  # "tokenizer": the tokenizer's own template
+PackingMode = Literal["bfd", "pad", "concat"]
+Schedule = Literal["cosine", "linear", "constant"]
+SaveDtype = Literal["bf16", "fp16", "fp32"]
+Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "artifacts/tiny-starcoder"  # Hub id or local folder of the model to fine-tune
+    revision: str | None = None  # Hub branch, tag or commit of the model (none: the default branch)
+    trust_remote_code: bool = False  # run the model's own modelling code from the Hub (only for models you trust)
+    # auto: flash_attention_2 with CUDA + flash-attn, else varlen_attn (torch's kernel) on CUDA, else
+    # sdpa. sdpa: block-diagonal masks; varlen_attn, flash_attention_2/3: varlen kernels on GPU (they
+    # fall back with a message); sdpa_varlen: the varlen layout on any device, a reference (slow);
+    # eager cannot pack (see loop/model/attention.py).
+    attn_implementation: Attention = "auto"
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)  # JSONL / JSON / Parquet / YAML files, folders, Hub ids
+    eval_files: list[str] = field(default_factory=list)  # held-out dialogues (none: split off eval_fraction)
+    # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
+    format: Format = "messages"
+    oasst_paths: OasstPaths = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
+    eval_fraction: float = 0.05  # share of train dialogues held out for eval when no eval_files are given
+    template: TemplateName = "starchat"  # starchat | chatml | tokenizer (the tokenizer's own)
+    seq_len: int = 1024  # tokens per packed row; longer dialogues are cut at a turn or dropped
+    packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
+    on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them
+    on_too_long: Literal["truncate", "drop"] = "truncate"  # a dialogue over seq_len: cut at a turn, or drop it
+    num_proc: int = 1  # processes that tokenize
+    cache_dir: str | None = None  # where tokenized data is kept for the next run (none: no cache)
+
+
+@dataclass
+class TrainingConfig:
+    seed: int = 42  # fixes the data order and the initial random state
+    lr: float = 2e-5  # peak learning rate
+    weight_decay: float = 0.0  # AdamW weight decay, on matrices only
+    decay_embeddings_and_norms: bool = False  # also decay embeddings and norm weights
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-8  # AdamW epsilon
+    lr_schedule: Schedule = "cosine"  # cosine | linear | constant, after the warm-up
+    warmup_steps: int = 0  # linear warm-up steps (wins over warmup_ratio)
+    warmup_ratio: float = 0.0  # warm-up as a share of all steps
+    min_lr_ratio: float = 0.0  # the schedule's floor, as a share of lr
+    num_epochs: int = 1  # passes over the training rows
+    max_steps: int = 0  # > 0 overrides num_epochs
+    micro_batch_size: int = 4  # rows per process per forward pass
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: float = 1.0  # gradient clipping (0: none)
+    fused_optimizer: bool = True  # torch's fused AdamW kernel (same results as the plain one within rounding)
+    # Tokens per chunk of the loss computed inside the output projection (no float32 logits for the
+    # whole micro-batch); 0 computes plain logits first (see loop/model/head.py).
+    loss_chunk_tokens: int = 8192
+    log_every: int = 10  # optimizer steps per logging window
+    eval_every: int = 0  # 0: eval only at the end
+    save_every: int = 500  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept
+    sample_every: int = 0  # 0: samples only at the end
+    sample_prompts: list[str] = field(default_factory=list)  # answered greedily into samples.md and TensorBoard
+    max_new_tokens: int = 64  # length of those answers
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient: stop, or skip the step
+    peak_flops_per_device: float = 0.0  # 0: look the device up (see loop/report/metrics.py)
+    # > 1: record a PyTorch profiler trace of optimizer steps profile_from .. profile_from + profile_steps - 1
+    # into output_dir/profile, with device busy time, kernel launches and synchronisations per step.
+    profile_from: int = 0
+    profile_steps: int = 3  # steps the profiler records (after one warm-up step)
+
+
+@dataclass
+class OutputConfig:
+    output_dir: str = "outputs/run"  # checkpoints, final model, logs; one run at a time
+    save_dtype: SaveDtype = "bf16"  # dtype of the saved model's weights
+    resume_from_checkpoint: str | None = None  # latest | PATH
+    # Resume even when the config changes the data order or what a step means (see RUN_IDENTITY).
+    allow_config_change: bool = False
+    save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)
+    push_to_hub: bool = False  # upload the final model (and adapter) at the end
+    hub_model_id: str | None = None  # NAMESPACE/NAME of the Hub repo
+    hub_private: bool = True  # create the repo private
+    hub_push_checkpoints: bool = False  # also upload each checkpoint, consolidated, to branch step-N
+    hub_upload_wait_s: float = 600.0  # at exit, how long queued checkpoint uploads may still take
+    license: str = "other"  # for the model card
+    # Experiment trackers, through Accelerate: tensorboard | wandb | mlflow | trackio, or a list.
+    report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class LoraSettings:
+    enabled: bool = False  # train LoRA adapters on a frozen base instead of every weight (loop/model/lora.py)
+    rank: int = 16  # rank of each adapter
+    alpha: float = 32.0  # adapter scale numerator (the update is scaled by alpha / rank)
+    dropout: float = 0.05  # dropout on the adapters' input
+    # Linear layers to adapt: [auto] (every attention and MLP projection of the architecture), [all-linear]
+    # (every linear layer but the output projection), or a list of module names.
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    # Train the token embedding and the output projection fully as well (they are one matrix when tied).
+    # Without it, only the rows of tokens the template added train.
+    train_embeddings: bool = False
+    quantize: Literal["none", "4bit"] = "none"  # 4bit: QLoRA, the frozen base in NF4 (bitsandbytes)
+    merge: bool = True  # also save the base with the adapter merged in, as a plain bf16 model (final/)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+
+def validate(config: Config) -> None:
+    """Reject impossible values before any work starts (choices are checked as values are read)."""
+    t, d = config.training, config.data
+    checks = [
+        ("training.lr", t.lr > 0, "must be > 0"),
+        ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
+        ("training.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),
+        ("training.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("training.num_epochs", t.num_epochs >= 1, "must be >= 1"),
+        ("training.max_steps", t.max_steps >= 0, "must be >= 0 (0 means: use num_epochs)"),
+        ("training.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("training.max_grad_norm", t.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+        ("training.log_every", t.log_every >= 1, "must be >= 1"),
+        ("training.save_every", t.save_every >= 1, "must be >= 1"),
+        ("training.keep_last", t.keep_last >= 1, "must be >= 1"),
+        ("training.eval_every", t.eval_every >= 0, "must be >= 0"),
+        ("training.sample_every", t.sample_every >= 0, "must be >= 0"),
+        ("training.max_new_tokens", t.max_new_tokens >= 1, "must be >= 1"),
+        ("training.loss_chunk_tokens", t.loss_chunk_tokens >= 0, "must be >= 0 (0: plain logits)"),
+        ("training.profile_from", t.profile_from == 0 or t.profile_from >= 2,
+         "must be 0 (no profile) or >= 2 (step profile_from - 1 warms the profiler up)"),
+        ("training.profile_steps", t.profile_steps >= 1, "must be >= 1"),
+        ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
+        ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
+        ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
+        ("data.seq_len", d.seq_len >= 16, "must be >= 16"),
+        ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
+        ("data.num_proc", d.num_proc >= 1, "must be >= 1"),
+        ("data.train_files", bool(d.train_files), "must name at least one file or Hub dataset id"),
+    ]
+    for key, ok, why in checks:
+        if not ok:
+            section, name = key.split(".")
+            raise ConfigError(f"{key}: {why}, got {getattr(getattr(config, section), name)!r}")
+    if d.packing == "bfd" and config.model.attn_implementation not in PACKABLE_ATTENTION:
+        raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep packed "
+                          f"dialogues apart (it ignores the block-diagonal mask); use one of {PACKABLE_ATTENTION} or "
+                          "set data.packing: pad")
+    if config.output.push_to_hub and not config.output.save:
+        raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
+    if config.output.push_to_hub and not config.output.hub_model_id:
+        raise ConfigError("output.hub_model_id: required when output.push_to_hub is true")
+    if config.output.push_to_hub and config.output.hub_model_id.count("/") != 1:
+        raise ConfigError(f"output.hub_model_id: {config.output.hub_model_id!r} needs a namespace: "
+                          "YOUR_NAME_OR_ORG/REPO")

@@ -1,0 +1,9 @@
+"""Stage 2, data: from the files users have to the tensors of a step.
+
+records (reading files, what can be wrong with a record) -> formats and oasst (converters to the messages
+schema) -> dialogues (validation, split, the data report) -> templates (the Jinja chat template, the one
+source of trained tokens) -> tokenize (cached) -> prepare (all of it for a run) -> packing (rows and their
+order) -> batches (collate, the per-step plan, the prefetch thread).
+
+May import: loop.config. Nothing here knows about models, engines or checkpoints.
+"""

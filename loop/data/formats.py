@@ -1,0 +1,130 @@
+"""Converters from the record shapes users hold to the messages schema.
+
+Every format is registered the same way: a converter takes one file's records, each with its
+location (`file:line` or `file[i]`), and yields (location, dialogue) or (location, problem). Most
+formats read one record at a time (`per_record`: a record may hold several dialogues, as a
+chatterbot file does); an OpenAssistant tree spans many records (oasst.py). A problem is either
+a `FormatError` (a bad record: listed, or skipped and counted under `data.on_bad_record: skip`) or a
+`Dropped` (left out by design, such as a deleted OpenAssistant message: always counted). A converter
+never raises on what a record holds: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, get_args
+
+from loop.config import Format, OasstPaths
+from loop.data import oasst as trees
+from loop.data.records import Converted, Dropped, FormatError, Located, Messages, text_field
+
+
+def messages(record: Any) -> list[Messages]:
+    if not isinstance(record, dict):
+        raise FormatError("record is not an object")
+    if "messages" not in record:
+        raise FormatError("no 'messages' field")
+    return [record["messages"]]  # its shape is checked by data.validate, like every converted dialogue
+
+
+def prompt_completion(record: Any) -> list[Messages]:
+    if not isinstance(record, dict):
+        raise FormatError("record is not an object")
+    return [[{"role": "user", "content": text_field(record, "prompt")},
+             {"role": "assistant", "content": text_field(record, "completion")}]]
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def sharegpt(record: Any) -> list[Messages]:
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list):
+        raise FormatError("no 'conversations' list")
+    out = []
+    for i, turn in enumerate(turns):
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+            raise FormatError(f"conversations[{i}]: 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
+        try:
+            out.append({"role": SHAREGPT_ROLES[speaker], "content": text_field(turn, "value")})
+        except FormatError as e:
+            raise FormatError(f"conversations[{i}]: {e}") from None
+    return [out]
+
+
+def alpaca(record: Any) -> list[Messages]:
+    if not isinstance(record, dict):
+        raise FormatError("record is not an object")
+    instruction, extra = text_field(record, "instruction"), text_field(record, "input", optional=True)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return [[{"role": "user", "content": prompt}, {"role": "assistant", "content": text_field(record, "output")}]]
+
+
+def chatterbot(record: Any) -> list[Messages | Exception]:
+    """One chatterbot-corpus YAML document: `conversations: [[turn, turn, ...], ...]`.
+
+    Turns alternate user / assistant and are kept as written (the file is read without YAML's type
+    guessing, so `yes` stays "yes"). A trailing user turn has no answer: it is left out, and counted.
+    """
+    conversations = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(conversations, list):
+        raise FormatError("no 'conversations' list")
+    found: list[Messages | Exception] = []
+    for conv in conversations:
+        if not isinstance(conv, list) or not all(isinstance(t, str) for t in conv):
+            found.append(FormatError("a conversation must be a list of text turns"))
+            continue
+        if len(conv) < 2:
+            found.append(FormatError(f"a conversation needs a question and an answer, got {len(conv)} turn(s)"))
+            continue
+        if len(conv) % 2:
+            found.append(Dropped("unanswered_last_turn", "the last turn has no answer and is left out"))
+        found.append([{"role": "user" if i % 2 == 0 else "assistant", "content": t.strip()}
+                      for i, t in enumerate(conv[: len(conv) // 2 * 2])])
+    return found
+
+
+def per_record(convert: Callable[[Any], list]) -> Callable[..., Iterator[Converted]]:
+    """A file converter from a converter of single records (which may return several dialogues or
+    problems; each gets its own `#k` location)."""
+
+    @functools.wraps(convert)
+    def each(path: str, records: Iterable[Located], **_options) -> Iterator[Converted]:
+        for where, record in records:
+            if isinstance(record, Exception):
+                yield where, record
+                continue
+            try:
+                found = convert(record)
+            except FormatError as e:
+                yield where, e
+                continue
+            for j, item in enumerate(found):
+                yield (where if len(found) == 1 else f"{where}#{j}"), item
+
+    return each
+
+
+def oasst(path: str, records: Iterable[Located], oasst_paths: OasstPaths = "longest",
+          **_options) -> Iterator[Converted]:
+    return trees.dialogues(list(records), oasst_paths)
+
+
+CONVERTERS: dict[str, Callable[..., Iterator[Converted]]] = {
+    "messages": per_record(messages),
+    "prompt_completion": per_record(prompt_completion),
+    "sharegpt": per_record(sharegpt),
+    "alpaca": per_record(alpaca),
+    "chatterbot": per_record(chatterbot),
+    "oasst": oasst,
+}
+assert set(CONVERTERS) == set(get_args(Format))
+
+
+def convert(fmt: Format, path: str, records: Iterable[Located],
+            oasst_paths: OasstPaths = "longest") -> Iterator[Converted]:
+    """Every dialogue (or problem) of one file's records, with its location."""
+    return CONVERTERS[fmt](path, records, oasst_paths=oasst_paths)

@@ -1,0 +1,187 @@
+"""Dialogue templates, written once as Jinja and used for training, saving and serving.
+
+The Jinja `chat_template` is the one source of truth: training ids and trained positions come from
+`tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` on the very template that is
+saved with the model, so transformers, vLLM and TGI render exactly what the model was trained on.
+Assistant text and its closing end token sit inside `{% generation %}` markers; nothing else is trained.
+Those markers are transformers' own Jinja extension, which TGI's minijinja, llama.cpp's bindings and
+other servers refuse, so a saved model's default template has them turned into plain `if true` blocks
+(the same text) and the marked one is saved beside it under the name "training" (see `save_tokenizer`).
+
+Special-token text inside message content (a user typing "<|end|>") would otherwise tokenize to the
+special token and forge a turn. The template defuses it: `<|end|>` in content renders as `< |end|>`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, get_args
+
+from loop.config import TemplateName
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    special_tokens: tuple[str, ...]  # tokens the template adds to the vocabulary
+    end_token: str  # closes every turn; the stop token for generation
+    jinja: str  # with a @CONTENT@ placeholder where defused content goes
+
+
+# `{{ '...' }}` literals keep Jinja whitespace control out of the rendered text.
+STARCHAT = Template(
+    name="starchat",
+    special_tokens=("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    end_token="<|end|>",
+    jinja=(
+        "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' -%}"
+        "{%- set content = system -%}"
+        "{{ '<|system|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if message['role'] == 'user' -%}"
+        "{{ '<|user|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
+        "{%- elif message['role'] == 'assistant' -%}"
+        "{{ '<|assistant|>\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+    ),
+)
+
+CHATML = Template(
+    name="chatml",
+    special_tokens=("<|im_start|>", "<|im_end|>"),
+    end_token="<|im_end|>",
+    jinja=(
+        "{%- for message in messages -%}"
+        "{%- set content = message['content'] -%}"
+        "{%- if message['role'] == 'assistant' -%}"
+        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|im_end|>' }}"
+        "{% endgeneration %}{{ '\\n' }}"
+        "{%- else -%}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ @CONTENT@ }}{{ '<|im_end|>\\n' }}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+    ),
+)
+
+TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
+assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
+
+
+class TemplateError(ValueError):
+    """The chosen template cannot be used with this tokenizer; the message says what to do."""
+
+
+def defuse(text: str) -> str:
+    """What the template does to special-token text inside content (`<|end|>` -> `< |end|>`)."""
+    return text[0] + " " + text[1:]
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def build_jinja(template: Template, reserved: list[str], bos: bool = False) -> str:
+    """The template's Jinja with every reserved (special-token) string defused inside content, longest
+    first (then alphabetically, so the text is the same in every run), and the BOS token up front for
+    a tokenizer that starts every text with one."""
+    expr = "content"
+    for token in sorted(set(reserved), key=lambda t: (-len(t), t)):
+        expr += f" | replace({_jinja_string(token)}, {_jinja_string(defuse(token))})"
+    return ("{{ bos_token }}" if bos else "") + template.jinja.replace("@CONTENT@", expr)
+
+
+_GENERATION_TAG = re.compile(r"\{%(-?)\s*(end)?generation\s*(-?)%\}")
+
+
+def serving(jinja: str) -> str:
+    """The template with its `{% generation %}` blocks as `{% if true %}` blocks: the same rendered text
+    (whitespace control kept), in Jinja that every engine parses."""
+    return _GENERATION_TAG.sub(lambda m: "{%" + m[1] + (" endif " if m[2] else " if true ") + m[3] + "%}", jinja)
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """Save the tokenizer with a template any server can use: "default" without generation markers,
+    "training" with them (`apply_chat_template(..., chat_template="training",
+    return_assistant_tokens_mask=True)` gives the trained positions), both in tokenizer_config.json,
+    the only place TGI looks (transformers 5 would write chat_template.jinja instead)."""
+    trained = tokenizer.chat_template
+    if isinstance(trained, str) and _GENERATION_TAG.search(trained):
+        tokenizer.chat_template = {"default": serving(trained), "training": trained}
+    try:
+        tokenizer.save_pretrained(folder, save_jinja_files=False)
+    finally:
+        tokenizer.chat_template = trained
+
+
+def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer puts a BOS token before plain text (Llama's do, StarCoder's do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
+
+
+def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[list[int], str]:
+    """Give `tokenizer` the named template; return (ids of the tokens it had to add, end token).
+
+    With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text
+    with `{% generation %}` so that trained tokens can be found.
+    """
+    if name == "tokenizer":
+        own = tokenizer.chat_template
+        if isinstance(own, dict):  # saved by save_tokenizer (a model this loop trained), or named templates
+            own = own.get("training") or own.get("default")
+            tokenizer.chat_template = own
+        if not own or not _GENERATION_TAG.search(own):
+            raise TemplateError(
+                "data.template is 'tokenizer' but the tokenizer's chat_template has no "
+                "{% generation %} markers, so the trained tokens cannot be found; "
+                "use data.template: starchat or chatml"
+            )
+        return [], tokenizer.eos_token
+    template = TEMPLATES[name]
+    missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens)
+    # apply_chat_template tokenizes the rendered text without adding special tokens (as vLLM and TGI
+    # do), so a tokenizer that adds a BOS gets it from the template: exactly one per dialogue.
+    tokenizer.chat_template = build_jinja(template, reserved, bos=adds_bos(tokenizer))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = template.end_token
+    return tokenizer.convert_tokens_to_ids(missing), template.end_token
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions."""
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(out["input_ids"]), list(out["assistant_masks"])
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def mark_trained(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int], color: bool) -> str:
+    """The dialogue as text with trained spans shown: green in a terminal, `[[...]]` otherwise."""
+    start, end = ("\033[32m", "\033[0m") if color else ("[[", "]]")
+    out, run, trained = [], [], False
+    for token, m in zip(ids, mask):
+        if bool(m) != trained and run:
+            text = tokenizer.decode(run)
+            out.append(f"{start}{text}{end}" if trained else text)
+            run = []
+        trained = bool(m)
+        run.append(token)
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"{start}{text}{end}" if trained else text)
+    return "".join(out)

@@ -1,0 +1,50 @@
+"""The accelerator a run trains with: accelerate's Accelerator over gloo on CPU-only machines, DeepSpeed's
+settings filled in when the launch asked for DeepSpeed, and processes refused when accelerate left them
+unconnected."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import torch
+from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
+
+from loop.config import Config, ConfigError
+from loop.engine import deepspeed
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    kwargs = []
+    if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
+        # On CPU accelerate leaves the backend unset and every rank thinks it is alone.
+        kwargs.append(InitProcessGroupKwargs(backend="gloo"))
+    named = [t for t in cfg.output.report_to if t != "tensorboard"]  # TensorBoard: loop/report/trackers.py
+    with contextlib.redirect_stdout(io.StringIO()) as captured:  # DeepSpeed prints "... built successfully" each start
+        accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
+                                  gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
+                                  kwargs_handlers=kwargs)
+    lines = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
+    if lines:
+        print("\n".join(lines))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise ConfigError(f"{launched} processes were launched but accelerate set up no distributed training, so "
+                          "each would train alone into the same output_dir (without GPUs, `accelerate launch "
+                          "--multi_gpu` and plain torchrun do this); launch with a config from accelerate_configs/, "
+                          "or one process")
+    if deepspeed.is_active(accelerator):
+        deepspeed.configure(accelerator, cfg.training)
+    return accelerator
+
+
+def end_run(accelerator: Accelerator, code: int) -> int:
+    """Close the run on every process and return its exit code."""
+    accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        # Join the process group's threads now: left to interpreter shutdown, a gloo thread still alive
+        # now and then ends a finished process with "terminate called without an active exception".
+        torch.distributed.destroy_process_group()
+    return code

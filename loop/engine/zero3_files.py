@@ -1,0 +1,210 @@
+"""ZeRO-3's checkpoint files: their names, how a checkpoint folder is recognised, the safe reader that never
+unpickles them (`torch.load(weights_only=True)` with DeepSpeed's two classes allowed, also given to
+DeepSpeed's engine for resume), and the reader of each rank's fp32 master partition that consolidation
+streams from (loop/state/consolidate.py writes the model).
+
+The partition protocol is DeepSpeed's `zero_to_fp32`: on every rank the param groups form one flat space,
+and each parameter takes ceil(numel / world) elements of it at a running offset. Reading it by hand lets
+consolidation `pread` each slice instead of building the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loop.config import first_line
+
+LATEST = "latest"  # DeepSpeed's file naming the tag folder that holds the shards
+SHARDS = "pytorch_model"  # the tag folder accelerate's save_state uses
+
+
+class UntrustedCheckpoint(RuntimeError):
+    """A checkpoint file is missing, truncated, or holds something other than plain data."""
+
+
+class ConsolidationError(RuntimeError):
+    """The input is not a complete ZeRO-3 checkpoint; the message names the file."""
+
+
+def is_zero_checkpoint(folder: Path) -> bool:
+    """Whether `folder` holds DeepSpeed shards (rather than whole weights from a run without DeepSpeed)."""
+    return (folder / LATEST).is_file()
+
+
+def model_states(rank: int) -> str:
+    return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def missing_shards(folder: Path, world_size: int) -> list[str]:
+    """The files of the accelerate save_state layout each process must have written, that are not there."""
+    shards, missing = folder / SHARDS, []
+    for r in range(world_size):
+        if not (shards / model_states(r)).is_file():
+            missing.append(f"{SHARDS}/{model_states(r)}")
+        if not list(shards.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
+            missing.append(f"{SHARDS}/*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+    return missing
+
+
+def safe_globals() -> list:
+    """The only classes DeepSpeed's checkpoint files may name: its ZeRO stage enum and loss scaler."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [ZeroStageEnum, LossScaler]
+
+
+def torch_load(path: str | Path, map_location=None, meta: bool = False, mmap: bool = False):
+    """torch.load that refuses anything but tensors and plain data (no code runs); on the meta device
+    no tensor data is read, only where it lies in the file."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="meta" if meta else map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - a tampered or truncated file shows up in many ways
+        # torch names the class a pickle asked for a few lines into its message: that is the line to show.
+        named = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
+        reason = named[0][:200] if named else first_line(e, 200)
+        raise UntrustedCheckpoint(f"{path}: unreadable, truncated or not plain data ({type(e).__name__}: "
+                                  f"{reason})") from None
+
+
+def safe_checkpoint_engine(engine):
+    """DeepSpeed's own checkpoint engine reading through `torch_load`. The instance is kept (only its class
+    changes), so what DeepSpeed configured on it, such as zip serialization for every later save, stays."""
+
+    class SafeCheckpointEngine(type(engine)):
+        def load(self, path: str, map_location=None):
+            return torch_load(path, map_location=map_location)
+
+    engine.__class__ = SafeCheckpointEngine
+    return engine
+
+
+class RankFile:
+    """Reads ranges of one rank's fp32 master partition straight from its file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            state = torch_load(path, meta=True)["optimizer_state_dict"]
+        except UntrustedCheckpoint as e:
+            raise ConsolidationError(str(e)) from None
+        if state.get("zero_stage") != 3:
+            raise ConsolidationError(f"{path}: not a ZeRO stage 3 optimizer state (stage {state.get('zero_stage')})")
+        self.groups = []  # (first element in the flat space, numel, byte offset in the file)
+        start = 0
+        for t in state["fp32_flat_groups"]:
+            offset = t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size()
+            self.groups.append((start, t.numel(), offset))
+            start += t.numel()
+        self.numel = start
+        last = max(offset + n * 4 for _, n, offset in self.groups)
+        if path.stat().st_size < last:  # the pickle read fine, but the data after it is cut short
+            raise ConsolidationError(f"{path}: truncated ({path.stat().st_size} bytes, data runs to {last})")
+        self.fd: int | None = None  # opened by merged_tensors for the duration of the read
+
+    def read(self, start: int, count: int, out: torch.Tensor) -> torch.Tensor:
+        """Read `count` fp32 elements from `start` of the flat space into `out` (no extra copy)."""
+        view, done = memoryview(out.numpy()).cast("B"), 0
+        for first, numel, offset in self.groups:
+            lo, hi = max(start, first), min(start + count, first + numel)
+            if lo >= hi:
+                continue
+            want = (hi - lo) * 4
+            got = os.preadv(self.fd, [view[done * 4 : done * 4 + want]], offset + (lo - first) * 4)
+            if got != want:
+                raise ConsolidationError(f"{self.path}: truncated (short read at element {lo})")
+            done += hi - lo
+        return out
+
+    def open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDONLY)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+@dataclass
+class Plan:
+    """What the model holds, read from rank 0's model-state file before any weight is read."""
+
+    buffers: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]  # trainable parameters, in flat-partition order
+    aliases: dict[str, str]  # tied weights: name -> the name it shares storage with
+
+
+def read_plan(tag: Path) -> Plan:
+    states = torch_load(tag / model_states(0), map_location="cpu", mmap=True)
+    if states.get("frozen_param_shapes"):
+        raise ConsolidationError(f"{tag}: frozen parameters are not supported; use DeepSpeed's zero_to_fp32.py")
+    buffers = {k: states["module"][k].clone() for k in states.get("buffer_names", [])}
+    shapes = {k: tuple(v) for group in states["param_shapes"] for k, v in group.items()}
+    return Plan(buffers, shapes, dict(states.get("shared_params", {})))
+
+
+def merged_tensors(tag: Path, plan: Plan, ranks: list[RankFile]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, fp32 tensor) for every buffer and parameter, one at a time, in plan order.
+
+    The protocol of DeepSpeed's zero_to_fp32: on every rank the param groups form one flat space,
+    and each parameter takes ceil(numel / world) elements of it at a running offset.
+    """
+    world = len(ranks)
+    try:
+        for r in ranks:
+            r.open()
+        yield from plan.buffers.items()
+        offset = 0
+        with ThreadPoolExecutor(max_workers=min(world, 8)) as pool:
+            for name, shape in plan.shapes.items():
+                numel = math.prod(shape)
+                part = math.ceil(numel / world)
+                merged = torch.empty(part * world, dtype=torch.float32)
+                list(pool.map(RankFile.read, ranks, [offset] * world, [part] * world, merged.split(part)))
+                yield name, merged[:numel].view(shape)
+                offset += part
+        if offset != ranks[0].numel:
+            raise ConsolidationError(f"{tag}: consumed {offset} of {ranks[0].numel} elements per rank; unknown layout")
+    finally:
+        for r in ranks:
+            r.close()
+
+
+def check_checkpoint(ckpt: Path) -> tuple[Path, list[RankFile]]:
+    """Find the DeepSpeed tag folder, check that every rank's two files are there and readable,
+    and return it with each rank's partition layout, in rank order."""
+    if not ckpt.is_dir():
+        raise ConsolidationError(f"{ckpt}: not a directory")
+    latest = ckpt / LATEST
+    if not latest.is_file():
+        raise ConsolidationError(f"{ckpt}: not a ZeRO checkpoint (no 'latest' file naming its tag folder)")
+    tag = ckpt / latest.read_text().strip()
+    models = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    optims = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
+    if not (ckpt / "config.json").is_file():
+        raise ConsolidationError(f"{ckpt / 'config.json'}: missing; the checkpoint has no model config to write")
+    if not models or not optims:
+        raise ConsolidationError(f"{tag}: no ZeRO-3 model/optimizer state files (unknown layout)")
+    ranks = lambda files: {int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)) for f in files}  # noqa: E731
+    expected = set(range(max(ranks(models) | ranks(optims)) + 1))
+    prefix = optims[0].name.split("zero_pp_rank_")[0]  # "bf16_", "" or "fp16_" by precision
+    for kind, files, pattern in (("model", models, "zero_pp_rank_{}_mp_rank_00_model_states.pt"),
+                                 ("optimizer", optims, prefix + "zero_pp_rank_{}_mp_rank_00_optim_states.pt")):
+        for r in sorted(expected - ranks(files)):
+            raise ConsolidationError(f"{tag / pattern.format(r)}: missing {kind} state file of rank {r}")
+    for f in models:
+        try:
+            torch_load(f, meta=True)
+        except UntrustedCheckpoint as e:
+            raise ConsolidationError(str(e)) from None
+    by_rank = sorted(optims, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    return tag, [RankFile(f) for f in by_rank]

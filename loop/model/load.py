@@ -1,0 +1,105 @@
+"""Loading a model ready to train: its config first (every check before any weight), then the tokenizer,
+then the weights with the attention that keeps packed dialogues apart, room for the template's tokens, a
+generation config that stops at the end token, LoRA adapters when asked, and the loss head."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerBase
+
+from loop.config import Config, ConfigError, first_line
+from loop.data.records import DataError, check_exists
+from loop.engine import deepspeed
+from loop.model import attention, head, lora
+from loop.model.architecture import check_trainable
+
+
+def read_model_config(cfg: Config):
+    """The model's config alone (no weights), or one line saying what is missing."""
+    from transformers import AutoConfig
+
+    name = cfg.model.name_or_path
+    try:
+        check_exists(name)
+    except DataError as e:
+        raise ConfigError(f"model.name_or_path: {e}") from None
+    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {name} holds no config.json (is it a model folder?)")
+    try:
+        return AutoConfig.from_pretrained(name, revision=cfg.model.revision,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        where = "" if Path(name).exists() else " (not found locally, so it was read as a Hub model id)"
+        raise ConfigError(f"model.name_or_path: cannot read {name}'s config{where}: {first_line(e)}") from None
+
+
+def preflight(cfg: Config) -> tuple[object, str, list[str]]:
+    """Everything a run checks about its model before loading any weight: (the model's config, the attention
+    that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
+    model_config = read_model_config(cfg)
+    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+    unverified = check_trainable(model_config, cfg, attn)
+    lora.check(cfg)
+    return model_config, attn, [w for w in (fallback, unverified) if w]
+
+
+def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(cfg.model.name_or_path, revision=cfg.model.revision,
+                                             trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name_or_path: cannot load {cfg.model.name_or_path}'s tokenizer "
+                          f"({first_line(e)})") from None
+
+
+def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int], end_token: str,
+               zero_stage: int | None, device: torch.device) -> torch.nn.Module:
+    """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
+    the template's tokens, a generation config that stops at the end token, LoRA adapters when asked
+    (lora.py), and the loss head. `zero_stage` is DeepSpeed's, None without DeepSpeed."""
+    quantization = lora.quantization(cfg)
+    zero3 = zero_stage == 3
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
+        attn_implementation=attn, quantization_config=quantization, dtype=weights_dtype(cfg, zero_stage),
+        device_map={"": device} if quantization and not zero3 else None)  # ZeRO-3 places weights itself
+    if added_tokens:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.generation_config = chat_generation_config(tokenizer, end_token)
+    if cfg.model.gradient_checkpointing:
+        enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2's name for it
+        if enable:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora.enabled:
+        if cfg.model.gradient_checkpointing:
+            model.enable_input_require_grads()  # the frozen embedding must still pass gradients back
+        model = lora.wrap(model, cfg.lora, added_tokens)
+    head.install_chunked_head(model, cfg.training.loss_chunk_tokens)
+    if zero3 and not cfg.lora.enabled:  # with a frozen base, DeepSpeed's leaf-module backward loses the adapters
+        deepspeed.gather_by_block(model)
+    return model
+
+
+def weights_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype | str:
+    """float32 for weights the optimizer updates itself; the checkpoint's own dtype ("auto") otherwise.
+
+    transformers loads a checkpoint in the dtype it was saved in, and code models are saved in bf16.
+    DeepSpeed keeps float32 master weights beside bf16 ones, but without it the loaded weights are the
+    optimizer's: bf16 there would silently drop every update under ~1/256 of a weight (and autocast,
+    which mixed precision means without DeepSpeed, needs float32 weights to cast from). A frozen LoRA
+    base keeps its dtype: it is never updated, and halving it is the point of adapters.
+    """
+    return torch.float32 if zero_stage is None and not cfg.lora.enabled else "auto"
+
+
+def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:
+    """Generation stops at the template's end token, as the model was trained to."""
+    return GenerationConfig(eos_token_id=tokenizer.convert_tokens_to_ids(end_token),
+                            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                            max_new_tokens=256)

@@ -1,0 +1,112 @@
+"""The embedded default: real dialogues from chatterbot-corpus, a tokenizer trained on them and a tiny
+random model of a supported architecture, saved with `save_pretrained` so the run loads them through
+the same `from_pretrained` path as a Hub model. Everything is deterministic.
+
+Each family comes with the kind of tokenizer it meets in the wild, so that what packing and the
+template must get right is exercised: StarCoder's (the StarChat tokens built in, no BOS added),
+Llama's (adds a BOS, has no pad token and none of the StarChat tokens, so the run adds them and
+resizes the embedding) and a plain one (no BOS, no pad, no StarChat tokens), as Qwen2's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import chatterbot_corpus
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    GPTBigCodeConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Starcoder2Config,
+)
+
+from loop.data import templates
+from loop.data.dialogues import collect
+
+CORPUS_DIR = Path(chatterbot_corpus.__file__).parent / "data" / "english"
+Family = Literal["gpt_bigcode", "starcoder2", "llama", "qwen2"]
+TokenizerStyle = Literal["starcoder", "llama", "plain"]
+TOKENIZER = {"gpt_bigcode": "starcoder", "starcoder2": "starcoder", "llama": "llama", "qwen2": "plain"}
+
+
+def convert_corpus(out_file: Path) -> int:
+    """Write every English chatterbot conversation as a messages-schema JSONL line. The corpus has one
+    malformed conversation (trivia.yml: a string where a list belongs); it is skipped, and said so."""
+    files = sorted(str(p) for p in CORPUS_DIR.glob("*.yml"))
+    dialogues, report, bad = collect(files, "chatterbot")
+    for where, _, reason in bad:
+        print(f"skipped {Path(where).name}: {reason}")
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    with out_file.open("w") as f:
+        for d in dialogues:
+            f.write(json.dumps({"messages": d}, ensure_ascii=False) + "\n")
+    return len(dialogues)
+
+
+def train_tokenizer(texts: list[str], style: TokenizerStyle = "starcoder", vocab_size: int = 4096):
+    """A byte-level BPE trained on `texts`, with the special tokens and BOS behaviour of `style`."""
+    specials = {"starcoder": ["<|endoftext|>", *templates.STARCHAT.special_tokens],
+                "llama": ["<unk>", "<s>", "</s>"], "plain": ["<|endoftext|>"]}[style]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    if style == "llama":
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", tok.token_to_id("<s>"))])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                       model_max_length=4096)
+    if style == "plain":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", model_max_length=4096)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   unk_token="<|endoftext|>", model_max_length=4096)
+    fast.add_special_tokens({"additional_special_tokens": list(templates.STARCHAT.special_tokens)})
+    return fast
+
+
+def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: int, positions: int, tokenizer,
+                 dropout: float = 0.0):
+    """A small config of `family` with what makes it differ: multi-query attention and learned positions
+    (GPTBigCode); rotary positions with grouped-query attention (the others); an untied output projection
+    and a sliding window on every layer (Starcoder2, as its 15B); a window on some layers only (Qwen2)."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if family == "gpt_bigcode":
+        return GPTBigCodeConfig(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads,
+                                multi_query=True, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, **ids)
+    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                  num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), max_position_embeddings=positions,
+                  **ids)
+    if family == "starcoder2":
+        return Starcoder2Config(**common, sliding_window=64, tie_word_embeddings=False, rope_theta=100_000.0,
+                                residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=64,
+                       max_window_layers=layers // 2)
+
+
+def build(out_dir: Path, data_file: Path, family: Family = "gpt_bigcode", hidden: int = 128, layers: int = 4,
+          heads: int = 4, positions: int = 1024, seed: int = 0, vocab_size: int | None = None, device: str = "cpu",
+          dtype: torch.dtype = torch.float32, dropout: float = 0.0, tokenizer_vocab: int = 4096) -> None:
+    """vocab_size pads the model's embedding beyond the tokenizer (StarCoder's is 49152), for benchmarks;
+    device "cuda" initializes a large benchmark model in seconds instead of minutes."""
+    n = convert_corpus(data_file)
+    texts = [m["content"] for line in data_file.open() for m in json.loads(line)["messages"]]
+    tokenizer = train_tokenizer(texts, TOKENIZER[family], tokenizer_vocab)
+    torch.manual_seed(seed)
+    config = model_config(family, max(vocab_size or 0, len(tokenizer)), hidden, layers, heads, positions, tokenizer,
+                          dropout)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config).to(dtype)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    print(f"wrote {n} dialogues to {data_file}; {family} model ({model.num_parameters():,} parameters, "
+          f"vocab {len(tokenizer)}) and tokenizer to {out_dir}")

@@ -1,0 +1,204 @@
+"""The model card (README.md) written next to every saved model: how it was made, how to load it (the
+snippet names what was actually saved: the Hub repo when pushed, else the folder), how to prompt it,
+and the eval loss curve as a small plot."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+
+from loop.engine import deepspeed
+from loop.report.hub import repo_for
+
+LOAD = '''```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+model = AutoModelForCausalLM.from_pretrained("{where}", dtype="auto", device_map="auto")
+```'''
+LOAD_ADAPTER = '''```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained("{where}")
+base = AutoModelForCausalLM.from_pretrained("{base}", dtype="auto", device_map="auto"){resize}
+model = PeftModel.from_pretrained(base, "{where}")
+```'''
+CHAT = '''```python
+messages = [{"role": "user", "content": "Write a Python function that reverses a string."}]
+inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(model.device)
+out = model.generate(**inputs, max_new_tokens=256, do_sample=True, temperature=0.2, top_p=0.95)
+print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+
+
+@dataclass
+class RunSummary:
+    """What the model card reports about the run; None where it was not measured."""
+
+    world_size: int
+    hardware: str
+    setup: str = "one process"  # how the processes shared the work (DeepSpeed ZeRO-3, DDP)
+    precision: str = "bf16"
+    steps: int = 0
+    tokens_trained: int = 0
+    tokens_seen: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), also before a resume
+    trainable: int = 0
+    parameters: int = 0
+    vocab: int = 0
+
+
+def run_setup(accelerator, cfg) -> tuple[str, str]:
+    """(how the processes shared the work, the precision), for the model card."""
+    machines = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) // max(
+        1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    where = f"{accelerator.num_processes} process(es) on {max(1, machines)} node(s)"
+    if deepspeed.is_active(accelerator):
+        shared = deepspeed.describe(accelerator)
+    else:
+        shared = "data parallel (DDP)" if accelerator.num_processes > 1 else "one process"
+    mixed = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    precision = f"{mixed} training, saved as {cfg.output.save_dtype}"
+    if cfg.lora.enabled and cfg.lora.quantize == "4bit":
+        precision += "; frozen base in 4-bit NF4"
+    return f"{shared}, {where}", precision
+
+
+def hardware(world_size: int) -> str:
+    """What the run ran on, for the model card."""
+    if torch.cuda.is_available():
+        return f"{world_size} x {torch.cuda.get_device_name()}"
+    return f"{world_size} CPU process(es)"
+
+
+def _loss(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else "not measured"
+
+
+def base_model(name_or_path: str) -> str:
+    """The Hub id the run started from; for a local folder, its own card's base_model if it names one,
+    else the folder's path (the Hub then shows no link)."""
+    path = Path(name_or_path)
+    if not path.exists():
+        return name_or_path
+    readme = path / "README.md"
+    if readme.is_file():
+        try:
+            named = ModelCard.load(readme).data.base_model
+            if isinstance(named, str) and named:
+                return named
+        except Exception:  # noqa: BLE001 - a foreign README: fall back to the path
+            pass
+    return str(path.resolve())
+
+
+def loss_plot(evals: list[tuple[int, float]], path: Path) -> bool:
+    """eval_loss.png: the held-out loss over the run (False when matplotlib is not there or too few points)."""
+    if len(evals) < 2:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=100)
+    steps, values = zip(*sorted(evals))
+    ax.plot(steps, values, marker="o")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("eval loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind: str, folder: Path) -> ModelCard:
+    """A README.md for `folder`, which holds the run's `kind` of output: "model", "adapter" or "merged model"."""
+    kinds = ["adapter", "merged model"] if cfg.lora.enabled and cfg.lora.merge else [kind]
+    where = repo_for(cfg.output.hub_model_id, kind, kinds) if cfg.output.push_to_hub else str(folder.resolve())
+    base = base_model(cfg.model.name_or_path)
+    datasets = sorted({f.partition(":")[0] for f in cfg.data.train_files if not Path(f).exists()})  # Hub ids
+    lora = cfg.lora
+    tags = ["starcoder", "code", "chat", *(["lora"] if lora.enabled else []), *(["qlora"] if lora.quantize == "4bit"
+                                                                                else [])]
+    data = ModelCardData(base_model=base, datasets=datasets or None, license=cfg.output.license, tags=tags,
+                         pipeline_tag="text-generation", library_name="peft" if kind == "adapter" else "transformers")
+    t = cfg.training
+    hyper = {"learning rate": t.lr, "schedule": f"{t.lr_schedule}, warm-up {t.warmup_steps or t.warmup_ratio}",
+             "optimizer": f"AdamW (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})",
+             "weight decay": t.weight_decay, "micro-batch per device": t.micro_batch_size,
+             "gradient accumulation": t.gradient_accumulation_steps, "processes": summary.world_size,
+             "distributed setup": summary.setup, "precision": summary.precision, "sequence length": cfg.data.seq_len,
+             "packing": cfg.data.packing, "optimizer steps": summary.steps, "max grad norm": t.max_grad_norm,
+             "seed": t.seed}
+    if lora.enabled:
+        hyper |= {"LoRA": f"rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, targets "
+                          f"{', '.join(lora.target_modules)}{', embeddings trained' if lora.train_embeddings else ''}"
+                          f"{', base in 4-bit NF4 (QLoRA)' if lora.quantize == '4bit' else ''}",
+                  "trainable parameters": f"{summary.trainable:,} of {summary.parameters:,}"}
+    rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
+    what = {"model": f"A chat model fine-tuned from `{base}`",
+            "adapter": f"A LoRA adapter for `{base}`",
+            "merged model": f"`{base}` with a LoRA adapter merged into its weights"}[kind]
+    resize = (f"\nbase.resize_token_embeddings({summary.vocab})  # room for the chat template's tokens"
+              if kind == "adapter" and summary.vocab else "")
+    load = (LOAD_ADAPTER.format(where=where, base=base, resize=resize) if kind == "adapter"
+            else LOAD.format(where=where))
+    plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
+    body = f"""---
+{data.to_yaml()}
+---
+
+# {Path(where).name}
+
+{what}, trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed training
+loop. Only assistant turns were trained.
+
+## How to load and prompt it
+
+{load}
+
+The tokenizer carries the chat template the model was trained with (`{cfg.data.template}`);
+`apply_chat_template` renders exactly the training format, for example:
+
+```
+{example}
+```
+
+Generation should stop at the end token; `generation_config.json` sets it as `eos_token_id`. The
+template below (in `tokenizer_config.json`, where TGI reads it) is the default; the same template with
+the `{{% generation %}}` markers that picked the trained tokens is saved beside it as `"training"`
+(`apply_chat_template(messages, chat_template="training", return_assistant_tokens_mask=True)`).
+
+{CHAT}
+
+## Training
+
+| hyperparameter | value |
+|---|---|
+{rows}
+
+- Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,} of {summary.tokens_seen:,} tokens processed
+- Hardware: {summary.hardware}
+- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
+- Data: {", ".join(cfg.data.train_files)} ({cfg.data.format})
+{plot}
+<details><summary>Chat template (Jinja)</summary>
+
+```jinja
+{chat_template}
+```
+</details>
+"""
+    return ModelCard(body)

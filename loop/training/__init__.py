@@ -1,0 +1,7 @@
+"""Stage 4, training: what a step optimises (objective: the seam; sft: supervised fine-tuning, the first
+objective) and the optimizer step itself (step: micro-batches, one all-reduce, the engine's update; and the
+same objective on held-out rows), with AdamW and the learning-rate schedule (optim).
+
+May import: loop.config, loop.data, loop.engine, loop.model. A new objective is one module here (its loss
+sum, what a step is normalised by, its statistics) plus its settings in loop/config/settings.py.
+"""

@@ -1,0 +1,83 @@
+"""One optimizer step over this process's micro-batches, and the same objective over held-out rows."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from loop.data.batches import Batch, Step, to_device
+from loop.engine import step as engine
+from loop.training.objective import Objective
+
+
+@dataclass
+class StepResult:
+    loss: float | None  # mean over the step's normaliser (trained tokens), all processes; None: not applied
+    grad_norm: torch.Tensor | float  # a device tensor, read only when logged
+    nonfinite: str | None  # what was not finite when the step was not applied
+    preempted: bool  # a preemption signal reached some process: all of them save and stop
+    statistics: dict[str, float] = field(default_factory=dict)  # the objective's, per normaliser unit
+
+
+def train_step(model, optimizer, accelerator, step: Step, objective: Objective, max_grad_norm: float, timers,
+               preempted: bool) -> StepResult:
+    """One optimizer step, with one host-device synchronisation.
+
+    The engine divides by the accumulation steps and averages over processes; scaling each summed
+    micro-batch loss by world * accumulation / (the objective's normaliser of the whole step) makes the
+    gradient the mean over the step (every trained token, for supervised fine-tuning), not a mean of
+    per-micro-batch means. After the backward passes, one all-reduce gives every process the step's loss
+    and statistics, whether any loss (or, without DeepSpeed, the gradient norm) was non-finite, and whether
+    any process was signalled to stop; a non-finite step is dropped on every process before the optimizer runs.
+    """
+    normaliser = max(1, objective.normaliser(step))
+    scale = accelerator.num_processes * len(step.micro_batches) / normaliser
+    # Summed over processes: the loss, non-finite losses, non-finite norms, preemption, then the statistics.
+    summed = torch.zeros(4 + len(objective.statistics), device=accelerator.device)
+    last = len(step.micro_batches) - 1
+    for m, batch in enumerate(step.micro_batches):
+        with timers("forward_backward"):
+            loss, statistics = objective.loss_sum(model, to_device(batch, accelerator.device))
+            summed[0] += loss.detach()
+            summed[1] += (~torch.isfinite(loss)).float()
+            summed[4:] += statistics.detach()
+            engine.backward(accelerator, model, loss * scale, m == last)
+    grad_norm = engine.clip_gradients(accelerator, model, max_grad_norm)
+    if torch.is_tensor(grad_norm):
+        summed[2] += (~torch.isfinite(grad_norm)).float()
+    summed[3].fill_(float(preempted))  # `summed[3] = x` would copy x from pageable memory: a synchronisation
+    total, bad_loss, bad_norm, stop, *stats = accelerator.reduce(summed, reduction="sum").tolist()
+    if bad_loss or bad_norm:
+        engine.discard_gradients(accelerator, model, optimizer)
+        return StepResult(None, grad_norm, "loss" if bad_loss else "gradient norm", bool(stop))
+    with timers("optimizer"):
+        grad_norm = engine.optimizer_step(accelerator, model, optimizer, grad_norm)
+    if isinstance(grad_norm, float) and not math.isfinite(grad_norm):  # DeepSpeed found it and skipped the update
+        return StepResult(None, grad_norm, "gradient norm", bool(stop))
+    return StepResult(total / normaliser, grad_norm, None, bool(stop),
+                      {name: value / normaliser for name, value in zip(objective.statistics, stats)})
+
+
+@torch.no_grad()
+def evaluate(model, accelerator, objective: Objective, batches: Iterable[Batch], count: int | None = None
+             ) -> dict[str, float]:
+    """The objective over this process's held-out batches, summed over every process: the loss and each
+    statistic per normaliser unit (for supervised fine-tuning, the token-weighted loss)."""
+    from tqdm import tqdm
+
+    model.eval()
+    total = torch.zeros(2 + len(objective.statistics), dtype=torch.float64, device=accelerator.device)
+    for batch in tqdm(batches, total=count, desc="eval", leave=False, disable=not accelerator.is_main_process):
+        batch = to_device(batch, accelerator.device)
+        loss, statistics = objective.loss_sum(model, batch)
+        total[0] += loss.double()
+        total[1] += objective.batch_weight(batch).to(total.device, torch.float64)
+        total[2:] += statistics.double()
+    total = accelerator.reduce(total, reduction="sum")
+    model.train()
+    weight = total[1].clamp(min=1)
+    values = (total / weight).tolist()
+    return {"loss": values[0]} | {name: v for name, v in zip(objective.statistics, values[2:])}

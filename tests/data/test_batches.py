@@ -1,0 +1,122 @@
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from loop.data import batches, packing
+from loop.data.packing import IGNORE
+from loop.data.tokenize import tokenize
+
+
+def reference_collate(ids, masks, rows, pad_id, isolate=True):
+    """The layout spelled out one token at a time (the loop's original host code)."""
+    T = max(1, max((sum(e - s for _, s, e in row) for row in rows), default=1))
+    out = {k: torch.full((len(rows), T), v) for k, v in (("input_ids", pad_id), ("targets", IGNORE),
+                                                        ("position_ids", 0))}
+    segment = -torch.arange(1, len(rows) * T + 1).view(len(rows), T)
+    k = 0
+    for b, row in enumerate(rows):
+        t = 0
+        for i, s, e in row:
+            for j in range(s, e):
+                out["input_ids"][b, t] = ids[i][j]
+                out["targets"][b, t] = ids[i][j + 1] if j + 1 < e and masks[i][j + 1] else IGNORE
+                out["position_ids"][b, t] = j - s if isolate else t
+                segment[b, t] = k if isolate else 0
+                t += 1
+            k += 1
+    out["segment_ids"] = segment
+    return out
+
+
+def random_dialogues(n=60, seed=0):
+    rng = random.Random(seed)
+    ids = [[rng.randrange(1, 500) for _ in range(rng.randint(2, 90))] for _ in range(n)]
+    masks = [[int(rng.random() < 0.5) for _ in x] for x in ids]
+    return ids, masks
+
+
+@pytest.mark.parametrize("mode", ["bfd", "pad", "concat"])
+def test_vectorized_collate_equals_the_token_by_token_layout(mode):
+    ids, masks = random_dialogues()
+    columns = batches.Columns.from_lists(ids, masks)
+    rows = packing.plan_rows(columns.lengths(), 128, mode)
+    chosen = [rows[3], [], rows[0], rows[-1]]  # a filler in the middle, the short last row
+    isolate = mode != "concat"
+    got = batches.collate(columns, chosen, pad_id=0, layout="mask", isolate=isolate)
+    want = reference_collate(ids, masks, chosen, 0, isolate)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
+    flat = batches.collate(columns, chosen, pad_id=0, layout="varlen")
+    pieces = [p for row in chosen for p in row]
+    want_flat = reference_collate(ids, masks, [pieces], 0)
+    for key in ("input_ids", "targets", "position_ids"):
+        assert torch.equal(flat[key], want_flat[key]), key
+    lengths = [e - s for _, s, e in pieces]
+    assert flat["cu_seq_lens_q"].tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
+    assert flat["max_length_q"] == max(lengths)
+    assert columns.trained_in(chosen) == int((want["targets"] != IGNORE).sum())
+
+
+def test_columns_from_a_tokenized_dataset_with_dropped_dialogues(tokenizer, corpus):
+    ds = tokenize(corpus[:50], tokenizer, seq_len=40, on_too_long="drop")  # a selection over the table
+    assert 0 < len(ds) < 50
+    columns = batches.Columns.from_dataset(ds)
+    assert columns.lengths() == [len(x) for x in ds["input_ids"]]
+    expected = batches.Columns.from_lists(ds["input_ids"], ds["assistant_mask"])
+    assert np.array_equal(columns.tokens, expected.tokens) and np.array_equal(columns.trained, expected.trained)
+    assert len(batches.Columns.from_dataset(ds.select([]))) == 0
+
+
+def test_the_mask_is_built_on_the_device_from_sequence_ids():
+    ids, masks = random_dialogues(10)
+    columns = batches.Columns.from_lists(ids, masks)
+    rows = [[(0, 0, len(ids[0])), (1, 0, len(ids[1]))], [(2, 0, len(ids[2]))]]
+    batch = batches.to_device(batches.collate(columns, rows, pad_id=0), "cpu")
+    mask = batch["attention_mask"]
+    a, b = len(ids[0]), len(ids[1])
+    assert mask.shape == (2, 1, a + b, a + b) and "segment_ids" not in batch
+    assert mask[0, 0, a + 1, a] and not mask[0, 0, a, a - 1]  # inside the second piece, not into the first
+    assert not mask[0, 0, 3, 4]  # causal
+    pad = len(ids[2])
+    assert mask[1, 0, pad, pad] and not mask[1, 0, pad, 0]  # padding sees only itself (no empty softmax row)
+
+
+def planner(rows, columns, world=2, rank=0):
+    return batches.Planner(rows, columns, pad_id=0, layout="varlen", isolate=True, seed=3, world=world, rank=rank,
+                           micro_batch_size=2, accumulation=2)
+
+
+def test_a_step_is_a_pure_function_of_its_number_and_covers_every_process():
+    ids, masks = random_dialogues(80)
+    columns = batches.Columns.from_lists(ids, masks)
+    rows = packing.plan_rows(columns.lengths(), 128, "bfd")
+    first, again = planner(rows, columns)(5), planner(rows, columns)(5)
+    for a, b in zip(first.micro_batches, again.micro_batches):
+        assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    other = planner(rows, columns, rank=1)(5)
+    assert (first.rows, first.trained, first.piece_lengths) == (other.rows, other.trained, other.piece_lengths)
+    mine = sum(int((b["targets"] != IGNORE).sum()) for b in first.micro_batches)
+    theirs = sum(int((b["targets"] != IGNORE).sum()) for b in other.micro_batches)
+    assert mine + theirs == first.trained  # the normalizer counts every process's targets
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_its_thread():
+    ids, masks = random_dialogues(80)
+    columns = batches.Columns.from_lists(ids, masks)
+    make = planner(packing.plan_rows(columns.lengths(), 128, "bfd"), columns)
+    with batches.prefetch(make, 3, 9) as steps:
+        assert [s.index for s in steps] == list(range(3, 9))
+
+    def broken(step):
+        if step == 2:
+            raise RuntimeError("bad step")
+        return make(step)
+
+    with pytest.raises(RuntimeError, match="bad step"), batches.prefetch(broken, 0, 5) as steps:
+        list(steps)
+    with batches.prefetch(make, 0, 1000, depth=2) as steps:
+        next(steps)  # leave early: the thread is blocked on a full queue, and must still stop
+    assert not [t for t in threading.enumerate() if t.name == "prefetch"]

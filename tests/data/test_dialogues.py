@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from loop.config import DataConfig
+from loop.data import templates
+from loop.data.dialogues import DataReport, load_dialogues, split
+from loop.data.prepare import prepare
+from loop.data.records import DataError
+from loop.data.tokenize import tokenize
+from loop.model.tiny import CORPUS_DIR
+from tests.conftest import ROOT
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+BAD_LINES = [
+    (b'{"messages": [', "invalid JSON"),
+    (b'{"messages": "\xff\xfe"}', "invalid UTF-8"),
+    (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), "role must be one of"),
+    (json.dumps({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]}).encode(),
+     "content must be a non-empty string"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                              {"role": "assistant", "content": "a"}]}).encode(), "system message may only come first"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}]}).encode(), "expected assistant, got user"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}]}).encode(), "must end with an assistant turn"),
+    (json.dumps({"text": "no messages"}).encode(), "no 'messages' field"),
+]
+
+
+@pytest.fixture
+def messy(tmp_path):
+    path = tmp_path / "messy.jsonl"
+    lines = [json.dumps(GOOD).encode()] + [raw for raw, _ in BAD_LINES] + [json.dumps(GOOD).encode()]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def test_every_bad_record_is_listed_with_file_line_and_reason(messy):
+    with pytest.raises(DataError) as err:
+        load_dialogues([str(messy)], "messages", "error")
+    text = str(err.value)
+    assert text.startswith(f"{len(BAD_LINES)} bad record(s)")
+    for n, (_, reason) in enumerate(BAD_LINES, start=2):
+        assert f"{messy}:{n}: " in text and reason in text.split(f"{messy}:{n}: ")[1].split("\n")[0], (n, reason)
+
+
+def test_skip_mode_counts_by_reason(messy):
+    dialogues, report = load_dialogues([str(messy)], "messages", "skip")
+    assert len(dialogues) == 2 and report.records == len(BAD_LINES) + 2
+    assert sum(report.skipped.values()) == len(BAD_LINES)
+    assert report.skipped["invalid_json"] == 2 and report.skipped["not_alternating"] == 1
+    assert report.as_scalars()["data/skipped/bad_role"] == 1
+
+
+def test_too_long_dialogues_are_cut_at_a_turn_or_dropped_and_counted(tokenizer):
+    long = [{"role": "user", "content": "short question"}, {"role": "assistant", "content": "short answer"},
+            {"role": "user", "content": "again " * 200}, {"role": "assistant", "content": "answer " * 200}]
+    fits = templates.encode(tokenizer, long[:2])[0]
+    report = DataReport()
+    ds = tokenize([long], tokenizer, seq_len=len(fits) + 5, on_too_long="truncate", report=report)
+    assert ds["input_ids"] == [fits] and report.truncated == 1
+    report = DataReport()
+    ds = tokenize([long], tokenizer, seq_len=len(fits) + 5, on_too_long="drop", report=report)
+    assert len(ds) == 0 and report.dropped_too_long == 1
+    report = DataReport()
+    ds = tokenize([long], tokenizer, seq_len=len(fits) - 1, on_too_long="truncate", report=report)
+    assert len(ds) == 0 and report.dropped_too_long == 1  # not even the first exchange fits
+
+
+def test_tokenization_is_cached_and_the_key_follows_template_tokenizer_and_length(tokenizer, corpus, tmp_path):
+    cache = tmp_path / "cache"
+    tokenize(corpus[:50], tokenizer, 256, "truncate", cache_dir=str(cache))
+    files = set(cache.glob("tokenized-*.arrow"))
+    again = tokenize(corpus[:50], tokenizer, 256, "truncate", cache_dir=str(cache))
+    assert set(cache.glob("tokenized-*.arrow")) == files and len(again) == 50  # reused
+    tokenize(corpus[:50], tokenizer, 512, "truncate", cache_dir=str(cache))
+    assert len(set(cache.glob("tokenized-*.arrow"))) == 2
+    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
+    templates.install(other, "chatml")
+    tokenize(corpus[:50], other, 256, "truncate", cache_dir=str(cache))
+    assert len(set(cache.glob("tokenized-*.arrow"))) == 3
+
+
+def test_split_is_stable_whatever_the_order(corpus):
+    train, held = split(corpus, 0.1)
+    train2, held2 = split(list(reversed(corpus)), 0.1)
+    assert 0.05 < len(held) / len(corpus) < 0.15
+    key = lambda ds: sorted(json.dumps(d) for d in ds)  # noqa: E731
+    assert key(held) == key(held2) and key(train) == key(train2)
+
+
+def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):
+    dialogues, report = load_dialogues([str(CORPUS_DIR / "coding.yml")], "chatterbot", "error")
+    assert len(dialogues) > 100 and not report.skipped
+    assert all(d[-1]["role"] == "assistant" for d in dialogues)
+    datasets.Dataset.from_list([{"prompt": "p", "completion": "c"}] * 3).to_parquet(tmp_path / "x.parquet")
+    assert len(load_dialogues([str(tmp_path / "x.parquet")], "prompt_completion", "error")[0]) == 3
+    (tmp_path / "x.json").write_text(json.dumps([GOOD, GOOD]))
+    assert len(load_dialogues([str(tmp_path / "x.json")], "messages", "error")[0]) == 2
+    folder = tmp_path / "hub_like"  # a dataset folder goes through load_dataset, as a Hub id does
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (folder / "test.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
+    assert len(load_dialogues([str(folder)], "messages", "error")[0]) == 1
+
+
+def test_prepare_holds_out_eval_or_none(tokenizer, tiny_dir):
+    path = str(tiny_dir / "data" / "chatterbot.jsonl")
+    train, held, report = prepare(DataConfig(train_files=[path], seq_len=256), tokenizer)
+    assert len(train) + len(held) + report.dropped_too_long == report.dialogues and len(held) > 0
+    train, held, _ = prepare(DataConfig(train_files=[path], seq_len=256, eval_fraction=0.0), tokenizer)
+    assert len(held) == 0 and held.column_names == ["input_ids", "assistant_mask"]
+
+
+def test_convert_and_inspect_tools(tmp_path, tiny_dir):
+    src = tmp_path / "sharegpt.jsonl"
+    src.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
+                   + "\n" + json.dumps({"conversations": []}) + "\n")
+    run = lambda *a: subprocess.run([sys.executable, *a], capture_output=True, text=True, cwd=ROOT)  # noqa: E731
+    bad = run("tools/convert_data.py", "sharegpt", str(src), "--out", str(tmp_path / "o.jsonl"))
+    assert bad.returncode == 2 and f"{src}:2: the dialogue is empty" in bad.stderr
+    ok = run("tools/convert_data.py", "sharegpt", str(src), "--out", str(tmp_path / "o.jsonl"), "--skip-bad")
+    assert ok.returncode == 0 and "wrote 1 dialogues" in ok.stdout
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_dir / "model")},
+                               "data": {"train_files": [str(tiny_dir / "data" / "chatterbot.jsonl")], "seq_len": 512}}))
+    out = run("tools/inspect_data.py", str(cfg), "--examples", "1", "--histogram", str(tmp_path / "h.png"),
+              "--seq_len", "1024")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[[" in out.stdout and "<|end|>]]" in out.stdout  # trained span marked, ends with the end token
+    assert "packing (bfd, 1024)" in out.stdout and "efficiency" in out.stdout
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    refused = run("tools/inspect_data.py", str(cfg), "--seq_len", "4096")  # what the run would refuse too
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        "error: data.seq_len: 4096 is above the model's context of 1024 tokens"

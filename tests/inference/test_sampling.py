@@ -1,0 +1,94 @@
+"""Answering prompts with the saved chat template: the generate tool and plain transformers."""
+
+import json
+import subprocess
+import sys
+
+from transformers import pipeline
+
+from tests.conftest import ROOT
+
+
+def test_generate_tool_batch(trained_run, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is Python?\nWrite a loop in C.\n")
+    source = trained_run / "final"
+    out = tmp_path / "answers.md"  # the default, in the working directory (not in the model folder)
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "generate.py"), str(source), "--prompts-file",
+                           str(prompts), "--max-new-tokens", "8", "--temperature", "0.7", "--top-k", "20"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert not (source / "answers.md").exists()
+    assert "## What is Python?" in text and "## Write a loop in C." in text and "<|end|>" not in text
+
+
+def test_generate_tool_chat_through_a_pipe(trained_run, tmp_path):
+    saved = tmp_path / "chat.jsonl"
+    proc = subprocess.run([sys.executable, "tools/generate.py", str(trained_run / "final"), "--chat",
+                           "--max-new-tokens", "6", "--temperature", "0"],
+                          input=f"Hello\n/reset\nDo you know Python?\n/save {saved}\n\n", cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("user> ") == 5 and proc.stdout.count("assistant> ") == 2
+    assert "<|end|>" not in proc.stdout
+    (line,) = saved.read_text().splitlines()
+    messages = json.loads(line)["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Do you know Python?"
+
+
+def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt(monkeypatch):
+    from loop.inference import chat, sampling
+
+    lines = iter(["first", "second"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise KeyboardInterrupt from None  # Ctrl-C at the prompt: the chat ends cleanly
+
+    calls = []
+
+    def answer(model, tokenizer, conversations, cfg, stop, streamer=None):
+        calls.append([m["content"] for m in conversations[0]])
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first answer is written
+        return ["fine"]
+
+    monkeypatch.setattr(sampling, "answer", answer)
+    said = []
+    chat.chat(None, type("T", (), {"decode": None})(), sampling.SamplingConfig(), 0, read=read,
+                  write=lambda *a, **k: said.append(" ".join(map(str, a))))
+    assert "\n(cancelled)" in said
+    assert calls == [["first"], ["second"]]  # the cancelled question left no trace in the conversation
+
+
+def test_held_out_questions_answered_next_to_the_base_model(trained_run, tiny_dir, tmp_path):
+    """From a training checkpoint (its fp32 master weights), against the base model."""
+    out = tmp_path / "answers.md"
+    checkpoint = trained_run / "checkpoints" / "step_00000016"
+    proc = subprocess.run([sys.executable, "tools/generate.py", str(checkpoint), "--held-out",
+                           str(trained_run), "--count", "3", "--compare", str(tiny_dir / "model"),
+                           "--max-new-tokens", "6", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = out.read_text()
+    assert text.count("## ") == 3 and text.count("- before (") == 3 and text.count("- after (") == 3
+    for line in text.splitlines():
+        if line.startswith("- "):
+            assert line.split("): ", 1)[1].strip(), line  # no answer is empty
+
+
+def test_transformers_pipeline_chats_and_stops_at_the_end_token(trained_run):
+    chat = pipeline("text-generation", model=str(trained_run / "final"))
+    messages = [{"role": "user", "content": "Hello"}]
+    out = chat(messages, max_new_tokens=40, min_new_tokens=2, do_sample=False)[0]["generated_text"]
+    assert out[:-1] == messages and out[-1]["role"] == "assistant"
+    answer = out[-1]["content"]
+    assert answer.strip() and "<|end|>" not in answer and "<|user|>" not in answer
+    ids = chat.tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                             return_dict=True)
+    new = chat.model.generate(**ids, max_new_tokens=40, min_new_tokens=2, do_sample=False)
+    new = new[0, ids["input_ids"].shape[1]:]
+    assert new[-1].item() == chat.tokenizer.convert_tokens_to_ids("<|end|>") and len(new) < 40  # it stopped there

@@ -1,0 +1,258 @@
+"""Crash, preemption and resume under real 2-process ZeRO-3."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loop.state import checkpoints
+from loop.state.progress import LoopState
+from tests.conftest import ROOT, free_port, launch, scalars, write_config
+
+STEPS, SAVE_EVERY = 10, 3  # 6 steps per epoch on the 160-dialogue file below
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny_dir, corpus, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckdata") / "small.jsonl"
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in corpus[:160]))
+    return path
+
+
+def config(tmp: Path, tiny_dir: Path, data_file: Path, out: Path) -> Path:
+    return write_config(tmp / f"{out.name}.yaml", tiny_dir, out,
+                        data={"train_files": [str(data_file)], "seq_len": 128},
+                        training={"max_steps": STEPS, "save_every": SAVE_EVERY, "log_every": 1,
+                                  "keep_last": 10, "eval_every": 0})
+
+
+def start(cfg: Path, *overrides: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "cpu_zero3.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "loop" / "train.py"), str(cfg), *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(*paths: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Return as soon as any of `paths` exists (polling every 10 ms)."""
+    deadline = time.time() + timeout
+    while not any(p.exists() for p in paths):
+        assert proc.poll() is None, f"run ended before {paths} appeared:\n{proc.stdout.read()[-3000:]}"
+        assert time.time() < deadline, f"{paths} never appeared"
+        time.sleep(0.01)
+
+
+def workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+
+
+def last_values(run: Path, tag: str) -> dict[int, float]:
+    return dict(scalars(run)[tag])  # later events of a step overwrite earlier ones
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir, small_data, tmp_path_factory):
+    """The uninterrupted run; `latest` with no checkpoint yet starts it fresh (a first SLURM run)."""
+    tmp = tmp_path_factory.mktemp("ref")
+    launch(config(tmp, tiny_dir, small_data, tmp / "ref"), "--resume_from_checkpoint", "latest")
+    assert "no complete checkpoint" in (tmp / "ref" / "train.log").read_text()
+    return tmp / "ref"
+
+
+@pytest.mark.parametrize("kill_when", ["after_first_checkpoint", "during_second_checkpoint"])
+def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, tmp_path, kill_when):
+    out = tmp_path / "run"
+    cfg = config(tmp_path, tiny_dir, small_data, out)
+    proc = start(cfg)
+    ckpts = out / "checkpoints"
+    if kill_when == "after_first_checkpoint":  # dies inside epoch 0; the resumed run crosses into epoch 1
+        wait_for(ckpts / "step_00000003" / checkpoints.MARKER, proc=proc)
+    else:  # dies while step 6's checkpoint (the epoch boundary) is being written, or just after
+        wait_for(ckpts / ".tmp-step_00000006", ckpts / "step_00000006", proc=proc)
+    for p in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        p.kill()  # the launcher starts workers in sessions of their own: kill each
+    proc.wait()
+    latest = checkpoints.find("latest", ckpts)
+    assert latest.name in ("step_00000003", "step_00000006")
+    resumed_from = int(latest.name.split("_")[1])
+
+    launch(cfg, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {latest}" in (out / "train.log").read_text()
+    ref_w, run_w = final_weights(reference), final_weights(out)
+    assert ref_w.keys() == run_w.keys()
+    for k in ref_w:
+        assert torch.equal(ref_w[k], run_w[k]), k
+    ref_loss, run_loss = last_values(reference, "train/loss"), last_values(out, "train/loss")
+    assert [run_loss[s] for s in range(resumed_from + 1, STEPS + 1)] == \
+           [ref_loss[s] for s in range(resumed_from + 1, STEPS + 1)]
+    state = json.loads((ckpts / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
+    ref_state = json.loads((reference / "checkpoints" / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
+    assert state == ref_state  # token and sample counters continue exactly
+
+
+def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path):
+    """SIGTERM (what SLURM and Kubernetes send); SIGUSR1 takes the same path (tests/state/test_preemption.py), and
+    through the README's launch command too (tests/test_launch.py)."""
+    out = tmp_path / "run"
+    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
+    wait_for(out / "tensorboard", proc=proc)
+    while "train/loss" not in (out / "train.log").read_text():  # some steps are done
+        assert proc.poll() is None and time.sleep(0.05) is None
+    for w in workers(proc):
+        w.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, log[-2000:]
+    assert "exitcode  : 75" in log, log[-3000:]  # the launcher reports each worker's exit code
+    found = checkpoints.complete_checkpoints(out / "checkpoints")
+    assert len(found) == 1 and 0 < int(found[0].name.split("_")[1]) < 100000, found
+    assert "preempted" in (out / "train.log").read_text()
+
+
+def test_resume_with_another_number_of_processes_is_refused_with_what_to_do(tiny_dir, small_data, reference,
+                                                                            tmp_path):
+    cfg = config(tmp_path, tiny_dir, small_data, reference)
+    proc = launch(cfg, "--resume_from_checkpoint", str(reference / "checkpoints" / "step_00000006"),
+                  nproc=1, check=False)
+    assert proc.returncode != 0
+    assert "written by 2 processes and this run has 1" in proc.stdout + proc.stderr
+    assert "consolidate_checkpoint.py" in proc.stdout + proc.stderr
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """Disk full in the middle of a save: a clear error, the previous checkpoint still the latest."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from loop import config as config_mod
+
+    accelerator = Accelerator(cpu=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    cfg = config_mod.Config()
+    root = tmp_path / "checkpoints"
+    first = checkpoints.save(accelerator, LoopState(step=1), cfg, root, model, tokenizer)
+
+    real_save = torch.save
+
+    def disk_full(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(Path(f).read_bytes()[:100])  # half-written, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(checkpoints.CheckpointError, match="no space left on device at .*previous checkpoint is untouc"):
+        checkpoints.save(accelerator, LoopState(step=2), cfg, root, model, tokenizer)
+
+    def torch_writer_full(obj, f, *args, **kwargs):  # what torch says when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                           "data/3: unexpected pos 5401856 vs 5401744")
+
+    monkeypatch.setattr(torch, "save", torch_writer_full)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(checkpoints.CheckpointError, match=r"no space left on device at .* \(0 MB free\)"):
+        checkpoints.save(accelerator, LoopState(step=2), cfg, root, model, tokenizer)
+    monkeypatch.undo()
+    assert checkpoints.find("latest", root) == first
+    assert not list(root.glob(".tmp-*")) and not (root / "step_00000002").exists()
+    accelerator.load_state(str(first))  # still loads
+
+    (tmp_path / "blocked").write_text("a file where the checkpoint folder should go")
+    with pytest.raises(checkpoints.CheckpointError, match="cannot create"):
+        checkpoints.save(accelerator, LoopState(step=3), cfg, tmp_path / "blocked" / "ck", model, tokenizer)
+
+
+def test_checkpoint_missing_a_process_files_is_never_marked_complete(tiny_dir, tokenizer, tmp_path, monkeypatch):
+    """As when nodes do not share the output directory: a rank's files never arrive."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from loop import config as config_mod
+
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    monkeypatch.setattr(accelerator, "save_state", lambda path: Path(path).mkdir(exist_ok=True))
+    monkeypatch.setattr(checkpoints.integrity, "save_rng", lambda folder, rank: None)
+    with pytest.raises(checkpoints.CheckpointError, match="rng_state_0.safetensors"):
+        checkpoints.save(accelerator, LoopState(step=1), config_mod.Config(), tmp_path, model, tokenizer)
+    assert checkpoints.complete_checkpoints(tmp_path) == [] and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_resume_refuses_changes_to_what_a_step_is_and_applies_the_rest(tiny_dir, tmp_path, capsys):
+    """In this process (one process, no DeepSpeed): a 2-step run, then resumes with changed settings."""
+    from tests.conftest import run_in_process
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       training={"max_steps": 2, "save_every": 2, "eval_every": 0})
+    assert run_in_process(cfg, entry="run") == 0
+    resume = ("--resume_from_checkpoint", "latest", "--max_steps", "3")
+    assert run_in_process(cfg, *resume, "--seq_len", "128", "--micro_batch_size", "3", entry="run") == 2
+    said = capsys.readouterr().out
+    assert "changes the data order or what a step means: data.seq_len: 256 -> 128; " \
+           "training.micro_batch_size: 2 -> 3" in said and "--allow_config_change true" in said
+    (tmp_path / "extra.jsonl").write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text().split("\n", 1)[1])
+    other_data = ("--train_files", f"[{tmp_path / 'extra.jsonl'}]")
+    assert run_in_process(cfg, *resume, *other_data, entry="run") == 2
+    assert "data.train_files" in capsys.readouterr().out
+    # The same file name with other dialogues in it: caught by the content's fingerprint.
+    data_file = tmp_path / "data.jsonl"
+    data_file.write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text())
+    cfg2 = write_config(tmp_path / "run2.yaml", tiny_dir, tmp_path / "out2", data={"train_files": [str(data_file)]},
+                        training={"max_steps": 2, "save_every": 2, "eval_every": 0})
+    assert run_in_process(cfg2, entry="run") == 0
+    data_file.write_text((tmp_path / "extra.jsonl").read_text())
+    assert run_in_process(cfg2, *resume, entry="run") == 2
+    said = capsys.readouterr().out
+    assert "the training data's content" in said and "data.train_files" not in said
+    assert run_in_process(cfg, *resume, "--seq_len", "128", "--allow_config_change", "true", "--lr", "1e-3") == 0
+    log = (tmp_path / "out" / "train.log").read_text()
+    assert "resuming with changed settings (applied): training.lr: 0.003 -> 0.001; training.max_steps: 2 -> 3" in log
+    assert "resuming with --allow_config_change despite: data.seq_len: 256 -> 128" in log
+    assert "Final train loss" in (tmp_path / "out" / "final" / "README.md").read_text()
+
+
+def test_a_full_disk_is_said_once_in_the_console_and_the_log(tiny_dir, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_in_process
+
+    real_save = torch.save
+    saves = []
+
+    def full_on_the_second_checkpoint(obj, f, *args, **kwargs):
+        saves.append(f)
+        if "step_00000004" in str(f):
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_on_the_second_checkpoint)
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12, 1000))
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 6, "save_every": 2})
+    assert run_in_process(cfg, entry="run") == 1
+    console = capsys.readouterr().out
+    log = (tmp_path / "out" / "train.log").read_text()
+    for text in (console, log):
+        assert text.count("no space left on device at") == 1 and "Traceback" not in text
+    assert "the next one may not fit" in log  # warned before the save, from the last checkpoint's size
+    assert checkpoints.find("latest", tmp_path / "out" / "checkpoints").name == "step_00000002"
+
+
+def test_a_run_resumed_at_its_last_step_still_reports_its_eval_loss(tiny_dir, tmp_path):
+    from tests.conftest import run_in_process
+
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 2, "save_every": 2})
+    assert run_in_process(cfg) == 0
+    assert run_in_process(cfg, "--resume_from_checkpoint", "latest") == 0
+    card = (tmp_path / "out" / "final" / "README.md").read_text()
+    assert "final eval loss: nan" not in card and "not measured" not in card.split("final eval loss:")[1][:20]

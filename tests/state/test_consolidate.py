@@ -1,0 +1,90 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loop.state import consolidate, export
+from loop.state.consolidate import ConsolidationError
+from tests.conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_run):
+    return trained_run / "checkpoints" / "step_00000016"
+
+
+def read_all(model_dir):
+    out = {}
+    for f in model_dir.glob("*.safetensors"):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_output_equals_deepspeeds_zero_to_fp32(ckpt, tmp_path, dtype):
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype=dtype)
+    written = read_all(tmp_path / "m")
+    assert aliases == {"lm_head.weight": "transformer.wte.weight"} and "lm_head.weight" not in written
+    assert set(written) == set(reference) - {"lm_head.weight"}
+    for k, v in written.items():
+        assert torch.equal(v, reference[k].to(export.DTYPES[dtype])), k
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied again
+    assert torch.equal(model.lm_head.weight, reference["lm_head.weight"].to(export.DTYPES[dtype]))
+    tok = AutoTokenizer.from_pretrained(tmp_path / "m")
+    assert "<|assistant|>" in tok.chat_template["default"] and model.generation_config.eos_token_id == \
+        tok.convert_tokens_to_ids("<|end|>")
+
+
+def test_shards_and_index_reload(ckpt, tmp_path):
+    export.from_checkpoint(ckpt, tmp_path / "m", dtype="bf16", max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1 and all((tmp_path / "m" / f).is_file() for f in files)
+    assert all(f.stat().st_size < 200_000 + 600_000 for f in (tmp_path / "m").glob("*.safetensors"))
+    report = consolidate.verify(ckpt, tmp_path / "m", torch.bfloat16, ["Hello"])
+    assert report["max_diff_vs_cast_master"] == 0
+    assert 0 < report["max_diff_vs_fp32_master"] < 1e-2 and report["max_logit_diff"] < 1.0
+
+
+def broken_copy(ckpt, tmp_path, damage):
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    damage(copy)
+    return copy
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda c: (c / "pytorch_model" / "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink(),
+     "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: missing optimizer state file of rank 1"),
+    (lambda c: (c / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_model_states.pt").unlink(),
+     "zero_pp_rank_0_mp_rank_00_model_states.pt: missing model state file of rank 0"),
+    (lambda c: (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(
+        (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()[:5000]),
+     "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: unreadable, truncated"),
+    (lambda c: (c / "latest").unlink(), "not a ZeRO checkpoint"),
+    (lambda c: (c / "latest").write_text("nowhere"), "unknown layout"),
+])
+def test_bad_input_names_the_file_and_leaves_no_model(ckpt, tmp_path, damage, message):
+    broken = broken_copy(ckpt, tmp_path, damage)
+    with pytest.raises(ConsolidationError, match=message.replace(".", r"\.")):
+        export.from_checkpoint(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_command_line_picks_the_newest_checkpoint_and_verifies(trained_run, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "consolidate_checkpoint.py"),
+                           str(trained_run / "checkpoints"), str(tmp_path / "m"), "--verify"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step_00000016" in proc.stdout and "max_diff_vs_cast_master=0" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "consolidate_checkpoint.py"),
+                           str(tmp_path / "nothing"), str(tmp_path / "m2")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "not a directory" in proc.stderr

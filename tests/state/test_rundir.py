@@ -1,0 +1,80 @@
+"""The output directory: one run at a time, and nothing written by a run that is refused."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from loop.state import rundir
+from tests.conftest import ROOT, run_in_process, write_config
+
+
+def small_run(tmp_path, tiny_dir, **training):
+    return write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                        training={"max_steps": 4, "save_every": 2, "keep_last": 5, **training})
+
+
+def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tiny_dir, tmp_path, capsys):
+    cfg = small_run(tmp_path, tiny_dir, max_steps=100_000, save_every=100_000)
+    first = subprocess.Popen([sys.executable, "loop/train.py", str(cfg)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "out" / "train.log").exists():
+            assert first.poll() is None and time.time() < deadline
+            time.sleep(0.2)
+        assert run_in_process(cfg, entry="run") == 2
+        said = capsys.readouterr()
+        assert f"in use by another run (pid {first.pid} on {socket.gethostname()}" in said.out + said.err
+    finally:
+        first.kill()
+        first.wait()
+    # Its lock file stays, but nobody holds it any more: the next run takes it over and says so.
+    assert run_in_process(cfg, "--max_steps", "2", entry="run") == 0
+    assert f"took over the lock of a run that is gone (pid {first.pid}" in (tmp_path / "out" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("problem, said", [
+    ({"data": {"train_files": ["tests/fixtures/malformed/messages.jsonl"]}}, "14 bad record(s)"),
+    ({"data": {"train_files": ["data/not-there.jsonl"]}}, "not found: data/not-there.jsonl"),
+    ({"model": {"name_or_path": "./models/missing-model"}}, "model.name_or_path: not found: ./models/missing-model"),
+    ({"model": {"name_or_path": "someone/missing-model"}}, "(not found locally, so it was read as a Hub model id)"),
+    ({"training": {"lrr": 1}}, "training.lrr: unknown key"),
+])
+def test_config_and_data_errors_are_one_line_exit_2_and_write_nothing(tiny_dir, tmp_path, capsys, problem, said):
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out")
+    raw = yaml.safe_load(cfg.read_text())
+    for section, values in problem.items():
+        raw[section].update(values)
+    cfg.write_text(yaml.safe_dump(raw))
+    assert run_in_process(cfg, entry="run") == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert said in text and "Traceback" not in text and text.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_training_set_is_an_error_before_any_model_work(tiny_dir, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("")
+    for extra in ((), ("--max_steps", "0", "--num_epochs", "1")):
+        cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                           data={"train_files": [str(tmp_path / "empty.jsonl")], "eval_fraction": 0.0})
+        assert run_in_process(cfg, *extra, entry="run") == 2
+        assert "no training dialogues in" in capsys.readouterr().out
+        assert not (tmp_path / "out").exists()
+    proc = subprocess.run([sys.executable, "tools/inspect_data.py", str(cfg)], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and "no training dialogues" in proc.stderr
+
+
+def test_lock_file_names_the_holder_and_a_run_that_ended_leaves_no_name(tmp_path):
+    with rundir.claimed(tmp_path / "d", is_main=True) as took_over:
+        holder = (tmp_path / "d" / rundir.LOCK).read_text()
+        assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()}") and took_over is None
+    assert json.dumps(holder)  # plain text a person can read
+    with rundir.claimed(tmp_path / "d", is_main=True) as took_over:  # the next run (a resume, say)
+        assert took_over is None  # no warning about a run that is gone: the last one ended
