@@ -4,8 +4,8 @@
 failure (exit 1 with a traceback) and, when it gets SIGTERM itself, kills the workers 30 seconds later,
 too soon for a large model's checkpoint. This front end adds what a requeue script needs:
 
-1. The run's config, model config and data are checked before anything starts; a problem is one line
-   and exit 2, and nothing is launched or written.
+1. The run's config, model config and data are checked before anything starts (the data is prepared
+   into its cache on the way); a problem is one line and exit 2, and nothing is launched or written.
 2. SIGTERM / SIGUSR1 sent to it go straight to the training processes, which save and stop together.
 3. When the run stopped for preemption (it leaves OUTPUT_DIR/PREEMPTED), the launch exits 75.
 """
@@ -22,9 +22,9 @@ import psutil
 
 from loop import config
 from loop.data import templates
-from loop.data.dialogues import collect, refuse_bad
+from loop.data.prepare import prepare
 from loop.data.records import DataError
-from loop.model.load import preflight
+from loop.model.load import load_tokenizer, preflight
 from loop.report import trackers
 from loop.state import preemption, rundir
 
@@ -39,17 +39,14 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def check(train_args: list[str]) -> config.Config:
-    """What the run would refuse, refused before launching: config, model, data records."""
+    """What the run would refuse, refused before launching: config, model, every data record. The data is
+    prepared here, into the cache the training processes then start from."""
     cfg = config.from_argv(train_args)
     trackers.check(cfg.output.report_to)
     preflight(cfg)
-    _, report, bad = collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
-    if cfg.data.eval_files:
-        bad += collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]
-    if cfg.data.on_bad_record == "error":
-        refuse_bad(bad)
-    if report.dialogues == len(bad):
-        raise DataError(f"no training dialogues in {', '.join(cfg.data.train_files)}: {report.describe()}")
+    tokenizer = load_tokenizer(cfg)
+    templates.install(tokenizer, cfg.data.template)
+    prepare(cfg.data, tokenizer)
     return cfg
 
 

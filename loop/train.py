@@ -24,20 +24,20 @@ from tqdm import tqdm
 
 from loop import config
 from loop.config import usage
-from loop.data import batches, packing, templates
-from loop.data.prepare import prepare
+from loop.data import batches, templates
+from loop.data.prepare import Prepared, open_prepared, prepare
 from loop.data.records import DataError
 from loop.engine import deepspeed
 from loop.engine.accelerator import end_run, make_accelerator
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
-from loop.processes import any_process
+from loop.processes import main_decides
 from loop.report import card, hub, logs, metrics, profiling, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.training import optim
 from loop.training.sft import SFT
-from loop.training.step import evaluate, train_step
+from loop.training.step import evaluate_sources, train_step
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -69,18 +69,14 @@ def on_schedule(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer):
-    """The main process first (it fills the tokenization cache), then the others; a data error the main
-    process finds ends every process with it, instead of leaving them waiting."""
-    prepared, error = None, None
-    if accelerator.is_main_process:
-        try:
-            prepared = prepare(cfg.data, tokenizer)
-        except DataError as e:
-            error = e
-    if any_process(accelerator, error is not None):
-        raise error or DataError("(reported by the main process)")
-    return prepared or prepare(cfg.data, tokenizer)
+def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer) -> Prepared:
+    """The main process prepares the data (or finds it in the cache) and every process memory-maps the same
+    folder; a data error the main process finds ends every process with it, instead of leaving them waiting.
+    A process that cannot see the main's cache folder (node-local disks) prepares its own copy."""
+    folder = Path(main_decides(accelerator, lambda: str(prepare(cfg.data, tokenizer)), (DataError,)))
+    if not (folder / "meta.json").is_file():
+        folder = prepare(cfg.data, tokenizer, progress=False)
+    return open_prepared(folder, cfg.data, cfg.training.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
         tokenizer = load.load_tokenizer(cfg)
         added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
-        train_ds, eval_ds, report = prepare_data(accelerator, cfg, tokenizer)
-        train_planner, eval_planner = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
-                                                       attention.layout(attn, cfg.data.packing), world,
-                                                       accelerator.process_index, shape.mask_windows())
+        data = prepare_data(accelerator, cfg, tokenizer)
+        train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
+                                                        attention.layout(attn, cfg.data.packing), world,
+                                                        accelerator.process_index, shape.mask_windows())
         per_epoch = train_planner.steps_per_epoch
-        total_steps = t.max_steps or per_epoch * t.num_epochs
-        pack_eff = packing.efficiency(train_planner.rows, cfg.data.seq_len)
-        log.info(f"data: {report.describe()}; {len(train_planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} "
-                 f"full), {len(eval_planner.rows)} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
+        total_steps = t.max_steps or math.ceil(per_epoch * t.num_epochs)
+        pack_eff = data.train_rows.efficiency(cfg.data.seq_len)
+        eval_rows = sum(len(p.rows) for p in eval_planners.values())
+        log.info(f"data: {data.report.describe()}; {len(train_planner.rows)} rows of {cfg.data.seq_len} "
+                 f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
+        for line in data.report.describe_sources():
+            log.info(line)
         took_over = rundir.claim(run_scope, out, accelerator)
         if accelerator.is_main_process:
             rundir.start_log_file(out, log)
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
         ckpt_root = out / "checkpoints"
-        state, resume_notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, report.fingerprint)
+        state, resume_notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, data.report.fingerprint)
         for level, note in resume_notes:
             log.log(level, note)
         trackers.start(accelerator, cfg, state.step)
@@ -142,17 +141,18 @@ def main(argv: list[str] | None = None) -> int:
                                   eval_losses=state.eval_losses)
 
         def eval_and_log() -> None:
-            result = evaluate(model, accelerator, objective, eval_planner.shard(), eval_planner.shard_batches)
-            summary.eval_loss = result["loss"]
+            result = evaluate_sources(model, accelerator, objective, eval_planners)
+            summary.eval_loss = result["eval/loss"]
             state.eval_losses.append([state.step, summary.eval_loss])
-            accelerator.log({f"eval/{k}": v for k, v in result.items()}
-                            | {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}, step=state.step)
-            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
+            accelerator.log(result | {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}, step=state.step)
+            by_source = ", ".join(f"{k.removeprefix('eval/loss/')} {v:.4f}" for k, v in result.items()
+                                  if k.startswith("eval/loss/"))
+            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}" + (f" ({by_source})" if by_source else ""))
 
         if state.step == 0:
-            accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
-                                                   "model/trainable_parameters": trainable}, step=0)
-            if eval_planner.rows:  # the starting point of the eval curve
+            accelerator.log(data.report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
+                                                        "model/trainable_parameters": trainable}, step=0)
+            if eval_rows:  # the starting point of the eval curve
                 eval_and_log()
 
         # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 if on_schedule(state.step, t.log_every, total_steps):
                     summary.train_loss = metrics.log_window(accelerator, meter, lr, state, total_steps, per_epoch)
-                if on_schedule(state.step, t.eval_every, total_steps) and eval_planner.rows:
+                if on_schedule(state.step, t.eval_every, total_steps) and eval_rows:
                     eval_and_log()
                 if t.sample_prompts and on_schedule(state.step, t.sample_every, total_steps):
                     sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens,
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                 if result.preempted:
                     return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
         bar.close()
-        if summary.eval_loss is None and eval_planner.rows:  # resumed at its last step: the card still gets one
+        if summary.eval_loss is None and eval_rows:  # resumed at its last step: the card still gets one
             eval_and_log()
 
         # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config; with

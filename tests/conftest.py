@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SECRET_TOKEN = "hf_SENTINELtokenThatMustNeverBeWritten"
 os.environ["HF_TOKEN"] = SECRET_TOKEN
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache" / "xdg"))  # the data cache of configs that name none
 
 
 @pytest.fixture(scope="session")

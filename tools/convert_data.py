@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="OpenAssistant trees: the longest path of each tree, or every root-to-leaf path")
     a = p.parse_args(argv)
     try:
-        dialogues, report = load_dialogues(a.inputs, a.format, "skip" if a.skip_bad else "error", a.oasst_paths)
+        dialogues, report = load_dialogues(a.inputs, a.format, "skip" if a.skip_bad else "error", a.oasst_paths,
+                                           skip_hint="pass --skip-bad")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

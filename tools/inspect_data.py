@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from loop import config
-from loop.data import batches, packing, templates
+from loop.data import templates
 from loop.data.dialogues import length_stats
-from loop.data.prepare import prepare
+from loop.data.prepare import open_prepared, prepare
 from loop.data.records import DataError
 from loop.model.load import load_tokenizer, preflight
 
@@ -34,29 +34,31 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
         tokenizer = load_tokenizer(cfg)
         templates.install(tokenizer, cfg.data.template)
-        train, held, report = prepare(cfg.data, tokenizer)
+        data = open_prepared(prepare(cfg.data, tokenizer), cfg.data, cfg.training.seed)
     except (config.ConfigError, DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
-    for i, example in enumerate(train.select(range(min(a.examples, len(train))))):
-        ids, mask = example["input_ids"], example["assistant_mask"]
-        print(f"--- example {i} ({len(ids)} tokens, {sum(mask)} trained) ---")
+    columns, order = data.columns, data.order
+    for n, i in enumerate(order[: a.examples]):
+        span = slice(columns.offsets[i], columns.offsets[i + 1])
+        ids, mask = columns.tokens[span].tolist(), columns.trained[span].tolist()
+        print(f"--- example {n} ({len(ids)} tokens, {sum(mask)} trained) ---")
         print(templates.mark_trained(tokenizer, ids, mask, color))
-    columns = batches.Columns.from_dataset(train)
-    lengths = columns.lengths()
-    stats = length_stats(lengths)
-    rows = packing.plan_rows(lengths, cfg.data.seq_len, cfg.data.packing)
-    trained = int(columns.trained.sum())
+    lengths = columns.lengths()[order]
+    stats = length_stats(lengths.tolist())
+    total = data.report.total
     print("--- summary ---")
-    print(f"records read: {report.records}; dialogues: {report.dialogues} "
-          f"({len(train)} train, {len(held)} eval)")
-    print(f"skipped: {dict(report.skipped) or 0}; truncated at a turn: {report.truncated}; "
-          f"dropped as too long: {report.dropped_too_long}")
+    print(f"records read: {total.records}; dialogues: {total.dialogues} ({total.duplicates} duplicates); "
+          f"{len(order)} in the training order, {sum(len(r.starts) - 1 for r in data.eval_rows.values())} eval rows")
+    print(f"skipped: {dict(total.skipped) or 0}; truncated at a turn: {total.truncated}; "
+          f"dropped as too long: {total.dropped_too_long}")
+    for line in data.report.describe_sources():
+        print(line)
     print("train lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in stats.items()))
-    print(f"trained tokens: {trained:,} of {stats.get('total', 0):,}")
-    print(f"packing ({cfg.data.packing}, {cfg.data.seq_len}): {len(rows)} rows, "
-          f"efficiency {packing.efficiency(rows, cfg.data.seq_len):.2%}")
+    print(f"trained tokens: {int(columns.trained_counts[order].sum()):,} of {stats.get('total', 0):,}")
+    print(f"packing ({cfg.data.packing}, {cfg.data.seq_len}): {len(data.train_rows)} rows, "
+          f"efficiency {data.train_rows.efficiency(cfg.data.seq_len):.2%}")
     if a.histogram:
         try:
             import matplotlib

@@ -23,6 +23,7 @@ from loop.config.settings import (  # the value lists
     Attention,
     Config,
     DataConfig,
+    DataSource,
     Format,
     Layout,
     LoraSettings,
@@ -38,7 +39,7 @@ from loop.config.settings import (  # the value lists
     validate,
 )
 
-__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "Format", "Layout",
+__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DataSource", "Format", "Layout",
            "LoraSettings", "ModelConfig", "OasstPaths", "OutputConfig", "PACKABLE_ATTENTION", "PackingMode",
            "RUN_IDENTITY", "SaveDtype", "Schedule", "TemplateName", "Tracker", "TrainingConfig", "did_you_mean",
            "differences", "first_line", "from_argv", "from_dict", "from_file", "parse_overrides", "save", "to_dict",

@@ -55,6 +55,21 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if typing.get_origin(hint) is dict:
+        keys, values = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(f"{key} key", k, keys): _coerce(f"{key}.{k}", v, values) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):  # a data source: a mapping of its fields, or its path alone
+        if isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a path or a mapping, got {value!r}")
+        hints = _field_types(hint)
+        for name in value:
+            if name not in hints:
+                raise ConfigError(f"{key}.{name}: unknown key{did_you_mean(name, hints)}; known keys: {sorted(hints)}")
+        return hint(**{k: _coerce(f"{key}.{k}", v, hints[k]) for k, v in value.items()})
     raise ConfigError(f"{key}: unsupported type {hint}")
 
 
@@ -62,12 +77,32 @@ def _field_types(section_cls: type) -> dict[str, Any]:
     return typing.get_type_hints(section_cls)
 
 
+# Names people bring from TRL and the HF Trainer, accepted for the keys they mean (in YAML and on the
+# command line).
+ALIASES = {"learning_rate": "training.lr", "per_device_train_batch_size": "training.micro_batch_size",
+           "num_train_epochs": "training.num_epochs", "max_seq_length": "data.seq_len", "max_length": "data.seq_len",
+           "lr_scheduler_type": "training.lr_schedule", "logging_steps": "training.log_every",
+           "eval_steps": "training.eval_every", "save_steps": "training.save_every",
+           "save_total_limit": "training.keep_last", "adam_epsilon": "training.adam_eps",
+           "model_name_or_path": "model.name_or_path", "dataset_name": "data.train_files",
+           "lora_r": "lora.rank", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+           "lora_target_modules": "lora.target_modules"}
+
+
+def _unalias(section: str, name: str) -> str:
+    """A key of `section` under the name this config gives it (`learning_rate` in training is `lr`)."""
+    section_of, _, own = ALIASES.get(name, "").partition(".")
+    return own if section_of == section else name
+
+
 def _leaf_index() -> dict[str, list[str]]:
-    """Map a bare leaf name (`lr`) to the dotted keys that end with it (`training.lr`)."""
+    """Map a bare leaf name (`lr`, or an alias such as `learning_rate`) to the dotted keys it names."""
     index: dict[str, list[str]] = {}
     for section, cls in typing.get_type_hints(Config).items():
         for name in _field_types(cls):
             index.setdefault(name, []).append(f"{section}.{name}")
+    for alias, key in ALIASES.items():
+        index.setdefault(alias, [key])
     return index
 
 
@@ -87,6 +122,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
         if not isinstance(values, dict):
             raise ConfigError(f"{section}: expected a mapping, got {values!r}")
         hints = _field_types(cls)
+        values = {_unalias(section, k): v for k, v in values.items()}
         for key in values:
             if key not in hints:
                 raise ConfigError(f"{section}.{key}: unknown key{did_you_mean(key, hints)}; "
@@ -113,9 +149,14 @@ def differences(saved: dict[str, Any], config: Config) -> tuple[list[str], list[
     now = to_dict(config)
     identity, other = [], []
     for section, values in now.items():
+        hints = _field_types(type(getattr(config, section)))
         for name, value in values.items():
             key = f"{section}.{name}"
             old = (saved.get(section) or {}).get(name, value) if isinstance(saved, dict) else value
+            try:  # as this version writes it (a source saved as a mapping of defaults is its path)
+                old = _compact(_coerce(key, old, hints[name]))
+            except ConfigError:
+                pass
             if key not in NOT_COMPARED and old != value:
                 (identity if key in RUN_IDENTITY else other).append(f"{key}: {old!r} -> {value!r}")
     return identity, other
@@ -168,8 +209,18 @@ def from_file(path: str | Path, overrides: list[str] | None = None) -> Config:
     return from_dict(raw)
 
 
+def _compact(value: Any) -> Any:
+    """A value as the resolved config writes it: a data source with nothing but its path as that path."""
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return value.path if value == type(value)(path=value.path) else dataclasses.asdict(value)
+    return value
+
+
 def to_dict(config: Config) -> dict[str, Any]:
-    return dataclasses.asdict(config)
+    return {section: {f.name: _compact(getattr(values, f.name)) for f in dataclasses.fields(values)}
+            for section, values in ((f.name, getattr(config, f.name)) for f in dataclasses.fields(config))}
 
 
 def save(config: Config, path: str | Path) -> None:

@@ -19,7 +19,8 @@ Layout = Literal["mask", "varlen"]  # how a micro-batch keeps packed dialogues a
 ATTENTION_LAYOUT: dict[str, Layout] = {"sdpa": "mask", "varlen_attn": "varlen", "sdpa_varlen": "varlen",
                                        "flash_attention_2": "varlen", "flash_attention_3": "varlen"}
 PACKABLE_ATTENTION = sorted({"auto", *ATTENTION_LAYOUT})
-Format = Literal["messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"]
+# "auto": recognised from each source's first records (loop/data/formats.py).
+Format = Literal["auto", "messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"]
 OasstPaths = Literal["longest", "all"]
 TemplateName = Literal["starchat", "chatml", "tokenizer"]  # "tokenizer": the tokenizer's own template
 PackingMode = Literal["bfd", "pad", "concat"]
@@ -42,20 +43,41 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """One source of a mixture. In train_files and eval_files a plain string is a source with only its path."""
+
+    path: str = ""  # JSONL / JSON / Parquet / YAML file, dataset folder, or Hub dataset id (ID:SPLIT also works)
+    name: str | None = None  # reported as data/mixture/NAME and eval/loss/NAME (default: from the path)
+    # A fraction keeps that share of the source's dialogues, chosen by seed; a multiple trains each one that
+    # many times (2.5: twice, and a third time for half of them); every copy is its own place in the order.
+    weight: float = 1.0
+    split: str | None = None  # a Hub dataset's (or dataset folder's) split (default: train)
+    config: str | None = None  # a Hub dataset's subset (configuration)
+    format: Format | None = None  # this source's record shape (default: data.format)
+    columns: dict[str, str] = field(default_factory=dict)  # the source's field -> the schema's, e.g. {dialog: messages}
+
+
+@dataclass
 class DataConfig:
-    train_files: list[str] = field(default_factory=list)  # JSONL / JSON / Parquet / YAML files, folders, Hub ids
-    eval_files: list[str] = field(default_factory=list)  # held-out dialogues (none: split off eval_fraction)
-    # Shape of the input records: messages | prompt_completion | sharegpt | alpaca | oasst | chatterbot.
-    format: Format = "messages"
+    # Sources to train on: files (JSONL / JSON / Parquet / YAML), dataset folders, Hub ids, or mappings
+    # {path, name, weight, split, config, format, columns} (a weighted mixture; see README: Data mixtures).
+    train_files: list[DataSource] = field(default_factory=list)
+    eval_files: list[DataSource] = field(default_factory=list)  # held-out sources (none: eval_fraction of each)
+    # Shape of the records: auto (recognised per source) | messages | prompt_completion | sharegpt | alpaca |
+    # oasst | chatterbot.
+    format: Format = "auto"
     oasst_paths: OasstPaths = "longest"  # longest | all: which paths of an OpenAssistant tree become dialogues
-    eval_fraction: float = 0.05  # share of train dialogues held out for eval when no eval_files are given
+    eval_fraction: float = 0.05  # share of each train source held out for eval when no eval_files are given
+    dedup: bool = False  # keep one of each exactly repeated dialogue of a source (duplicates are counted either way)
     template: TemplateName = "starchat"  # starchat | chatml | tokenizer (the tokenizer's own)
     seq_len: int = 1024  # tokens per packed row; longer dialogues are cut at a turn or dropped
     packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
     on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them
     on_too_long: Literal["truncate", "drop"] = "truncate"  # a dialogue over seq_len: cut at a turn, or drop it
-    num_proc: int = 1  # processes that tokenize
-    cache_dir: str | None = None  # where tokenized data is kept for the next run (none: no cache)
+    num_proc: int = 0  # processes that tokenize (0: every core the machine gives this run)
+    # Where prepared (tokenized, packed) data is kept and memory-mapped from, keyed by what it was made of
+    # (none: ~/.cache/loop/data, or $XDG_CACHE_HOME/loop/data).
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -71,7 +93,7 @@ class TrainingConfig:
     warmup_steps: int = 0  # linear warm-up steps (wins over warmup_ratio)
     warmup_ratio: float = 0.0  # warm-up as a share of all steps
     min_lr_ratio: float = 0.0  # the schedule's floor, as a share of lr
-    num_epochs: int = 1  # passes over the training rows
+    num_epochs: float = 1.0  # passes over the training rows (a fraction stops part of the way into the last)
     max_steps: int = 0  # > 0 overrides num_epochs
     micro_batch_size: int = 4  # rows per process per forward pass
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
@@ -147,7 +169,7 @@ def validate(config: Config) -> None:
         ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
         ("training.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),
         ("training.min_lr_ratio", 0 <= t.min_lr_ratio <= 1, "must be in [0, 1]"),
-        ("training.num_epochs", t.num_epochs >= 1, "must be >= 1"),
+        ("training.num_epochs", t.num_epochs > 0, "must be > 0"),
         ("training.max_steps", t.max_steps >= 0, "must be >= 0 (0 means: use num_epochs)"),
         ("training.micro_batch_size", t.micro_batch_size >= 1, "must be >= 1"),
         ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
@@ -167,7 +189,7 @@ def validate(config: Config) -> None:
         ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
         ("data.seq_len", d.seq_len >= 16, "must be >= 16"),
         ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
-        ("data.num_proc", d.num_proc >= 1, "must be >= 1"),
+        ("data.num_proc", d.num_proc >= 0, "must be >= 0 (0: every core)"),
         ("data.train_files", bool(d.train_files), "must name at least one file or Hub dataset id"),
     ]
     for key, ok, why in checks:
@@ -178,6 +200,12 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep packed "
                           f"dialogues apart (it ignores the block-diagonal mask); use one of {PACKABLE_ATTENTION} or "
                           "set data.packing: pad")
+    for key, sources in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
+        for i, source in enumerate(sources):
+            if not source.path:
+                raise ConfigError(f"{key}[{i}]: needs a path (a file, a dataset folder or a Hub dataset id)")
+            if not source.weight > 0:
+                raise ConfigError(f"{key}[{i}].weight: must be > 0 (leave the source out instead), got {source.weight}")
     if config.output.push_to_hub and not config.output.save:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:

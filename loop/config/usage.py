@@ -7,7 +7,8 @@ import dataclasses
 import inspect
 import typing
 
-from loop.config.settings import Config
+from loop.config.parse import ALIASES
+from loop.config.settings import Config, DataSource
 
 HEAD = """usage: accelerate launch [--config_file ...] loop/train.py CONFIG.yaml [--key value ...]
        python tools/launch.py [accelerate launch options] loop/train.py CONFIG.yaml [--key value ...]
@@ -36,13 +37,20 @@ def comments(cls: type) -> dict[str, str]:
     return found
 
 
+def fields(cls: type) -> list[str]:
+    notes = comments(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out.append(f"  {f.name} = {default!r}" + (f"\n      {notes[f.name]}" if notes.get(f.name) else ""))
+    return out
+
+
 def text() -> str:
     out = [HEAD]
     for section, cls in typing.get_type_hints(Config).items():
-        out.append(f"{section}:")
-        notes = comments(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            out.append(f"  {f.name} = {default!r}" + (f"\n      {notes[f.name]}" if notes.get(f.name) else ""))
-        out.append("")
+        out += [f"{section}:", *fields(cls), ""]
+    out += ["a data.train_files / data.eval_files entry (a path, or a mapping of these keys):", *fields(DataSource), ""]
+    out.append("also accepted, as people write them for TRL and the HF Trainer: "
+               + ", ".join(f"{alias} ({key})" for alias, key in ALIASES.items()))
     return "\n".join(out)

@@ -1,7 +1,7 @@
 """From packed rows to tensors, off the training thread.
 
-The tokenized dialogues are read once into flat arrays (`Columns`), so a micro-batch is a few
-vectorized gathers instead of thousands of per-item lookups into `datasets` columns. A `Step` is
+The tokenized dialogues are flat arrays (`Columns`, memory-mapped from the data cache), so a micro-batch is a
+few vectorized gathers instead of thousands of per-item lookups. A `Step` is
 everything one optimizer step needs, built for this process while the previous step computes: its
 micro-batches (pinned when a GPU is used), and, for all processes, the trained-token count that
 normalizes the loss and the dialogue lengths that FLOPs are counted from. The block-diagonal mask
@@ -23,30 +23,34 @@ import torch
 
 from loop.config import Layout
 from loop.data import packing
-from loop.data.packing import IGNORE, Row
+from loop.data.packing import IGNORE, Row, Rows
 
 Batch = dict[str, torch.Tensor | int]
 
 
 @dataclass(frozen=True)
 class Columns:
-    """Every dialogue's token ids and trained flags back to back, with offsets."""
+    """Every dialogue's token ids and trained flags back to back, with offsets. The arrays keep the dtype they
+    were stored in (memory-mapped from the data cache: two bytes a token for vocabularies under 65,536)."""
 
-    tokens: np.ndarray  # int64, all dialogues concatenated
+    tokens: np.ndarray  # all dialogues concatenated (uint16 or int32)
     trained: np.ndarray  # bool, per token: is it an assistant token (a target)?
     offsets: np.ndarray  # int64, dialogue i is tokens[offsets[i]:offsets[i + 1]]
-    cum_trained: np.ndarray  # int64, cum_trained[k] = trained[:k].sum(): trained counts in O(1)
+    trained_counts: np.ndarray  # int32, each dialogue's trained tokens: trained counts in O(1) per piece
 
     @classmethod
-    def from_arrays(cls, tokens: np.ndarray, trained: np.ndarray, offsets: np.ndarray) -> Columns:
-        trained = trained.astype(bool)
-        cum = np.zeros(len(trained) + 1, dtype=np.int64)
-        np.cumsum(trained, out=cum[1:])
-        return cls(tokens.astype(np.int64), trained, offsets.astype(np.int64), cum)
+    def from_arrays(cls, tokens: np.ndarray, trained: np.ndarray, offsets: np.ndarray,
+                    trained_counts: np.ndarray | None = None) -> Columns:
+        trained = trained.view(np.bool_) if trained.dtype == np.uint8 else trained.astype(bool)
+        offsets = offsets.astype(np.int64, copy=False)
+        if trained_counts is None:
+            cum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])
+            trained_counts = (cum[offsets[1:]] - cum[offsets[:-1]]).astype(np.int32)
+        return cls(tokens, trained, offsets, trained_counts)
 
     @classmethod
     def from_dataset(cls, ds) -> Columns:
-        """Zero-copy from the Arrow table behind a tokenized Dataset (its selection applied)."""
+        """From a tokenized Dataset's Arrow table (its selection applied); for tools and tests."""
         if len(ds) == 0:
             return cls.from_lists([], [])
         table = ds.with_format("arrow")[:]
@@ -55,7 +59,7 @@ class Columns:
         base = offsets[0]  # a sliced list array's offsets start inside its values
         values = ids.values.to_numpy(zero_copy_only=False)[base : offsets[-1]]
         flags = mask.values.to_numpy(zero_copy_only=False)[mask.offsets.to_numpy()[0] :][: len(values)]
-        return cls.from_arrays(values, flags, offsets - base)
+        return cls.from_arrays(values, flags.astype(np.uint8), offsets - base)
 
     @classmethod
     def from_lists(cls, ids: Sequence[Sequence[int]], masks: Sequence[Sequence[int]]) -> Columns:
@@ -63,22 +67,26 @@ class Columns:
         offsets = np.zeros(len(ids) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         flat = lambda xs: np.fromiter((t for x in xs for t in x), dtype=np.int64, count=offsets[-1])  # noqa: E731
-        return cls.from_arrays(flat(ids), flat(masks), offsets)
+        return cls.from_arrays(flat(ids), flat(masks).astype(np.uint8), offsets)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def lengths(self) -> list[int]:
-        return np.diff(self.offsets).tolist()
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
 
-    def trained_in(self, rows: Sequence[Row]) -> int:
-        """Positions with a target: the trained tokens of each piece except its first."""
-        pieces = [p for row in rows for p in row]
-        if not pieces:
+    def trained_in(self, pieces: np.ndarray) -> int:
+        """Positions with a target in these pieces ((dialogue, start, end) rows): the trained tokens of each
+        piece except its first."""
+        if not len(pieces):
             return 0
-        i, s, e = np.array(pieces, dtype=np.int64).T
+        i, s, e = pieces.T
         start = self.offsets[i]
-        return int((self.cum_trained[start + e] - self.cum_trained[start + s + 1]).sum())
+        whole = (s == 0) & (e == self.offsets[i + 1] - start)
+        total = int(self.trained_counts[i[whole]].sum()) - int(self.trained[start[whole]].sum())
+        for first, a, b in zip(start[~whole], s[~whole], e[~whole]):  # parts of dialogues (concat packing)
+            total += int(self.trained[first + a + 1 : first + b].sum())
+        return total
 
 
 MaskWindows = int | dict[str, int | None] | None  # see loop/model/architecture.py: Shape.mask_windows
@@ -116,7 +124,7 @@ def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "ma
     targets = np.full(B * T, IGNORE, dtype=np.int64)
     position_ids = np.zeros(B * T, dtype=np.int64)
     input_ids[dst] = columns.tokens[src]
-    targets[dst] = np.where(~last & columns.trained[nxt], columns.tokens[nxt], IGNORE)
+    targets[dst] = np.where(~last & columns.trained[nxt], columns.tokens[nxt].astype(np.int64), IGNORE)
     position_ids[dst] = in_piece if isolate else dst - np.repeat(row_of * T, lens)
     batch: Batch = {k: torch.from_numpy(v.reshape(B, T)) for k, v in
                     (("input_ids", input_ids), ("targets", targets), ("position_ids", position_ids))}
@@ -175,7 +183,7 @@ class Step:
 class Planner:
     """Turns a step number into its `Step`: a pure function of (seed, step), so resume needs no state."""
 
-    rows: list[Row]
+    rows: Rows
     columns: Columns
     pad_id: int
     layout: Layout
@@ -197,15 +205,17 @@ class Planner:
         order = packing.epoch_order(len(self.rows), self.seed, epoch)
         ids = [[packing.step_rows(order, in_epoch, m, r, self.world, self.micro_batch_size, self.accumulation)
                 for m in range(self.accumulation)] for r in range(self.world)]
-        every = [self.rows[j] for per_rank in ids for micro in per_rank for j in micro if j is not None]
+        chosen = [j for per_rank in ids for micro in per_rank for j in micro if j is not None]
+        every = (np.concatenate([self.rows.pieces[self.rows.starts[j] : self.rows.starts[j + 1]] for j in chosen])
+                 if chosen else np.zeros((0, 3), np.int64))
         micro_batches = []
         for micro in ids[self.rank]:
-            batch = collate(self.columns, [self.rows[j] if j is not None else [] for j in micro], self.pad_id,
+            batch = collate(self.columns, [self.rows.row(j) if j is not None else [] for j in micro], self.pad_id,
                             self.layout, self.isolate, self.mask_windows)
             micro_batches.append({k: v.pin_memory() if self.pin and torch.is_tensor(v) else v
                                   for k, v in batch.items()})
-        return Step(step, micro_batches, len(every), self.columns.trained_in(every),
-                    [e - s for row in every for _, s, e in row])
+        return Step(step, micro_batches, len(chosen), self.columns.trained_in(every),
+                    (every[:, 2] - every[:, 1]).tolist())
 
     @property
     def shard_batches(self) -> int:
@@ -215,21 +225,20 @@ class Planner:
         """This process's share of all rows in order (fillers at the end), for evaluation."""
         for b in range(self.shard_batches):
             start = (b * self.world + self.rank) * self.micro_batch_size
-            chosen = [self.rows[j] if j < len(self.rows) else [] for j in range(start, start + self.micro_batch_size)]
+            span = range(start, start + self.micro_batch_size)
+            chosen = [self.rows.row(j) if j < len(self.rows) else [] for j in span]
             yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate, self.mask_windows)
 
 
-def planners(train, held_out, cfg, pad_id: int, layout: Layout, world: int, rank: int,
-             mask_windows: MaskWindows = None) -> tuple[Planner, Planner]:
-    """The training planner and this process's share of the eval rows, from tokenized datasets."""
+def planners(prepared, cfg, pad_id: int, layout: Layout, world: int, rank: int,
+             mask_windows: MaskWindows = None) -> tuple[Planner, dict[str, Planner]]:
+    """The training planner and, per eval source, this process's share of its rows, from prepared data
+    (loop/data/prepare.py: the dialogues, their order with the mixture's weights, and the cached packing)."""
     d, t = cfg.data, cfg.training
-    columns = Columns.from_dataset(train)
-    planner = Planner(packing.plan_rows(columns.lengths(), d.seq_len, d.packing), columns, pad_id, layout,
-                      d.packing != "concat", t.seed, world, rank, t.micro_batch_size, t.gradient_accumulation_steps,
-                      mask_windows, pin=torch.cuda.is_available())
-    held = Columns.from_dataset(held_out)
-    return planner, dataclasses.replace(planner, columns=held, rows=packing.plan_rows(held.lengths(), d.seq_len,
-                                                                                      d.packing))
+    planner = Planner(prepared.train_rows, prepared.columns, pad_id, layout, d.packing != "concat", t.seed, world,
+                      rank, t.micro_batch_size, t.gradient_accumulation_steps, mask_windows,
+                      pin=torch.cuda.is_available())
+    return planner, {name: dataclasses.replace(planner, rows=rows) for name, rows in prepared.eval_rows.items()}
 
 
 @contextmanager

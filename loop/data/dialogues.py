@@ -1,47 +1,93 @@
-"""From records to dialogues: convert, validate, split, report.
+"""From records to dialogues: convert, validate, report.
 
 Nothing is lost silently. A bad record either stops the run (all bad records listed, each with file,
-record and reason) or is skipped and counted by reason; what a format leaves out by design is counted too.
+record and reason) or is skipped and counted by reason; what a format leaves out by design is counted too,
+per source of the mixture.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import zlib
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from loop.config import Format, OasstPaths
 from loop.data import formats
-from loop.data.formats import Messages
-from loop.data.records import DataError, read_records
+from loop.data.records import DataError, Dropped, FormatError, Located, Messages, read_records
 
 ROLES = {"system", "user", "assistant"}
+Bad = tuple[str, str, str]  # (location, kind, reason)
 
 
 @dataclass
-class DataReport:
+class SourceReport:
+    """What became of one source's records, from reading to the training order."""
+
+    name: str = ""
+    role: str = "train"  # train | eval
     records: int = 0
-    dialogues: int = 0
+    dialogues: int = 0  # valid dialogues read
+    duplicates: int = 0  # exact repeats of an earlier dialogue of the same source
     skipped: Counter = field(default_factory=Counter)  # bad records, by kind
     left_out: Counter = field(default_factory=Counter)  # left out by design (formats.Dropped), by kind
     truncated: int = 0
     dropped_too_long: int = 0
-    fingerprint: str = ""  # of the train and eval dialogues: a resumed run must see the same data
+    held_out: int = 0  # split off for evaluation (eval_fraction)
+    weighted: int = 0  # dialogues in the training order, every copy counted (weight)
+    trained_tokens: int = 0  # their trained tokens, every copy counted
+
+    def add(self, other: SourceReport) -> None:
+        for name in ("records", "dialogues", "duplicates", "truncated", "dropped_too_long", "held_out", "weighted",
+                     "trained_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.skipped += other.skipped
+        self.left_out += other.left_out
+
+
+@dataclass
+class DataReport:
+    """A run's data report: each source, and their totals (`total`)."""
+
+    sources: list[SourceReport] = field(default_factory=list)
+    fingerprint: str = ""  # of what the data is made of: a resumed run must see the same
+
+    @property
+    def total(self) -> SourceReport:
+        total = SourceReport(name="all")
+        for s in self.sources:
+            total.add(s)
+        return total
 
     def describe(self) -> str:
-        left_out = f", left out {dict(self.left_out)}" if self.left_out else ""
-        skipped = ", ".join(f"{n} {kind}" for kind, n in self.skipped.items()) or "none"
-        return (f"{self.dialogues} dialogues, skipped {skipped}{left_out}, truncated {self.truncated}, "
-                f"dropped as too long {self.dropped_too_long}")
+        t = self.total
+        left_out = f", left out {dict(t.left_out)}" if t.left_out else ""
+        skipped = ", ".join(f"{n} {kind}" for kind, n in t.skipped.items()) or "none"
+        duplicates = f", {t.duplicates} duplicates" if t.duplicates else ""
+        return (f"{t.dialogues} dialogues{duplicates}, skipped {skipped}{left_out}, truncated {t.truncated}, "
+                f"dropped as too long {t.dropped_too_long}")
+
+    def describe_sources(self) -> list[str]:
+        """One line per source of a mixture (nothing for a single source)."""
+        if len(self.sources) < 2:
+            return []
+        trained = sum(s.trained_tokens for s in self.sources) or 1
+        return [f"  {s.name} ({s.role}): {s.records} records, {s.dialogues} dialogues, {s.duplicates} duplicates, "
+                f"skipped {sum(s.skipped.values())}, truncated {s.truncated}, dropped {s.dropped_too_long}"
+                + (f"; {s.weighted} in the order, {s.trained_tokens / trained:.1%} of trained tokens"
+                   if s.role == "train" else "") for s in self.sources]
 
     def as_scalars(self) -> dict[str, float]:
-        out = {"data/dialogues": self.dialogues, "data/truncated": self.truncated,
-               "data/dropped_too_long": self.dropped_too_long}
-        out.update({f"data/skipped/{k}": v for k, v in self.skipped.items()})
-        out.update({f"data/left_out/{k}": v for k, v in self.left_out.items()})
+        t = self.total
+        out = {"data/dialogues": t.dialogues, "data/duplicates": t.duplicates, "data/truncated": t.truncated,
+               "data/dropped_too_long": t.dropped_too_long}
+        out.update({f"data/skipped/{k}": v for k, v in t.skipped.items()})
+        out.update({f"data/left_out/{k}": v for k, v in t.left_out.items()})
+        for s in self.sources if len(self.sources) > 1 else []:
+            out[f"data/mixture/{s.name}/dialogues"] = s.weighted if s.role == "train" else s.dialogues
         return out
 
 
@@ -70,68 +116,93 @@ def validate(dialogue: Any) -> tuple[str, str] | None:
     return None
 
 
+def dialogues_of(fmt: str, path: str, records: Iterable[Located], oasst_paths: OasstPaths, report: SourceReport,
+                 bad: list[Bad]) -> Iterator[tuple[str, Messages]]:
+    """The valid dialogues of one source's records, with their locations; bad records go to `bad` and every
+    count to `report`. The one path from records to dialogues, in a worker or in this process."""
+    def counted() -> Iterator[Located]:
+        for item in records:
+            report.records += 1
+            yield item
+
+    for where, item in formats.convert(fmt, path, counted(), oasst_paths):
+        if isinstance(item, Dropped):
+            report.left_out[item.kind] += 1
+        elif isinstance(item, Exception):
+            bad.append((where, "invalid_json" if isinstance(item, DataError) else "format", str(item)))
+            report.skipped[bad[-1][1]] += 1
+        elif problem := validate(item):
+            bad.append((where, *problem))
+            report.skipped[problem[0]] += 1
+        else:
+            report.dialogues += 1
+            yield where, item
+
+
+def digest(dialogue: Messages) -> int:
+    """A 64-bit hash of a dialogue's content: equal dialogues, and only they (in practice), share it. It finds
+    duplicates and decides a dialogue's side of the eval split, whatever the order of the records."""
+    h = hashlib.blake2b(digest_size=8)
+    for message in dialogue:  # message by message: a huge one is hashed without a second copy of the dialogue
+        content = message.get("content")
+        rest = {k: v for k, v in message.items() if k != "content"}
+        h.update(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode() + b"\x00")
+        if not isinstance(content, str):
+            content = json.dumps(content, sort_keys=True)
+        for at in range(0, len(content), 1 << 20):  # a megabyte at a time: no copy of a huge message
+            h.update(content[at : at + (1 << 20)].encode("utf-8", "surrogatepass"))
+        h.update(b"\x01")
+    return int.from_bytes(h.digest(), "little")
+
+
+def held_out(digest_value: int, eval_fraction: float) -> bool:
+    return digest_value % 10_000 < eval_fraction * 10_000
+
+
 def collect(files: list[str], fmt: Format, oasst_paths: OasstPaths = "longest",
-            report: DataReport | None = None) -> tuple[list[Messages], DataReport, list[tuple[str, str, str]]]:
-    """Read, convert and validate every record of `files`: (dialogues, report, bad records as
-    (location, kind, reason)). Bad records are counted in the report by kind; nothing raises here."""
-    report, dialogues, bad = report or DataReport(), [], []
+            report: SourceReport | None = None) -> tuple[list[Messages], SourceReport, list[Bad]]:
+    """Read, convert and validate every record of `files` in this process: (dialogues, report, bad records as
+    (location, kind, reason)). For tools and small sets; a run prepares its data in parallel (prepare.py)."""
+    report, dialogues, bad = report or SourceReport(), [], []
     for path in files:
         records = list(read_records(path))
-        report.records += len(records)
-        for where, item in formats.convert(fmt, path, records, oasst_paths):
-            if isinstance(item, formats.Dropped):
-                report.left_out[item.kind] += 1
-            elif isinstance(item, Exception):
-                bad.append((where, "invalid_json" if isinstance(item, DataError) else "format", str(item)))
-            elif problem := validate(item):
-                bad.append((where, *problem))
-            else:
-                dialogues.append(item)
-    for _, kind, _ in bad:
-        report.skipped[kind] += 1
-    report.dialogues += len(dialogues)
-    return dialogues, report, sorted(bad, key=lambda b: _record_order(b[0], files))
+        try:
+            chosen = formats.detect(path, records[:20]) if fmt == "auto" else fmt
+        except FormatError as e:
+            raise DataError(str(e)) from None
+        dialogues += [d for _, d in dialogues_of(chosen, path, records, oasst_paths, report, bad)]
+    return dialogues, report, sorted(bad, key=lambda b: record_order(b[0], files))
 
 
-def _record_order(where: str, files: list[str]) -> tuple[int, int, str]:
+def record_order(where: str, files: list[str]) -> tuple[int, int, str]:
     """Sort key of a location (`file:line`, `file[i]`, `file#k`, with a suffix): file, then number."""
     file = next((i for i, f in enumerate(files) if where.startswith(f)), len(files))
     number = re.match(r"[:\[#](\d+)", where[len(files[file]):] if file < len(files) else "")
     return file, int(number.group(1)) if number else -1, where
 
 
-def refuse_bad(bad: list[tuple[str, str, str]]) -> None:
-    """Every bad record, one per line (the first 200), as one error."""
+def refuse_bad(bad: list[Bad], skip_hint: str = "set data.on_bad_record: skip", hints: Iterable[str] = ()) -> None:
+    """Every bad record, one per line (the first 200), as one error; `hints` say what would fix many at once."""
     if bad:
         lines = "\n".join(f"  {where}: {reason}" for where, _, reason in bad[:200])
         more = f"\n  ... and {len(bad) - 200} more" if len(bad) > 200 else ""
-        raise DataError(f"{len(bad)} bad record(s); fix them or set data.on_bad_record: skip\n{lines}{more}")
+        advice = "".join(f"\n  {h}" for h in hints)
+        raise DataError(f"{len(bad)} bad record(s); fix them or {skip_hint}\n{lines}{more}{advice}")
 
 
-def load_dialogues(files: list[str], fmt: Format, on_bad_record: str,
-                   oasst_paths: OasstPaths = "longest") -> tuple[list[Messages], DataReport]:
-    """Read, convert and validate every record of `files`.
-
-    Raises DataError listing every bad record unless on_bad_record is "skip".
-    """
+def load_dialogues(files: list[str], fmt: Format, on_bad_record: str, oasst_paths: OasstPaths = "longest",
+                   skip_hint: str = "set data.on_bad_record: skip") -> tuple[list[Messages], SourceReport]:
+    """Read, convert and validate every record of `files`; raises DataError listing every bad record unless
+    on_bad_record is "skip"."""
     dialogues, report, bad = collect(files, fmt, oasst_paths)
     if on_bad_record == "error":
-        refuse_bad(bad)
+        refuse_bad(bad, skip_hint)
     return dialogues, report
 
 
-def split(dialogues: list[Messages], eval_fraction: float) -> tuple[list[Messages], list[Messages]]:
-    """Hold out a stable eval split: a dialogue's side depends on its content alone, not on order."""
-    train, held = [], []
-    for d in dialogues:
-        bucket = zlib.crc32(json.dumps(d, sort_keys=True).encode()) % 10_000
-        (held if bucket < eval_fraction * 10_000 else train).append(d)
-    return train, held
-
-
-def length_stats(lengths: list[int]) -> dict[str, float]:
+def length_stats(lengths) -> dict[str, float]:
     """Token-length summary of a set of dialogues."""
-    if not lengths:
+    if not len(lengths):
         return {"count": 0}
     s = sorted(lengths)
     pick = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # noqa: E731

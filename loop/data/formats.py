@@ -29,8 +29,15 @@ def messages(record: Any) -> list[Messages]:
 
 
 def prompt_completion(record: Any) -> list[Messages]:
+    """`{"prompt": str, "completion": str}`, or TRL's conversational shape with a list of messages on each side
+    (the two lists are one dialogue; as everywhere in this loop, its assistant turns are what trains)."""
     if not isinstance(record, dict):
         raise FormatError("record is not an object")
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if isinstance(prompt, list) or isinstance(completion, list):
+        if not (isinstance(prompt, list) and isinstance(completion, list)):
+            raise FormatError("a conversational record needs 'prompt' and 'completion' both as lists of messages")
+        return [prompt + completion]
     return [[{"role": "user", "content": text_field(record, "prompt")},
              {"role": "assistant", "content": text_field(record, "completion")}]]
 
@@ -121,10 +128,59 @@ CONVERTERS: dict[str, Callable[..., Iterator[Converted]]] = {
     "chatterbot": per_record(chatterbot),
     "oasst": oasst,
 }
-assert set(CONVERTERS) == set(get_args(Format))
+assert set(CONVERTERS) | {"auto"} == set(get_args(Format))
 
 
 def convert(fmt: Format, path: str, records: Iterable[Located],
             oasst_paths: OasstPaths = "longest") -> Iterator[Converted]:
     """Every dialogue (or problem) of one file's records, with its location."""
     return CONVERTERS[fmt](path, records, oasst_paths=oasst_paths)
+
+
+def _is_sharegpt(turns: Any) -> bool:
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+
+
+# What each format's records look like, checked in this order on a source's first records (data.format: auto).
+SIGNATURES: dict[str, Callable[[dict], bool]] = {
+    "messages": lambda r: isinstance(r.get("messages"), list),
+    "sharegpt": lambda r: _is_sharegpt(r.get("conversations")),
+    "chatterbot": lambda r: isinstance(r.get("conversations"), list) and not _is_sharegpt(r["conversations"]),
+    "oasst": lambda r: {"message_id", "role", "text"} <= r.keys(),
+    "prompt_completion": lambda r: "prompt" in r and "completion" in r,
+    "alpaca": lambda r: "instruction" in r and "output" in r,
+}
+PREFERENCE_KEYS = {"chosen", "rejected"}  # preference pairs: another objective's data, not dialogues
+
+
+def looks_like(record: Any) -> str | None:
+    """The format whose records look like this one, or None."""
+    if not isinstance(record, dict):
+        return None
+    return next((fmt for fmt, matches in SIGNATURES.items() if matches(record)), None)
+
+
+def detect(path: str, sample: list[Located]) -> str:
+    """The format of a source from its first records (data.format: auto), or a FormatError that says what
+    they look like instead."""
+    records = [r for _, r in sample if isinstance(r, dict)]
+    if not records:  # nothing to recognise: an empty source, or records none of which can be read (all bad)
+        return "messages"
+    found = [f for f in map(looks_like, records) if f]
+    if found:
+        return max(dict.fromkeys(found), key=found.count)  # the most common; ties go to the first seen
+    keys = sorted({k for r in records for k in r})
+    if PREFERENCE_KEYS <= set(keys):
+        raise FormatError(f"{path}: its records are preference pairs (chosen / rejected), not dialogues; train "
+                          "them with training.objective: dpo")
+    raise FormatError(f"{path}: no known record shape in its first records (fields {keys[:12]}); set data.format "
+                      f"(one of {sorted(SIGNATURES)}) or map its fields with columns: {{FIELD: messages}}")
+
+
+def hint(fmt: str, records: list[Any]) -> str | None:
+    """When records meant as `fmt` look like another format: what to set instead."""
+    other = [f for f in map(looks_like, records) if f and f != fmt]
+    if not other:
+        return None
+    best = max(dict.fromkeys(other), key=other.count)
+    return f"these records look like {best}: set data.format: {best} (or format: {best} on this source)"

@@ -16,6 +16,9 @@ import bisect
 import functools
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
 
 from loop.config import PackingMode
 
@@ -84,6 +87,44 @@ def efficiency(rows: list[Row], seq_len: int) -> float:
     """Real tokens / token slots, with every row padded to seq_len."""
     real = sum(e - s for row in rows for _, s, e in row)
     return real / max(1, len(rows) * seq_len)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Packed rows as two arrays, however many there are: row j holds pieces[starts[j]:starts[j + 1]], each
+    piece a (dialogue index, start, end); no Python object per dialogue or row."""
+
+    pieces: np.ndarray  # (pieces, 3) int64
+    starts: np.ndarray  # (rows + 1,) int64
+
+    @classmethod
+    def of(cls, rows: list[Row]) -> Rows:
+        starts = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum([len(r) for r in rows], out=starts[1:])
+        pieces = np.array([p for r in rows for p in r], dtype=np.int64).reshape(-1, 3)
+        return cls(pieces, starts)
+
+    @classmethod
+    def pack(cls, lengths: np.ndarray, seq_len: int, mode: PackingMode, dialogues: np.ndarray | None = None) -> Rows:
+        """The rows of `plan_rows` over these lengths; piece indices name `dialogues[i]` when given (the
+        dialogue each packed occurrence is a copy of)."""
+        rows = cls.of(plan_rows(lengths.tolist(), seq_len, mode))
+        if dialogues is not None and len(rows.pieces):
+            rows.pieces[:, 0] = dialogues[rows.pieces[:, 0]]
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def row(self, j: int) -> Row:
+        return [tuple(p) for p in self.pieces[self.starts[j] : self.starts[j + 1]].tolist()]
+
+    def tokens(self) -> int:
+        return int((self.pieces[:, 2] - self.pieces[:, 1]).sum())
+
+    def efficiency(self, seq_len: int) -> float:
+        """Real tokens / token slots, with every row padded to seq_len."""
+        return self.tokens() / max(1, len(self) * seq_len)
 
 
 @functools.lru_cache(maxsize=2)  # asked once per step; shuffled once per epoch

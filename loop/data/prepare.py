@@ -1,45 +1,331 @@
-"""A run's data, end to end: the train and eval dialogues of a DataConfig, validated, split and tokenized,
-with the report the run logs; and the questions a run held out, for showing what a model learned."""
+"""A run's data, end to end, kept in a cache folder that the next run starts from.
+
+One process prepares: every source of the mixture is read in units, converted, validated and tokenized
+by worker processes on every core it has (with a progress bar); duplicates are found and the eval split
+taken by content; tokens (two bytes each for vocabularies under 65,536), trained flags and per-dialogue
+counts go to flat files in a folder named by the key of everything they were made of (the sources'
+content, how they are read, the template, tokenizer and row length). The other processes, and every
+later run with the same key, memory-map that folder: no Python object per dialogue, no second
+tokenization, a cached start in seconds. What training takes from it (the order with the mixture's
+weights, the packed rows, per source) is computed from the arrays, and the packing kept beside them.
+
+Why by hand rather than `datasets.map`: the cache lookup must come before reading any record, the result
+must stay a few flat arrays (the loop reads them by offset), and bad records must be named by file and
+line, in order, from parallel workers.
+"""
 
 from __future__ import annotations
 
-import datasets
+import hashlib
+import json
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from loop.data.dialogues import DataReport, collect, load_dialogues, refuse_bad, split
-from loop.data.records import DataError
-from loop.data.tokenize import fingerprint, tokenize
+from loop.config import DataConfig, first_line
+from loop.data import dialogues as dlg
+from loop.data.batches import Columns
+from loop.data.dialogues import Bad, DataReport, SourceReport
+from loop.data.packing import Rows
+from loop.data.records import DataError, Unit
+from loop.data.sources import Planned, plan, read, resolve
+from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
+
+CACHE_VERSION = "1"
+TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
+BATCH = 512  # dialogues a worker encodes at once
 
 
-def prepare(cfg, tokenizer: PreTrainedTokenizerBase) -> tuple[datasets.Dataset, datasets.Dataset, DataReport]:
-    """Train and eval datasets for a DataConfig: load, validate, split, tokenize. Bad records of the
-    train and eval files are listed together; an empty training set is an error here, before any model
-    work."""
-    train, report, bad = collect(cfg.train_files, cfg.format, cfg.oasst_paths)
-    if cfg.eval_files:
-        held, _, bad_eval = collect(cfg.eval_files, cfg.format, cfg.oasst_paths, report)
-        bad += bad_eval
+def cache_root(data: DataConfig) -> Path:
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loop" / "data"
+
+
+@dataclass
+class Chunk:
+    """What a worker made of one work item (a unit, or every unit of a source that must be read together)."""
+
+    source: int
+    tokens: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray
+    trained_counts: np.ndarray
+    status: np.ndarray
+    digests: np.ndarray
+    report: SourceReport
+    bad: list[Bad] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    planned: list[Planned]
+    tokenizer: PreTrainedTokenizerBase
+    seq_len: int
+    on_too_long: str
+    oasst_paths: str
+    dtype: str
+
+
+_JOB: Job | None = None
+_ENCODER: Encoder | None = None
+_TABLES: dict = {}
+
+
+def _start(job: Job) -> None:
+    """A worker's set-up: the job once, and an encoder (the tokenizer's own thread pool off: the workers are
+    the parallelism)."""
+    global _JOB, _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _JOB, _ENCODER = job, Encoder(job.tokenizer, job.seq_len, job.on_too_long)
+
+
+def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
+    index, units = item
+    planned = _JOB.planned[index]
+    report, bad = SourceReport(), []
+    records = (r for unit in units for r in read(planned.source, unit, tables=_TABLES))
+    found = dlg.dialogues_of(planned.fmt, planned.source.path, records, _JOB.oasst_paths, report, bad)
+    ids, masks, lengths, counts, status, digests = [], [], [], [], [], []
+
+    def encode(batch: list) -> None:
+        for (ids_, mask, state), dialogue in zip(_ENCODER.encode(batch), batch):
+            ids.append(ids_)
+            masks.append(mask)
+            lengths.append(len(ids_))
+            counts.append(int(mask.sum()))
+            status.append(state)
+            digests.append(dlg.digest(dialogue))
+
+    batch: list = []
+    for _, dialogue in found:
+        batch.append(dialogue)
+        if len(batch) == BATCH:
+            encode(batch)
+            batch = []
+    if batch:
+        encode(batch)
+    report.truncated = status.count(TRUNCATED)
+    report.dropped_too_long = status.count(DROPPED)
+    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)  # noqa: E731
+    return Chunk(index, cat(ids, _JOB.dtype), cat(masks, np.uint8), np.array(lengths, np.int32),
+                 np.array(counts, np.int32), np.array(status, np.uint8), np.array(digests, np.uint64), report,
+                 sorted(bad, key=lambda b: dlg.record_order(b[0], [planned.source.path])))
+
+
+def _chunks(job: Job, num_proc: int, progress: bool):
+    """Every work item's Chunk, in order: in worker processes when there is enough to share, else here."""
+    from tqdm import tqdm
+
+    items = [(i, p.units) if p.together else (i, (u,)) for i, p in enumerate(job.planned)
+             for u in (p.units[:1] if p.together else p.units)]
+    workers = min(num_proc or len(os.sched_getaffinity(0)), len(items))
+    bar = tqdm(total=len(items), desc="prepare data", unit="chunk", disable=not progress)
+    if workers <= 1:
+        _start(job)
+        for item in items:
+            yield _work(item)
+            bar.update()
     else:
-        train, held = split(train, cfg.eval_fraction)
-    if cfg.on_bad_record == "error":
-        refuse_bad(bad)
-    report.fingerprint = fingerprint(train, held)
-    common = dict(tokenizer=tokenizer, seq_len=cfg.seq_len, on_too_long=cfg.on_too_long,
-                  num_proc=cfg.num_proc, cache_dir=cfg.cache_dir, report=report)
-    train_ds, eval_ds = tokenize(train, **common), tokenize(held, **common)
-    if len(train_ds) == 0:
-        raise DataError(f"no training dialogues in {', '.join(cfg.train_files)}: {report.records} records read, "
-                        f"{report.describe()}")
-    return train_ds, eval_ds, report
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the process that prepares may already hold DeepSpeed's and gloo's threads
+        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start,
+                                 initargs=(job,)) as pool:
+            for chunk in pool.map(_work, items):
+                yield chunk
+                bar.update()
+    bar.close()
 
 
-def held_out_prompts(cfg, count: int) -> list[str]:
-    """The first question of `count` dialogues a run held out for evaluation (its eval files, or the
-    split of its train files), for showing what a model learned on questions it never saw."""
-    if cfg.eval_files:
-        held, _ = load_dialogues(cfg.eval_files, cfg.format, "skip", cfg.oasst_paths)
-    else:
-        train, _ = load_dialogues(cfg.train_files, cfg.format, "skip", cfg.oasst_paths)
-        held = split(train, cfg.eval_fraction)[1]
-    firsts = [next(m["content"] for m in d if m["role"] == "user") for d in held]
-    return sorted(set(firsts), key=firsts.index)[:count]
+def key_of(planned: list[Planned], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """(the data's fingerprint: what it is made of, the cache key: that and how it is tokenized)."""
+    made_of = fingerprint([(p.source.role, p.source.path, p.source.split, p.source.subset, p.source.columns, p.fmt,
+                            p.content) for p in planned], data.oasst_paths, data.dedup, data.eval_fraction,
+                          bool(data.eval_files), data.on_bad_record)
+    return made_of, fingerprint(CACHE_VERSION, made_of, tokenizer_fingerprint(tokenizer), data.seq_len,
+                                data.on_too_long)
+
+
+def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool = True) -> Path:
+    """The cache folder of this data (prepared now unless a run already did); DataError for bad records
+    (listed, unless data.on_bad_record: skip) or when no training dialogue is left."""
+    planned = [plan(source) for source in resolve(data)]
+    made_of, key = key_of(planned, data, tokenizer)
+    root = cache_root(data)
+    folder = root / f"prepared-{key}"
+    if (folder / "meta.json").is_file():
+        return folder
+    tmp = root / f".tmp-{key}-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _build(tmp, planned, data, tokenizer, made_of, progress)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished the same folder first: it is the same data
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot write the data cache under {root} ({first_line(e)}); set data.cache_dir to a "
+                        "folder with space") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_of: str, progress: bool) -> None:
+    dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "int32"
+    job = Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, dtype)
+    reports = [SourceReport(name=p.source.name, role=p.source.role) for p in planned]
+    bad: list[list[Bad]] = [[] for _ in planned]
+    per_dialogue: dict[str, list] = {k: [] for k in ("lengths", "trained_counts", "status", "digests", "source")}
+    with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "trained.bin").open("wb") as trained:
+        for chunk in _chunks(job, data.num_proc, progress):
+            tokens.write(chunk.tokens.tobytes())
+            trained.write(chunk.trained.tobytes())
+            for name in ("lengths", "trained_counts", "status", "digests"):
+                per_dialogue[name].append(getattr(chunk, name))
+            per_dialogue["source"].append(np.full(len(chunk.lengths), chunk.source, np.uint16))
+            reports[chunk.source].add(chunk.report)
+            bad[chunk.source] += chunk.bad
+    arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in per_dialogue.items()}
+    everything = [b for found in bad for b in found]
+    if data.on_bad_record == "error":
+        hints = [f"{p.source.path}: {p.hint}" for p, found in zip(planned, bad) if found and p.hint]
+        dlg.refuse_bad(everything, hints=hints)
+    use = _uses(arrays, planned, reports, data)
+    if not (use == TRAIN).any():
+        sources = ", ".join(p.source.path for p in planned if p.source.role == "train")
+        total = DataReport(reports).describe()
+        raise DataError(f"no training dialogues in {sources}: {sum(r.records for r in reports)} records read, {total}")
+    offsets = np.zeros(len(arrays["lengths"]) + 1, dtype=np.int64)
+    np.cumsum(arrays["lengths"], out=offsets[1:])
+    for name, values in (("offsets", offsets), ("trained_counts", arrays["trained_counts"]), ("use", use),
+                         ("source", arrays["source"])):
+        np.save(tmp / f"{name}.npy", values)
+    meta = {"version": CACHE_VERSION, "fingerprint": made_of, "dtype": dtype, "tokens": int(offsets[-1]),
+            "sources": [{"name": p.source.name, "role": p.source.role, "fmt": p.fmt} for p in planned],
+            "reports": [vars(r) | {"skipped": dict(r.skipped), "left_out": dict(r.left_out)} for r in reports]}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def _uses(arrays: dict, planned: list[Planned], reports: list[SourceReport], data: DataConfig) -> np.ndarray:
+    """What each dialogue is for: duplicates counted (and with data.dedup kept once), the eval split taken from
+    each train source by content (so copies of a dialogue always land on one side), too-long ones unused."""
+    source, digests, status = arrays["source"], arrays["digests"], arrays["status"]
+    use = np.full(len(source), TRAIN, dtype=np.uint8)
+    for i, p in enumerate(planned):
+        mine = np.flatnonzero(source == i)
+        _, first = np.unique(digests[mine], return_index=True)
+        reports[i].duplicates = len(mine) - len(first)
+        if data.dedup:
+            repeated = np.ones(len(mine), bool)
+            repeated[first] = False
+            use[mine[repeated]] = UNUSED
+        if p.source.role == "eval":
+            use[mine[use[mine] == TRAIN]] = EVAL
+        elif not data.eval_files:
+            held = (digests[mine] % 10_000) < data.eval_fraction * 10_000
+            use[mine[held & (use[mine] == TRAIN)]] = EVAL
+            reports[i].held_out = int((use[mine] == EVAL).sum())
+    use[status == DROPPED] = UNUSED
+    return use
+
+
+@dataclass
+class Prepared:
+    """Prepared data as a run trains on it: the dialogues' columns (memory-mapped), the training rows with the
+    mixture's weights applied, each eval set's rows, and the report."""
+
+    columns: Columns
+    order: np.ndarray  # the training dialogues, every copy of the mixture's weights counted, in source order
+    train_rows: Rows
+    eval_rows: dict[str, Rows]
+    report: DataReport
+    folder: Path
+
+
+def open_prepared(folder: Path, data: DataConfig, seed: int) -> Prepared:
+    """A prepared cache folder as this run trains on it (the weights are the config's, chosen by `seed`)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
+    offsets, use, source = load("offsets"), load("use"), load("source")
+    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r") if meta["tokens"] else np.zeros(0)
+    trained = np.memmap(folder / "trained.bin", dtype=np.uint8, mode="r") if meta["tokens"] else np.zeros(0, np.uint8)
+    columns = Columns.from_arrays(tokens, trained, offsets, load("trained_counts"))
+    reports = [SourceReport(**{**r, "skipped": Counter(r["skipped"]), "left_out": Counter(r["left_out"])})
+               for r in meta["reports"]]
+    weights = {s.name: s.weight for s in resolve(data) if s.role == "train"}
+    lengths = columns.lengths()
+    order = []
+    for i, s in enumerate(meta["sources"]):
+        if s["role"] != "train":
+            continue
+        mine = np.flatnonzero((source == i) & (use == TRAIN))
+        copies = weighted(mine, weights.get(s["name"], 1.0), seed + i)
+        reports[i].weighted = len(copies)
+        reports[i].trained_tokens = int(columns.trained_counts[copies].sum())
+        order.append(copies)
+    order = np.concatenate(order) if order else np.zeros(0, np.int64)
+    train_rows = _rows(folder, lengths, order, data)
+    evals: dict[str, list[np.ndarray]] = {}
+    for i, s in enumerate(meta["sources"]):
+        mine = np.flatnonzero((source == i) & (use == EVAL))
+        if len(mine):
+            evals.setdefault(s["name"], []).append(mine)
+    eval_rows = {name: _rows(folder, lengths, np.concatenate(parts), data) for name, parts in evals.items()}
+    return Prepared(columns, order, train_rows, eval_rows, DataReport(reports, meta["fingerprint"]), folder)
+
+
+def weighted(dialogues: np.ndarray, weight: float, seed: int) -> np.ndarray:
+    """Each dialogue floor(weight) times, and once more for a share of them equal to the fraction left,
+    chosen by seed: a weight of 0.25 keeps a quarter of the source, 3 trains each dialogue three times."""
+    whole, part = int(weight), weight - int(weight)
+    extra = dialogues[np.random.default_rng(seed).random(len(dialogues)) < part] if part else dialogues[:0]
+    return np.concatenate([np.tile(dialogues, whole), extra]).astype(np.int64)
+
+
+def _rows(folder: Path, lengths: np.ndarray, order: np.ndarray, data: DataConfig) -> Rows:
+    """The packed rows of these dialogues (in this order), kept beside the cache: packing a million dialogues
+    takes seconds, reading them back a moment."""
+    key = hashlib.blake2b(np.ascontiguousarray(order).tobytes() + f"{data.seq_len}:{data.packing}".encode(),
+                          digest_size=12).hexdigest()
+    pieces, starts = folder / f"rows-{key}-pieces.npy", folder / f"rows-{key}-starts.npy"
+    if pieces.is_file() and starts.is_file():
+        return Rows(np.load(pieces, mmap_mode="r"), np.load(starts, mmap_mode="r"))
+    rows = Rows.pack(lengths[order], data.seq_len, data.packing, dialogues=order)
+    try:  # written under temporary names, then renamed: a reader never sees half a file
+        for path, values in ((pieces, rows.pieces), (starts, rows.starts)):
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
+            np.save(tmp, values)
+            tmp.rename(path)
+    except OSError:  # a read-only cache still trains; it packs again next time
+        pass
+    return rows
+
+
+def held_out_prompts(data: DataConfig, count: int) -> list[str]:
+    """The first question of `count` dialogues a run held out for evaluation (its eval sources, or the split
+    of its train sources), read in this process, stopping as soon as there are enough."""
+    firsts: list[str] = []
+    for planned in map(plan, resolve(data)):
+        if planned.source.role != ("eval" if data.eval_files else "train"):
+            continue
+        records = (r for unit in planned.units for r in read(planned.source, unit))
+        for _, dialogue in dlg.dialogues_of(planned.fmt, planned.source.path, records, data.oasst_paths,
+                                            SourceReport(), []):
+            if data.eval_files or dlg.held_out(dlg.digest(dialogue), data.eval_fraction):
+                first = next(m["content"] for m in dialogue if m["role"] == "user")
+                if first not in firsts:
+                    firsts.append(first)
+                if len(firsts) == count:
+                    return firsts
+    return firsts

@@ -1,23 +1,23 @@
 """Records as users keep them: reading JSONL (line by line, so that a broken line is reported by number),
-JSON, YAML, Parquet, a dataset folder or a Hub dataset id; and what can be wrong with one record
-(`DataError` for input that cannot be read, `FormatError` for a shape its format does not promise,
-`Dropped` for what a format leaves out by design), shared by every converter."""
+JSON, YAML, Parquet, a dataset folder or a Hub dataset id, in pieces that workers read on their own; and
+what can be wrong with one record (`DataError` for input that cannot be read, `FormatError` for a shape its
+format does not promise, `Dropped` for what a format leaves out by design), shared by every converter."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-
 from loop.config import first_line
 
-Messages = list[dict[str, str]]
+Messages = list[dict[str, Any]]
 Located = tuple[str, Any]  # (location, raw record, or the exception its reader raised)
 Converted = tuple[str, "Messages | Exception"]
+WHOLE_FILE = (".json", ".yml", ".yaml")  # read at once: one record list (JSON) or one document (YAML)
 
 
 class DataError(ValueError):
@@ -47,60 +47,175 @@ def text_field(record: dict, key: str, optional: bool = False) -> str:
     return value
 
 
-def read_records(path: str) -> Iterator[tuple[str, Any]]:
-    """Yield (location, record) from a local JSONL / JSON / YAML / Parquet file or a Hub dataset id.
+class _DuplicateKey(ValueError):
+    pass
 
-    JSONL is read line by line here (not by `datasets`) so that a broken line is reported by number.
-    """
-    check_exists(path)
-    p = Path(path)
-    if p.suffix == ".jsonl":
-        with p.open("rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object, refused when it names a key twice (json keeps the last silently)."""
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        seen: set[str] = set()
+        twice = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _DuplicateKey(f"the key {twice!r} appears twice in one object")
+    return found
+
+
+def parse_json(raw: bytes | str) -> Any:
+    """One JSON document, or a DataError that says what is wrong with it (never RecursionError)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as e:
+        return DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+    except json.JSONDecodeError as e:
+        return DataError(f"invalid JSON ({e.msg}, column {e.colno})" if e.lineno == 1 else
+                         f"invalid JSON ({e.msg}, line {e.lineno} column {e.colno})")
+    except _DuplicateKey as e:
+        return DataError(f"invalid JSON ({e})")
+    except RecursionError:
+        return DataError("invalid JSON (nested too deeply to be a record)")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of one source that one worker reads on its own: a byte range of JSONL lines (`first_line` is
+    the number of its first line), a Parquet row group, a row range of a dataset, or a whole file."""
+
+    kind: str  # "lines" | "row_group" | "rows" | "whole"
+    start: int = 0
+    stop: int = 0
+    first_line: int = 1
+
+
+def plan_lines(path: Path, chunk_bytes: int = 4 << 20) -> tuple[list[Unit], str]:
+    """A JSONL file cut into units at line boundaries, and the file's content hash (one pass over it)."""
+    import hashlib
+
+    digest, units = hashlib.blake2b(digest_size=16), []
+    start, line, offset = 0, 1, 0
+    with path.open("rb") as f:
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+            cut = block.rfind(b"\n")
+            if cut >= 0:  # the unit so far ends at this block's last newline (a long line spans blocks)
+                units.append(Unit("lines", start, offset + cut + 1, line))
+                start, line = offset + cut + 1, line + block.count(b"\n")
+            offset += len(block)
+    if offset > start:
+        units.append(Unit("lines", start, offset, line))
+    return units, digest.hexdigest()
+
+
+def read_lines(path: Path, unit: Unit) -> Iterator[Located]:
+    """The records of a unit of JSONL lines. Each line is read, decoded and parsed on its own, and its bytes let
+    go before it is parsed: a 50 MB line costs about twice its size, not the whole unit's or four times."""
+    with path.open("rb") as f:
+        f.seek(unit.start)
+        n = unit.first_line
+        while f.tell() < unit.stop:
+            raw = f.readline()
+            if raw.strip():
                 try:
-                    yield f"{path}:{n}", json.loads(raw.decode("utf-8"))
+                    text, raw = raw.decode("utf-8"), None
                 except UnicodeDecodeError as e:
-                    yield f"{path}:{n}", DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", DataError(f"invalid JSON ({e.msg}, column {e.colno})")
-    elif p.suffix == ".json":
+                    text = DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
+                yield f"{path}:{n}", text if isinstance(text, DataError) else parse_json(text.rstrip("\r\n"))
+            n += 1
+
+
+def read_whole(path: Path) -> Iterator[Located]:
+    if path.suffix == ".json":
         try:
-            data = json.loads(p.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{path}: not valid UTF-8 JSON: {e}") from None
+            data = parse_json(path.read_bytes())
+        except OSError as e:
+            data = DataError(f"cannot be read ({first_line(e)})")
+        if isinstance(data, DataError):
+            raise DataError(f"{path}: not a readable JSON file: {data}")
         rows = data.get("data", data) if isinstance(data, dict) else data
         if not isinstance(rows, list):
             raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
-        for i, record in enumerate(rows):
-            yield f"{path}[{i}]", record
-    elif p.suffix in (".yml", ".yaml"):
+        yield from ((f"{path}[{i}]", record) for i, record in enumerate(rows))
+    else:
         import yaml
 
         try:  # BaseLoader: every scalar stays text as written (no `yes` -> True, no 1.0 -> 1)
-            yield path, yaml.load(p.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
-        except (UnicodeDecodeError, yaml.YAMLError) as e:
-            yield path, DataError(f"not valid UTF-8 YAML: {first_line(e)}")
+            yield str(path), yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
+        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
+            yield str(path), DataError(f"not valid UTF-8 YAML: {first_line(e)}")
+
+
+def parquet_row_groups(path: Path) -> int:
+    """How many row groups a Parquet file has; its footer is read, so a broken file is said here, once."""
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_row_groups
+    except Exception as e:  # noqa: BLE001 - pyarrow raises many kinds
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
+
+
+def read_row_group(path: Path, unit: Unit) -> Iterator[Located]:
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+        rows = file.read_row_group(unit.start, use_threads=False).to_pylist()
+        first = sum(file.metadata.row_group(g).num_rows for g in range(unit.start))
+    except Exception as e:  # noqa: BLE001 - a corrupted page shows up in many ways
+        yield f"{path}[row group {unit.start}]", DataError(f"unreadable Parquet row group ({first_line(e)})")
+        return
+    yield from ((f"{path}[{first + i}]", record) for i, record in enumerate(rows))
+
+
+def load_dataset(path: str, subset: str | None, split: str | None):
+    """A dataset folder or Hub dataset through `datasets.load_dataset`, the same path either way (`ID:SPLIT`
+    names a split too); a DataError in one line when it cannot be loaded."""
+    import datasets
+
+    local = Path(path).exists()
+    name, _, named_split = (path, "", "") if local else path.partition(":")
+    try:
+        return datasets.load_dataset(name, subset, split=split or named_split or "train")
+    except (datasets.exceptions.DataFilesNotFoundError, datasets.data_files.EmptyDatasetError):
+        raise DataError(f"{path}: no data files {'in this folder' if local else 'found'}") from None
+    except Exception as e:  # noqa: BLE001 - the Hub, the network and datasets raise many kinds
+        where = "as a dataset folder" if local else "locally, nor as a Hub dataset"
+        raise DataError(f"{path}: cannot be loaded {where} ({first_line(e)})") from None
+
+
+def read_rows(path: str, table, unit: Unit) -> Iterator[Located]:
+    """Rows start..stop of a loaded dataset, converted to Python a slice at a time (not row by row)."""
+    rows = table.data.table.slice(unit.start, unit.stop - unit.start).to_pylist()
+    yield from ((f"{path}[{unit.start + i}]", record) for i, record in enumerate(rows))
+
+
+def renamed(records: Iterator[Located], columns: dict[str, str]) -> Iterator[Located]:
+    """Records with the source's field names mapped onto the schema's (`columns`: source field -> schema field)."""
+    if not columns:
+        yield from records
+        return
+    for where, record in records:
+        if isinstance(record, dict):
+            record = {columns.get(k, k): v for k, v in record.items()}
+        yield where, record
+
+
+def read_records(path: str, subset: str | None = None, split: str | None = None) -> Iterator[tuple[str, Any]]:
+    """Every (location, record) of a local JSONL / JSON / YAML / Parquet file, dataset folder or Hub dataset
+    id, in order, in this process (tools and small checks; a run reads units in parallel, prepare.py)."""
+    check_exists(path)
+    p = Path(path)
+    if p.suffix == ".jsonl":
+        for unit in plan_lines(p)[0]:
+            yield from read_lines(p, unit)
+    elif p.suffix in WHOLE_FILE:
+        yield from read_whole(p)
     elif p.suffix == ".parquet":
-        try:
-            table = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        except Exception as e:  # noqa: BLE001 - pyarrow and datasets raise many kinds
-            raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
-        for i, record in enumerate(table):
-            yield f"{path}[{i}]", record
+        for group in range(parquet_row_groups(p)):
+            yield from read_row_group(p, Unit("row_group", group, group + 1))
     elif p.is_dir() or not p.exists():
-        # A Hub dataset id or a local dataset folder, optionally `NAME:SPLIT` (default split: train).
-        name, _, split_name = path.partition(":") if not p.exists() else (path, "", "")
-        try:
-            table = datasets.load_dataset(name, split=split_name or "train")
-        except (datasets.exceptions.DataFilesNotFoundError, datasets.data_files.EmptyDatasetError):
-            raise DataError(f"{path}: no data files {'in this folder' if p.exists() else 'found'}") from None
-        except Exception as e:  # noqa: BLE001 - the Hub, the network and datasets raise many kinds
-            where = "as a dataset folder" if p.exists() else "locally, nor as a Hub dataset"
-            raise DataError(f"{path}: cannot be loaded {where} ({first_line(e)})") from None
-        for i, record in enumerate(table):
-            yield f"{path}[{i}]", record
+        table = load_dataset(path, subset, split)
+        yield from read_rows(path, table, Unit("rows", 0, len(table)))
     else:
         raise DataError(f"{path}: unsupported file type {p.suffix!r} (use .jsonl, .json, .parquet or .yml)")
 

@@ -128,7 +128,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     kinds = ["adapter", "merged model"] if cfg.lora.enabled and cfg.lora.merge else [kind]
     where = repo_for(cfg.output.hub_model_id, kind, kinds) if cfg.output.push_to_hub else str(folder.resolve())
     base = base_model(cfg.model.name_or_path)
-    datasets = sorted({f.partition(":")[0] for f in cfg.data.train_files if not Path(f).exists()})  # Hub ids
+    datasets = sorted({s.path.partition(":")[0] for s in cfg.data.train_files if not Path(s.path).exists()})  # Hub
     lora = cfg.lora
     tags = ["starcoder", "code", "chat", *(["lora"] if lora.enabled else []), *(["qlora"] if lora.quantize == "4bit"
                                                                                 else [])]
@@ -192,7 +192,8 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 - Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,} of {summary.tokens_seen:,} tokens processed
 - Hardware: {summary.hardware}
 - Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
-- Data: {", ".join(cfg.data.train_files)} ({cfg.data.format})
+- Data: {", ".join(s.path + (f" (weight {s.weight:g})" if s.weight != 1 else "") for s in cfg.data.train_files)}
+  ({cfg.data.format})
 {plot}
 <details><summary>Chat template (Jinja)</summary>
 

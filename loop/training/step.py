@@ -63,9 +63,9 @@ def train_step(model, optimizer, accelerator, step: Step, objective: Objective, 
 
 @torch.no_grad()
 def evaluate(model, accelerator, objective: Objective, batches: Iterable[Batch], count: int | None = None
-             ) -> dict[str, float]:
-    """The objective over this process's held-out batches, summed over every process: the loss and each
-    statistic per normaliser unit (for supervised fine-tuning, the token-weighted loss)."""
+             ) -> torch.Tensor:
+    """The objective over this process's held-out batches, summed over every process: [summed loss, summed
+    normaliser (trained tokens, for supervised fine-tuning), summed statistics...]."""
     from tqdm import tqdm
 
     model.eval()
@@ -76,8 +76,17 @@ def evaluate(model, accelerator, objective: Objective, batches: Iterable[Batch],
         total[0] += loss.double()
         total[1] += objective.batch_weight(batch).to(total.device, torch.float64)
         total[2:] += statistics.double()
-    total = accelerator.reduce(total, reduction="sum")
     model.train()
-    weight = total[1].clamp(min=1)
-    values = (total / weight).tolist()
-    return {"loss": values[0]} | {name: v for name, v in zip(objective.statistics, values[2:])}
+    return accelerator.reduce(total, reduction="sum")
+
+
+def evaluate_sources(model, accelerator, objective: Objective, planners: dict) -> dict[str, float]:
+    """The held-out loss (and the objective's statistics) per normaliser unit over every eval set, and, for a
+    mixture, each source's own loss as eval/loss/NAME."""
+    sums = {name: evaluate(model, accelerator, objective, p.shard(), p.shard_batches) for name, p in planners.items()}
+    total = torch.stack(list(sums.values())).sum(0)
+    mean = (total / total[1].clamp(min=1)).tolist()
+    out = {"eval/loss": mean[0]} | {f"eval/{name}": v for name, v in zip(objective.statistics, mean[2:])}
+    if len(sums) > 1:
+        out |= {f"eval/loss/{name}": (t[0] / t[1].clamp(min=1)).item() for name, t in sums.items()}
+    return out

@@ -19,7 +19,7 @@ def test_yaml_and_overrides_in_every_spelling(tmp_path):
     assert cfg.training.lr == 1e-4  # YAML reads "1e-4" as a string; the float field converts it
     assert cfg.training.num_epochs == 5
     assert cfg.output.push_to_hub is False  # the original code parsed "false" as true
-    assert cfg.data.train_files == ["a.jsonl", "b.jsonl"]
+    assert [s.path for s in cfg.data.train_files] == ["a.jsonl", "b.jsonl"] and cfg.data.train_files[0].weight == 1
     assert cfg.output.hub_model_id == "me/model"
 
 

@@ -57,14 +57,14 @@ def test_vectorized_collate_equals_the_token_by_token_layout(mode):
     lengths = [e - s for _, s, e in pieces]
     assert flat["cu_seq_lens_q"].tolist() == np.concatenate([[0], np.cumsum(lengths)]).tolist()
     assert flat["max_length_q"] == max(lengths)
-    assert columns.trained_in(chosen) == int((want["targets"] != IGNORE).sum())
+    assert columns.trained_in(packing.Rows.of(chosen).pieces) == int((want["targets"] != IGNORE).sum())
 
 
 def test_columns_from_a_tokenized_dataset_with_dropped_dialogues(tokenizer, corpus):
     ds = tokenize(corpus[:50], tokenizer, seq_len=40, on_too_long="drop")  # a selection over the table
     assert 0 < len(ds) < 50
     columns = batches.Columns.from_dataset(ds)
-    assert columns.lengths() == [len(x) for x in ds["input_ids"]]
+    assert columns.lengths().tolist() == [len(x) for x in ds["input_ids"]]
     expected = batches.Columns.from_lists(ds["input_ids"], ds["assistant_mask"])
     assert np.array_equal(columns.tokens, expected.tokens) and np.array_equal(columns.trained, expected.trained)
     assert len(batches.Columns.from_dataset(ds.select([]))) == 0
@@ -85,8 +85,8 @@ def test_the_mask_is_built_on_the_device_from_sequence_ids():
 
 
 def planner(rows, columns, world=2, rank=0):
-    return batches.Planner(rows, columns, pad_id=0, layout="varlen", isolate=True, seed=3, world=world, rank=rank,
-                           micro_batch_size=2, accumulation=2)
+    return batches.Planner(packing.Rows.of(rows), columns, pad_id=0, layout="varlen", isolate=True, seed=3, world=world,
+                           rank=rank, micro_batch_size=2, accumulation=2)
 
 
 def test_a_step_is_a_pure_function_of_its_number_and_covers_every_process():

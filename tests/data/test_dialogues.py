@@ -5,10 +5,8 @@ import sys
 import datasets
 import pytest
 
-from loop.config import DataConfig
 from loop.data import templates
-from loop.data.dialogues import DataReport, load_dialogues, split
-from loop.data.prepare import prepare
+from loop.data.dialogues import SourceReport, load_dialogues
 from loop.data.records import DataError
 from loop.data.tokenize import tokenize
 from loop.model.tiny import CORPUS_DIR
@@ -52,44 +50,22 @@ def test_skip_mode_counts_by_reason(messy):
     assert len(dialogues) == 2 and report.records == len(BAD_LINES) + 2
     assert sum(report.skipped.values()) == len(BAD_LINES)
     assert report.skipped["invalid_json"] == 2 and report.skipped["not_alternating"] == 1
-    assert report.as_scalars()["data/skipped/bad_role"] == 1
+    assert report.skipped["bad_role"] == 1
 
 
 def test_too_long_dialogues_are_cut_at_a_turn_or_dropped_and_counted(tokenizer):
     long = [{"role": "user", "content": "short question"}, {"role": "assistant", "content": "short answer"},
             {"role": "user", "content": "again " * 200}, {"role": "assistant", "content": "answer " * 200}]
     fits = templates.encode(tokenizer, long[:2])[0]
-    report = DataReport()
+    report = SourceReport()
     ds = tokenize([long], tokenizer, seq_len=len(fits) + 5, on_too_long="truncate", report=report)
     assert ds["input_ids"] == [fits] and report.truncated == 1
-    report = DataReport()
+    report = SourceReport()
     ds = tokenize([long], tokenizer, seq_len=len(fits) + 5, on_too_long="drop", report=report)
     assert len(ds) == 0 and report.dropped_too_long == 1
-    report = DataReport()
+    report = SourceReport()
     ds = tokenize([long], tokenizer, seq_len=len(fits) - 1, on_too_long="truncate", report=report)
     assert len(ds) == 0 and report.dropped_too_long == 1  # not even the first exchange fits
-
-
-def test_tokenization_is_cached_and_the_key_follows_template_tokenizer_and_length(tokenizer, corpus, tmp_path):
-    cache = tmp_path / "cache"
-    tokenize(corpus[:50], tokenizer, 256, "truncate", cache_dir=str(cache))
-    files = set(cache.glob("tokenized-*.arrow"))
-    again = tokenize(corpus[:50], tokenizer, 256, "truncate", cache_dir=str(cache))
-    assert set(cache.glob("tokenized-*.arrow")) == files and len(again) == 50  # reused
-    tokenize(corpus[:50], tokenizer, 512, "truncate", cache_dir=str(cache))
-    assert len(set(cache.glob("tokenized-*.arrow"))) == 2
-    other = tokenizer.__class__.from_pretrained(tokenizer.name_or_path)
-    templates.install(other, "chatml")
-    tokenize(corpus[:50], other, 256, "truncate", cache_dir=str(cache))
-    assert len(set(cache.glob("tokenized-*.arrow"))) == 3
-
-
-def test_split_is_stable_whatever_the_order(corpus):
-    train, held = split(corpus, 0.1)
-    train2, held2 = split(list(reversed(corpus)), 0.1)
-    assert 0.05 < len(held) / len(corpus) < 0.15
-    key = lambda ds: sorted(json.dumps(d) for d in ds)  # noqa: E731
-    assert key(held) == key(held2) and key(train) == key(train2)
 
 
 def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):
@@ -105,14 +81,6 @@ def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):
     (folder / "train.jsonl").write_text(json.dumps(GOOD) + "\n")
     (folder / "test.jsonl").write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n")
     assert len(load_dialogues([str(folder)], "messages", "error")[0]) == 1
-
-
-def test_prepare_holds_out_eval_or_none(tokenizer, tiny_dir):
-    path = str(tiny_dir / "data" / "chatterbot.jsonl")
-    train, held, report = prepare(DataConfig(train_files=[path], seq_len=256), tokenizer)
-    assert len(train) + len(held) + report.dropped_too_long == report.dialogues and len(held) > 0
-    train, held, _ = prepare(DataConfig(train_files=[path], seq_len=256, eval_fraction=0.0), tokenizer)
-    assert len(held) == 0 and held.column_names == ["input_ids", "assistant_mask"]
 
 
 def test_convert_and_inspect_tools(tmp_path, tiny_dir):

@@ -19,7 +19,7 @@ FILES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.j
 SHAREGPT_ROLES = "['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human', 'system', 'user']"
 REPORTED = {  # format -> (every line the tool reports, the dialogues it keeps, what it leaves out by design)
     "messages": ([
-        ":2: invalid JSON (Expecting value, column 1)",
+        ":2: invalid JSON (Expecting value, column 15)",  # where the line ends, not a line after it
         ":3: invalid UTF-8 (invalid start byte at byte 14)",
         ":4: messages must be a list of {role, content} objects, got str",
         ":5: the dialogue is empty (it needs a list of messages)",
@@ -51,7 +51,7 @@ REPORTED = {  # format -> (every line the tool reports, the dialogues it keeps, 
         ":3: field 'completion' is missing",
         ":4: messages[1]: content must be a non-empty string"], 1, {}),
     "oasst": ([
-        ":9: invalid JSON (Expecting property name enclosed in double quotes, column 1)",
+        ":9: invalid JSON (Expecting property name enclosed in double quotes, column 26)",
         ":10: field 'text' is missing",
         ":11: parent 'nowhere' is not in this file",
         ":13: role must be one of ['assistant', 'prompter'], got 'user'",
@@ -76,7 +76,7 @@ def test_every_malformed_record_is_named_and_nothing_raises(fmt, tmp_path):
     refused = run()
     assert refused.returncode == 2 and "Traceback" not in refused.stderr + refused.stdout
     said = refused.stderr.splitlines()
-    assert said[0] == f"error: {len(lines)} bad record(s); fix them or set data.on_bad_record: skip"
+    assert said[0] == f"error: {len(lines)} bad record(s); fix them or pass --skip-bad"  # the tool's own option
     assert said[1:] == [f"  {path}{line}" for line in lines]
     skipped = run("--skip-bad")
     assert skipped.returncode == 0 and f"wrote {kept} dialogues" in skipped.stdout, skipped.stderr
@@ -109,7 +109,7 @@ def test_converters_for_common_shapes():
 
 
 def test_every_format_is_registered_once_and_errors_carry_their_location():
-    assert set(formats.CONVERTERS) == set(typing.get_args(formats.Format))
+    assert set(formats.CONVERTERS) | {"auto"} == set(typing.get_args(formats.Format))
     records = [("f.jsonl:1", {"prompt": "p", "completion": "c"}), ("f.jsonl:2", ValueError("invalid JSON")),
                ("f.jsonl:3", {"prompt": 3})]
     out = list(formats.convert("prompt_completion", "f.jsonl", records))

@@ -132,10 +132,10 @@ def test_a_run_with_push_to_hub_uploads_final_model_and_checkpoints(tiny_dir, tm
 
 
 def test_model_card_metadata_names_hub_datasets_and_base_model_only(tmp_path):
-    from loop.config import Config, DataConfig, ModelConfig
+    from loop import config
 
-    cfg = Config(model=ModelConfig(name_or_path="bigcode/starcoderbase"),
-                 data=DataConfig(train_files=["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]))
+    cfg = config.from_dict({"model": {"name_or_path": "bigcode/starcoderbase"},
+                            "data": {"train_files": ["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]}})
     card = model_card.model_card(cfg, model_card.RunSummary(world_size=8, hardware="8 x H100", steps=3),
                                  "{{ messages }}", "<|user|>\nhi", "model", tmp_path)
     assert card.data.base_model == "bigcode/starcoderbase"
