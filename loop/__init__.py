@@ -20,11 +20,15 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     report      log, metrics, trackers, profiling, model card, Hub              the above but training
     inference   loading a model to answer with, generation, chat               config, data, engine,
                                                                                 model, state
+    evaluation  does the model code: problems, answers, each program           config, processes, data,
+                contained, pass@k; as a tool and at the checkpoints            engine, inference, report
 
 Where a change goes:
 - a new objective (DPO, say): one module in training/ (its loss sum, what a step is normalised by, its
   statistics; see training/objective.py) and its settings in config/settings.py; the step does not change.
 - a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate`.
+- a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
+  pass@k stay as they are.
 - a new data source or format: a reader in data/records.py or a converter in data/formats.py.
 - a new engine (FSDP): a sibling of engine/deepspeed.py and engine/zero3_files.py, with its branch in
   engine/step.py.

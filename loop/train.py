@@ -29,6 +29,7 @@ from loop.data.prepare import Prepared, open_prepared, prepare
 from loop.data.records import DataError
 from loop.engine import deepspeed
 from loop.engine.accelerator import end_run, make_accelerator
+from loop.evaluation import during_training
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
 from loop.processes import main_decides
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         t, out = cfg.training, Path(cfg.output.output_dir)
         preemption.follow_launcher()
         trackers.check(cfg.output.report_to)
+        during_training.preflight(cfg.evaluation)
         model_config, attn, notes = load.preflight(cfg)
         shape = architecture.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         setup, precision = card.run_setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=card.hardware(world), setup=setup, precision=precision,
                                   eval_losses=state.eval_losses)
+        code_eval = during_training.CodeEval(cfg, accelerator, tokenizer, end_token, summary, state.step, total_steps)
 
         def eval_and_log() -> None:
             result = evaluate_sources(model, accelerator, objective, eval_planners)
@@ -154,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                                                         "model/trainable_parameters": trainable}, step=0)
             if eval_rows:  # the starting point of the eval curve
                 eval_and_log()
+            code_eval(model, 0, None)
 
         # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
         timers = metrics.Timers(accelerator.device)
@@ -189,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 if t.sample_prompts and on_schedule(state.step, t.sample_every, total_steps):
                     sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens,
                                              stop_id, state.step, out)
+                saved = None
                 if cfg.output.save and (on_schedule(state.step, t.save_every, total_steps) or result.preempted):
                     saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer)
                     log.info(f"checkpoint {saved}")
@@ -196,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                         uploads.submit(saved)
                 if result.preempted:
                     return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
+                code_eval(model, state.step, saved)
         bar.close()
         if summary.eval_loss is None and eval_rows:  # resumed at its last step: the card still gets one
             eval_and_log()

