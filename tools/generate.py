@@ -10,8 +10,9 @@ chat template, samples, and stops at the template's end token.
   python tools/generate.py MODEL --chat                                # interactive, streams tokens
 
 In --chat mode each line you type is a user turn and the conversation is kept across turns, with line
-editing and history; Ctrl-C cancels the answer being written, /reset starts over, /save FILE appends
-the conversation as a messages-schema JSON line, an empty line or /exit (or Ctrl-C at the prompt) ends.
+editing and a history kept between sessions (~/.cache/loop/chat_history); Ctrl-C cancels the answer
+being written, /reset starts over, /save FILE appends the conversation as a messages-schema JSON line,
+an empty line is ignored, and Ctrl-D, /quit or /exit (or Ctrl-C at the prompt) ends.
 Answers in batch mode are written to ./answers.md unless --out says otherwise.
 """
 

@@ -2,34 +2,70 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
 
 from loop.inference import sampling
 
+QUIT = ("/quit", "/exit")
 
-def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, read=input, write=print) -> None:
-    """An interactive multi-turn chat that streams each answer: line editing and history (readline, on a
-    terminal), Ctrl-C cancels the answer being written (and at the prompt ends the chat), /reset starts
-    over, /save FILE appends the conversation as a messages-schema JSON line, an empty line or /exit ends."""
+
+def history_file() -> Path:
+    """Where the lines typed in any chat are kept between sessions (the user's cache, not the model's folder,
+    which may be read-only or shared)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loop" / "chat_history"
+
+
+@contextlib.contextmanager
+def line_editing(path: Path) -> Iterator[None]:
+    """readline's line editing, with the history of earlier sessions loaded and this one's saved on the way out."""
+    try:
+        import readline
+    except ImportError:  # not on every platform
+        yield
+        return
+    with contextlib.suppress(OSError):
+        readline.read_history_file(path)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            readline.set_history_length(1000)
+            readline.write_history_file(path)
+
+
+def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, read=input, write=print,
+         history: Path | None = None) -> None:
+    """An interactive multi-turn chat that streams each answer: line editing, and history kept between sessions
+    (readline, on a terminal); Ctrl-C cancels the answer being written (at the prompt it ends the chat); /reset
+    starts over; /save FILE appends the conversation as a messages-schema JSON line; an empty line is ignored;
+    Ctrl-D, /quit or /exit ends."""
+    with line_editing(history or history_file()):
+        _talk(model, tokenizer, cfg, stop, read, write)
+
+
+def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write) -> None:
     from transformers import TextStreamer
 
-    try:
-        import readline  # noqa: F401 - importing it gives input() line editing and history
-    except ImportError:  # not on every platform
-        pass
     conversation: list[dict] = []
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    write("chat: type a message; /reset starts over, /save FILE keeps the conversation, an empty line or /exit ends")
+    write("chat: type a message; /reset starts over, /save FILE keeps the conversation, Ctrl-D or /quit ends")
     while True:
         try:
             line = read("user> ").strip()
         except (EOFError, KeyboardInterrupt):
             write("")
             return
-        if not line or line == "/exit":
+        if not line:
+            continue
+        if line in QUIT:
             return
         if line == "/reset":
             conversation = []
+            write("(conversation cleared)")
             continue
         if line.startswith("/save"):
             target = line.removeprefix("/save").strip()
@@ -42,6 +78,8 @@ def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, read=input, write
             continue
         conversation.append({"role": "user", "content": line})
         write("assistant> ", end="", flush=True)
+        # A streamer of its own for each answer: one left by a cancelled answer would print the next prompt.
+        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         try:
             (reply,) = sampling.answer(model, tokenizer, [conversation], cfg, stop, streamer=streamer)
         except KeyboardInterrupt:

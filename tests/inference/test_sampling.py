@@ -30,14 +30,15 @@ def test_generate_tool_chat_through_a_pipe(trained_run, tmp_path):
                           input=f"Hello\n/reset\nDo you know Python?\n/save {saved}\n\n", cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("user> ") == 5 and proc.stdout.count("assistant> ") == 2
-    assert "<|end|>" not in proc.stdout
+    # Five lines, then the empty one is ignored (a prompt again) and the end of input ends the chat.
+    assert proc.stdout.count("user> ") == 6 and proc.stdout.count("assistant> ") == 2
+    assert "(conversation cleared)" in proc.stdout and "<|end|>" not in proc.stdout
     (line,) = saved.read_text().splitlines()
     messages = json.loads(line)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[0]["content"] == "Do you know Python?"
 
 
-def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt(monkeypatch):
+def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt(monkeypatch, tmp_path):
     from loop.inference import chat, sampling
 
     lines = iter(["first", "second"])
@@ -48,10 +49,11 @@ def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt
         except StopIteration:
             raise KeyboardInterrupt from None  # Ctrl-C at the prompt: the chat ends cleanly
 
-    calls = []
+    calls, streamers = [], []
 
     def answer(model, tokenizer, conversations, cfg, stop, streamer=None):
         calls.append([m["content"] for m in conversations[0]])
+        streamers.append(streamer)
         if len(calls) == 1:
             raise KeyboardInterrupt  # Ctrl-C while the first answer is written
         return ["fine"]
@@ -59,9 +61,25 @@ def test_ctrl_c_cancels_the_answer_being_written_and_ends_the_chat_at_the_prompt
     monkeypatch.setattr(sampling, "answer", answer)
     said = []
     chat.chat(None, type("T", (), {"decode": None})(), sampling.SamplingConfig(), 0, read=read,
-                  write=lambda *a, **k: said.append(" ".join(map(str, a))))
+              write=lambda *a, **k: said.append(" ".join(map(str, a))), history=tmp_path / "history")
     assert "\n(cancelled)" in said
     assert calls == [["first"], ["second"]]  # the cancelled question left no trace in the conversation
+    # The cancelled answer's streamer, which still thinks the prompt was printed, is not used again: it would
+    # print the whole conversation at the start of the next answer.
+    assert streamers[0] is not streamers[1]
+
+
+def test_what_was_typed_is_kept_for_the_next_chat(tmp_path):
+    import readline
+
+    from loop.inference.chat import line_editing
+
+    readline.clear_history()
+    with line_editing(tmp_path / "loop" / "history"):
+        readline.add_history("how do I reverse a list?")  # what input() does with a line typed on a terminal
+    readline.clear_history()
+    with line_editing(tmp_path / "loop" / "history"):
+        assert readline.get_history_item(readline.get_current_history_length()) == "how do I reverse a list?"
 
 
 def test_held_out_questions_answered_next_to_the_base_model(trained_run, tiny_dir, tmp_path):
