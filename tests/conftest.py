@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # A token that must never appear in any file a run writes (tests/report/test_hub.py scans for it).
 SECRET_TOKEN = "hf_SENTINELtokenThatMustNeverBeWritten"
 os.environ["HF_TOKEN"] = SECRET_TOKEN
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
 os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache" / "xdg"))  # the data cache of configs that name none
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
+import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
@@ -14,8 +17,23 @@ from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 from loop.config import Config, ConfigError
 from loop.engine import deepspeed
 
+SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
+
+
+def extensions_of_this_environment() -> str | None:
+    """Keep torch's JIT-built extensions in this virtual environment (by default every environment on the
+    machine shares ~/.cache/torch_extensions, so alternating ones rebuild DeepSpeed's op: 150 s seen), and
+    say so when DeepSpeed's CPU op is about to be built, which takes about a minute with no word of its own."""
+    folder = Path(os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")))
+    on_cpu = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
+    if on_cpu and not (folder / SHM_OP / f"{SHM_OP}.so").is_file():
+        return f"building DeepSpeed's CPU communication op once, about a minute (kept in {folder})"
+    return None
+
 
 def make_accelerator(cfg: Config) -> Accelerator:
+    if (note := extensions_of_this_environment()) and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("loop").info(note)
     kwargs = []
     if "LOCAL_RANK" in os.environ and not torch.cuda.is_available():
         # On CPU accelerate leaves the backend unset and every rank thinks it is alone.
