@@ -131,7 +131,7 @@ class OutputConfig:
     hub_private: bool = True  # create the repo private
     hub_push_checkpoints: bool = False  # also upload each checkpoint, consolidated, to branch step-N
     hub_upload_wait_s: float = 600.0  # at exit, how long queued checkpoint uploads may still take
-    license: str = "other"  # for the model card
+    license: str | None = None  # the model card's license (none: the base model's, when its own card names one)
     # Experiment trackers, through Accelerate: tensorboard | wandb | mlflow | trackio, or a list.
     report_to: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
 

@@ -85,21 +85,37 @@ def _loss(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "not measured"
 
 
-def base_model(name_or_path: str) -> str:
-    """The Hub id the run started from; for a local folder, its own card's base_model if it names one,
-    else the folder's path (the Hub then shows no link)."""
-    path = Path(name_or_path)
-    if not path.exists():
+def _own_card(folder: Path):
+    """The model card of a local model folder, when it has one this library can read."""
+    try:
+        return ModelCard.load(folder / "README.md").data if (folder / "README.md").is_file() else None
+    except Exception:  # noqa: BLE001 - a foreign README
+        return None
+
+
+def base_model(name_or_path: str) -> str | None:
+    """The Hub id the run started from, for the card's metadata; for a local folder, its own card's base_model
+    if it names one, else none (a local path means nothing on the Hub)."""
+    if not Path(name_or_path).exists():
         return name_or_path
-    readme = path / "README.md"
-    if readme.is_file():
-        try:
-            named = ModelCard.load(readme).data.base_model
-            if isinstance(named, str) and named:
-                return named
-        except Exception:  # noqa: BLE001 - a foreign README: fall back to the path
-            pass
-    return str(path.resolve())
+    named = getattr(_own_card(Path(name_or_path)), "base_model", None)
+    return named if isinstance(named, str) and named else None
+
+
+def base_license(name_or_path: str) -> str | None:
+    """A local base model's license, from its own card (a Hub id's cannot be read offline)."""
+    named = getattr(_own_card(Path(name_or_path)), "license", None) if Path(name_or_path).exists() else None
+    return named if isinstance(named, str) and named else None
+
+
+def shown(folder: Path) -> str:
+    """A folder as a snippet names it: relative to the directory the run was started in when it is inside it
+    (outputs/quickstart/final), else its absolute path."""
+    resolved = folder.resolve()
+    try:
+        return str(resolved.relative_to(Path.cwd()))
+    except ValueError:
+        return str(resolved)
 
 
 def loss_plot(evals: list[tuple[int, float]], path: Path, label: str = "eval loss") -> bool:
@@ -129,13 +145,17 @@ def loss_plot(evals: list[tuple[int, float]], path: Path, label: str = "eval los
 def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind: str, folder: Path) -> ModelCard:
     """A README.md for `folder`, which holds the run's `kind` of output: "model", "adapter" or "merged model"."""
     kinds = ["adapter", "merged model"] if cfg.lora.enabled and cfg.lora.merge else [kind]
-    where = repo_for(cfg.output.hub_model_id, kind, kinds) if cfg.output.push_to_hub else str(folder.resolve())
-    base = base_model(cfg.model.name_or_path)
+    where = repo_for(cfg.output.hub_model_id, kind, kinds) if cfg.output.push_to_hub else shown(folder)
+    title = (where.rsplit("/", 1)[-1] if cfg.output.push_to_hub else
+             Path(cfg.output.output_dir).resolve().name + ("-adapter" if kind == "adapter" else ""))
+    hub_base = base_model(cfg.model.name_or_path)
+    base = hub_base or cfg.model.name_or_path  # what the text and the snippets name
     datasets = sorted({s.path.partition(":")[0] for s in cfg.data.train_files if not Path(s.path).exists()})  # Hub
     lora = cfg.lora
     tags = ["starcoder", "code", "chat", *(["lora"] if lora.enabled else []), *(["qlora"] if lora.quantize == "4bit"
                                                                                 else [])]
-    data = ModelCardData(base_model=base, datasets=datasets or None, license=cfg.output.license, tags=tags,
+    license = cfg.output.license or base_license(cfg.model.name_or_path)
+    data = ModelCardData(base_model=hub_base, datasets=datasets or None, license=license, tags=tags,
                          pipeline_tag="text-generation", library_name="peft" if kind == "adapter" else "transformers")
     t = cfg.training
     hyper = {"learning rate": t.lr, "schedule": f"{t.lr_schedule}, warm-up {t.warmup_steps or t.warmup_ratio}",
@@ -164,7 +184,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
 {data.to_yaml()}
 ---
 
-# {Path(where).name}
+# {title}
 
 {what}, trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed training
 loop. Only assistant turns were trained.

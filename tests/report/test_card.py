@@ -5,11 +5,22 @@ from huggingface_hub import ModelCard
 from tests.conftest import run_card_snippets
 
 
-def test_the_cards_snippet_loads_the_saved_folder_and_answers(trained_run):
+def test_the_cards_snippet_loads_the_saved_folder_and_answers(trained_run, tiny_dir):
     final = trained_run / "final"
     card = ModelCard.load(final / "README.md")
-    assert f'from_pretrained("{final.resolve()}"' in card.text  # not pushed: the folder's own path
-    assert card.data.base_model and "bf16 training, saved as bf16" in card.text
+    assert f'from_pretrained("{final.resolve()}"' in card.text  # not pushed, and not under the cwd: the full path
+    assert card.text.strip().splitlines()[0] == f"# {trained_run.name}"  # the run's name, not "final"
+    # A local base without a card of its own has no Hub id: no base_model, no license made up, its path said.
+    assert card.data.base_model is None and card.data.license is None
+    assert f"fine-tuned from `{tiny_dir / 'model'}`" in card.text and "bf16 training, saved as bf16" in card.text
     assert (final / "eval_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![eval loss](eval_loss.png)" in card.text
     assert int(run_card_snippets(final).split("new tokens:")[1]) >= 1  # the chat snippet generated an answer
+
+
+def test_a_folder_under_the_working_directory_is_named_relative_to_it(tmp_path, monkeypatch):
+    from loop.report.card import shown
+
+    (tmp_path / "outputs" / "run" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert shown(tmp_path / "outputs" / "run" / "final") == "outputs/run/final"

@@ -198,4 +198,4 @@ def test_a_lora_run_uploads_its_merged_model_and_its_adapter(tiny_dir, tmp_path,
     adapter = fake.uploaded[("me/run-adapter", None)]
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= set(adapter)
     card = adapter["README.md"].decode()
-    assert 'PeftModel.from_pretrained(base, "me/run-adapter")' in card and "base_model:" in card
+    assert 'PeftModel.from_pretrained(base, "me/run-adapter")' in card and str(tiny_dir / "model") in card
