@@ -4,8 +4,8 @@
 failure (exit 1 with a traceback) and, when it gets SIGTERM itself, kills the workers 30 seconds later,
 too soon for a large model's checkpoint. This front end adds what a requeue script needs:
 
-1. The run's config, model config and data are checked before anything starts; a problem is one line
-   and exit 2, and nothing is launched or written.
+1. The run's config, model config (its size against the machine's memory), output directory and data are
+   checked before anything starts; a problem is one line and exit 2, and nothing is launched or written.
 2. SIGTERM / SIGUSR1 sent to it go straight to the training processes, which save and stop together.
 3. When the run stopped for preemption (it leaves OUTPUT_DIR/PREEMPTED), the launch exits 75.
 """
@@ -24,7 +24,7 @@ from loop import config
 from loop.data import templates
 from loop.data.dialogues import collect, refuse_bad
 from loop.data.records import DataError
-from loop.model.load import preflight
+from loop.model.load import check_memory, preflight
 from loop.report import trackers
 from loop.state import preemption, rundir
 
@@ -42,7 +42,9 @@ def check(train_args: list[str]) -> config.Config:
     """What the run would refuse, refused before launching: config, model, data records."""
     cfg = config.from_argv(train_args)
     trackers.check(cfg.output.report_to)
-    preflight(cfg)
+    model_config, _, _ = preflight(cfg)
+    check_memory(model_config, cfg)
+    rundir.check_writable(Path(cfg.output.output_dir))
     _, report, bad = collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
     if cfg.data.eval_files:
         bad += collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]

@@ -92,8 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         preemption.follow_launcher()
         trackers.check(cfg.output.report_to)
         model_config, attn, notes = load.preflight(cfg)
+        rundir.check_writable(out)
         shape = architecture.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
+        load.check_memory(model_config, cfg, accelerator)
         for note in notes:
             log.warning(note)
         set_seed(t.seed)
@@ -112,12 +114,19 @@ def main(argv: list[str] | None = None) -> int:
         pack_eff = packing.efficiency(train_planner.rows, cfg.data.seq_len)
         log.info(f"data: {report.describe()}; {len(train_planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} "
                  f"full), {len(eval_planner.rows)} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
+        # Resume is checked (checkpoint, loop state, config) and the trackers started before anything is written.
+        ckpt_root = out / "checkpoints"
+        resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, report.fingerprint)
         took_over = rundir.claim(run_scope, out, accelerator)
+        trackers.start(accelerator, cfg, resume.state.step)
         if accelerator.is_main_process:
             rundir.start_log_file(out, log)
             config.save(cfg, out / "config.yaml")
-        if took_over:
-            log.warning(took_over)
+            if took_over:
+                log.warning(took_over)
+            for level, note in resume.notes:  # on the main process only: every process has the same to say
+                log.log(level, note)
+        state = resume.state
 
         # 3. Model and optimizer.
         attention.register()
@@ -131,12 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
         model, optimizer = accelerator.prepare(model, optimizer)
 
-        # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
-        ckpt_root = out / "checkpoints"
-        state, resume_notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, report.fingerprint)
-        for level, note in resume_notes:
-            log.log(level, note)
-        trackers.start(accelerator, cfg, state.step)
+        # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number.
+        checkpoints.restore(accelerator, model, resume, partial=cfg.lora.enabled)
         setup, precision = card.run_setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=card.hardware(world), setup=setup, precision=precision,
                                   eval_losses=state.eval_losses)
@@ -231,7 +236,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         return main(argv)
-    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError) as e:
+    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError, trackers.TrackerError) as e:
         return report_error(e, 2)
     except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
         return report_error(e, 1)
