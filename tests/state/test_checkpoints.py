@@ -128,7 +128,7 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     through the README's launch command too (tests/test_launch.py)."""
     out = tmp_path / "run"
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
-    wait_for(out / "tensorboard", proc=proc)
+    wait_for(out / "train.log", proc=proc)  # trackers start before it, so it is the later
     while "train/loss" not in (out / "train.log").read_text():  # some steps are done
         assert proc.poll() is None and time.sleep(0.05) is None
     for w in workers(proc):
