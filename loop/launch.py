@@ -4,8 +4,9 @@
 failure (exit 1 with a traceback) and, when it gets SIGTERM itself, kills the workers 30 seconds later,
 too soon for a large model's checkpoint. This front end adds what a requeue script needs:
 
-1. The run's config, model config and data are checked before anything starts (the data is prepared
-   into its cache on the way); a problem is one line and exit 2, and nothing is launched or written.
+1. The run's config, model config (its size against the machine's memory), output directory and data are
+   checked before anything starts (the data is prepared into its cache on the way); a problem is one line and
+   exit 2, and nothing is launched or written.
 2. SIGTERM / SIGUSR1 sent to it go straight to the training processes, which save and stop together.
 3. When the run stopped for preemption (it leaves OUTPUT_DIR/PREEMPTED), the launch exits 75.
 """
@@ -24,7 +25,7 @@ from loop import config
 from loop.data import templates
 from loop.data.prepare import prepare
 from loop.data.records import DataError
-from loop.model.load import load_tokenizer, preflight
+from loop.model.load import check_memory, load_tokenizer, preflight
 from loop.report import trackers
 from loop.state import preemption, rundir
 
@@ -43,7 +44,9 @@ def check(train_args: list[str]) -> config.Config:
     prepared here, into the cache the training processes then start from."""
     cfg = config.from_argv(train_args)
     trackers.check(cfg.output.report_to)
-    preflight(cfg)
+    model_config, _, _ = preflight(cfg)
+    check_memory(model_config, cfg)
+    rundir.check_writable(Path(cfg.output.output_dir))
     tokenizer = load_tokenizer(cfg)
     templates.install(tokenizer, cfg.data.template)
     prepare(cfg.data, tokenizer)

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         trackers.check(cfg.output.report_to)
         during_training.preflight(cfg.evaluation)
         model_config, attn, notes = load.preflight(cfg)
+        rundir.check_writable(out)
         shape = architecture.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
+        load.check_memory(model_config, cfg, accelerator)
         for note in notes:
             log.warning(note)
         set_seed(t.seed)
@@ -113,12 +115,19 @@ def main(argv: list[str] | None = None) -> int:
                  f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
         for line in data.report.describe_sources():
             log.info(line)
+        # Resume is checked (checkpoint, loop state, config) and the trackers started before anything is written.
+        ckpt_root = out / "checkpoints"
+        resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, data.report.fingerprint)
         took_over = rundir.claim(run_scope, out, accelerator)
+        trackers.start(accelerator, cfg, resume.state.step)
         if accelerator.is_main_process:
             rundir.start_log_file(out, log)
             config.save(cfg, out / "config.yaml")
-        if took_over:
-            log.warning(took_over)
+            if took_over:
+                log.warning(took_over)
+            for level, note in resume.notes:  # on the main process only: every process has the same to say
+                log.log(level, note)
+        state = resume.state
 
         # 3. Model and optimizer.
         attention.register()
@@ -132,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
         model, optimizer = accelerator.prepare(model, optimizer)
 
-        # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
-        ckpt_root = out / "checkpoints"
-        state, resume_notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, data.report.fingerprint)
-        for level, note in resume_notes:
-            log.log(level, note)
-        trackers.start(accelerator, cfg, state.step)
+        # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number.
+        checkpoints.restore(accelerator, model, resume, partial=cfg.lora.enabled)
         setup, precision = card.run_setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=card.hardware(world), setup=setup, precision=precision,
                                   eval_losses=state.eval_losses)
@@ -237,7 +242,7 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         return main(argv)
-    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError) as e:
+    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError, trackers.TrackerError) as e:
         return report_error(e, 2)
     except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
         return report_error(e, 1)

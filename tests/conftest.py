@@ -163,6 +163,37 @@ def trained_run(tiny_dir, tmp_path_factory) -> Path:
     return tmp / "out"
 
 
+@pytest.fixture(scope="session")
+def single_process_run(tiny_dir, tmp_path_factory) -> Path:
+    """One 4-step run in this process without DeepSpeed (checkpoints at steps 2 and 4), shared by the tests of
+    single-process checkpoints; its config is `config.yaml` in the output directory."""
+    tmp = tmp_path_factory.mktemp("single")
+    cfg = write_config(tmp / "run.yaml", tiny_dir, tmp / "out",
+                       training={"max_steps": 4, "save_every": 2, "keep_last": 5, "eval_every": 0})
+    assert run_in_process(cfg) == 0
+    return tmp / "out"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(kib, read_only) -> a folder that is a file system of its own: `kib` KiB large (so it fills), or
+    read-only. A tmpfs mounted for the test and unmounted after it (needs the right to mount; skipped without)."""
+    mounted: list[Path] = []
+
+    def make(kib: int = 64, read_only: bool = False) -> Path:
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        options = f"size={kib}k" + (",ro" if read_only else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode:
+            pytest.skip("cannot mount a small file system here (needs root)")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
 def run_in_process(config_path: Path, *overrides: str, entry: str = "main") -> int:
     """loop/train.py's main() (or run(), which turns errors into one line and an exit code) in this process
     (one process, no DeepSpeed): cheap, and it sees the test's monkeypatches. Accelerate's global state and

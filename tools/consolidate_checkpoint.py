@@ -8,7 +8,10 @@ Nothing that looks like a finished model is left in OUTPUT_DIR if anything fails
   python tools/consolidate_checkpoint.py outputs/quickstart/checkpoints outputs/quickstart/consolidated
   python tools/consolidate_checkpoint.py RUN/checkpoints/step_00000500 MODEL --dtype fp32 --max-shard-size 2GB --verify
 
-CHECKPOINT_DIR may be one checkpoint (step_N) or a run's checkpoints/ folder (its newest complete one).
+CHECKPOINT_DIR may be one checkpoint (step_N) or a run's checkpoints/ folder (its newest intact one, with a
+warning for each newer one that is broken). Only complete checkpoints whose every file still has the size
+and digest it was saved with are read; the step is the one the checkpoint's loop state records. Exit 2
+when the input cannot be used (or OUTPUT_DIR cannot be written), 1 when writing failed (a full disk).
 A LoRA run's checkpoint gives the adapter (what peft.PeftModel.from_pretrained loads onto the base), or
 with --merged the base model with the adapter merged in (the base is the one the run started from).
 """
@@ -21,8 +24,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from loop.engine import zero3_files
-from loop.state import checkpoints, consolidate, export
+from loop.config import ConfigError
+from loop.state import checkpoints, consolidate, export, rundir
 
 VERIFY_PROMPTS = ["Write a Python function that reverses a string.", "What is a linked list?"]
 
@@ -39,10 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="reload with from_pretrained, compare weights and logits with the checkpoint")
     a = p.parse_args(argv)
-    ckpt = a.checkpoint_dir
-    if ckpt.is_dir() and not zero3_files.is_zero_checkpoint(ckpt) and checkpoints.complete_checkpoints(ckpt):
-        ckpt = checkpoints.complete_checkpoints(ckpt)[-1]
     try:
+        max_shard = consolidate.parse_size(a.max_shard_size)
+        rundir.check_writable(a.output_dir, "OUTPUT_DIR")
         with tqdm(unit="B", unit_scale=True, desc="consolidate") as bar:
             count = [0]
 
@@ -52,18 +54,21 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(nbytes)
 
             if a.merged:
-                export.merged_from_checkpoint(ckpt, a.output_dir, a.dtype)
-                aliases = {}
+                done = export.merged_from_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype)
             else:
-                aliases = export.from_checkpoint(ckpt, a.output_dir, a.dtype, consolidate.parse_size(a.max_shard_size),
-                                                 progress)
-    except (consolidate.ConsolidationError, export.ExportError, ValueError) as e:
+                done = export.from_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, max_shard, progress)
+    except (ConfigError, checkpoints.CheckpointError, consolidate.ConsolidationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    tied = f"; tied, written once: {aliases}" if aliases else ""
-    print(f"wrote {a.output_dir} from {ckpt} ({a.dtype}){tied}")
+    except export.ExportError as e:  # the model could not be written whole (a full disk, a shape that is wrong)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for note in done.passed_over:
+        print(f"warning: {note}", file=sys.stderr)
+    tied = f"; tied, written once: {done.aliases}" if done.aliases else ""
+    print(f"wrote {a.output_dir} from {done.checkpoint} (step {done.step}, {a.dtype}){tied}")
     if a.verify:
-        report = consolidate.verify(ckpt, a.output_dir, export.DTYPES[a.dtype], VERIFY_PROMPTS)
+        report = consolidate.verify(done.checkpoint, a.output_dir, export.DTYPES[a.dtype], VERIFY_PROMPTS)
         print("verify: " + ", ".join(f"{k}={v:.3g}" for k, v in report.items()))
         if report["max_diff_vs_cast_master"] != 0:
             print("error: saved weights differ from the checkpoint", file=sys.stderr)

@@ -1,9 +1,11 @@
 """Answer prompts with a trained model, or chat with it.
 
-Loads a model directory (or Hub id) or a training checkpoint, renders prompts with the model's saved
-chat template, samples, and stops at the template's end token.
+Loads a model directory (or Hub id) or a complete, intact training checkpoint (every file checked against
+its recorded digest), renders prompts with the model's saved chat template, samples, and stops at the
+template's end token.
 
   python tools/generate.py outputs/quickstart/final                    # built-in coding prompts
+  python tools/generate.py outputs/quickstart/checkpoints              # its newest intact checkpoint
   python tools/generate.py MODEL --prompts-file prompts.txt --out answers.md --temperature 0.7
   python tools/generate.py MODEL --held-out outputs/quickstart --compare artifacts/tiny-starcoder
                                 # questions the run held out, with the base model's answers beside
@@ -29,6 +31,7 @@ from loop.data.records import DataError
 from loop.engine.zero3_files import ConsolidationError
 from loop.inference import chat, sampling
 from loop.inference.load import load_for_generation
+from loop.state.checkpoints import CheckpointError
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
 BUILT_IN_PROMPTS = [
@@ -50,7 +53,7 @@ def fail(message: str) -> NoReturn:
 def load(name: str):
     try:
         return load_for_generation(name)
-    except (ConsolidationError, OSError, ValueError) as e:
+    except (CheckpointError, ConsolidationError, OSError, ValueError) as e:
         fail(f"{name}: cannot load a model from it ({e})")
 
 
@@ -91,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
     torch.manual_seed(a.seed)
     model, tokenizer = load(a.model)
+    if tokenizer.chat_template is None:
+        fail(f"{a.model}: its tokenizer has no chat template, so there is no way to ask it a question (a pretrained "
+             "base?); use a model saved by loop/train.py, or pass a base as --compare next to one")
     cfg = sampling.SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
                                   temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p,
                                   repetition_penalty=a.repetition_penalty)
@@ -110,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                              for q, b, ans in zip(prompts, before, answers))
     else:
         text = "\n\n".join(f"## {q}\n\n{ans}" for q, ans in zip(prompts, answers))
-    a.out.write_text(text + "\n")
+    try:
+        a.out.write_text(text + "\n")
+    except OSError as e:
+        print(text)
+        fail(f"--out {a.out}: cannot write the answers ({e.strerror or e}); they are printed above")
     print(text)
     print(f"\nwrote {len(answers)} answers to {a.out}")
     return 0

@@ -1,6 +1,6 @@
 """The accelerator a run trains with: accelerate's Accelerator over gloo on CPU-only machines, DeepSpeed's
-settings filled in when the launch asked for DeepSpeed, and processes refused when accelerate left them
-unconnected."""
+settings filled in when the launch asked for DeepSpeed, processes refused when accelerate left them
+unconnected, and accelerate's checkpoint loader held to the safe reader."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import io
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 from loop.config import Config, ConfigError
-from loop.engine import deepspeed
+from loop.engine import deepspeed, zero3_files
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
 
@@ -66,3 +67,20 @@ def end_run(accelerator: Accelerator, code: int) -> int:
         # now and then ends a finished process with "terminate called without an active exception".
         torch.distributed.destroy_process_group()
     return code
+
+
+@contextlib.contextmanager
+def safe_state_loading() -> Iterator[None]:
+    """accelerate's load_state reads optimizer.bin (and any pytorch_model.bin) through the reader ZeRO-3's
+    shards go through (zero3_files.torch_load: plain data only, nothing else allowed), not its own."""
+    from accelerate import checkpointing
+
+    def load(path, map_location=None, **_ignored):  # its `weights_only`: ours always is
+        return zero3_files.torch_load(path, map_location=map_location)
+
+    original = checkpointing.load
+    checkpointing.load = load
+    try:
+        yield
+    finally:
+        checkpointing.load = original

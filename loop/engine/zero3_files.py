@@ -22,7 +22,6 @@ import torch
 
 from loop.config import first_line
 
-LATEST = "latest"  # DeepSpeed's file naming the tag folder that holds the shards
 SHARDS = "pytorch_model"  # the tag folder accelerate's save_state uses
 
 
@@ -36,11 +35,17 @@ class ConsolidationError(RuntimeError):
 
 def is_zero_checkpoint(folder: Path) -> bool:
     """Whether `folder` holds DeepSpeed shards (rather than whole weights from a run without DeepSpeed)."""
-    return (folder / LATEST).is_file()
+    return (folder / SHARDS).is_dir()
 
 
 def model_states(rank: int) -> str:
     return f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+
+
+def rank_of(name: str) -> int | None:
+    """The process that wrote a shard file (its rank is in the name); None for any other file."""
+    found = re.search(r"(?:^|/|_)zero_pp_rank_(\d+)_mp_rank_\d+_(?:model|optim)_states\.pt$", name)
+    return int(found.group(1)) if found else None
 
 
 def missing_shards(folder: Path, world_size: int) -> list[str]:
@@ -180,14 +185,14 @@ def merged_tensors(tag: Path, plan: Plan, ranks: list[RankFile]) -> Iterator[tup
 
 
 def check_checkpoint(ckpt: Path) -> tuple[Path, list[RankFile]]:
-    """Find the DeepSpeed tag folder, check that every rank's two files are there and readable,
-    and return it with each rank's partition layout, in rank order."""
+    """Check that every rank's two files are in the shards' folder and readable, and return the folder
+    with each rank's partition layout, in rank order. (Whether the checkpoint is complete and intact is
+    loop/state's to check first.)"""
     if not ckpt.is_dir():
         raise ConsolidationError(f"{ckpt}: not a directory")
-    latest = ckpt / LATEST
-    if not latest.is_file():
-        raise ConsolidationError(f"{ckpt}: not a ZeRO checkpoint (no 'latest' file naming its tag folder)")
-    tag = ckpt / latest.read_text().strip()
+    tag = ckpt / SHARDS  # accelerate's tag, as resume reads it: never wherever DeepSpeed's `latest` file points
+    if not tag.is_dir():
+        raise ConsolidationError(f"{ckpt}: not a ZeRO checkpoint (no {SHARDS}/ folder of shards)")
     models = sorted(tag.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     optims = sorted(tag.glob("*zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     if not (ckpt / "config.json").is_file():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -10,12 +11,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from loop.engine import zero3_files
 from loop.model import lora
+from loop.state import checkpoints
 
 
 def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
-    """A model and tokenizer from a model directory (or Hub id), or from a training checkpoint
-    (its fp32 master weights, merged in memory; a LoRA checkpoint's adapter merged into its base)."""
+    """A model and tokenizer from a model directory (or Hub id), or from a complete, intact training
+    checkpoint (its fp32 master weights, merged in memory; a LoRA checkpoint's adapter merged into its base;
+    a run's checkpoints/ folder: its newest intact one). A broken checkpoint is a CheckpointError."""
     path_ = Path(path)
+    if checkpoints.is_checkpoint(path_):
+        path_, _, passed_over = checkpoints.usable(path_)
+        for note in passed_over:
+            logging.getLogger("loop").warning(note)
+        path = path_
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # pretrained bases often have none; batches are left-padded and masked
         tokenizer.pad_token = tokenizer.eos_token

@@ -8,13 +8,15 @@ folder or a config.json file.
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loop.config import first_line
+from loop.config import ConfigError, first_line
 from loop.engine import deepspeed
 from loop.model.architecture import Shape
 
@@ -40,12 +42,74 @@ def read_config(name_or_path: str, trust_remote_code: bool = False):
 
 
 def count_params(model_config, trust_remote_code: bool = False) -> tuple[int, int]:
-    """(total parameters, largest single layer's parameters), built on the meta device."""
-    with torch.device("meta"):
+    """(total parameters, largest single layer's parameters), built on the meta device. Past 64 layers the
+    model is built with one and with two (its layers are alike) and the count extrapolated: building 10,000
+    layers, even on the meta device, takes 11 s."""
+    layers = getattr(model_config, "num_hidden_layers", None)
+    if not isinstance(layers, int) or layers <= 64:
+        return _count(model_config, trust_remote_code)
+    (one, largest_1), (two, largest_2) = (_count(_with_layers(model_config, n), trust_remote_code) for n in (1, 2))
+    return one + (layers - 1) * (two - one), max(largest_1, largest_2)
+
+
+def _count(model_config, trust_remote_code: bool) -> tuple[int, int]:
+    with deepspeed.outside_zero_init(), torch.device("meta"):  # in a ZeRO-3 run transformers would partition it
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     return total, largest
+
+
+def _with_layers(model_config, layers: int):
+    small = copy.deepcopy(model_config)
+    small.num_hidden_layers = layers
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:layers]
+    return small
+
+
+@dataclass
+class Machine:
+    """What a run has to hold a model in, per node: its RAM and the memory of each process's device (the
+    RAM again on CPU), and how the run shares the model's states (ZeRO stage, processes)."""
+
+    ram: float
+    device_memory: float
+    on_gpu: bool
+    zero_stage: int | None = None
+    processes: int | None = None  # None: not known yet (before launching), so only a layer is checked
+    per_node: int = 1
+    offload_to_disk: bool = False  # ZeRO-Infinity: the states go to NVMe, so only a layer must fit
+
+
+def check_fits(counts: tuple[int, int], name: str, machine: Machine, bytes_per_param: float,
+               activations: float) -> None:
+    """Refuse a model the machine cannot hold, before anything is allocated: one of its layers in 16 bits
+    on one device, or what training keeps (`bytes_per_param`: weights, gradients, AdamW's moments; and per
+    process the activations) in a node's RAM and devices together, ZeRO-3 sharing the states among every
+    process. A lower bound: a run it lets through may still run out of memory, one it refuses cannot fit."""
+    total, largest = counts
+    m = machine
+    figures = f"{name}'s config makes a model of {total:,} parameters, the largest layer {largest:,}"
+    if largest * 2 > m.device_memory:
+        raise ConfigError(f"model.name_or_path: {figures}: that layer alone takes {largest * 2 / GB:,.1f} GB in 16 "
+                          f"bits, more than one device here holds ({m.device_memory / GB:,.1f} GB); check its hidden "
+                          "size, layers and vocabulary")
+    if m.processes is None or m.offload_to_disk:
+        return
+    nodes = max(1, m.processes // m.per_node)
+    if m.zero_stage == 3:
+        states = total * bytes_per_param / nodes
+    elif m.zero_stage in (1, 2):  # 16-bit weights and gradients in every process, the rest shared
+        states = m.per_node * total * min(4, bytes_per_param) + total * max(0, bytes_per_param - 4) / nodes
+    else:
+        states = m.per_node * total * bytes_per_param
+    need = states + m.per_node * activations
+    have = m.ram + (m.per_node * m.device_memory if m.on_gpu else 0)
+    if need > have:
+        raise ConfigError(f"model.name_or_path: {figures}: training it needs at least {need / GB:,.1f} GB on each "
+                          f"node and this one has {have / GB:,.1f} GB (RAM and devices together); check its hidden "
+                          "size, layers and vocabulary, or spread it over more processes with ZeRO-3")
 
 
 def activations_bytes(shape: Shape, micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:

@@ -4,6 +4,7 @@ generation config that stops at the end token, LoRA adapters when asked, and the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -12,8 +13,8 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from loop.config import Config, ConfigError, first_line
 from loop.data.records import DataError, check_exists
 from loop.engine import deepspeed
-from loop.model import attention, head, lora
-from loop.model.architecture import check_trainable
+from loop.model import attention, estimate, head, lora
+from loop.model.architecture import Shape, check_trainable
 
 
 def read_model_config(cfg: Config):
@@ -43,6 +44,36 @@ def preflight(cfg: Config) -> tuple[object, str, list[str]]:
     unverified = check_trainable(model_config, cfg, attn)
     lora.check(cfg)
     return model_config, attn, [w for w in (fallback, unverified) if w]
+
+
+def check_memory(model_config, cfg: Config, accelerator=None) -> None:
+    """Refuse a model this machine cannot hold, before anything is allocated or written (estimate.py: the
+    parameter count on the meta device against RAM and device memory). Without an accelerator (tools/launch.py,
+    before launching) only the largest layer is checked: how the run will share the rest is not known yet."""
+    import psutil
+
+    name = cfg.model.name_or_path
+    try:
+        counts = estimate.count_params(model_config, cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - an impossible config fails inside the model class, in its own way
+        raise ConfigError(f"model.name_or_path: {name}'s config does not make a model ({type(e).__name__}: "
+                          f"{first_line(e, 200)})") from None
+    device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ram = psutil.virtual_memory().total
+    on_gpu = device.type == "cuda"
+    machine = estimate.Machine(ram, torch.cuda.get_device_properties(device).total_memory if on_gpu else ram, on_gpu)
+    if accelerator is not None:
+        zero = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+                if deepspeed.is_active(accelerator) else {})
+        offload = {(zero.get(k) or {}).get("device") for k in ("offload_param", "offload_optimizer")}
+        machine.zero_stage, machine.processes = deepspeed.zero_stage(accelerator), accelerator.num_processes
+        machine.per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        machine.offload_to_disk = "nvme" in offload
+    t = cfg.training
+    activations = sum(estimate.activations_bytes(Shape.of(model_config), t.micro_batch_size, cfg.data.seq_len,
+                                                 cfg.model.gradient_checkpointing).values())
+    per_param = 16 if not cfg.lora.enabled else 0.53 if cfg.lora.quantize == "4bit" else 2
+    estimate.check_fits(counts, name, machine, per_param, activations)
 
 
 def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:

@@ -1,14 +1,19 @@
 """Experiment trackers, through Accelerate: each one of `output.report_to` checked before the run starts and
-started with the resolved config as the run's hyperparameters."""
+started, before the model loads, with the resolved config as the run's hyperparameters; one that cannot start
+is said in one line, and those that had started are closed."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from loop.config import ConfigError, Tracker, to_dict
+from loop.config import ConfigError, Tracker, first_line, to_dict
 
-__all__ = ["Tracker", "check", "start"]
+__all__ = ["Tracker", "TrackerError", "check", "start"]
+
+
+class TrackerError(RuntimeError):
+    """A tracker of output.report_to could not start (its settings, its server); the message says which."""
 
 
 def check(report_to: list[str]) -> None:
@@ -39,10 +44,30 @@ def start(accelerator, cfg, step: int) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = (out / "mlruns").resolve().as_uri()
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     if others:
-        accelerator.init_trackers(out.resolve().name, config=flat,
-                                  init_kwargs={"wandb": {"dir": str(out), "name": out.name, "resume": "allow"}})
+        try:
+            accelerator.init_trackers(out.resolve().name, config=flat,
+                                      init_kwargs={"wandb": {"dir": str(out), "name": out.name, "resume": "allow"}})
+        except Exception as e:  # noqa: BLE001 - every tracker library fails in its own way
+            close_started(accelerator)
+            library = type(e).__module__.split(".")[0]
+            raise TrackerError(f"output.report_to: {library if library in others else ', '.join(others)} could not "
+                               f"start ({type(e).__name__}: {first_line(e, 700)}); fix its settings or leave it out "
+                               "of output.report_to") from None
     if "tensorboard" in cfg.output.report_to and accelerator.is_main_process:
         board = TensorBoardTracker("tensorboard", out, purge_step=step)
         board.start()
         board.store_init_configuration(flat)
         accelerator.trackers.append(board)
+
+
+def close_started(accelerator) -> None:
+    """Close the trackers that did start (a W&B run is marked failed, not left open), and forget them all."""
+    for tracker in accelerator.trackers:
+        try:
+            if tracker.name == "wandb":
+                tracker.run.finish(exit_code=1)
+            else:
+                tracker.finish()
+        except Exception:  # noqa: BLE001 - it had not started
+            pass
+    accelerator.trackers = []

@@ -2,20 +2,22 @@
 
 A checkpoint is written into `.tmp-step_N`, renamed to `step_N` when every process has finished,
 and only then marked with a `COMPLETE` file. Resume takes the newest complete checkpoint that is
-intact (integrity.py: every file there, with its saved size, and nothing but plain data in it),
-naming what is wrong with the ones it passes over, and refuses a config that would change what a step
-means. A pinned checkpoint (a background upload still reads it) is never pruned. Turning a checkpoint
-into a model is export.py's job.
+intact (integrity.py: every file there, with its saved size and digest, nothing but plain data in it,
+and a loop state the loop writes), naming what is wrong with the ones it passes over, and refuses a
+config that would change what a step means; all of that is decided before the run writes anything
+(`plan_resume`), the weights are read once the model is built (`restore`). The tools read checkpoints
+through `usable`, the same verification. A pinned checkpoint (a background upload still reads it) is
+never pruned. Turning a checkpoint into a model is export.py's job.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import errno
-import json
 import logging
 import os
+import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,16 +28,14 @@ from loop.config import ConfigError
 from loop.data import templates
 from loop.engine import deepspeed, zero3_files
 from loop.processes import any_process, main_decides
-from loop.state import integrity
-from loop.state.progress import LoopState
+from loop.state import integrity, progress
+from loop.state.integrity import IN_USE, MARKER
+from loop.state.progress import STATE_FILE, LoopState
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
     from accelerate import Accelerator
     from transformers import PreTrainedTokenizerBase
 
-MARKER = "COMPLETE"
-IN_USE = ".in_use"  # a background job (upload) still reads this checkpoint: do not prune it
-STATE_FILE = "loop_state.json"
 log = logging.getLogger("loop")
 
 
@@ -55,17 +55,20 @@ def complete_checkpoints(root: Path) -> list[Path]:
     """Finished checkpoints under root, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if (p / MARKER).is_file()]
+    found = [p for p in root.iterdir() if re.fullmatch(r"step_\d+", p.name) and (p / MARKER).is_file()]
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def missing_files(path: Path, world_size: int, zero_shards: bool) -> list[str]:
-    """Files every process must have written; a checkpoint lacking any is never marked complete."""
-    missing = [integrity.rng_file(path, r).name for r in range(world_size) if not integrity.rng_file(path, r).is_file()]
-    return missing + (zero3_files.missing_shards(path, world_size) if zero_shards else [])
+def unfinished(root: Path) -> list[str]:
+    """Checkpoint folders under root that are not complete, each with what it lacks."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if integrity.folder_step(p) is not None and not (p / MARKER).is_file()]
+    return [f"{p.name} ({'a save that never finished' if p.name.startswith('.tmp-') else f'no {MARKER} file'})"
+            for p in sorted(found, key=integrity.folder_step)]
 
 
-def _no_space(error: BaseException | None, path: Path) -> str | None:
+def no_space(error: BaseException | None, path: Path) -> str | None:
     """'no space left on device' when that is what happened, whatever the writer's own message says."""
     chain = []
     while error is not None and error not in chain:
@@ -117,7 +120,7 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         if any_process(accelerator, error is not None):
             if accelerator.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
-            why = _no_space(error, tmp) or error or "on another process"
+            why = no_space(error, tmp) or error or "on another process"
             raise CheckpointError(f"{failure}: {why}; the previous checkpoint is untouched. Free disk space or fix "
                                   "permissions, then resume with --resume_from_checkpoint latest")
 
@@ -128,6 +131,7 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
             tmp.mkdir(parents=True)
 
     zero = deepspeed.is_active(accelerator)
+    recorded: dict[str, dict] = {}  # this process's files: size and digest
 
     def shards() -> None:  # with LoRA only what trains: the frozen base is the model the run started from
         accelerator.save_state(str(tmp), **(deepspeed.save_state_options(cfg.lora.enabled) if zero else {}))
@@ -135,15 +139,16 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         integrity.save_rng(tmp, rank)
         if cfg.lora.enabled and not zero and accelerator.is_main_process:
             keep_trainable(tmp / "model.safetensors", accelerator.unwrap_model(model))
+        recorded.update(integrity.record(tmp, rank))  # right after writing: the pages are still in memory
 
     def describe() -> None:  # main process, after every process has written its shards
         if not accelerator.is_main_process:
             return
-        missing = missing_files(tmp, accelerator.num_processes, zero)
+        missing = integrity.missing_files(tmp, accelerator.num_processes, zero)
         if missing:
             raise CheckpointError(f"files missing after every process saved: {missing[:6]} "
                                   "(is the output directory shared by all nodes?)")
-        (tmp / STATE_FILE).write_text(json.dumps(dataclasses.asdict(state), indent=2))
+        (tmp / STATE_FILE).write_text(state.to_json())
         config_mod.save(cfg, tmp / "run_config.yaml")
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.save_pretrained(tmp)
@@ -151,10 +156,13 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         templates.save_tokenizer(tokenizer, tmp)
         if cfg.lora.enabled:
             unwrapped.peft_config["default"].save_pretrained(tmp)  # adapter_config.json: what the weights are
-        integrity.write_manifest(tmp)
+        integrity.write_manifest(tmp, {name: e for files in everyone for name, e in files.items()})
 
     together(create, f"cannot create {tmp}")
     together(shards, f"writing checkpoint {final} failed")
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([recorded])  # every process reached here: `together` raises on all or none
     together(describe, f"writing checkpoint {final} failed")
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
@@ -196,57 +204,95 @@ def unpin(checkpoint: Path) -> None:
     (checkpoint / IN_USE).unlink(missing_ok=True)
 
 
-def find(spec: str, root: Path) -> Path:
+def find(spec: str, root: Path, what: str = "--resume_from_checkpoint") -> Path:
     """Resolve `latest` or a path to a complete checkpoint directory."""
     if spec == "latest":
         found = complete_checkpoints(root)
         if not found:
-            raise CheckpointError(f"--resume_from_checkpoint latest: no complete checkpoint under {root}")
+            raise CheckpointError(f"{what} latest: no complete checkpoint under {root}")
         return found[-1]
     path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"{what} {path}: not a directory")
     if not (path / MARKER).is_file():
-        raise CheckpointError(f"--resume_from_checkpoint {path}: not a complete checkpoint (no {MARKER} file)")
+        raise CheckpointError(f"{what} {path}: not a complete checkpoint (no {MARKER} file; a save that never "
+                              "finished, or not written by loop/train.py)")
     return path
 
 
-def choose_intact(spec: str, root: Path) -> tuple[Path, list[str]]:
-    """The checkpoint to resume from and a warning for each newer one passed over as broken. An explicit
-    path must be intact; `latest` falls back to the newest intact one."""
-    candidates = [find(spec, root)] if spec != "latest" else list(reversed(complete_checkpoints(root)))
+def choose_intact(spec: str, root: Path, what: str = "--resume_from_checkpoint") -> tuple[Path, LoopState, list[str]]:
+    """The checkpoint to use, its loop state, and a warning for each newer one passed over as broken. An
+    explicit path must be intact; `latest` falls back to the newest intact one."""
+    candidates = [find(spec, root, what)] if spec != "latest" else list(reversed(complete_checkpoints(root)))
     passed_over = []
     for ckpt in candidates:
         broken = integrity.problems(ckpt)
         if not broken:
-            return ckpt, passed_over
+            return ckpt, progress.from_json((ckpt / STATE_FILE).read_text()), passed_over
         passed_over.append(f"checkpoint {ckpt} is broken, not used: " + "; ".join(broken[:5]))
-    raise CheckpointError("no intact checkpoint to resume from: " + " | ".join(passed_over))
+    raise CheckpointError(f"no intact checkpoint under {root}: " + " | ".join(passed_over))
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a run's checkpoint (complete or not) or a run's checkpoints/ folder."""
+    return path.is_dir() and ((path / STATE_FILE).exists() or (path / integrity.MANIFEST).exists()
+                              or (path / MARKER).exists() or integrity.folder_step(path) is not None
+                              or bool(complete_checkpoints(path) or unfinished(path)))
+
+
+def usable(path: Path, what: str = "checkpoint") -> tuple[Path, LoopState, list[str]]:
+    """What a tool may read: one complete, intact checkpoint, or a run's checkpoints/ folder's newest intact
+    one (with a warning for each newer one passed over). CheckpointError says why there is none."""
+    if complete_checkpoints(path) or unfinished(path):
+        if not complete_checkpoints(path):
+            raise CheckpointError(f"{what} {path}: no complete checkpoint, only {', '.join(unfinished(path)[:5])}")
+        return choose_intact("latest", path, what)
+    return choose_intact(str(path), path.parent, what)
 
 
 Note = tuple[int, str]  # (logging level, text): what resuming has to say, and how loudly
 
 
-def resume(accelerator: Accelerator, model, cfg: config_mod.Config, root: Path,
-           data_fingerprint: str) -> tuple[LoopState, list[Note]]:
-    """The loop state to start from (restoring model, optimizer and RNG when resuming), and what to log.
+@dataclass
+class Resume:
+    """Where a run starts: a fresh state, or a checkpoint (chosen, checked and compared, not yet loaded)."""
+
+    state: LoopState
+    notes: list[Note]
+    path: Path | None = None
+
+
+def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, data_fingerprint: str) -> Resume:
+    """Everything resume checks, before the run writes anything: the checkpoint (the newest intact one for
+    `latest`), its loop state, and the config compared with the one it was saved with.
 
     `latest` with no checkpoint yet starts fresh, so one job script serves the first run and every requeue.
     """
     fresh = LoopState(world_size=accelerator.num_processes, data_fingerprint=data_fingerprint)
     spec = cfg.output.resume_from_checkpoint
     if not spec:
-        return fresh, []
+        return Resume(fresh, [])
     if spec == "latest" and not complete_checkpoints(root):
-        return fresh, [(logging.INFO, f"--resume_from_checkpoint latest: no complete checkpoint under {root} yet; "
-                                      "starting fresh")]
+        left = unfinished(root)
+        if left:
+            return Resume(fresh, [(logging.WARNING, f"--resume_from_checkpoint latest: no complete checkpoint under "
+                                                    f"{root}, only {', '.join(left[:5])}; starting fresh from step 0 "
+                                                    "(they are left as they are)")])
+        return Resume(fresh, [(logging.INFO, f"--resume_from_checkpoint latest: no complete checkpoint under {root} "
+                                             "yet; starting fresh")])
     # One process checks the files; all use its choice.
-    path, passed_over = main_decides(accelerator, lambda: choose_intact(spec, root), (CheckpointError,))
+    path, state, passed_over = main_decides(accelerator, lambda: choose_intact(spec, root), (CheckpointError,))
     notes = [(logging.WARNING, note) for note in passed_over]
-    saved = json.loads((path / STATE_FILE).read_text())
-    saved.setdefault("eval_losses", saved.pop("evals", []))  # its name before 2026-12
-    state = LoopState(**saved)
     notes += compare(cfg, yaml.safe_load((path / "run_config.yaml").read_text()), state, data_fingerprint)
-    restore(accelerator, model, path, state, partial=cfg.lora.enabled)
-    return state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")]
+    if state.world_size != accelerator.num_processes:
+        raise CheckpointError(
+            f"{path} was written by {state.world_size} processes and this run has "
+            f"{accelerator.num_processes}; ZeRO-3 shards cannot be re-partitioned on load. Either launch "
+            f"with --num_processes {state.world_size}, or turn it into a model with "
+            f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
+            "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
+        )
+    return Resume(state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")], path)
 
 
 def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerprint: str) -> list[Note]:
@@ -265,25 +311,23 @@ def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerpr
     return notes
 
 
-def restore(accelerator: Accelerator, model, path: Path, state: LoopState, partial: bool = False) -> None:
-    """Restore model, optimizer and every process's RNG state, reading nothing that can run code. A
-    partial checkpoint (LoRA) holds only what trains; the rest is already the model's own."""
-    if state.world_size != accelerator.num_processes:
-        raise CheckpointError(
-            f"{path} was written by {state.world_size} processes and this run has "
-            f"{accelerator.num_processes}; ZeRO-3 shards cannot be re-partitioned on load. Either launch "
-            f"with --num_processes {state.world_size}, or turn it into a model with "
-            f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
-            "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
-        )
+def restore(accelerator: Accelerator, model, resume: Resume, partial: bool = False) -> None:
+    """Restore model, optimizer and every process's RNG state from the planned checkpoint (nothing to do
+    for a fresh start), reading nothing that can run code. A partial checkpoint (LoRA) holds only what
+    trains; the rest is already the model's own."""
+    if resume.path is None:
+        return
+    from loop.engine.accelerator import safe_state_loading
+
     if deepspeed.is_active(accelerator):
         deepspeed.install_safe_loading(model)
         options = deepspeed.load_state_options(partial)
     else:
         options = {"strict": False} if partial else {}
     try:
-        accelerator.load_state(str(path), **options)
-        integrity.load_rng(path, accelerator.process_index)
+        with safe_state_loading():
+            accelerator.load_state(str(resume.path), **options)
+        integrity.load_rng(resume.path, accelerator.process_index)
     except zero3_files.UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from None
 

@@ -4,7 +4,8 @@ config that stops at the template's end token.
 
 Every export is written into a temporary folder beside its destination (`staged`), checked against
 the model's full parameter shapes, and only then renamed into place: nothing that looks like a
-finished model is left behind by a failure.
+finished model is left behind by a failure (a full disk included). A checkpoint is exported only when it
+is complete and intact (checkpoints.usable), and its step is its loop state's.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import json
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from loop.config import SaveDtype
+from loop.config import SaveDtype, first_line
 from loop.data import templates
 from loop.engine import zero3_files
+from loop.state import checkpoints
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
     from accelerate import Accelerator
@@ -37,21 +40,44 @@ class ExportError(RuntimeError):
     """The model could not be exported; the message names the file or parameter."""
 
 
+@dataclass
+class Exported:
+    """What an export from a checkpoint read and wrote."""
+
+    checkpoint: Path  # the checkpoint read (for a run's checkpoints/ folder, its newest intact one)
+    step: int  # from its loop state
+    aliases: dict[str, str]  # tied weights, written once
+    passed_over: list[str]  # newer checkpoints that were broken, each with why
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A temporary folder beside `out` that replaces `out` only if the block completes."""
+    """A temporary folder beside `out` that replaces `out` only if the block completes; a disk that is full
+    or cannot be written is an ExportError, and nothing is left behind."""
     tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         yield tmp
         readable(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        why = _write_failure(e, out)
+        if why:
+            raise ExportError(f"cannot write {out}: {why}; nothing was left there") from None
         raise
+
+
+def _write_failure(error: BaseException, out: Path) -> str | None:
+    """What stopped the writing when it was the disk (full, read-only, no permission); None for the rest.
+    safetensors reports a full disk as its own error, so the free space is looked at too."""
+    if not isinstance(error, Exception) or isinstance(error, (ExportError, zero3_files.ConsolidationError)):
+        return None
+    full = checkpoints.no_space(error, out.parent)
+    return full or (first_line(error) if isinstance(error, OSError) else None)
 
 
 def readable(folder: Path) -> None:
@@ -141,14 +167,23 @@ def save_plain(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: 
 
 
 def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_bytes: int = 5 * 1024**3,
-                    progress: Callable[[str, int], None] | None = None) -> dict[str, str]:
-    """Export a training checkpoint (ZeRO-3 shards, or whole weights from a run without DeepSpeed);
-    return the tied-weight aliases that were written once."""
+                    progress: Callable[[str, int], None] | None = None) -> Exported:
+    """Export a complete, intact training checkpoint (ZeRO-3 shards, or whole weights from a run without
+    DeepSpeed; a run's checkpoints/ folder gives its newest intact one). CheckpointError when there is none."""
     from loop.model import lora
+
+    ckpt, state, passed_over = checkpoints.usable(ckpt)
+    if (ckpt / lora.ADAPTER_CONFIG).is_file():
+        aliases = _adapter_from_checkpoint(ckpt, out)
+    else:
+        aliases = _model_from_checkpoint(ckpt, out, dtype, max_shard_bytes, progress)
+    return Exported(ckpt, state.step, aliases, passed_over)
+
+
+def _model_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype, max_shard_bytes: int,
+                           progress: Callable[[str, int], None] | None) -> dict[str, str]:
     from loop.state import consolidate
 
-    if (ckpt / lora.ADAPTER_CONFIG).is_file():
-        return _adapter_from_checkpoint(ckpt, out)
     with staged(out) as tmp:
         if not zero3_files.is_zero_checkpoint(ckpt) and (ckpt / "model.safetensors").is_file():
             _copy_plain(ckpt, tmp, DTYPES[dtype])
@@ -191,15 +226,19 @@ def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
     return {}
 
 
-def merged_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16") -> None:
-    """From a LoRA checkpoint, the base model (named in its run config) with the adapter merged in."""
+def merged_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16") -> Exported:
+    """From a complete, intact LoRA checkpoint, the base model (named in its run config) with the adapter
+    merged in."""
     from transformers import AutoTokenizer
 
+    ckpt, state, passed_over = checkpoints.usable(ckpt)
     save_plain(merged_model(ckpt), AutoTokenizer.from_pretrained(ckpt), out, dtype)
+    return Exported(ckpt, state.step, {}, passed_over)
 
 
 def merged_model(ckpt: Path):
-    """A LoRA checkpoint's base with its adapter merged in, in memory (float32, plain transformers)."""
+    """A LoRA checkpoint's base with its adapter merged in, in memory (float32, plain transformers); the
+    caller has checked the checkpoint (checkpoints.usable)."""
     import tempfile
 
     import yaml

@@ -110,3 +110,20 @@ def test_transformers_pipeline_chats_and_stops_at_the_end_token(trained_run):
     new = chat.model.generate(**ids, max_new_tokens=40, min_new_tokens=2, do_sample=False)
     new = new[0, ids["input_ids"].shape[1]:]
     assert new[-1].item() == chat.tokenizer.convert_tokens_to_ids("<|end|>") and len(new) < 40  # it stopped there
+
+
+def test_generate_tool_on_a_model_without_a_chat_template_is_one_line(tiny_dir, tmp_path, capsys):
+    """A pretrained base (the tiny model before training has no template): exit 2 and what to do, no traceback."""
+    import pytest
+
+    from tools import generate
+
+    with pytest.raises(SystemExit) as ended:
+        generate.main([str(tiny_dir / "model"), "--max-new-tokens", "2", "--out", str(tmp_path / "answers.md")])
+    assert ended.value.code == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert "Traceback" not in "".join(said)
+    assert said[-1] == (f"error: {tiny_dir / 'model'}: its tokenizer has no chat template, so there is no way to ask "
+                        "it a question (a pretrained base?); use a model saved by loop/train.py, or pass a base as "
+                        "--compare next to one")
+    assert not (tmp_path / "answers.md").exists()

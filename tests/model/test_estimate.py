@@ -1,7 +1,13 @@
+import json
+import time
+from pathlib import Path
+
+import pytest
 from transformers import AutoModelForCausalLM
 
 from loop.model import estimate
 from loop.model.architecture import Shape
+from tests.conftest import run_in_process, write_config
 
 
 def test_parameter_count_matches_the_real_model(tiny_dir):
@@ -23,3 +29,43 @@ def test_estimates_move_the_right_way(tiny_dir):
     assert gpu == sorted(gpu, reverse=True) and cpu[1] <= cpu[2]  # offloading moves states from GPU to CPU
     more_gpus = estimate.estimate(str(tiny_dir / "model"), 16, 1, 4, 512, False)[1]["model_states_gpu_gb"]
     assert more_gpus < rows[0]["model_states_gpu_gb"]
+
+
+@pytest.mark.parametrize("family", ["gpt_bigcode", "qwen2"])
+def test_a_deep_model_is_counted_from_two_of_its_layers_exactly(family_dirs, family):
+    """Past 64 layers the count is extrapolated (building 10,000 layers takes seconds even on the meta device);
+    Qwen2's per-layer attention types are cut along."""
+    model_config = estimate.read_config(str(family_dirs(family) / "model"))
+    model_config.num_hidden_layers = 70
+    if family == "qwen2":
+        model_config.layer_types = ["full_attention"] * 35 + ["sliding_attention"] * 35
+    assert estimate.count_params(model_config) == estimate._count(model_config, False)
+
+
+def absurd(tiny_dir: Path, folder: Path, **changes) -> Path:
+    """The tiny model's config, changed: no weights, no tokenizer, as nothing else is read before the refusal."""
+    folder.mkdir()
+    config = json.loads((tiny_dir / "model" / "config.json").read_text()) | changes
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"n_embd": 1_000_000}, "largest layer 4,000,004,000,000: that layer alone takes 7,450.6 GB in 16 bits"),
+    ({"n_layer": 10_000, "n_embd": 4096}, "training it needs at least"),
+    ({"vocab_size": 1_000_000_000}, "largest layer 64,000,000,000: that layer alone takes 119.2 GB"),
+])
+def test_an_absurd_model_config_is_refused_before_anything_is_allocated_or_written(tiny_dir, tmp_path, capsys,
+                                                                                   changes, said):
+    """Hidden size 1e6, 10,000 layers, a vocabulary of 1e9 (issue 25): one line with the figures, exit 2, within
+    seconds (the model is only counted, on the meta device), before the data is read, and nothing written."""
+    model = absurd(tiny_dir, tmp_path / "model", **changes)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", model={"name_or_path": str(model)})
+    started = time.time()
+    assert run_in_process(cfg, entry="run") == 2
+    assert time.time() - started < 20
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "error:" in line]
+    assert said in line and "parameters" in line and "check its hidden size, layers and vocabulary" in line
+    assert "Traceback" not in out and " data: " not in out
+    assert not (tmp_path / "out").exists()

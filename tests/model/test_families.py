@@ -66,7 +66,7 @@ def test_checkpoints_consolidate_to_exactly_deepspeeds_weights(family_run, famil
     _, ref = family_run(family)
     ckpt = checkpoints.find("latest", ref / "checkpoints")
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype="fp32")
+    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype="fp32").aliases
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     tied = family == "qwen2"
     assert bool(aliases) == tied and ("lm_head.weight" in reference)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -13,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loop.state import checkpoints
+from loop.engine.zero3_files import SHARDS
+from loop.state import checkpoints, integrity
 from loop.state.progress import LoopState
-from tests.conftest import ROOT, free_port, launch, scalars, write_config
+from tests.conftest import ROOT, free_port, launch, run_in_process, scalars, write_config
 
 STEPS, SAVE_EVERY = 10, 3  # 6 steps per epoch on the 160-dialogue file below
 
@@ -101,6 +103,24 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
     state = json.loads((ckpts / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
     ref_state = json.loads((reference / "checkpoints" / f"step_{STEPS:08d}" / checkpoints.STATE_FILE).read_text())
     assert state == ref_state  # token and sample counters continue exactly
+    assert_as_the_first_run_wrote_it(ckpts / f"step_{STEPS:08d}", reference / "checkpoints" / f"step_{STEPS:08d}",
+                                     tmp_path)
+
+
+def assert_as_the_first_run_wrote_it(ckpt: Path, first: Path, tmp_path: Path) -> None:
+    """A checkpoint written after a resume holds, file for file, the bytes the uninterrupted run wrote (their
+    digests; only run_config.yaml names another output_dir), DeepSpeed's files in torch's zip format (the
+    safe checkpoint engine keeps DeepSpeed's config, issue 25), and it consolidates and generates."""
+    from tools import consolidate_checkpoint, generate
+
+    ours, theirs = integrity.read_manifest(ckpt), integrity.read_manifest(first)
+    assert set(ours) == set(theirs)
+    assert [n for n in theirs if ours[n] != theirs[n]] == ["run_config.yaml"]
+    assert all(zipfile.is_zipfile(f) for f in (ckpt / SHARDS).glob("*.pt"))
+    assert consolidate_checkpoint.main([str(ckpt), str(tmp_path / "model")]) == 0
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert generate.main([str(ckpt), "--max-new-tokens", "2", "--out", str(tmp_path / "answers.md")]) == 0
+    assert (tmp_path / "answers.md").read_text().count("## ") == len(generate.BUILT_IN_PROMPTS)
 
 
 def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path):
@@ -108,7 +128,7 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     through the README's launch command too (tests/test_launch.py)."""
     out = tmp_path / "run"
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
-    wait_for(out / "tensorboard", proc=proc)
+    wait_for(out / "train.log", proc=proc)  # trackers start before it, so it is the later
     while "train/loss" not in (out / "train.log").read_text():  # some steps are done
         assert proc.poll() is None and time.sleep(0.05) is None
     for w in workers(proc):
@@ -198,11 +218,14 @@ def test_resume_refuses_changes_to_what_a_step_is_and_applies_the_rest(tiny_dir,
     cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
                        training={"max_steps": 2, "save_every": 2, "eval_every": 0})
     assert run_in_process(cfg, entry="run") == 0
+    written = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()}
     resume = ("--resume_from_checkpoint", "latest", "--max_steps", "3")
     assert run_in_process(cfg, *resume, "--seq_len", "128", "--micro_batch_size", "3", entry="run") == 2
     said = capsys.readouterr().out
     assert "changes the data order or what a step means: data.seq_len: 256 -> 128; " \
            "training.micro_batch_size: 2 -> 3" in said and "--allow_config_change true" in said
+    # Refused before anything was written: config.yaml still says 256, train.log did not grow (issue 25).
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").rglob("*") if p.is_file()} == written
     (tmp_path / "extra.jsonl").write_text((tiny_dir / "data" / "chatterbot.jsonl").read_text().split("\n", 1)[1])
     other_data = ("--train_files", f"[{tmp_path / 'extra.jsonl'}]")
     assert run_in_process(cfg, *resume, *other_data, entry="run") == 2
@@ -256,3 +279,26 @@ def test_a_run_resumed_at_its_last_step_still_reports_its_eval_loss(tiny_dir, tm
     assert run_in_process(cfg, "--resume_from_checkpoint", "latest") == 0
     card = (tmp_path / "out" / "final" / "README.md").read_text()
     assert "final eval loss: nan" not in card and "not measured" not in card.split("final eval loss:")[1][:20]
+
+
+def test_checkpoint_folders_without_a_complete_one_are_named_in_a_warning(single_process_run, tiny_dir, tmp_path):
+    """Every COMPLETE deleted, and a save that never finished: `latest` starts from step 0, and says what it found."""
+    out = tmp_path / "out"
+    shutil.copytree(single_process_run / "checkpoints", out / "checkpoints")
+    for marker in (out / "checkpoints").glob(f"*/{checkpoints.MARKER}"):
+        marker.unlink()
+    (out / "checkpoints" / ".tmp-step_00000006").mkdir()
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, out,
+                       training={"max_steps": 1, "save_every": 2, "keep_last": 5, "eval_every": 0})
+    assert run_in_process(cfg, "--resume_from_checkpoint", "latest") == 0
+    log = (out / "train.log").read_text()
+    assert (f"WARNING --resume_from_checkpoint latest: no complete checkpoint under {out / 'checkpoints'}, only "
+            "step_00000002 (no COMPLETE file), step_00000004 (no COMPLETE file), .tmp-step_00000006 (a save that never "
+            "finished); starting fresh from step 0") in log
+
+
+def test_a_resume_that_cannot_start_writes_nothing(tiny_dir, tmp_path):
+    """A missing checkpoint path on a fresh output directory: refused before the directory exists."""
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 1})
+    assert run_in_process(cfg, "--resume_from_checkpoint", str(tmp_path / "nowhere"), entry="run") == 1
+    assert not (tmp_path / "out").exists()

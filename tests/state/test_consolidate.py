@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loop.state import consolidate, export
+from loop.state.checkpoints import CheckpointError
 from loop.state.consolidate import ConsolidationError
 from tests.conftest import ROOT
+from tests.state.conftest import rewrite_manifest
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +31,7 @@ def read_all(model_dir):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_output_equals_deepspeeds_zero_to_fp32(ckpt, tmp_path, dtype):
     reference = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
-    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype=dtype)
+    aliases = export.from_checkpoint(ckpt, tmp_path / "m", dtype=dtype).aliases
     written = read_all(tmp_path / "m")
     assert aliases == {"lm_head.weight": "transformer.wte.weight"} and "lm_head.weight" not in written
     assert set(written) == set(reference) - {"lm_head.weight"}
@@ -69,14 +71,49 @@ def broken_copy(ckpt, tmp_path, damage):
     (lambda c: (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(
         (c / "pytorch_model" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").read_bytes()[:5000]),
      "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: unreadable, truncated"),
-    (lambda c: (c / "latest").unlink(), "not a ZeRO checkpoint"),
-    (lambda c: (c / "latest").write_text("nowhere"), "unknown layout"),
+    (lambda c: shutil.rmtree(c / "pytorch_model"), "not a ZeRO checkpoint"),
 ])
 def test_bad_input_names_the_file_and_leaves_no_model(ckpt, tmp_path, damage, message):
+    """What the consolidation's own reader finds, and, first, the checkpoint's verification (every tool's)."""
     broken = broken_copy(ckpt, tmp_path, damage)
     with pytest.raises(ConsolidationError, match=message.replace(".", r"\.")):
+        consolidate.write(broken, tmp_path, torch.float32)
+    with pytest.raises(CheckpointError, match=r"is broken|missing|bytes, \d+ when it was saved"):
         export.from_checkpoint(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_shards_are_the_checkpoints_own_wherever_deepspeeds_latest_points(trained_run, tmp_path, capsys):
+    """Step 8's `latest` made to name step 16's shards (its manifest rewritten to match): consolidation still
+    reads step 8's own, and says the step its loop state records."""
+    from tools import consolidate_checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in ("step_00000008", "step_00000016"):
+        shutil.copytree(trained_run / "checkpoints" / step, root / step)
+    (root / "step_00000008" / "latest").write_text("../step_00000016/pytorch_model")
+    rewrite_manifest(root / "step_00000008", "latest")
+    assert consolidate_checkpoint.main([str(root / "step_00000008"), str(tmp_path / "m"), "--dtype", "fp32"]) == 0
+    assert f"from {root / 'step_00000008'} (step 8, fp32)" in capsys.readouterr().out
+    reference = get_fp32_state_dict_from_zero_checkpoint(str(trained_run / "checkpoints" / "step_00000008"),
+                                                         tag="pytorch_model")
+    written = read_all(tmp_path / "m")
+    assert written and all(torch.equal(v, reference[k]) for k, v in written.items())
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_consolidating_onto_a_full_or_read_only_disk_is_one_line_and_leaves_nothing(ckpt, small_disk, capsys,
+                                                                                    read_only):
+    """A real file system of its own, 64 KiB (the model is 1.7 MB) or read-only: exit 1 (the disk filled) or
+    2 (OUTPUT_DIR cannot be written), one line, and nothing left on it."""
+    from tools import consolidate_checkpoint
+
+    disk = small_disk(kib=64, read_only=read_only)
+    assert consolidate_checkpoint.main([str(ckpt), str(disk / "model"), "--dtype", "fp32"]) == (2 if read_only else 1)
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[-1].startswith("error: ") and "Traceback" not in "".join(said)
+    assert ("is not writable (a read-only file system" if read_only else "no space left on device") in said[-1]
+    assert list(disk.iterdir()) == []
 
 
 def test_command_line_picks_the_newest_checkpoint_and_verifies(trained_run, tmp_path):
@@ -84,7 +121,7 @@ def test_command_line_picks_the_newest_checkpoint_and_verifies(trained_run, tmp_
                            str(trained_run / "checkpoints"), str(tmp_path / "m"), "--verify"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "step_00000016" in proc.stdout and "max_diff_vs_cast_master=0" in proc.stdout
+    assert "step_00000016 (step 16, bf16)" in proc.stdout and "max_diff_vs_cast_master=0" in proc.stdout
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "consolidate_checkpoint.py"),
                            str(tmp_path / "nothing"), str(tmp_path / "m2")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a directory" in proc.stderr

@@ -1,44 +1,33 @@
-"""Nothing in a checkpoint folder runs code, and a broken checkpoint is named and passed over."""
+"""Nothing in a checkpoint folder runs code, every file is what was saved (size and content digest), and a
+broken checkpoint is named and passed over, by resume and by every tool."""
 
 import json
-import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from loop.state import checkpoints, consolidate, export, integrity
-from tests.conftest import ROOT, launch, write_config
-
-
-class Payload:
-    """Unpickling this runs a shell command: what a tampered checkpoint file would carry."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from loop.state import checkpoints, export, integrity
+from tests.conftest import ROOT, launch, run_in_process, write_config
+from tests.state.conftest import KINDS, payload, rewrite_manifest
 
 
 def tampered_copy(ckpt: Path, dest: Path, name: str, marker: Path, keep_manifest: bool) -> Path:
-    """A copy of `ckpt` whose file `name` carries a payload; its manifest updated to the new size (as a
-    careful attacker would) or left as saved."""
+    """A copy of `ckpt` whose file `name` carries a payload; its manifest rewritten to the new size and digest
+    (as a careful attacker would, so that only the safe reader stands in the way) or left as saved."""
     copy = dest / ckpt.name
     shutil.copytree(ckpt, copy)
     target = copy / name
     if target.suffix == ".pt":
-        torch.save({"optimizer_state_dict": Payload(marker), "module": Payload(marker)}, target)
+        payload(target, marker)
     else:
         target.write_bytes(b"\x80\x04not safetensors at all" + marker.as_posix().encode())
     if keep_manifest:
-        sizes = json.loads((copy / integrity.MANIFEST).read_text())
-        sizes[name] = target.stat().st_size
-        (copy / integrity.MANIFEST).write_text(json.dumps(sizes))
+        rewrite_manifest(copy, name)
     return copy
 
 
@@ -52,7 +41,7 @@ def test_a_payload_in_any_checkpoint_file_is_refused_by_every_reader(trained_run
     ckpt = tampered_copy(trained_run / "checkpoints" / "step_00000016", tmp_path, name, marker, keep_manifest=True)
     assert any(name in p and "not plain data" in p or "unreadable" in p for p in integrity.problems(ckpt))
     if name.endswith(".pt"):  # the readers of weights: consolidation, export, generation
-        with pytest.raises(consolidate.ConsolidationError, match=Path(name).name):
+        with pytest.raises(checkpoints.CheckpointError, match=Path(name).name):
             export.from_checkpoint(ckpt, tmp_path / "exported")
         for tool in (["tools/generate.py", str(ckpt), "--max-new-tokens", "2"],
                      ["tools/consolidate_checkpoint.py", str(ckpt), str(tmp_path / "m")]):
@@ -76,8 +65,8 @@ def test_resume_passes_over_a_broken_checkpoint_and_names_it(trained_run, tiny_d
     good = trained_run / "checkpoints" / "step_00000008"
     shutil.copytree(good, out / "checkpoints" / good.name)
     bad = tampered_copy(trained_run / "checkpoints" / "step_00000016", out / "checkpoints", FILES[0], marker, True)
-    path, notes = checkpoints.choose_intact("latest", out / "checkpoints")
-    assert path.name == "step_00000008" and FILES[0] in notes[0] and str(bad) in notes[0]
+    path, state, notes = checkpoints.choose_intact("latest", out / "checkpoints")
+    assert path.name == "step_00000008" and state.step == 8 and FILES[0] in notes[0] and str(bad) in notes[0]
     with pytest.raises(checkpoints.CheckpointError, match="no intact checkpoint"):
         checkpoints.choose_intact(str(bad), out / "checkpoints")
     shard = out / "checkpoints" / good.name / FILES[1]
@@ -89,9 +78,11 @@ def test_resume_passes_over_a_broken_checkpoint_and_names_it(trained_run, tiny_d
     shutil.rmtree(out / "checkpoints" / good.name)
     shutil.copytree(good, out / "checkpoints" / good.name)
     cfg = yaml_config(trained_run, tiny_dir, out)
-    launch(cfg, "--resume_from_checkpoint", "latest", "--seed", "7")
+    proc = launch(cfg, "--resume_from_checkpoint", "latest", "--seed", "7")
     log = (out / "train.log").read_text()
     assert "step_00000016 is broken, not used" in log and "resumed from" in log and "at step 8" in log
+    console = proc.stdout + proc.stderr
+    assert console.count("step_00000016 is broken, not used") == 1  # said once, not by every process
     assert not marker.exists()
     assert load_file(out / "final" / "model.safetensors")  # it went on to the end
 
@@ -105,9 +96,93 @@ def yaml_config(trained_run: Path, tiny_dir: Path, out: Path) -> Path:
                         training=saved["training"])
 
 
-def test_a_manifest_records_every_file_and_sizes_are_checked(trained_run):
-    ckpt = trained_run / "checkpoints" / "step_00000016"
-    sizes = json.loads((ckpt / integrity.MANIFEST).read_text())
-    assert {*FILES, "loop_state.json", "run_config.yaml", "config.json", "tokenizer.json"} <= set(sizes)
+@pytest.mark.parametrize("engine", ["single", "zero3"])
+def test_a_manifest_records_every_file_with_its_size_and_digest(request, engine):
+    run = request.getfixturevalue("trained_run" if engine == "zero3" else "single_process_run")
+    ckpt = run / "checkpoints" / ("step_00000016" if engine == "zero3" else "step_00000004")
+    entries = integrity.read_manifest(ckpt)
+    written = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
+    assert set(entries) == written - {integrity.MANIFEST, checkpoints.MARKER}
+    assert {"loop_state.json", "run_config.yaml", "config.json", "tokenizer.json"} <= set(entries)
+    assert set(FILES) <= set(entries) if engine == "zero3" else {"model.safetensors", "optimizer.bin"} <= set(entries)
+    for name, entry in entries.items():
+        assert entry == {"size": (ckpt / name).stat().st_size, integrity.ALGORITHM: integrity.digest(ckpt / name)}
     assert not [p for p in ckpt.rglob("*.pkl")]  # no pickle is written at all
+    assert integrity.problems(ckpt) == [] and integrity.size(ckpt) == sum(e["size"] for e in entries.values())
+
+
+@pytest.mark.parametrize("engine", ["single", "zero3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_corruption_is_named_and_latest_falls_back_to_the_intact_checkpoint(corrupted, tmp_path, engine, kind):
+    """Issue 25's cases, on real checkpoints of both kinds: resume's choice, and every tool's (export and
+    consolidation, generation), passes over the broken checkpoint naming the file and why; given the broken
+    one itself, they refuse it. Nothing is unpickled on the way."""
+    c = corrupted(engine, kind)
+    found = integrity.problems(c.broken)
+    assert any(c.file in line and c.expected in line for line in found), found
+    path, state, notes = checkpoints.choose_intact("latest", c.root)
+    assert path == c.intact and state.step == integrity.folder_step(c.intact)
+    assert len(notes) == 1 and str(c.broken) in notes[0] and c.expected in notes[0]
+    with pytest.raises(checkpoints.CheckpointError, match=re.escape(c.expected)):
+        checkpoints.usable(c.broken)
+    done = export.from_checkpoint(c.root, tmp_path / "model")
+    assert done.checkpoint == c.intact and done.step == state.step and c.expected in done.passed_over[0]
+    assert not c.marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["flipped optimizer", "payload, manifest rewritten", "step -5"])
+def test_resume_without_deepspeed_passes_over_a_broken_checkpoint(corrupted, tiny_dir, tmp_path, kind):
+    """The whole run, in this process: optimizer.bin changed in place (same size) or poisoned, or a loop state
+    of step -5, in the newest checkpoint; the run resumes from the older one, says why, and goes on to the end
+    without ever writing a step folder the state made up."""
+    c = corrupted("single", kind)
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, c.root.parent,
+                       training={"max_steps": 4, "save_every": 2, "keep_last": 5, "eval_every": 0})
+    assert run_in_process(cfg, "--resume_from_checkpoint", "latest") == 0
+    log = (c.root.parent / "train.log").read_text()
+    assert f"checkpoint {c.broken} is broken, not used: " in log and c.expected in log
+    assert f"resumed from {c.intact} at step 2" in log
+    assert sorted(p.name for p in c.root.iterdir()) == ["step_00000002", "step_00000004"]
+    assert integrity.problems(c.root / "step_00000004") == []  # written again, whole
+    assert not c.marker.exists()
+
+
+def test_accelerates_loader_reads_through_the_safe_reader(tmp_path):
+    """What resume without DeepSpeed reads with accelerate (optimizer.bin, pytorch_model.bin) goes through the
+    reader the ZeRO-3 shards go through."""
+    from accelerate import checkpointing
+
+    from loop.engine.accelerator import safe_state_loading
+    from loop.engine.zero3_files import UntrustedCheckpoint
+
+    marker = tmp_path / "pwned"
+    payload(tmp_path / "optimizer.bin", marker)
+    with safe_state_loading(), pytest.raises(UntrustedCheckpoint, match="optimizer.bin: unreadable, truncated or "
+                                                                         "not plain data"):
+        checkpointing.load(tmp_path / "optimizer.bin", map_location="cpu")
+    assert not marker.exists() and checkpointing.load.__module__ == "accelerate.utils.other"  # put back
+
+
+def test_a_checkpoint_given_to_a_tool_must_be_complete(trained_run, tmp_path):
+    """A save that never finished (no COMPLETE, no manifest), given to consolidation: refused, exit 2, one line."""
+    from tools import consolidate_checkpoint
+
+    partial = tmp_path / ".tmp-step_00000016"
+    shutil.copytree(trained_run / "checkpoints" / "step_00000016", partial)
+    (partial / checkpoints.MARKER).unlink()
+    (partial / integrity.MANIFEST).unlink()
+    assert consolidate_checkpoint.main([str(partial), str(tmp_path / "model")]) == 2
+    assert not (tmp_path / "model").exists()
+
+
+
+def test_a_checkpoint_saved_before_digests_is_checked_by_size(single_process_run, tmp_path):
+    """A manifest of sizes only (written before 2026-12) still resumes; its sizes are still checked."""
+    ckpt = tmp_path / "step_00000004"
+    shutil.copytree(single_process_run / "checkpoints" / ckpt.name, ckpt)
+    sizes = {name: e["size"] for name, e in integrity.read_manifest(ckpt).items()}
+    (ckpt / integrity.MANIFEST).write_text(json.dumps(sizes))
     assert integrity.problems(ckpt) == [] and integrity.size(ckpt) == sum(sizes.values())
+    (ckpt / "optimizer.bin").write_bytes(b"short")
+    assert integrity.problems(ckpt) == [f"{ckpt / 'optimizer.bin'}: 5 bytes, {sizes['optimizer.bin']} when it was "
+                                        "saved"]

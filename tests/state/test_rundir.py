@@ -59,6 +59,28 @@ def test_config_and_data_errors_are_one_line_exit_2_and_write_nothing(tiny_dir, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["an existing file", "a read-only file system", "below a file"])
+def test_an_output_directory_that_cannot_be_written_is_one_line_before_any_work(tiny_dir, tmp_path, small_disk,
+                                                                                capsys, where):
+    """Said before the data is read, exit 2, and nothing written (issue 25: an OSError after data preparation)."""
+    out = {"an existing file": tmp_path / "out", "below a file": tmp_path / "out" / "run",
+           "a read-only file system": None}[where]
+    if out is None:
+        out = small_disk(read_only=True) / "run"
+    else:
+        (tmp_path / "out").write_text("a file\n")
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, out)
+    assert run_in_process(cfg, entry="run") == 2
+    said = capsys.readouterr().out
+    (line,) = [line for line in said.splitlines() if "error:" in line]
+    assert "output.output_dir: " in line and ("not writable" if "read-only" in where else "is a file") in line
+    assert "Traceback" not in said and " data: " not in said
+    if where == "a read-only file system":
+        assert not out.exists()
+    else:
+        assert (tmp_path / "out").read_text() == "a file\n"  # untouched
+
+
 def test_an_empty_training_set_is_an_error_before_any_model_work(tiny_dir, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("")
     for extra in ((), ("--max_steps", "0", "--num_epochs", "1")):
