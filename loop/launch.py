@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 
 from loop import config
-from loop.data import templates
+from loop.data import preference, templates
 from loop.data.dialogues import collect, refuse_bad
 from loop.data.records import DataError
 from loop.model.load import preflight
@@ -43,6 +43,9 @@ def check(train_args: list[str]) -> config.Config:
     cfg = config.from_argv(train_args)
     trackers.check(cfg.output.report_to)
     preflight(cfg)
+    if cfg.training.objective == "dpo":
+        preference.load(cfg.data)  # preference pairs: listed, counted and refused as the run would
+        return cfg
     _, report, bad = collect(cfg.data.train_files, cfg.data.format, cfg.data.oasst_paths)
     if cfg.data.eval_files:
         bad += collect(cfg.data.eval_files, cfg.data.format, cfg.data.oasst_paths)[2]

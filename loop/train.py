@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from loop import config
 from loop.config import usage
-from loop.data import batches, packing, templates
+from loop.data import batches, packing, pairs, preference, templates
 from loop.data.prepare import prepare
 from loop.data.records import DataError
 from loop.engine import deepspeed
@@ -35,7 +35,7 @@ from loop.processes import any_process
 from loop.report import card, hub, logs, metrics, profiling, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
-from loop.training import optim
+from loop.training import dpo, optim, reference
 from loop.training.sft import SFT
 from loop.training.step import evaluate, train_step
 
@@ -72,15 +72,20 @@ def on_schedule(step: int, every: int, last: int) -> bool:
 def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer):
     """The main process first (it fills the tokenization cache), then the others; a data error the main
     process finds ends every process with it, instead of leaving them waiting."""
+    def make():  # preference pairs are records of their own (loop/data/preference.py)
+        if cfg.training.objective == "dpo":
+            return preference.prepare(cfg.data, cfg.dpo, tokenizer)
+        return prepare(cfg.data, tokenizer)
+
     prepared, error = None, None
     if accelerator.is_main_process:
         try:
-            prepared = prepare(cfg.data, tokenizer)
+            prepared = make()
         except DataError as e:
             error = e
     if any_process(accelerator, error is not None):
         raise error or DataError("(reported by the main process)")
-    return prepared or prepare(cfg.data, tokenizer)
+    return prepared or make()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,15 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         set_seed(t.seed)
         world = accelerator.num_processes
-        objective = SFT
+        preferring = t.objective == "dpo"
+        objective = dpo.objective(cfg.dpo) if preferring else SFT
 
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
         tokenizer = load.load_tokenizer(cfg)
         added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
         train_ds, eval_ds, report = prepare_data(accelerator, cfg, tokenizer)
+        pairing = {"plan": pairs.plan_rows, "extra": pairs.pair_keys()} if preferring else {}  # whole pairs a row
         train_planner, eval_planner = batches.planners(train_ds, eval_ds, cfg, tokenizer.pad_token_id,
                                                        attention.layout(attn, cfg.data.packing), world,
-                                                       accelerator.process_index, shape.mask_windows())
+                                                       accelerator.process_index, shape.mask_windows(), **pairing)
         per_epoch = train_planner.steps_per_epoch
         total_steps = t.max_steps or per_epoch * t.num_epochs
         pack_eff = packing.efficiency(train_planner.rows, cfg.data.seq_len)
@@ -131,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
         model, optimizer = accelerator.prepare(model, optimizer)
 
+        # 4b. Preference tuning: the starting model's log-probabilities of every pair, before a checkpoint
+        # replaces it (computed once, cached, read again on resume).
+        if preferring and cfg.dpo.reference == "precomputed":
+            key = reference.cache_key(cfg, train_planner, eval_planner, added_tokens, str(accelerator.mixed_precision),
+                                      attn, world)
+            train_planner, eval_planner = reference.attach(accelerator, model, cfg, train_planner, eval_planner, key,
+                                                           Path(cfg.data.cache_dir or out / "reference"))
+
         # 5. Resume: model, optimizer, RNG and loop state; the data position is a step number.
         ckpt_root = out / "checkpoints"
         state, resume_notes = checkpoints.resume(accelerator, model, cfg, ckpt_root, report.fingerprint)
@@ -144,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         def eval_and_log() -> None:
             result = evaluate(model, accelerator, objective, eval_planner.shard(), eval_planner.shard_batches)
             summary.eval_loss = result["loss"]
+            summary.eval_reward_accuracy = result.get("rewards/accuracies")
             state.eval_losses.append([state.step, summary.eval_loss])
-            accelerator.log({f"eval/{k}": v for k, v in result.items()}
-                            | {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}, step=state.step)
-            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}")
+            perplexity = {} if preferring else {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}
+            accelerator.log({f"eval/{k}": v for k, v in result.items()} | perplexity, step=state.step)
+            accuracy = f", reward accuracy {summary.eval_reward_accuracy:.1%}" if preferring else ""
+            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}{accuracy}")
 
         if state.step == 0:
             accelerator.log(report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
@@ -177,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 if result.nonfinite:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
                 state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
-                meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
+                meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm,
+                          result.statistics)
                 profiled(state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")

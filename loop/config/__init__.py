@@ -23,11 +23,15 @@ from loop.config.settings import (  # the value lists
     Attention,
     Config,
     DataConfig,
+    DpoLoss,
+    DpoReference,
+    DpoSettings,
     Format,
     Layout,
     LoraSettings,
     ModelConfig,
     OasstPaths,
+    Objective,
     OutputConfig,
     PackingMode,
     SaveDtype,
@@ -38,8 +42,8 @@ from loop.config.settings import (  # the value lists
     validate,
 )
 
-__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "Format", "Layout",
-           "LoraSettings", "ModelConfig", "OasstPaths", "OutputConfig", "PACKABLE_ATTENTION", "PackingMode",
-           "RUN_IDENTITY", "SaveDtype", "Schedule", "TemplateName", "Tracker", "TrainingConfig", "did_you_mean",
-           "differences", "first_line", "from_argv", "from_dict", "from_file", "parse_overrides", "save", "to_dict",
-           "validate"]
+__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DpoLoss", "DpoReference",
+           "DpoSettings", "Format", "Layout", "LoraSettings", "ModelConfig", "OasstPaths", "Objective",
+           "OutputConfig", "PACKABLE_ATTENTION", "PackingMode", "RUN_IDENTITY", "SaveDtype", "Schedule",
+           "TemplateName", "Tracker", "TrainingConfig", "did_you_mean", "differences", "first_line", "from_argv",
+           "from_dict", "from_file", "parse_overrides", "save", "to_dict", "validate"]

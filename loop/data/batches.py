@@ -150,9 +150,13 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return out
 
 
+# What only the loss reads: the targets and, for preference pairs, their sequences (loop/data/pairs.py).
+LOSS_ONLY = ("targets", "target_index", "sequence_ids", "target_sequence", "completion_tokens", "reference_logps")
+
+
 def model_inputs(batch: Batch) -> Batch:
-    """What goes to the model: everything but the targets, which the loss takes."""
-    return {k: v for k, v in batch.items() if k not in ("targets", "target_index")}
+    """What goes to the model: everything but what the loss takes."""
+    return {k: v for k, v in batch.items() if k not in LOSS_ONLY}
 
 
 @dataclass
@@ -187,6 +191,13 @@ class Planner:
     accumulation: int
     mask_windows: MaskWindows = None
     pin: bool = False
+    # What an objective adds to each collated batch, from its rows (loop/data/pairs.py: which sequence each
+    # target belongs to, and the reference log-probabilities of preference tuning).
+    extra: Callable[[Batch, list[Row]], Batch] | None = None
+
+    def batch(self, rows: list[Row]) -> Batch:
+        batch = collate(self.columns, rows, self.pad_id, self.layout, self.isolate, self.mask_windows)
+        return self.extra(batch, rows) if self.extra else batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -200,8 +211,7 @@ class Planner:
         every = [self.rows[j] for per_rank in ids for micro in per_rank for j in micro if j is not None]
         micro_batches = []
         for micro in ids[self.rank]:
-            batch = collate(self.columns, [self.rows[j] if j is not None else [] for j in micro], self.pad_id,
-                            self.layout, self.isolate, self.mask_windows)
+            batch = self.batch([self.rows[j] if j is not None else [] for j in micro])
             micro_batches.append({k: v.pin_memory() if self.pin and torch.is_tensor(v) else v
                                   for k, v in batch.items()})
         return Step(step, micro_batches, len(every), self.columns.trained_in(every),
@@ -216,20 +226,21 @@ class Planner:
         for b in range(self.shard_batches):
             start = (b * self.world + self.rank) * self.micro_batch_size
             chosen = [self.rows[j] if j < len(self.rows) else [] for j in range(start, start + self.micro_batch_size)]
-            yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate, self.mask_windows)
+            yield self.batch(chosen)
 
 
 def planners(train, held_out, cfg, pad_id: int, layout: Layout, world: int, rank: int,
-             mask_windows: MaskWindows = None) -> tuple[Planner, Planner]:
-    """The training planner and this process's share of the eval rows, from tokenized datasets."""
+             mask_windows: MaskWindows = None, plan: Callable[..., list[Row]] = packing.plan_rows,
+             extra: Callable[[Batch, list[Row]], Batch] | None = None) -> tuple[Planner, Planner]:
+    """The training planner and this process's share of the eval rows, from tokenized datasets; `plan`
+    packs sequences into rows (preference pairs pack whole pairs), `extra` adds an objective's keys."""
     d, t = cfg.data, cfg.training
     columns = Columns.from_dataset(train)
-    planner = Planner(packing.plan_rows(columns.lengths(), d.seq_len, d.packing), columns, pad_id, layout,
+    planner = Planner(plan(columns.lengths(), d.seq_len, d.packing), columns, pad_id, layout,
                       d.packing != "concat", t.seed, world, rank, t.micro_batch_size, t.gradient_accumulation_steps,
-                      mask_windows, pin=torch.cuda.is_available())
+                      mask_windows, pin=torch.cuda.is_available(), extra=extra)
     held = Columns.from_dataset(held_out)
-    return planner, dataclasses.replace(planner, columns=held, rows=packing.plan_rows(held.lengths(), d.seq_len,
-                                                                                      d.packing))
+    return planner, dataclasses.replace(planner, columns=held, rows=plan(held.lengths(), d.seq_len, d.packing))
 
 
 @contextmanager
