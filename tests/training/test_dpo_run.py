@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from loop import config
 from loop.state import checkpoints, export
 from loop.state.progress import LoopState
-from tests.conftest import launch, scalars, write_config
+from tests.conftest import launch, run_in_process, scalars, write_config
 from tests.state.test_checkpoints import start, wait_for, workers
 
 STEPS, SAVE_EVERY, EVAL_EVERY = 40, 4, 20  # about 9 steps an epoch
@@ -145,3 +145,68 @@ def test_kill_9_then_preemption_then_resume_is_bit_identical_even_without_the_re
     for name in METRICS:
         assert dict(run[f"train/{name}"])[STEPS] == dict(ref[f"train/{name}"])[STEPS], name
     assert dict(run["eval/rewards/accuracies"])[STEPS] == dict(ref["eval/rewards/accuracies"])[STEPS]
+
+
+def test_with_lora_the_reference_is_the_base_with_its_adapter_off_precomputed_or_live(tiny_dir, pair_files,
+                                                                                        tmp_path):
+    """Under 2-process ZeRO-3: computed once with the adapter switched off, or switched off at every step
+    (no cache, no second model): the same reference, so the same steps; the adapter is what trains."""
+    runs = {}
+    for reference in ("precomputed", "live"):
+        cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / reference)
+        launch(cfg, "--max_steps", "6", "--eval_every", "6", "--lora.enabled", "true", "--lora.rank", "8",
+               "--lr", "1e-2", "--reference", reference, "--cache_dir", str(tmp_path / f"cache-{reference}"),
+               mixed_precision="no")  # float32: the two compute the reference in different micro-batches
+        runs[reference] = scalars(tmp_path / reference)
+    assert "computed in" in (tmp_path / "precomputed" / "train.log").read_text().split("with its adapter off")[0]
+    assert "reference log-probs" not in (tmp_path / "live" / "train.log").read_text()
+    assert not list((tmp_path / "cache-live").glob("reference-*"))
+    for name in METRICS:
+        for (step, a), (_, b) in zip(runs["precomputed"][f"train/{name}"], runs["live"][f"train/{name}"], strict=True):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5), (name, step)
+    for run in runs.values():
+        evals, accuracy = dict(run["eval/loss"]), dict(run["eval/rewards/accuracies"])
+        assert evals[0] == pytest.approx(0.693147, abs=1e-6) and evals[6] < evals[0] and accuracy[6] > 0.5
+    assert (tmp_path / "live" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_qlora_with_the_live_reference_in_one_process(tiny_dir, pair_files, tmp_path):
+    cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / "q")
+    assert run_in_process(cfg, "--max_steps", "4", "--eval_every", "4", "--lora.enabled", "true", "--lora.quantize",
+                          "4bit", "--lr", "1e-2", "--reference", "live") == 0
+    evals = dict(scalars(tmp_path / "q")["eval/loss"])
+    assert evals[4] < evals[0] == pytest.approx(0.693147, abs=1e-6)
+    card = (tmp_path / "q" / "final" / "README.md").read_text()
+    assert "QLoRA" in card and "the base with the LoRA adapter switched off, at every step" in card
+
+
+def test_the_preference_metrics_reach_wandb_mlflow_and_the_hub(tiny_dir, pair_files, tmp_path, monkeypatch):
+    """One process, no DeepSpeed: W&B offline, MLflow's file store, and the Hub mocked (tests/report/test_hub.py)."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    from loop.report import hub
+    from tests.report.test_hub import FakeHub
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    fake = FakeHub()
+    monkeypatch.setattr(hub, "HfApi", fake)
+    cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / "out")
+    assert run_in_process(cfg, "--max_steps", "4", "--eval_every", "4", "--log_every", "2", "--report_to",
+                          "[tensorboard, wandb, mlflow]", "--push_to_hub", "true", "--hub_model_id", "me/dpo") == 0
+    record = next((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    for name in METRICS:
+        assert re.search(rf"train/{re.escape(name)}".encode(), record) and f"eval/{name}".encode() in record, name
+    client = MlflowClient((tmp_path / "out" / "mlruns").as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    for name in METRICS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"train/{name}")] == [2, 4], name
+        assert [m.step for m in client.get_metric_history(run.info.run_id, f"eval/{name}")] == [0, 4], name
+    assert run.data.params["dpo.beta"] == "0.2" and run.data.params["training.objective"] == "dpo"
+    card = fake.uploaded[("me/dpo", None)]["README.md"].decode()
+    assert "| DPO beta | 0.2 |" in card and "final eval reward accuracy" in card
