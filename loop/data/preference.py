@@ -248,11 +248,13 @@ def prepare(cfg: DataConfig, dpo: DpoSettings, tokenizer) -> tuple[datasets.Data
     return train_ds, eval_ds, report
 
 
-def from_dialogues(by_topic: dict[str, list[Messages]], seed: int = 0) -> list[dict]:
+def from_dialogues(by_topic: dict[str, list[Messages]], rejected: str = "reversed", seed: int = 0) -> list[dict]:
     """Preference pairs made from dialogues, for showing preference tuning where no preference data is at
-    hand: the prompt is every turn before a dialogue's last answer, chosen is that answer, and rejected the
-    last answer of a dialogue on another topic (of the same topic when there is one topic), picked at random
-    with `seed` among those whose text differs. A dialogue that occurs several times gives one pair.
+    hand: the prompt is every turn before a dialogue's last answer, chosen is that answer, and rejected is
+    either the same words in reverse order ("reversed": a preference any model can learn, carried over to
+    unseen prompts) or the last answer of a dialogue on another topic ("other_topic": an answer, not to this
+    question; of the same topic when there is one), picked with `seed` among those whose text differs. A
+    dialogue that occurs several times gives one pair, one whose rejected answer would equal its answer none.
     Returns TRL's conversational records."""
     rng = random.Random(seed)
     distinct = {topic: list({json.dumps(d, sort_keys=True): d for d in ds}.values()) for topic, ds in by_topic.items()}
@@ -261,8 +263,11 @@ def from_dialogues(by_topic: dict[str, list[Messages]], seed: int = 0) -> list[d
         others = [d[-1]["content"] for t, ds in distinct.items() if t != topic or len(distinct) == 1 for d in ds]
         for d in dialogues:
             answer = d[-1]["content"]
-            other = next((o for o in (rng.choice(others) for _ in range(100)) if o != answer), None)
-            if other is not None:
+            if rejected == "reversed":
+                other = " ".join(reversed(answer.split()))
+            else:
+                other = next((o for o in (rng.choice(others) for _ in range(100)) if o != answer), answer)
+            if other != answer:
                 made.append({"prompt": d[:-1], "chosen": [d[-1]],
                              "rejected": [{"role": "assistant", "content": other}]})
     return made

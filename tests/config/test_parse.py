@@ -97,3 +97,11 @@ def test_attention_that_ignores_the_mask_is_refused_for_packing():
         run("bfd", "eager")
     assert run("pad", "eager").data.packing == "pad"  # one dialogue per row needs no isolation
     assert run("bfd", "auto").model.attn_implementation == "auto"
+
+
+def test_the_shipped_recipes_read():
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = config.from_file(path)
+        assert cfg.data.train_files, path

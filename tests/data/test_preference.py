@@ -132,10 +132,11 @@ def test_prepare_splits_stably_and_refuses_an_empty_training_set(tokenizer, tmp_
                                       on_bad_record="skip"), DpoSettings(), tokenizer)
 
 
-def test_pairs_made_from_the_corpus_pair_each_answer_with_another_topics(tmp_path):
-    """tools/make_preference_pairs.py: the quickstart's held-out split, one pair per distinct dialogue."""
-    proc = subprocess.run([sys.executable, "tools/make_preference_pairs.py", "--out", str(tmp_path / "pairs")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("rejected", ["reversed", "other_topic"])
+def test_pairs_made_from_the_corpus_on_the_quickstarts_split(tmp_path, rejected):
+    """tools/make_preference_pairs.py: one pair per distinct dialogue, the quickstart's held-out split."""
+    proc = subprocess.run([sys.executable, "tools/make_preference_pairs.py", "--out", str(tmp_path / "pairs"),
+                           "--rejected", rejected], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     train, held = ([json.loads(line) for line in (tmp_path / f"pairs-{n}.jsonl").open()] for n in ("train", "eval"))
     assert len(train) > 10 * len(held) > 100
@@ -143,6 +144,9 @@ def test_pairs_made_from_the_corpus_pair_each_answer_with_another_topics(tmp_pat
     assert not dialogues(train) & dialogues(held) and len(dialogues(train)) == len(train)  # each once
     assert all(p["rejected"][0]["content"] != p["chosen"][0]["content"] for p in train + held)
     answers = lambda pairs, side: {p[side][0]["content"] for p in pairs}  # noqa: E731
-    assert answers(held, "rejected") <= answers(held, "chosen")  # rejected answers are held out too
+    if rejected == "reversed":
+        assert all(p["rejected"][0]["content"].split() == p["chosen"][0]["content"].split()[::-1] for p in held)
+    else:
+        assert answers(held, "rejected") <= answers(held, "chosen")  # rejected answers are held out too
     for record in train[:50]:
         assert preference.check(preference.recognise(record)) is None

@@ -22,7 +22,7 @@ def corpus_pairs(dialogues, n: int) -> list:
     """n pairs of uneven lengths made from a family's corpus (the longest and shortest dialogues, mixed)."""
     by_length = sorted({json.dumps(d): d for d in dialogues}.values(), key=lambda d: len(json.dumps(d)))
     chosen = [d for two in zip(by_length[: n // 2], by_length[-(n // 2):]) for d in two]
-    made = preference.from_dialogues({"all": chosen}, seed=1)
+    made = preference.from_dialogues({"all": chosen}, "other_topic", 1)
     return [preference.recognise(record) for record in made]
 
 

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from loop import config
+from loop.data import preference
 from loop.state import checkpoints, export
 from loop.state.progress import LoopState
 from tests.conftest import launch, run_in_process, scalars, write_config
@@ -39,10 +40,7 @@ def pair_files(corpus, tmp_path_factory):
     """Pairs with a preference a tiny random model can learn and carry over to held-out prompts: each answer
     against its own words in reverse order."""
     folder = tmp_path_factory.mktemp("dpo-data")
-    answers = {json.dumps(d): d for d in corpus if len(d[-1]["content"].split()) >= 4}.values()
-    made = [{"prompt": d[:-1], "chosen": [d[-1]],
-             "rejected": [{"role": "assistant", "content": " ".join(reversed(d[-1]["content"].split()))}]}
-            for d in list(answers)[:200]]
+    made = preference.from_dialogues({"all": [d for d in corpus if len(d[-1]["content"].split()) >= 4]})[:200]
     for name, part in (("train", made[16:]), ("eval", made[:16])):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in part))
     return folder / "train.jsonl", folder / "eval.jsonl"

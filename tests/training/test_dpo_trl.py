@@ -20,7 +20,8 @@ def test_the_loops_dpo_steps_equal_trls_dpo_trainer(tiny_dir, corpus, tmp_path):
     each answer with its end token, which TRL is told is the end of sequence), so that both tokenize the
     same ids and sum the same completion tokens; and the pairs in the loop's order, read in sequence."""
     trl = pytest.importorskip("trl")
-    chosen = [preference.recognise(r) for r in preference.from_dialogues({"all": corpus[:80]}, seed=3)][:PAIRS]
+    made = preference.from_dialogues({"all": corpus[:80]}, "other_topic", 3)
+    chosen = [preference.recognise(r) for r in made][:PAIRS]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in chosen))
     beta, lr = 0.2, 5e-4
