@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from loop import config
-from loop.data import batches, packing, templates
+from loop.data import batches, packing, pairs, preference, templates
 from loop.data.dialogues import length_stats
 from loop.data.prepare import prepare
 from loop.data.records import DataError
@@ -34,25 +34,31 @@ def main(argv: list[str] | None = None) -> int:
         preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
         tokenizer = load_tokenizer(cfg)
         templates.install(tokenizer, cfg.data.template)
-        train, held, report = prepare(cfg.data, tokenizer)
+        preferring = cfg.training.objective == "dpo"  # preference pairs: two sequences a pair, chosen first
+        train, held, report = preference.prepare(cfg.data, cfg.dpo, tokenizer) if preferring else \
+            prepare(cfg.data, tokenizer)
     except (config.ConfigError, DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
     for i, example in enumerate(train.select(range(min(a.examples, len(train))))):
         ids, mask = example["input_ids"], example["assistant_mask"]
-        print(f"--- example {i} ({len(ids)} tokens, {sum(mask)} trained) ---")
+        side = f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}, " if preferring else ""
+        print(f"--- example {i} ({side}{len(ids)} tokens, {sum(mask)} trained) ---")
         print(templates.mark_trained(tokenizer, ids, mask, color))
     columns = batches.Columns.from_dataset(train)
     lengths = columns.lengths()
     stats = length_stats(lengths)
-    rows = packing.plan_rows(lengths, cfg.data.seq_len, cfg.data.packing)
+    rows = (pairs.plan_rows if preferring else packing.plan_rows)(lengths, cfg.data.seq_len, cfg.data.packing)
     trained = int(columns.trained.sum())
     print("--- summary ---")
-    print(f"records read: {report.records}; dialogues: {report.dialogues} "
-          f"({len(train)} train, {len(held)} eval)")
-    print(f"skipped: {dict(report.skipped) or 0}; truncated at a turn: {report.truncated}; "
-          f"dropped as too long: {report.dropped_too_long}")
+    if preferring:
+        print(f"records read: {report.records}; {report.describe()} ({len(train) // 2} train, {len(held) // 2} eval)")
+    else:
+        print(f"records read: {report.records}; dialogues: {report.dialogues} "
+              f"({len(train)} train, {len(held)} eval)")
+        print(f"skipped: {dict(report.skipped) or 0}; truncated at a turn: {report.truncated}; "
+              f"dropped as too long: {report.dropped_too_long}")
     print("train lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in stats.items()))
     print(f"trained tokens: {trained:,} of {stats.get('total', 0):,}")
     print(f"packing ({cfg.data.packing}, {cfg.data.seq_len}): {len(rows)} rows, "

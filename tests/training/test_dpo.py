@@ -15,7 +15,7 @@ from loop.data import batches, pairs, preference
 from loop.model import architecture, attention, head
 from loop.training import dpo
 from tests.conftest import FAMILIES, launch, scalars, write_config
-from tests.model.test_attention import CHOICES, fake_varlen_kernel
+from tests.model.test_attention import CHOICES, models_with
 
 
 def corpus_pairs(dialogues, n: int) -> list:
@@ -41,14 +41,8 @@ PACKED = [(f, c) for f in FAMILIES for c in CHOICES[:2]] + [("starcoder2", c) fo
 def test_each_sequences_log_prob_packed_equals_it_alone(prepared, monkeypatch, family, choice):
     """Pairs packed best-fit-decreasing into rows (two past the 64-token sliding windows), log-probabilities
     through the chunked head, against each sequence alone with the model's own masking."""
-    impl = choice.split()[0]
-    if impl == "varlen_attn":
-        kernel = fake_varlen_kernel(with_gqa="2.13" in choice)
-        monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, "2.13" in choice))
     model_dir, tokenizer, dialogues = prepared(family)
-    attention.register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
-    plain = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    model, plain, impl = models_with(choice, model_dir, monkeypatch)
     head.install_chunked_head(model, chunk_tokens=50)
     ds = preference.tokenize(corpus_pairs(dialogues, 12), tokenizer, 512, DpoSettings(), "truncate")
     columns = batches.Columns.from_dataset(ds)

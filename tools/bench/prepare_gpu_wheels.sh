@@ -18,7 +18,8 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --pla
    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$OUT")
 "$PY" -m pip download -q "${P[@]}" transformers==5.24.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
     hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-    typing_extensions==4.16.0 fsspec==2026.9.0 regex==2026.11.19 tokenizers==0.23.3 chatterbot-corpus==1.3.3
+    typing_extensions==4.16.0 fsspec==2026.9.0 regex==2026.11.19 tokenizers==0.23.3 chatterbot-corpus==1.3.3 \
+    trl==1.16.0
 [ -n "$(ls "$OUT"/deepspeed-*.whl 2>/dev/null)" ] || "$PY" -m pip wheel -q --no-deps --no-build-isolation \
     deepspeed==0.19.8 -w "$OUT"
 ls -1 "$OUT"
