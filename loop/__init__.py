@@ -8,13 +8,13 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     config      every setting and value list, YAML and --key value, --help      imports nothing of loop
     processes   how processes agree before acting together                      config
     data        records, formats, validation, templates, tokenizing, packing,   config
-                batches
+                batches; preference pairs and their packing
     engine      the accelerator and everything DeepSpeed: settings, the step's  config, processes
                 engine calls, ZeRO-3 checkpoint files and their safe reader
     model       architectures, attention for packed rows, the loss head, LoRA,  config, data, engine
                 loading, FLOPs, the memory estimate, the tiny default models
-    training    what a step optimises (objectives) and the optimizer step       config, processes, data,
-                                                                                engine, model
+    training    what a step optimises (objectives: sft, dpo and its reference   config, processes, data,
+                pass) and the optimizer step                                    engine, model
     state       the run's state on disk: progress, checkpoints, integrity,      config, processes, data,
                 run directory, preemption, export, consolidation               engine, model
     report      log, metrics, trackers, profiling, model card, Hub              the above but training
@@ -24,8 +24,9 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
                 contained, pass@k; as a tool and at the checkpoints            engine, inference, report
 
 Where a change goes:
-- a new objective (DPO, say): one module in training/ (its loss sum, what a step is normalised by, its
-  statistics; see training/objective.py) and its settings in config/settings.py; the step does not change.
+- a new objective: one module in training/ (its loss sum, what a step is normalised by, its statistics; see
+  training/objective.py, and dpo.py for the second) and its settings in config/settings.py; the step does
+  not change.
 - a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate`.
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.

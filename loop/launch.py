@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 
 from loop import config
-from loop.data import templates
+from loop.data import preference, templates
 from loop.data.prepare import prepare
 from loop.data.records import DataError
 from loop.model.load import check_memory, load_tokenizer, preflight
@@ -49,7 +49,10 @@ def check(train_args: list[str]) -> config.Config:
     rundir.check_writable(Path(cfg.output.output_dir))
     tokenizer = load_tokenizer(cfg)
     templates.install(tokenizer, cfg.data.template)
-    prepare(cfg.data, tokenizer)
+    if cfg.training.objective == "dpo":
+        preference.load(cfg.data)  # preference pairs: listed, counted and refused as the run would
+    else:
+        prepare(cfg.data, tokenizer)
     return cfg
 
 

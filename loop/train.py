@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from loop import config
 from loop.config import usage
-from loop.data import batches, templates
+from loop.data import batches, pairs, preference, templates
 from loop.data.prepare import Prepared, open_prepared, prepare
 from loop.data.records import DataError
 from loop.engine import deepspeed
@@ -36,7 +36,7 @@ from loop.processes import main_decides
 from loop.report import card, hub, logs, metrics, profiling, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
-from loop.training import optim
+from loop.training import dpo, optim, reference
 from loop.training.sft import SFT
 from loop.training.step import evaluate_sources, train_step
 
@@ -73,7 +73,12 @@ def on_schedule(step: int, every: int, last: int) -> bool:
 def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer) -> Prepared:
     """The main process prepares the data (or finds it in the cache) and every process memory-maps the same
     folder; a data error the main process finds ends every process with it, instead of leaving them waiting.
-    A process that cannot see the main's cache folder (node-local disks) prepares its own copy."""
+    A process that cannot see the main's cache folder (node-local disks) prepares its own copy. Preference
+    pairs are records of their own (loop/data/preference.py): the main process first, then the others."""
+    if cfg.training.objective == "dpo":
+        made: list[Prepared] = []
+        main_decides(accelerator, lambda: made.append(preference.prepare(cfg.data, cfg.dpo, tokenizer)), (DataError,))
+        return made[0] if made else preference.prepare(cfg.data, cfg.dpo, tokenizer)
     folder = Path(main_decides(accelerator, lambda: str(prepare(cfg.data, tokenizer)), (DataError,)))
     if not (folder / "meta.json").is_file():
         folder = prepare(cfg.data, tokenizer, progress=False)
@@ -98,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         set_seed(t.seed)
         world = accelerator.num_processes
-        objective = SFT
+        preferring = t.objective == "dpo"
+        objective = dpo.objective(cfg.dpo) if preferring else SFT
 
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
         tokenizer = load.load_tokenizer(cfg)
@@ -106,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         data = prepare_data(accelerator, cfg, tokenizer)
         train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
                                                         attention.layout(attn, cfg.data.packing), world,
-                                                        accelerator.process_index, shape.mask_windows())
+                                                        accelerator.process_index, shape.mask_windows(),
+                                                        extra=pairs.pair_keys() if preferring else None)
         per_epoch = train_planner.steps_per_epoch
         total_steps = t.max_steps or math.ceil(per_epoch * t.num_epochs)
         pack_eff = data.train_rows.efficiency(cfg.data.seq_len)
@@ -141,6 +148,16 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
         model, optimizer = accelerator.prepare(model, optimizer)
 
+        # 4b. Preference tuning: the starting model's log-probabilities of every pair, before a checkpoint
+        # replaces it (computed once, cached, read again on resume).
+        if preferring and cfg.dpo.reference == "precomputed":
+            planners = {"train": train_planner} | {f"eval/{k}": v for k, v in eval_planners.items()}
+            key = reference.cache_key(cfg, planners, added_tokens, str(accelerator.mixed_precision), attn, world)
+            planners = reference.attach(accelerator, model, cfg, planners, key,
+                                        Path(cfg.data.cache_dir or out / "reference"))
+            train_planner = planners.pop("train")
+            eval_planners = {k.removeprefix("eval/"): v for k, v in planners.items()}
+
         # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number.
         checkpoints.restore(accelerator, model, resume, partial=cfg.lora.enabled)
         setup, precision = card.run_setup(accelerator, cfg)
@@ -151,11 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         def eval_and_log() -> None:
             result = evaluate_sources(model, accelerator, objective, eval_planners)
             summary.eval_loss = result["eval/loss"]
+            summary.eval_reward_accuracy = result.get("eval/rewards/accuracies")
             state.eval_losses.append([state.step, summary.eval_loss])
-            accelerator.log(result | {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}, step=state.step)
+            perplexity = {} if preferring else {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}
+            accelerator.log(result | perplexity, step=state.step)
             by_source = ", ".join(f"{k.removeprefix('eval/loss/')} {v:.4f}" for k, v in result.items()
                                   if k.startswith("eval/loss/"))
-            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}" + (f" ({by_source})" if by_source else ""))
+            accuracy = f", reward accuracy {summary.eval_reward_accuracy:.1%}" if preferring else ""
+            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}{accuracy}"
+                     + (f" ({by_source})" if by_source else ""))
 
         if state.step == 0:
             accelerator.log(data.report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
@@ -186,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                 if result.nonfinite:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
                 state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
-                meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm)
+                meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm,
+                          result.statistics)
                 profiled(state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")

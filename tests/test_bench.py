@@ -36,6 +36,10 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
     humaneval = next(line for line in lines if line.startswith("HumanEval answers ("))  # the generation step
     assert float(humaneval.split(" s per problem")[0].split()[-1]) > 0 and "4 problems in" in humaneval
+    dpo = next(line for line in lines if line.startswith("loop/train.py DPO sdpa ")).split()
+    sft = next(line for line in lines if line.startswith("loop/train.py SFT sdpa ")).split()
+    assert float(dpo[3].replace(",", "")) > 0 and float(sft[3].replace(",", "")) > 0  # both read back
+    assert float(dpo[5]) > 0 and any(line.startswith("TRL DPOTrainer (") for line in lines)  # against TRL too
     for name in ("loop/train.py sdpa ", "HF Trainer + DeepSpeed ZeRO-3", "ceiling"):  # each profiled after its run
         step_ms, host_ms, busy, operators = profiled(lines, name)
         assert step_ms >= host_ms > 0 and busy == "-" and operators > 100  # on CPU there is no device timeline

@@ -1,6 +1,7 @@
 """Launching for a scheduler: the README's command exits 75 on preemption, refuses a bad run before
 launching, and workers stop when their launcher dies."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -76,3 +77,15 @@ def test_workers_stop_when_their_launcher_dies(tiny_dir, tmp_path):
     gone, alive = psutil.wait_procs(workers, timeout=120)
     assert not alive, [p.pid for p in alive]
     assert checkpoints.complete_checkpoints(tmp_path / "out" / "checkpoints")  # they saved on the way out
+
+
+def test_a_bad_preference_pair_is_refused_before_anything_starts(tiny_dir, tmp_path):
+    good = {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in [good, {**good, "rejected": "Hello!"}]))
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", data={"train_files": [str(pairs)]},
+                       training={"objective": "dpo"})
+    proc = subprocess.run(command(cfg, sys.executable, "tools/launch.py"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and f"{pairs}:2: chosen and rejected are the same answer" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr and not (tmp_path / "out").exists()

@@ -24,12 +24,16 @@ from loop.config.settings import (  # the value lists
     Config,
     DataConfig,
     DataSource,
+    DpoLoss,
+    DpoReference,
+    DpoSettings,
     EvaluationSettings,
     Format,
     Layout,
     LoraSettings,
     ModelConfig,
     OasstPaths,
+    Objective,
     OutputConfig,
     PackingMode,
     Sandbox,
@@ -41,8 +45,8 @@ from loop.config.settings import (  # the value lists
     validate,
 )
 
-__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DataSource",
-           "EvaluationSettings", "Format", "Layout", "LoraSettings", "ModelConfig", "OasstPaths", "OutputConfig",
-           "PACKABLE_ATTENTION", "PackingMode", "RUN_IDENTITY", "Sandbox", "SaveDtype", "Schedule", "TemplateName",
-           "Tracker", "TrainingConfig", "did_you_mean", "differences", "first_line", "from_argv", "from_dict",
-           "from_file", "parse_overrides", "save", "to_dict", "validate"]
+__all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig", "DataSource", "DpoLoss",
+           "DpoReference", "DpoSettings", "EvaluationSettings", "Format", "Layout", "LoraSettings", "ModelConfig",
+           "OasstPaths", "Objective", "OutputConfig", "PACKABLE_ATTENTION", "PackingMode", "RUN_IDENTITY", "Sandbox",
+           "SaveDtype", "Schedule", "TemplateName", "Tracker", "TrainingConfig", "did_you_mean", "differences",
+           "first_line", "from_argv", "from_dict", "from_file", "parse_overrides", "save", "to_dict", "validate"]

@@ -139,7 +139,8 @@ RUN_IDENTITY = ("model.name_or_path", "model.revision", "data.train_files", "dat
                 "data.oasst_paths", "data.eval_fraction", "data.template", "data.seq_len", "data.packing",
                 "data.on_bad_record", "data.on_too_long", "training.seed", "training.micro_batch_size",
                 "training.gradient_accumulation_steps", "lora.enabled", "lora.rank", "lora.target_modules",
-                "lora.train_embeddings", "lora.quantize")
+                "lora.train_embeddings", "lora.quantize", "training.objective", "dpo.beta", "dpo.loss",
+                "dpo.label_smoothing", "dpo.reference", "dpo.max_prompt_length")
 NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change")
 
 

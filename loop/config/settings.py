@@ -28,6 +28,9 @@ Schedule = Literal["cosine", "linear", "constant"]
 SaveDtype = Literal["bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 Sandbox = Literal["bubblewrap", "none"]  # how model-written programs are contained (loop/evaluation/sandbox.py)
+Objective = Literal["sft", "dpo"]  # what a step optimises (loop/training/sft.py, loop/training/dpo.py)
+DpoLoss = Literal["sigmoid", "ipo"]
+DpoReference = Literal["precomputed", "live"]
 
 
 @dataclass
@@ -80,9 +83,16 @@ class DataConfig:
     # (none: ~/.cache/loop/data, or $XDG_CACHE_HOME/loop/data).
     cache_dir: str | None = None
 
+    def __post_init__(self) -> None:  # a source given as a path, as in YAML (DataConfig(train_files=["a.jsonl"]))
+        self.train_files = [DataSource(path=s) if isinstance(s, str) else s for s in self.train_files]
+        self.eval_files = [DataSource(path=s) if isinstance(s, str) else s for s in self.eval_files]
+
 
 @dataclass
 class TrainingConfig:
+    # sft: the cross-entropy of assistant tokens; dpo: preference pairs (records with chosen and rejected
+    # answers, recognised per record; settings in the dpo section; data.format does not apply).
+    objective: Objective = "sft"
     seed: int = 42  # fixes the data order and the initial random state
     lr: float = 2e-5  # peak learning rate
     weight_decay: float = 0.0  # AdamW weight decay, on matrices only
@@ -174,6 +184,24 @@ class EvaluationSettings:
 
 
 @dataclass
+class DpoSettings:
+    beta: float = 0.1  # how far the policy may move from the reference (StarChat2's DPO: 0.05)
+    # sigmoid: DPO's -log sigmoid(beta * margin), with label_smoothing the conservative form for noisy
+    # labels; ipo: (margin per completion token - 1 / (2 beta))^2, as TRL computes it.
+    loss: DpoLoss = "sigmoid"
+    label_smoothing: float = 0.0  # sigmoid only: the share of pairs assumed mislabelled, in [0, 0.5)
+    # precomputed: the starting model's log-probabilities of every train and eval pair, computed once
+    # before training (the same engine, sharding and packing; with LoRA, the base with the adapter off),
+    # cached on disk and reused on resume. live: with LoRA only, the base with the adapter switched off,
+    # at every step (no cache, one more forward pass a micro-batch).
+    reference: DpoReference = "precomputed"
+    # Prompt tokens kept (the prompt keeps its end); 0: a quarter of seq_len. A pair's two sequences share
+    # a row of seq_len tokens; completions that still do not fit are cut at the end (or the pair dropped,
+    # with data.on_too_long: drop), and counted.
+    max_prompt_length: int = 0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -181,6 +209,7 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
 
 
 def validate(config: Config) -> None:
@@ -228,6 +257,10 @@ def validate(config: Config) -> None:
         ("evaluation.memory_mb", e.memory_mb >= 64, "must be >= 64 (the interpreter needs about 30)"),
         ("evaluation.processes", e.processes >= 1, "must be >= 1"),
         ("evaluation.workers", e.workers >= 1, "must be >= 1"),
+        ("dpo.beta", config.dpo.beta > 0, "must be > 0"),
+        ("dpo.label_smoothing", 0 <= config.dpo.label_smoothing < 0.5, "must be in [0, 0.5)"),
+        ("dpo.max_prompt_length", 0 <= config.dpo.max_prompt_length <= d.seq_len // 2 - 2,
+         f"must be in [0, seq_len / 2 - 2] (0: seq_len / 4; a pair's two sequences share a row of {d.seq_len})"),
     ]
     for key, ok, why in checks:
         if not ok:
@@ -243,6 +276,8 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"{key}[{i}]: needs a path (a file, a dataset folder or a Hub dataset id)")
             if not source.weight > 0:
                 raise ConfigError(f"{key}[{i}].weight: must be > 0 (leave the source out instead), got {source.weight}")
+    if t.objective == "dpo":
+        validate_dpo(config)
     if config.output.push_to_hub and not config.output.save:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:
@@ -250,3 +285,23 @@ def validate(config: Config) -> None:
     if config.output.push_to_hub and config.output.hub_model_id.count("/") != 1:
         raise ConfigError(f"output.hub_model_id: {config.output.hub_model_id!r} needs a namespace: "
                           "YOUR_NAME_OR_ORG/REPO")
+
+
+def validate_dpo(config: Config) -> None:
+    """What preference tuning cannot do: a stream without boundaries, attention that sees across the two
+    sequences of a pair, another record format, a live reference without an adapter to switch off."""
+    d, p = config.data, config.dpo
+    if d.packing == "concat":
+        raise ConfigError("data.packing: concat would run a pair's sequences together; use bfd (pairs packed into "
+                          "rows) or pad (one pair per row)")
+    if config.model.attn_implementation not in PACKABLE_ATTENTION:
+        raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep a pair's "
+                          f"chosen and rejected sequences apart in their row; use one of {PACKABLE_ATTENTION}")
+    if d.format not in ("auto", "messages"):
+        raise ConfigError(f"data.format: {d.format!r} does not apply to training.objective: dpo (preference "
+                          "records are recognised per record: prompt/chosen/rejected); leave it out")
+    if p.label_smoothing and p.loss != "sigmoid":
+        raise ConfigError(f"dpo.label_smoothing: applies to dpo.loss: sigmoid only, got loss {p.loss!r}")
+    if p.reference == "live" and not config.lora.enabled:
+        raise ConfigError("dpo.reference: live needs lora.enabled: true (the reference is the base with the "
+                          "adapter switched off); without LoRA use precomputed")

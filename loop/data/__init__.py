@@ -3,7 +3,9 @@
 records (reading files, what can be wrong with a record) -> formats and oasst (converters to the messages
 schema) -> dialogues (validation, split, the data report) -> templates (the Jinja chat template, the one
 source of trained tokens) -> tokenize (cached) -> prepare (all of it for a run) -> packing (rows and their
-order) -> batches (collate, the per-step plan, the prefetch thread).
+order) -> batches (collate, the per-step plan, the prefetch thread). Preference tuning reads its own records:
+preference (the three pair shapes, validation, truncation, tokenizing) -> pairs (whole pairs packed into
+rows, and the keys a pair's batch carries).
 
 May import: loop.config. Nothing here knows about models, engines or checkpoints.
 """

@@ -158,9 +158,13 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
     return out
 
 
+# What only the loss reads: the targets and, for preference pairs, their sequences (loop/data/pairs.py).
+LOSS_ONLY = ("targets", "target_index", "sequence_ids", "target_sequence", "completion_tokens", "reference_logps")
+
+
 def model_inputs(batch: Batch) -> Batch:
-    """What goes to the model: everything but the targets, which the loss takes."""
-    return {k: v for k, v in batch.items() if k not in ("targets", "target_index")}
+    """What goes to the model: everything but what the loss takes."""
+    return {k: v for k, v in batch.items() if k not in LOSS_ONLY}
 
 
 @dataclass
@@ -183,7 +187,7 @@ class Step:
 class Planner:
     """Turns a step number into its `Step`: a pure function of (seed, step), so resume needs no state."""
 
-    rows: Rows
+    rows: Rows  # or a list of rows of pieces
     columns: Columns
     pad_id: int
     layout: Layout
@@ -195,6 +199,17 @@ class Planner:
     accumulation: int
     mask_windows: MaskWindows = None
     pin: bool = False
+    # What an objective adds to each collated batch, from its rows (loop/data/pairs.py: which sequence each
+    # target belongs to, and the reference log-probabilities of preference tuning).
+    extra: Callable[[Batch, list[Row]], Batch] | None = None
+
+    def __post_init__(self) -> None:  # rows given as lists of pieces (tools, tests) become arrays
+        if not isinstance(self.rows, Rows):
+            object.__setattr__(self, "rows", Rows.of(list(self.rows)))
+
+    def batch(self, rows: list[Row]) -> Batch:
+        batch = collate(self.columns, rows, self.pad_id, self.layout, self.isolate, self.mask_windows)
+        return self.extra(batch, rows) if self.extra else batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -210,8 +225,7 @@ class Planner:
                  if chosen else np.zeros((0, 3), np.int64))
         micro_batches = []
         for micro in ids[self.rank]:
-            batch = collate(self.columns, [self.rows.row(j) if j is not None else [] for j in micro], self.pad_id,
-                            self.layout, self.isolate, self.mask_windows)
+            batch = self.batch([self.rows.row(j) if j is not None else [] for j in micro])
             micro_batches.append({k: v.pin_memory() if self.pin and torch.is_tensor(v) else v
                                   for k, v in batch.items()})
         return Step(step, micro_batches, len(chosen), self.columns.trained_in(every),
@@ -226,18 +240,18 @@ class Planner:
         for b in range(self.shard_batches):
             start = (b * self.world + self.rank) * self.micro_batch_size
             span = range(start, start + self.micro_batch_size)
-            chosen = [self.rows.row(j) if j < len(self.rows) else [] for j in span]
-            yield collate(self.columns, chosen, self.pad_id, self.layout, self.isolate, self.mask_windows)
+            yield self.batch([self.rows.row(j) if j < len(self.rows) else [] for j in span])
 
 
-def planners(prepared, cfg, pad_id: int, layout: Layout, world: int, rank: int,
-             mask_windows: MaskWindows = None) -> tuple[Planner, dict[str, Planner]]:
-    """The training planner and, per eval source, this process's share of its rows, from prepared data
-    (loop/data/prepare.py: the dialogues, their order with the mixture's weights, and the cached packing)."""
+def planners(prepared, cfg, pad_id: int, layout: Layout, world: int, rank: int, mask_windows: MaskWindows = None,
+             extra: Callable[[Batch, list[Row]], Batch] | None = None) -> tuple[Planner, dict[str, Planner]]:
+    """The training planner and, per eval set, this process's share of its rows, from prepared data
+    (loop/data/prepare.py: the dialogues, their order with the mixture's weights, and the cached packing;
+    loop/data/preference.py: preference pairs, packed whole); `extra` adds an objective's keys to each batch."""
     d, t = cfg.data, cfg.training
     planner = Planner(prepared.train_rows, prepared.columns, pad_id, layout, d.packing != "concat", t.seed, world,
                       rank, t.micro_batch_size, t.gradient_accumulation_steps, mask_windows,
-                      pin=torch.cuda.is_available())
+                      pin=torch.cuda.is_available(), extra=extra)
     return planner, {name: dataclasses.replace(planner, rows=rows) for name, rows in prepared.eval_rows.items()}
 
 

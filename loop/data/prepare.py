@@ -250,7 +250,7 @@ class Prepared:
     train_rows: Rows
     eval_rows: dict[str, Rows]
     report: DataReport
-    folder: Path
+    folder: Path | None  # the cache folder (None: prepared in memory, as preference pairs are)
 
 
 def open_prepared(folder: Path, data: DataConfig, seed: int) -> Prepared:

@@ -40,7 +40,8 @@ def preflight(cfg: Config) -> tuple[object, str, list[str]]:
     """Everything a run checks about its model before loading any weight: (the model's config, the attention
     that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
     model_config = read_model_config(cfg)
-    attn, fallback = attention.resolve(cfg.model.attn_implementation, attention.attention_dropout(model_config))
+    dropout = 0.0 if cfg.training.objective == "dpo" else attention.attention_dropout(model_config)  # see load_model
+    attn, fallback = attention.resolve(cfg.model.attn_implementation, dropout)
     unverified = check_trainable(model_config, cfg, attn)
     lora.check(cfg)
     return model_config, attn, [w for w in (fallback, unverified) if w]
@@ -107,6 +108,8 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.training.objective == "dpo":
+        disable_dropout(model)
     if cfg.lora.enabled:
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()  # the frozen embedding must still pass gradients back
@@ -115,6 +118,18 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
     if zero3 and not cfg.lora.enabled:  # with a frozen base, DeepSpeed's leaf-module backward loses the adapters
         deepspeed.gather_by_block(model)
     return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """No dropout in the model (as TRL's DPO default): the reference log-probabilities are computed without
+    it, and dropout in the policy's would be noise in every reward. The saved config keeps the model's own
+    rates; LoRA adapters, added after this, keep lora.dropout."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):  # attention and residual rates kept as plain floats
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(module, name, 0.0)
 
 
 def weights_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype | str:

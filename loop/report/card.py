@@ -37,6 +37,10 @@ print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_token
 ```'''
 
 
+REFERENCE = {"precomputed": "the starting model's log-probabilities, computed once before training",
+             "live": "the base with the LoRA adapter switched off, at every step"}
+
+
 @dataclass
 class RunSummary:
     """What the model card reports about the run; None where it was not measured."""
@@ -51,6 +55,7 @@ class RunSummary:
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), also before a resume
+    eval_reward_accuracy: float | None = None  # preference tuning: how often the final model prefers chosen
     trainable: int = 0
     parameters: int = 0
     vocab: int = 0
@@ -153,7 +158,8 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     datasets = sorted({s.path.partition(":")[0] for s in cfg.data.train_files if not Path(s.path).exists()})  # Hub
     lora = cfg.lora
     tags = ["starcoder", "code", "chat", *(["lora"] if lora.enabled else []), *(["qlora"] if lora.quantize == "4bit"
-                                                                                else [])]
+                                                                                else []),
+            *(["dpo"] if cfg.training.objective == "dpo" else [])]
     license = cfg.output.license or base_license(cfg.model.name_or_path)
     data = ModelCardData(base_model=hub_base, datasets=datasets or None, license=license, tags=tags,
                          pipeline_tag="text-generation", library_name="peft" if kind == "adapter" else "transformers")
@@ -170,6 +176,12 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
                           f"{', '.join(lora.target_modules)}{', embeddings trained' if lora.train_embeddings else ''}"
                           f"{', base in 4-bit NF4 (QLoRA)' if lora.quantize == '4bit' else ''}",
                   "trainable parameters": f"{summary.trainable:,} of {summary.parameters:,}"}
+    dpo = cfg.training.objective == "dpo"
+    if dpo:
+        p = cfg.dpo
+        hyper = {"objective": "DPO (direct preference optimization)", "DPO beta": p.beta,
+                 "DPO loss": p.loss + (f", label smoothing {p.label_smoothing}" if p.label_smoothing else ""),
+                 "reference": REFERENCE[p.reference], **hyper}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     what = {"model": f"A chat model fine-tuned from `{base}`",
             "adapter": f"A LoRA adapter for `{base}`",
@@ -180,14 +192,21 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
             else LOAD.format(where=where))
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
     code = code_section(summary, folder)
+    trained = ("preference-tuned with DPO on pairs of answers with `loop`, a hand-written Accelerate + DeepSpeed "
+               "training\nloop. Only the last assistant turn of each answer counted in its log-probability."
+               if dpo else "trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed "
+               "training\nloop. Only assistant turns were trained.")
+    results = f"- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}"
+    if dpo:
+        accuracy = "not measured" if summary.eval_reward_accuracy is None else f"{summary.eval_reward_accuracy:.1%}"
+        results += f"; final eval reward accuracy (chosen preferred to rejected): {accuracy}"
     body = f"""---
 {data.to_yaml()}
 ---
 
 # {title}
 
-{what}, trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed training
-loop. Only assistant turns were trained.
+{what}, {trained}
 
 ## How to load and prompt it
 
@@ -215,9 +234,9 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 
 - Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,} of {summary.tokens_seen:,} tokens processed
 - Hardware: {summary.hardware}
-- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}
+{results}
 - Data: {", ".join(s.path + (f" (weight {s.weight:g})" if s.weight != 1 else "") for s in cfg.data.train_files)}
-  ({cfg.data.format})
+  ({"preference pairs" if dpo else cfg.data.format})
 {plot}{code}
 <details><summary>Chat template (Jinja)</summary>
 

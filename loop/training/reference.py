@@ -1,0 +1,115 @@
+"""The reference of preference tuning without a second model: the starting model's log-probability of every
+train and eval sequence, computed once before training and kept on disk.
+
+The pass runs on the prepared engine (ZeRO-3 gathers each layer as in training, for any number of
+processes) over the same packed rows and micro-batches as training and evaluation, each process on its
+share, in evaluation mode; the sums are added up across processes, so every process holds all of them.
+With LoRA it runs with the adapter switched off: the base is the reference. It runs before a checkpoint is
+restored, so a resumed run whose cache is gone computes it again from the same starting model. The cache is
+keyed by what the numbers depend on: the model's files, the tokenized data (template and truncation in it),
+the rows, the precision and the attention, so a run on the same model and data reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+
+from loop.config import Config
+from loop.data.batches import Planner, to_device
+from loop.data.pairs import pair_keys
+from loop.data.tokenize import fingerprint
+from loop.processes import any_process
+from loop.training.dpo import sequence_log_probs
+
+log = logging.getLogger("loop")
+SAMPLED = 1 << 20  # bytes read from each end of a weight file for its identity
+
+
+def model_identity(name_or_path: str, revision: str | None) -> dict:
+    """What names the starting model's weights without reading them all: for a folder, its config and, per
+    weight file, its size and a hash of its first and last megabyte (a fine-tuned file differs there); for
+    a Hub id, the commit of the snapshot in the local cache."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
+        return {"hub": name_or_path, "revision": revision,
+                "commit": Path(cached).parent.name if isinstance(cached, str) else None}
+    files = {}
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".safetensors", ".bin", ".pt") or f.name == "config.json":
+            size = f.stat().st_size
+            with f.open("rb") as handle:
+                head = handle.read(SAMPLED)
+                handle.seek(max(0, size - SAMPLED))
+                files[f.name] = [size, hashlib.sha256(head + handle.read(SAMPLED)).hexdigest()]
+    return {"folder": str(path.resolve()), "files": files}
+
+
+def cache_key(cfg: Config, planners: dict[str, Planner], added_tokens: list[int], precision: str,
+              attention: str, world: int) -> str:
+    """Everything a reference log-probability depends on, down to the last bit."""
+    data = hashlib.sha256()
+    for name, p in sorted(planners.items()):
+        data.update(name.encode() + p.columns.tokens.tobytes() + p.columns.trained.tobytes()
+                    + np.ascontiguousarray(p.rows.pieces).tobytes() + np.ascontiguousarray(p.rows.starts).tobytes())
+    # Rows the template added to the vocabulary start random, from the run's seed.
+    seed = cfg.training.seed if added_tokens else None
+    return fingerprint(model_identity(cfg.model.name_or_path, cfg.model.revision), data.hexdigest(), seed,
+                       cfg.lora.enabled, cfg.lora.quantize, cfg.training.micro_batch_size, world, precision,
+                       attention)
+
+
+@torch.no_grad()
+def log_probs(model, accelerator, planner: Planner, lora: bool) -> np.ndarray:
+    """Every sequence's log-probability under the model as it is, in sequence order (on every process)."""
+    from tqdm import tqdm
+
+    planner = dataclasses.replace(planner, extra=pair_keys())
+    values = torch.zeros(len(planner.columns), dtype=torch.float64, device=accelerator.device)
+    adapter_off = accelerator.unwrap_model(model).disable_adapter() if lora else contextlib.nullcontext()
+    model.eval()
+    with adapter_off:
+        for batch in tqdm(planner.shard(), total=planner.shard_batches, desc="reference", leave=False,
+                          disable=not accelerator.is_main_process):
+            batch = to_device(batch, accelerator.device)
+            values.index_add_(0, batch["sequence_ids"], sequence_log_probs(model, batch).double())
+    model.train()
+    return accelerator.reduce(values, reduction="sum").cpu().numpy().astype(np.float32)
+
+
+def attach(accelerator, model, cfg: Config, planners: dict[str, Planner], key: str, folder: Path
+           ) -> dict[str, Planner]:
+    """The planners (train, and each eval set) with each batch's reference log-probabilities: read from the
+    cache, or computed (and the time it took logged) and cached."""
+    path = folder / f"reference-{key}.safetensors"
+    started = time.perf_counter()
+    cached = load_file(path) if path.is_file() else {}
+    usable = all(cached.get(name, np.zeros(0)).shape == (len(p.columns),) for name, p in planners.items())
+    pairs = {name: len(p.rows.pieces) // 2 for name, p in planners.items()}
+    said = ", ".join(f"{n} {name}" for name, n in pairs.items())
+    if not any_process(accelerator, not usable):  # every process takes the same way: the pass is collective
+        log.info(f"reference log-probs of the pairs ({said}): read from {path}")
+        values = cached
+    else:
+        values = {name: log_probs(model, accelerator, planner, cfg.lora.enabled) for name, planner in planners.items()}
+        if accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            save_file(values, str(tmp))
+            tmp.replace(path)  # whole or not at all: a crash leaves no half-written cache
+        accelerator.wait_for_everyone()
+        log.info(f"reference log-probs of the pairs ({said}): computed in {time.perf_counter() - started:.1f} s "
+                 f"(the starting model{' with its adapter off' if cfg.lora.enabled else ''}), cached in {path}")
+    return {name: dataclasses.replace(p, extra=pair_keys(values[name])) for name, p in planners.items()}
