@@ -39,6 +39,9 @@ MANIFEST = "MANIFEST.json"
 MARKER = "COMPLETE"  # written (via .COMPLETE) once the checkpoint is whole: loop/state/checkpoints.py
 IN_USE = ".in_use"  # a background job (upload) still reads this checkpoint: do not prune it
 WRITTEN_AFTER = {MANIFEST, MARKER, f".{MARKER}", IN_USE}  # the files the manifest cannot list
+# What evaluating a checkpoint writes into it afterwards (loop/evaluation/during_training.py: the code
+# evaluation's per-problem results): results about the checkpoint, which nothing that resumes or exports reads.
+EVALUATED = "eval/"
 ALGORITHM = "xxh3_128"
 CHUNK = 16 * 2**20
 
@@ -177,7 +180,8 @@ def problems(folder: Path) -> list[str]:
     found = [f"{folder / n}: a symbolic link; a checkpoint holds its own files only" for n in on_disk
              if os.path.islink(folder / n)]
     found += [f"{folder / n}: not in the manifest (added after the checkpoint was saved)" for n in on_disk
-              if n not in entries and n not in WRITTEN_AFTER and not os.path.islink(folder / n)]
+              if n not in entries and n not in WRITTEN_AFTER and not n.startswith(EVALUATED)
+              and not os.path.islink(folder / n)]
     sized = []
     for name, entry in entries.items():
         path = folder / name

@@ -98,9 +98,9 @@ def attach(accelerator, model, cfg: Config, planners: dict[str, Planner], key: s
     cached = load_file(path) if path.is_file() else {}
     usable = all(cached.get(name, np.zeros(0)).shape == (len(p.columns),) for name, p in planners.items())
     pairs = {name: len(p.rows.pieces) // 2 for name, p in planners.items()}
-    said = ", ".join(f"{n} {name}" for name, n in pairs.items())
+    said = f"{pairs.get('train', 0)} train and {sum(n for k, n in pairs.items() if k != 'train')} eval pairs"
     if not any_process(accelerator, not usable):  # every process takes the same way: the pass is collective
-        log.info(f"reference log-probs of the pairs ({said}): read from {path}")
+        log.info(f"reference log-probs of {said}: read from {path}")
         values = cached
     else:
         values = {name: log_probs(model, accelerator, planner, cfg.lora.enabled) for name, planner in planners.items()}
@@ -110,6 +110,6 @@ def attach(accelerator, model, cfg: Config, planners: dict[str, Planner], key: s
             save_file(values, str(tmp))
             tmp.replace(path)  # whole or not at all: a crash leaves no half-written cache
         accelerator.wait_for_everyone()
-        log.info(f"reference log-probs of the pairs ({said}): computed in {time.perf_counter() - started:.1f} s "
+        log.info(f"reference log-probs of {said}: computed in {time.perf_counter() - started:.1f} s "
                  f"(the starting model{' with its adapter off' if cfg.lora.enabled else ''}), cached in {path}")
     return {name: dataclasses.replace(p, extra=pair_keys(values[name])) for name, p in planners.items()}

@@ -128,15 +128,17 @@ def test_kill_9_then_preemption_then_resume_is_bit_identical_even_without_the_re
     said, _ = proc.communicate(timeout=300)
     assert "exitcode  : 75" in said, said[-3000:]
     text = log.read_text()
-    assert "read from" in text.split("resumed from")[0].split("reference log-probs")[-1]
+    runs = text.split(" INFO data: ")[1:]  # what each launch logged, from its data line on
+    assert "reference log-probs" in runs[-1] and "read from" in runs[-1].split("reference log-probs")[1]
     preempted_at = int(text.split("preempted (")[1].split(" at step ")[1].split(";")[0])
     assert SAVE_EVERY < preempted_at < STEPS
 
     for cached in (pair_files[0].parent / "cache").glob("reference-*"):
         cached.unlink()
     launch(cfg, "--resume_from_checkpoint", "latest")
-    last = log.read_text().split("reference log-probs")[-1]
-    assert "computed in" in last and f"resumed from {out / 'checkpoints' / f'step_{preempted_at:08d}'}" in last
+    last = log.read_text().split(" INFO data: ")[-1]
+    assert "computed in" in last.split("reference log-probs")[1]
+    assert f"resumed from {out / 'checkpoints' / f'step_{preempted_at:08d}'}" in last
     ref_w, run_w = (load_file(d / "final" / "model.safetensors") for d in (dpo_run, out))
     assert ref_w.keys() == run_w.keys() and all(torch.equal(ref_w[k], run_w[k]) for k in ref_w)
     ref, run = scalars(dpo_run), scalars(out)
