@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         t, out = cfg.training, Path(cfg.output.output_dir)
         preemption.follow_launcher()
         trackers.check(cfg.output.report_to)
+        if cfg.output.push_to_hub and hub.offline():  # said now, not after the training it would upload
+            raise config.ConfigError(f"output.push_to_hub: {hub.OFFLINE}")
         during_training.preflight(cfg.evaluation)
         model_config, attn, notes = load.preflight(cfg)
         rundir.check_writable(out)

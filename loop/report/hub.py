@@ -23,12 +23,28 @@ from loop.state import checkpoints
 log = logging.getLogger("loop")
 
 
+OFFLINE = ("HF_HUB_OFFLINE is set, so nothing can be uploaded (huggingface_hub would retry in vain); unset it, "
+           "or set output.push_to_hub: false")
+
+
+def offline() -> bool:
+    """Whether the Hub is switched off here (and the client the real one, not a test's stand-in)."""
+    import os
+
+    from huggingface_hub import constants
+
+    real = HfApi.__module__.startswith("huggingface_hub")
+    return real and (constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"))
+
+
 def upload(folder: Path, repo_id: str, private: bool, revision: str | None = None, message: str = "Upload model",
            retries: int = 4, backoff_s: float = 2.0, api: HfApi | None = None) -> str:
     """create_repo + upload_folder, retried with exponential back-off; returns the commit URL.
 
-    A failure after every retry raises, and the local folder is left as it was.
+    A failure after every retry raises, and the local folder is left as it was; offline, it raises at once.
     """
+    if api is None and offline():
+        raise RuntimeError(OFFLINE)
     api = api or HfApi()
     for attempt in range(1, retries + 1):
         try:

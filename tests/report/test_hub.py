@@ -199,3 +199,20 @@ def test_a_lora_run_uploads_its_merged_model_and_its_adapter(tiny_dir, tmp_path,
     assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "README.md"} <= set(adapter)
     card = adapter["README.md"].decode()
     assert 'PeftModel.from_pretrained(base, "me/run-adapter")' in card and str(tiny_dir / "model") in card
+
+
+def test_offline_an_upload_is_refused_at_once_and_a_run_that_would_push_before_it_starts(tiny_dir, tmp_path, capsys):
+    """HF_HUB_OFFLINE=1 (set for every test): huggingface_hub would fail each retry; the loop says why, at
+    once, and a run that pushes at its end is refused before it trains."""
+    import time
+
+    (tmp_path / "m").mkdir()
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE is set, so nothing can be uploaded"):
+        hub.upload(tmp_path / "m", "me/model", private=True)
+    assert time.perf_counter() - start < 1
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       output={"push_to_hub": True, "hub_model_id": "me/run"})
+    assert run_in_process(cfg, entry="run") == 2
+    assert "output.push_to_hub: HF_HUB_OFFLINE is set" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
