@@ -7,8 +7,11 @@ too soon for a large model's checkpoint. This front end adds what a requeue scri
 1. The run's config, model config (its size against the machine's memory), output directory and data are
    checked before anything starts (the data is prepared into its cache on the way); a problem is one line and
    exit 2, and nothing is launched or written.
-2. SIGTERM / SIGUSR1 sent to it go straight to the training processes, which save and stop together.
-3. When the run stopped for preemption (it leaves OUTPUT_DIR/PREEMPTED), the launch exits 75.
+2. SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) sent to it go straight to the training processes, which save and
+   stop together. The launcher runs in a session of its own so that a terminal's Ctrl-C reaches the workers
+   once, through this process, and not a second time through torchrun (a second Ctrl-C stops at once).
+3. When the run stopped on a signal (it leaves OUTPUT_DIR/PREEMPTED), the launch exits as the run did: 75
+   for a preemption, 130 for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def check(train_args: list[str]) -> config.Config:
     model_config, _, _ = preflight(cfg)
     check_memory(model_config, cfg)
     rundir.check_writable(Path(cfg.output.output_dir))
+    rundir.check_fresh(Path(cfg.output.output_dir), cfg.output.resume_from_checkpoint, cfg.output.overwrite_output_dir)
     tokenizer = load_tokenizer(cfg)
     templates.install(tokenizer, cfg.data.template)
     if cfg.training.objective == "dpo":
@@ -73,7 +77,8 @@ def run(argv: list[str]) -> int:
         return 2
     marker = Path(cfg.output.output_dir) / rundir.PREEMPTED
     started = time.time()
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *train_args])
+    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *train_args],
+                                start_new_session=True, preexec_fn=preemption.die_with_parent)
 
     def forward(signum, _frame) -> None:
         for worker in workers(launcher):
@@ -83,5 +88,6 @@ def run(argv: list[str]) -> int:
         signal.signal(s, forward)
     code = launcher.wait()
     if marker.is_file() and marker.stat().st_mtime >= started:
-        return preemption.PREEMPTED_EXIT_CODE
+        said = dict(line.split(" ", 1) for line in marker.read_text().splitlines() if " " in line)
+        return int(said.get("exit", preemption.PREEMPTED_EXIT_CODE))
     return code

@@ -28,7 +28,7 @@ from loop.data import batches, pairs, preference, templates
 from loop.data.prepare import Prepared, open_prepared, prepare
 from loop.data.records import DataError
 from loop.engine import deepspeed
-from loop.engine.accelerator import end_run, make_accelerator
+from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
@@ -56,13 +56,15 @@ def skip_or_stop(what: str, state: LoopState, policy: str, accelerator: Accelera
 
 def leave_preempted(accelerator: Accelerator, preempt: preemption.Preemption, step: int, saving: bool, ckpt_root: Path,
                     out: Path) -> int:
-    """Say what was saved and how to resume, mark the run directory, and exit with the requeue code."""
+    """Say what was saved and how to resume, mark the run directory, and exit with the requeue code (75), or
+    130 for a Ctrl-C."""
     saved = checkpoints.last_good(ckpt_root) if saving else "nothing (output.save: false)"
-    logging.getLogger("loop").warning(f"preempted ({preempt.describe()}) at step {step}; saved {saved}; "
-                                      "resume with --resume_from_checkpoint latest")
+    how = "interrupted" if preempt.exit_code == preemption.INTERRUPTED_EXIT_CODE else "preempted"
     if accelerator.is_main_process:
-        (out / rundir.PREEMPTED).write_text(f"step {step}\n")
-    return end_run(accelerator, preemption.PREEMPTED_EXIT_CODE)
+        logging.getLogger("loop").warning(f"{how} ({preempt.describe()}) at step {step}; saved {saved}; "
+                                          "resume with --resume_from_checkpoint latest")
+        (out / rundir.PREEMPTED).write_text(f"step {step}\nexit {preempt.exit_code}\n")
+    return end_run(accelerator, preempt.exit_code)
 
 
 def on_schedule(step: int, every: int, last: int) -> bool:
@@ -98,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         during_training.preflight(cfg.evaluation)
         model_config, attn, notes = load.preflight(cfg)
         rundir.check_writable(out)
+        rundir.check_fresh(out, cfg.output.resume_from_checkpoint, cfg.output.overwrite_output_dir)
         shape = architecture.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
         load.check_memory(model_config, cfg, accelerator)
@@ -127,13 +130,13 @@ def main(argv: list[str] | None = None) -> int:
         # Resume is checked (checkpoint, loop state, config) and the trackers started before anything is written.
         ckpt_root = out / "checkpoints"
         resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, data.report.fingerprint)
-        took_over = rundir.claim(run_scope, out, accelerator)
+        claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
         trackers.start(accelerator, cfg, resume.state.step)
         if accelerator.is_main_process:
             rundir.start_log_file(out, log)
             config.save(cfg, out / "config.yaml")
-            if took_over:
-                log.warning(took_over)
+            for note in claimed:
+                log.warning(note)
             for level, note in resume.notes:  # on the main process only: every process has the same to say
                 log.log(level, note)
         state = resume.state
@@ -224,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
                                              stop_id, state.step, out)
                 saved = None
                 if cfg.output.save and (on_schedule(state.step, t.save_every, total_steps) or result.preempted):
-                    saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer)
+                    saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer, resume.run)
                     log.info(f"checkpoint {saved}")
                     if uploads:
                         uploads.submit(saved)
@@ -270,6 +273,9 @@ def run(argv: list[str] | None = None) -> int:
         return report_error(e, 2)
     except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
         return report_error(e, 1)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop (setup, final save): no step to finish, nothing half-kept
+        return report_error(KeyboardInterrupt("interrupted (Ctrl-C) outside the training loop; checkpoints "
+                                              "already written are intact"), preemption.INTERRUPTED_EXIT_CODE)
 
 
 def report_error(error: Exception, code: int) -> int:
@@ -280,4 +286,4 @@ def report_error(error: Exception, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run())
+    exit_process(run())  # os._exit after flushing: see loop/engine/accelerator.py

@@ -45,18 +45,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         max_shard = consolidate.parse_size(a.max_shard_size)
         rundir.check_writable(a.output_dir, "OUTPUT_DIR")
-        with tqdm(unit="B", unit_scale=True, desc="consolidate") as bar:
-            count = [0]
+        bars: list[tqdm] = []  # made at the first tensor: an adapter or a merge streams no shards, so shows none
+        count = [0]
 
-            def progress(name: str, nbytes: int) -> None:
-                count[0] += 1
-                bar.set_postfix(tensors=count[0])
-                bar.update(nbytes)
+        def progress(name: str, nbytes: int) -> None:
+            if not bars:
+                bars.append(tqdm(unit="B", unit_scale=True, desc="consolidate"))
+            count[0] += 1
+            bars[0].set_postfix(tensors=count[0])
+            bars[0].update(nbytes)
 
+        try:
             if a.merged:
                 done = export.merged_from_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype)
             else:
                 done = export.from_checkpoint(a.checkpoint_dir, a.output_dir, a.dtype, max_shard, progress)
+        finally:
+            for bar in bars:
+                bar.close()
     except (ConfigError, checkpoints.CheckpointError, consolidate.ConsolidationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,8 @@ In --chat mode each line you type is a user turn and the conversation is kept ac
 editing and a history kept between sessions (~/.cache/loop/chat_history); Ctrl-C cancels the answer
 being written, /reset starts over, /save FILE appends the conversation as a messages-schema JSON line,
 an empty line is ignored, and Ctrl-D, /quit or /exit (or Ctrl-C at the prompt) ends.
-Answers in batch mode are written to ./answers.md unless --out says otherwise.
+Answers in batch mode are written to ./answers.md (RUN_DIR/answers.md with --held-out) unless --out says
+otherwise.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="ask questions the run in RUN_DIR held out for evaluation (from its config.yaml)")
     p.add_argument("--count", type=int, default=6, help="how many held-out questions (default 6)")
     p.add_argument("--compare", metavar="BASE", help="also answer with this model (the base), side by side")
-    p.add_argument("--out", type=Path, default=Path("answers.md"), help="write answers here (default ./answers.md)")
+    p.add_argument("--out", type=Path, help="write answers here (default RUN_DIR/answers.md with --held-out, "
+                                            "else ./answers.md)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat, streaming tokens")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2, help="0 means greedy")
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
+    a.out = a.out or (a.held_out / "answers.md" if a.held_out else Path("answers.md"))
     torch.manual_seed(a.seed)
     model, tokenizer = load(a.model)
     if tokenizer.chat_template is None:

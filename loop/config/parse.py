@@ -141,7 +141,7 @@ RUN_IDENTITY = ("model.name_or_path", "model.revision", "data.train_files", "dat
                 "training.gradient_accumulation_steps", "lora.enabled", "lora.rank", "lora.target_modules",
                 "lora.train_embeddings", "lora.quantize", "training.objective", "dpo.beta", "dpo.loss",
                 "dpo.label_smoothing", "dpo.reference", "dpo.max_prompt_length")
-NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change")
+NOT_COMPARED = ("output.resume_from_checkpoint", "output.allow_config_change", "output.overwrite_output_dir")
 
 
 def differences(saved: dict[str, Any], config: Config) -> tuple[list[str], list[str]]:

@@ -133,6 +133,9 @@ class OutputConfig:
     output_dir: str = "outputs/run"  # checkpoints, final model, logs; one run at a time
     save_dtype: SaveDtype = "bf16"  # dtype of the saved model's weights
     resume_from_checkpoint: str | None = None  # latest | PATH
+    # A fresh run into a directory that holds another run is refused; true moves that run aside first, into
+    # OUTPUT_DIR/previous-TIMESTAMP/ (delete it when you are sure; nothing is deleted for you).
+    overwrite_output_dir: bool = False
     # Resume even when the config changes the data order or what a step means (see RUN_IDENTITY).
     allow_config_change: bool = False
     save: bool = True  # false: no checkpoints and no final model (benchmarks, dry runs)

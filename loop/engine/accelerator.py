@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
@@ -61,12 +62,27 @@ def make_accelerator(cfg: Config) -> Accelerator:
 def end_run(accelerator: Accelerator, code: int) -> int:
     """Close the run on every process and return its exit code."""
     accelerator.wait_for_everyone()  # without it, 2-process runs sometimes abort at exit
-    accelerator.end_training()
+    accelerator.end_training()  # trackers flushed and closed, then the process group destroyed
     if torch.distributed.is_initialized():
-        # Join the process group's threads now: left to interpreter shutdown, a gloo thread still alive
-        # now and then ends a finished process with "terminate called without an active exception".
         torch.distributed.destroy_process_group()
     return code
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a training process after its run is closed, skipping interpreter shutdown.
+
+    Destroying the process group does not stop its gloo threads: DeepSpeed's objects (every ZeRO-3
+    parameter, its world group in deepspeed.utils.groups) still hold the groups, so two pt_gloo_runloop
+    threads per group and the transport's gloo_tcp_loop threads are alive when the interpreter exits, and
+    exit()'s C++ static destructors then race them: now and then a finished run ended with "terminate
+    called without an active exception" (SIGABRT, and the launch exits 1). Everything the run writes is
+    closed by then (checkpoints and models fsynced, trackers ended, uploads joined), so after flushing the
+    log and the console nothing is lost by leaving with os._exit."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,8 +96,9 @@ def warn_if_short_of_space(root: Path) -> None:
 
 
 def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, root: Path, model,
-         tokenizer: PreTrainedTokenizerBase) -> Path:
-    """Write a checkpoint atomically on every process; prune to the last `keep_last`.
+         tokenizer: PreTrainedTokenizerBase, run: str = "") -> Path:
+    """Write a checkpoint atomically on every process; prune to the last `keep_last` of this run (`run`, its
+    id, is written in the COMPLETE marker: pruning never removes another run's checkpoints).
 
     Besides the ZeRO-3 shards it holds every process's RNG state, the model config, generation config
     and tokenizer (tools/consolidate_checkpoint.py and tools/generate.py need nothing else) and a
@@ -168,11 +170,11 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         marker = final / f".{MARKER}"
-        marker.write_text(f"step {state.step}\n")
+        marker.write_text(f"step {state.step}\n" + (f"run {run}\n" if run else ""))
         marker.rename(final / MARKER)
         _fsync_dir(final)
         _fsync_dir(root)
-        prune(root, cfg.training.keep_last)
+        prune(root, cfg.training.keep_last, run)
     accelerator.wait_for_everyone()
     return final
 
@@ -186,9 +188,20 @@ def keep_trainable(weights: Path, model) -> None:
     save_file({k: v for k, v in tensors.items() if k in trainable}, str(weights), metadata={"format": "pt"})
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Remove all but the newest `keep_last` complete checkpoints (pinned ones stay) and stale temps."""
-    for old in complete_checkpoints(root)[:-keep_last]:
+def run_of(checkpoint: Path) -> str:
+    """The id of the run that wrote a checkpoint ("" for checkpoints from before runs had ids)."""
+    lines = (checkpoint / MARKER).read_text().splitlines() if (checkpoint / MARKER).is_file() else []
+    return next((line.split(" ", 1)[1] for line in lines if line.startswith("run ")), "")
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.urandom(3).hex()}"
+
+
+def prune(root: Path, keep_last: int, run: str = "") -> None:
+    """Remove all but the newest `keep_last` complete checkpoints of run `run` (pinned ones, and other runs',
+    stay) and stale temps."""
+    for old in [c for c in complete_checkpoints(root) if run_of(c) == run][:-keep_last]:
         if not (old / IN_USE).exists():
             shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob(".tmp-*"):
@@ -260,6 +273,7 @@ class Resume:
     state: LoopState
     notes: list[Note]
     path: Path | None = None
+    run: str = field(default_factory=new_run_id)  # a resumed run keeps the id of the run it continues
 
 
 def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, data_fingerprint: str) -> Resume:
@@ -292,7 +306,7 @@ def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, da
             f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
             "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
         )
-    return Resume(state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")], path)
+    return Resume(state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")], path, run_of(path))
 
 
 def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerprint: str) -> list[Note]:

@@ -1,7 +1,11 @@
 """The run's output directory: one run at a time, and nothing in it before the run is known to be sound.
 
 Before any work, `check_writable` says (writing nothing) whether the directory can be written at all and
-whether another run holds it. A run claims the directory only after its config, data and resume have been
+whether another run holds it, and `check_fresh` refuses a fresh run (no --resume_from_checkpoint) into a
+directory where another run left checkpoints, a model or logs: writing over it would mix the two runs' logs
+and models. With output.overwrite_output_dir the claim moves that run into OUTPUT_DIR/previous-TIME/ first.
+
+A run claims the directory only after its config, data and resume have been
 checked: it takes an advisory lock (`.run.lock`, held for the run's life, released by the OS whatever way
 the process ends), then writes the resolved config and starts `train.log`, replaying what was logged
 before. A second run on the same directory is refused with the first one's host and process id; a lock
@@ -23,7 +27,9 @@ from loop.config import ConfigError, first_line
 from loop.processes import any_process
 
 LOCK = ".run.lock"
-PREEMPTED = "PREEMPTED"  # written when a run exits 75, read by tools/launch.py to exit 75 too
+NOT_A_RUN = (LOCK, "reference")  # the lock and the reference log-probabilities' cache (keyed by its content)
+ASIDE = "previous-"  # where --overwrite_output_dir moves an earlier run: OUTPUT_DIR/previous-YYYYmmdd-HHMMSS/
+PREEMPTED = "PREEMPTED"  # written when a run stops on a signal (step, exit code); tools/launch.py exits so too
 
 
 class DirectoryInUse(RuntimeError):
@@ -49,6 +55,42 @@ def check_writable(output_dir: Path, what: str = "output.output_dir") -> None:
             raise in_use(output_dir, os.read(fd, 4096).decode(errors="replace").strip()) from None
         finally:
             os.close(fd)
+
+
+def earlier_run(output_dir: Path) -> list[Path]:
+    """What an earlier run left in the directory (checkpoints, models, logs, config), oldest name first."""
+    if not output_dir.is_dir():
+        return []
+    return sorted(p for p in output_dir.iterdir() if p.name not in NOT_A_RUN and not p.name.startswith(ASIDE))
+
+
+def describe(found: list[Path]) -> str:
+    said = []
+    for p in found[:6]:
+        steps = sorted(c.name for c in p.glob("step_*")) if p.name == "checkpoints" else []
+        said.append(f"checkpoints/ ({', '.join(steps[-2:])})" if steps else p.name + ("/" if p.is_dir() else ""))
+    return ", ".join(said) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+
+
+def check_fresh(output_dir: Path, resume: str | None, overwrite: bool) -> None:
+    """Refuse, writing nothing, a fresh run into a directory another run has written to."""
+    found = [] if resume or overwrite else earlier_run(output_dir)
+    if found:
+        raise ConfigError(f"output.output_dir {output_dir} holds another run ({describe(found)}); continue it with "
+                          "--resume_from_checkpoint latest, or start over with --overwrite_output_dir true (which "
+                          f"moves it into {output_dir / (ASIDE + 'TIME')}/), or choose another --output_dir")
+
+
+def move_aside(output_dir: Path) -> str | None:
+    """Move what an earlier run left into OUTPUT_DIR/previous-TIME/ (nothing is deleted); says where."""
+    found = earlier_run(output_dir)
+    if not found:
+        return None
+    said, aside = describe(found), output_dir / f"{ASIDE}{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in found:
+        p.rename(aside / p.name)
+    return f"--overwrite_output_dir: moved the earlier run ({said}) into {aside}; delete it when done"
 
 
 def in_use(output_dir: Path, holder: str) -> DirectoryInUse:
@@ -86,17 +128,23 @@ def claimed(output_dir: Path, is_main: bool) -> Iterator[str | None]:
         os.close(fd)  # releases the lock
 
 
-def claim(held: ExitStack, output_dir: Path, accelerator) -> str | None:
+def claim(held: ExitStack, output_dir: Path, accelerator, overwrite: bool = False) -> list[str]:
     """Claim the directory (main process) for as long as `held` is open, every process agreeing on the
-    outcome so that none is left waiting when it is refused; returns the stale-lock warning, if any."""
-    took_over, refused = None, None
+    outcome so that none is left waiting when it is refused; with `overwrite`, an earlier run is moved
+    aside once the lock is held. Returns what to warn about (a stale lock taken over, a run moved)."""
+    said: list[str | None] = []
+    refused = None
     try:
-        took_over = held.enter_context(claimed(output_dir, accelerator.is_main_process))
+        said.append(held.enter_context(claimed(output_dir, accelerator.is_main_process)))
+        if overwrite and accelerator.is_main_process:
+            said.append(move_aside(output_dir))
     except (DirectoryInUse, ConfigError) as e:
         refused = e
+    except OSError as e:
+        refused = ConfigError(f"output.overwrite_output_dir: cannot move the earlier run aside ({first_line(e)})")
     if any_process(accelerator, refused is not None):
         raise refused or DirectoryInUse(f"output.output_dir {output_dir}: refused by the main process")
-    return took_over
+    return [s for s in said if s]
 
 
 def start_log_file(output_dir: Path, log: logging.Logger) -> None:

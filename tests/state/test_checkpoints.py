@@ -141,6 +141,25 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     assert "preempted" in (out / "train.log").read_text()
 
 
+def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tiny_dir, small_data, tmp_path):
+    """A terminal's Ctrl-C reaches the launcher (the workers run in sessions of their own), which passes SIGINT
+    on to every worker: they finish the step, save together and exit 130, with no traceback."""
+    out = tmp_path / "run"
+    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
+    wait_for(out / "train.log", proc=proc)
+    while "train/loss" not in (out / "train.log").read_text():
+        assert proc.poll() is None and time.sleep(0.05) is None
+    proc.send_signal(signal.SIGINT)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, log[-3000:]
+    found = checkpoints.complete_checkpoints(out / "checkpoints")
+    assert len(found) == 1, found
+    said = (out / "train.log").read_text()
+    assert f"interrupted (signal SIGINT) at step {found[0].name.split('_')[1].lstrip('0')}; saved {found[0]}; " \
+           "resume with --resume_from_checkpoint latest" in said, said[-2000:]
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+
+
 def test_resume_with_another_number_of_processes_is_refused_with_what_to_do(tiny_dir, small_data, reference,
                                                                             tmp_path):
     cfg = config(tmp_path, tiny_dir, small_data, reference)

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from loop.state import rundir
+from loop.state import checkpoints, integrity, rundir
 from tests.conftest import ROOT, run_in_process, write_config
 
 
@@ -35,8 +35,48 @@ def test_a_second_run_on_the_same_directory_is_refused_naming_the_first(tiny_dir
         first.kill()
         first.wait()
     # Its lock file stays, but nobody holds it any more: the next run takes it over and says so.
-    assert run_in_process(cfg, "--max_steps", "2", entry="run") == 0
+    assert run_in_process(cfg, "--max_steps", "2", "--overwrite_output_dir", "true", entry="run") == 0
     assert f"took over the lock of a run that is gone (pid {first.pid}" in (tmp_path / "out" / "train.log").read_text()
+
+
+def test_a_fresh_run_never_writes_over_another_and_overwrite_moves_it_aside(tiny_dir, tmp_path, capsys):
+    """Issue 28.1: the README's command run twice must not mix (or prune) the first run's checkpoints, model
+    and logs; it is refused with the two ways on, and --overwrite_output_dir keeps the first run intact."""
+    cfg, out = small_run(tmp_path, tiny_dir), tmp_path / "out"
+    assert run_in_process(cfg, entry="run") == 0
+    before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    kept = {k: v for k, v in before.items() if k.name != rundir.LOCK}  # the lock stays where it is
+
+    assert run_in_process(cfg, "--max_steps", "2", entry="run") == 2
+    said = capsys.readouterr()
+    (line,) = [line for line in (said.out + said.err).splitlines() if "error:" in line]
+    assert f"output.output_dir {out} holds another run (checkpoints/ (step_00000002, step_00000004), " \
+           "config.yaml, final/" in line, line
+    assert "--resume_from_checkpoint latest" in line and "--overwrite_output_dir true" in line
+    assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+    assert run_in_process(cfg, "--max_steps", "2", "--keep_last", "1", "--overwrite_output_dir", "true",
+                          entry="run") == 0
+    (aside,) = out.glob(f"{rundir.ASIDE}*")
+    assert {p.relative_to(aside): p.stat().st_mtime_ns for p in aside.rglob("*") if p.is_file()} == kept
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    assert "moved the earlier run (checkpoints/ (step_00000002, step_00000004), config.yaml, final/" in \
+        (out / "train.log").read_text()
+    assert checkpoints.run_of(out / "checkpoints" / "step_00000002") not in ("", checkpoints.run_of(
+        aside / "checkpoints" / "step_00000002"))
+
+
+def test_pruning_removes_only_the_checkpoints_of_the_run_that_writes(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step, run in [(1, "a"), (2, "a"), (3, ""), (4, "b"), (5, "b"), (6, "b")]:
+        (root / f"step_{step:08d}").mkdir(parents=True)
+        (root / f"step_{step:08d}" / integrity.MARKER).write_text(f"step {step}\n" + (f"run {run}\n" if run else ""))
+    checkpoints.prune(root, 1, "b")
+    assert [p.name for p in checkpoints.complete_checkpoints(root)] == \
+        ["step_00000001", "step_00000002", "step_00000003", "step_00000006"]
+    checkpoints.prune(root, 1, "")  # checkpoints from before runs had ids are a run of their own
+    assert len(checkpoints.complete_checkpoints(root)) == 4
 
 
 @pytest.mark.parametrize("problem, said", [
