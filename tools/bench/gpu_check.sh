@@ -26,7 +26,8 @@
 # DS_VARIANTS="memory_efficient_linear=true reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
 # reported beside the loop's own: about a minute of device time each. The word deepspeed=off runs the
-# loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs.
+# loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs. The word
+# optimizer stands for the settings that may close DeepSpeed's optimizer-step gap (ds_variant.py --candidates).
 # REUSE=1 keeps what an earlier call on the same machine left in $WORK (the model, runs, baselines) and
 # runs only what is missing: a second call with new variants costs only their runs.
 set -euo pipefail
@@ -47,7 +48,12 @@ else
   attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
 mkdir -p "$WORK"
-for variant in ${DS_VARIANTS:-}; do  # a misspelt setting stops the run here, before any device time is spent
+variants=""  # the word `optimizer` stands for the optimizer-step candidates (tools/bench/ds_variant.py)
+for variant in ${DS_VARIANTS:-}; do
+  [ "$variant" = optimizer ] && variant=$("$PY" -m tools.bench.ds_variant --candidates)
+  variants="$variants $variant"
+done
+for variant in $variants; do  # a misspelt setting stops the run here, before any device time is spent
   "$PY" -m tools.bench.ds_variant "$acc" "$WORK/ds-$variant" ${variant//,/ } > /dev/null
 done
 stamp "building the model; attention choices here: $attns"
@@ -69,7 +75,7 @@ for attn in $attns; do
   train "$attn" --config_file "$acc"
 done
 runs=$attns best=${attns##* }
-for variant in ${DS_VARIANTS:-}; do
+for variant in $variants; do
   name="$best+$variant"
   stamp "loop/train.py with $best and $variant"
   train "$name" --config_file "$WORK/ds-$variant/accelerate.yaml"

@@ -26,9 +26,11 @@
 #   bash tools/bench/gpu_scale.sh --tiny     # every part at toy size on CPU (tests/test_bench.py)
 #
 # PARTS="full dpo" runs only those parts (default: full dpo lora qlora, in that order; dpo's SFT comparison
-# needs full). Each launch is time-boxed by PART_S seconds (default 150): a part that hangs or runs out of
-# memory is named at the end (exit 1) and the others still run. REUSE=1 keeps what an earlier call left in
-# $WORK (models, runs, baselines): a rerun of some parts costs only theirs. STEPS (default 8), MAX_MB (8).
+# needs full). On the GPU the call keeps to BUDGET_S seconds (default 390: 7 minutes with the machine's start
+# and the wheels): a part starts only with MIN_PART_S (120) left, each launch ends by PART_S (150) or the
+# budget's end; a part that hangs or runs out of memory is named at the end (exit 1), one left out is named
+# with the command that runs it. REUSE=1 keeps what an earlier call left in $WORK (models, runs, baselines): a
+# second call with PARTS of what is missing costs only theirs. STEPS (default 8), MAX_MB (8).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-scale}
@@ -36,18 +38,32 @@ PY=${PYTHON:-python3}
 NEEDS="deepspeed, datasets, peft, trl, bitsandbytes"
 source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch
 PARTS=${PARTS:-full dpo lora qlora}
-steps=${STEPS:-8} log=2 rank=16
+log=2 rank=16
 if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; the batch from a 1 GB "device"
-  shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
+  steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
   seq=256 acc=accelerate_configs/cpu_zero3.yaml device=cpu dtype=fp32 memory=(--memory-gb 1) cap=${MAX_MB:-2}
   export DS_ACCELERATOR=cpu
 else
-  shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
-  BOX=(timeout -k 10 "${PART_S:-150}")
+  steps=${STEPS:-8} shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
+  budget=${BUDGET_S:-390} part_s=${PART_S:-150}
 fi
 mkdir -p "$WORK"
 "$PY" -m tools.bench.ds_variant "$acc" "$WORK/plain" deepspeed=off > /dev/null  # LoRA's launch: no DeepSpeed
-has() { [[ " $PARTS " == *" $1 "* ]]; }
+skipped=""
+has() {  # PART: asked for, and (on the GPU) the call's budget leaves it room for its two launches
+  [[ " $PARTS " == *" $1 "* ]] || return 1
+  [ -z "${budget:-}" ] && return 0
+  local left=$((budget - SECONDS))
+  if [ "$left" -lt "${MIN_PART_S:-120}" ]; then
+    [[ " $skipped " == *" $1 "* ]] || { skipped="$skipped $1"; stamp "skipped $1: ${left} s of the call's ${budget} s left"; }
+    return 1
+  fi
+}
+box() {  # the next launch ends by PART_S seconds, or at the budget's end, whichever is first
+  [ -z "${budget:-}" ] && return
+  local left=$((budget - SECONDS - 5))
+  BOX=(timeout -k 10 "$((left < part_s ? (left > 1 ? left : 1) : part_s))")
+}
 model() {  # NAME SIZE: random weights in StarCoder2-SIZE's published shape
   reuse "$WORK/$1/config.json" && return
   stamp "building $1 (configs/models/starcoder2-$2.json${shrink:+, shrunk for CPU})"
@@ -62,6 +78,7 @@ train() {  # PART MODEL MB CONFIG [overrides]: loop/train.py on the packed rows
   local part=$1 name=$2 mb=$3 config=$4; shift 4
   reuse "$WORK/run-$part.log" && [ -d "$WORK/run-$part/tensorboard" ] && return
   stamp "loop/train.py: $part, micro-batch $mb"
+  box
   launch --config_file "$config" loop/train.py configs/quickstart.yaml --name_or_path "$WORK/$name" \
     --train_files "[$WORK/data.jsonl]" --cache_dir "$WORK/cache" --seq_len "$seq" --micro_batch_size "$mb" \
     --gradient_accumulation_steps 1 --max_steps "$steps" --log_every "$log" --eval_fraction 0 --sample_prompts "[]" \
@@ -72,6 +89,7 @@ baseline() {  # PART CONFIG MODULE ARGS...: a baseline's JSON line into PART-bas
   local part=$1 config=$2 module=$3; shift 3
   reuse "$WORK/$part-baseline.json" && return
   stamp "baseline: $part ($module)"
+  box
   launch --config_file "$config" --module "$module" "$@" --steps "$steps" --warmup "$log" --checkpointing \
     > "$WORK/$part-baseline.json" 2> "$WORK/$part-baseline.log" || fail "$WORK/$part-baseline.log" "$module $part"
 }
@@ -112,5 +130,7 @@ for part in lora qlora; do
 done
 stamp "results"
 "$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
+[ -z "$skipped" ] || stamp "not measured in this call (its ${budget} s budget):$skipped; the same machine can finish:" \
+  "REUSE=1 PARTS=\"${skipped# }\" bash tools/bench/gpu_scale.sh"
 [ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
 stamp done
