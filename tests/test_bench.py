@@ -126,9 +126,10 @@ def test_the_variant_without_deepspeed_keeps_the_launch_and_drops_only_deepspeed
 def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
     """gpu_scale.sh --tiny: every part of the GPU run (StarCoder2-3B full and DPO, 7B LoRA and QLoRA, the last on
     bitsandbytes' CPU 4-bit path), each against its baseline, in the published architectures at toy width.
-    About 4 minutes, the most of this file: 8 launches (accelerate, DeepSpeed's or the Trainer's set-up each time)
-    and two models with their tokenizers, which no other test's runs can stand in for (other shapes, other
-    baselines); each run is 6 steps, the fewest that leave two logging windows after the first."""
+    About 4-5 minutes on 2 shared cores, the most of this file: 8 launches (accelerate, DeepSpeed's or the
+    Trainer's set-up each time) and two models with their tokenizers, which no other test's runs can stand in for
+    (other shapes, other baselines); each run is 6 steps, the fewest that leave two logging windows after the
+    first."""
     proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
                           timeout=1200, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,3 +149,17 @@ def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
     assert all(float(line.rsplit(": ", 1)[1].split("x")[0]) > 0 for line in goals)  # every ratio measured
     falls = [line for line in lines if line.startswith("  loss falls: ")]
     assert len(falls) == 8 and all(line.endswith("PASS") for line in falls)
+
+
+def test_gpu_scale_leaves_out_what_its_budget_cannot_hold(tmp_path):
+    """On the GPU a call keeps to its device-time budget: a part that would start with too little of it left is
+    not started, and the call names it with the command that runs it on the same machine (nothing is launched
+    here: no time is left from the start)."""
+    proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
+                                                         "BUDGET_S": "0", "PARTS": "full lora"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split("] ", 1)[1].split(":")[0] for line in proc.stdout.splitlines() if "] skipped " in line] == \
+        ["skipped full", "skipped lora"]
+    assert proc.stdout.splitlines()[-2].endswith('REUSE=1 PARTS="full lora" bash tools/bench/gpu_scale.sh')
+    assert not (tmp_path / "run-full.log").exists() and not (tmp_path / "sc2-3b").exists()

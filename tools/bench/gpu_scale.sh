@@ -42,6 +42,7 @@ log=2 rank=16
 if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; the batch from a 1 GB "device"
   steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
   seq=256 acc=accelerate_configs/cpu_zero3.yaml device=cpu dtype=fp32 memory=(--memory-gb 1) cap=${MAX_MB:-2}
+  budget=${BUDGET_S:-} part_s=${PART_S:-600}  # no budget unless asked (tests/test_bench.py asks for none left)
   export DS_ACCELERATOR=cpu
 else
   steps=${STEPS:-8} shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
@@ -105,7 +106,8 @@ if has full; then
   ran+=("full=$mb3")
 fi
 if has dpo; then
-  reuse "$WORK/pairs-train.jsonl" || "$PY" tools/make_preference_pairs.py --out "$WORK/pairs" --eval-fraction 0 > /dev/null
+  reuse "$WORK/pairs-train.jsonl" || "$PY" tools/make_preference_pairs.py --out "$WORK/pairs" --eval-fraction 0 \
+    > "$WORK/pairs-made.log" 2>&1 || fail "$WORK/pairs-made.log" "preference pairs"
   train dpo sc2-3b "$mb3" "$acc" --objective dpo --train_files "[$WORK/pairs-train.jsonl]" --lr 1e-5
   trl_acc=4  # TRL pads every pair to the longest of its batch: 4 micro-batches a step bound its memory
   trl=$("$PY" -m tools.bench.scale pairs "$WORK/sc2-3b" "$WORK/pairs-train.jsonl" --seq-len "$seq" \
@@ -129,7 +131,7 @@ for part in lora qlora; do
   ran+=("$part=$mb7")
 done
 stamp "results"
-"$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
+[ ${#ran[@]} -eq 0 ] || "$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
 [ -z "$skipped" ] || stamp "not measured in this call (its ${budget} s budget):$skipped; the same machine can finish:" \
   "REUSE=1 PARTS=\"${skipped# }\" bash tools/bench/gpu_scale.sh"
 [ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
