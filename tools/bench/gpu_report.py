@@ -18,14 +18,19 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar a run logged to its TensorBoard, as (step, value) in order."""
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def windows(run: Path, until: int | None = None) -> dict[str, float]:
     """Each scalar's mean over the logging windows after the first (which holds start-up), up to step
     `until` (the profiled steps that follow are slower)."""
-    acc = EventAccumulator(str(run / "tensorboard"))
-    acc.Reload()
     out = {}
-    for tag in acc.Tags()["scalars"]:
-        values = [e.value for e in acc.Scalars(tag) if until is None or e.step <= until]
+    for tag, logged in scalars(run).items():
+        values = [v for step, v in logged if until is None or step <= until]
         out[tag] = statistics.mean(values[1:] or values)
     return out
 

@@ -5,10 +5,17 @@ bf16 (on a GPU) and the loop's own collate function in the layout a Trainer user
 block-diagonal mask, built on the host, and sdpa); the Trainer's own optimizer and data loader defaults. Launched under
 `accelerate launch` with a DeepSpeed config it is the Trainer + DeepSpeed ZeRO-3 baseline. Tokens/s
 counts the real (non-padding) tokens its collator hands out after the warm-up steps. Prints one
-JSON line.
+JSON line, with the loss of the first and last logging windows (every --warmup steps) and the peak memory.
+
+With --lora-rank it is the Trainer + peft baseline: LoRA adapters of that rank on the projections the loop
+adapts (loop/model/lora.py), with the loop's alpha and dropout; with --qlora the base is loaded in 4-bit NF4
+by bitsandbytes with the loop's quantization settings (the usual QLoRA recipe: prepare_model_for_kbit_training).
+--checkpointing is the Trainer's gradient checkpointing (non-reentrant, as the loop's).
 
   accelerate launch --config_file accelerate_configs/zero3.yaml --num_processes 1 --module \\
       tools.bench.trainer_baseline MODEL DATA.jsonl --seq-len 2048 --micro-batch 8 --steps 20
+  python -m tools.bench.trainer_baseline MODEL DATA.jsonl --seq-len 4096 --micro-batch 4 --checkpointing \\
+      --lora-rank 16 --qlora
 """
 
 from __future__ import annotations
@@ -23,15 +30,21 @@ import datasets
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
+from loop.config import Config, LoraSettings
 from loop.data import batches
 from loop.data.packing import IGNORE
-from loop.report import profiling
+from loop.model import lora
+from loop.report import metrics, profiling
 from tools.bench import workload
 
 
 def main() -> None:
     p = workload.arguments(__doc__, steps=20, warmup=5)
     p.add_argument("--accumulation", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft) on a frozen base")
+    p.add_argument("--qlora", action="store_true", help="with --lora-rank: the base in 4-bit NF4 (bitsandbytes)")
     a = p.parse_args()
     tokenizer, columns, rows = workload.load(a.model, a.data, a.seq_len)
     counted = {"tokens": 0}
@@ -58,26 +71,55 @@ def main() -> None:
                 self.rate = (counted["tokens"] - self.tokens) / (time.perf_counter() - self.start)
             self.profiled(state.global_step)
 
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
     clock = Clock()
+    clock.losses = []
     gpu = torch.cuda.is_available()
     bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16" if gpu else "no") == "bf16"  # as launched
-    model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa",
-                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
+    model = load(a, bf16, gpu)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.micro_batch,
-                                 gradient_accumulation_steps=a.accumulation, learning_rate=1e-4,
-                                 max_steps=a.steps + (4 if a.profile else 0),
-                                 bf16=bf16, use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=10_000,
+                                 gradient_accumulation_steps=a.accumulation,
+                                 **workload.checkpointing(a.checkpointing and not a.qlora),  # QLoRA: in load()
+                                 learning_rate=a.lr,
+                                 max_steps=a.steps + (4 if a.profile else 0), bf16=bf16, use_cpu=not gpu,
+                                 report_to=[], save_strategy="no", logging_steps=a.warmup,
                                  remove_unused_columns=False, disable_tqdm=True)
         train = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
         with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, a.steps + 4, Path(a.profile or "."),
                                       rank=int(os.environ.get("RANK", 0))) as clock.profiled:
             trainer.train()
-    peak = torch.cuda.max_memory_allocated() if gpu else 0
     if trainer.accelerator.is_main_process:
-        print(json.dumps({"tokens_per_s": clock.rate, "peak_bytes": peak,
-                          "deepspeed": trainer.is_deepspeed_enabled}))
+        print(json.dumps({"tokens_per_s": clock.rate, "peak_bytes": metrics.peak_memory_bytes(),
+                          "deepspeed": trainer.is_deepspeed_enabled, "losses": clock.losses,
+                          "batch": f"{a.micro_batch} rows" + (f" x {a.accumulation}" if a.accumulation > 1 else "")}))
+
+
+def load(a, bf16: bool, gpu: bool):
+    """The model as a Trainer user loads it: bf16 (when so launched) with sdpa; with --lora-rank wrapped by peft,
+    on a 4-bit base with --qlora."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    if not a.lora_rank:
+        return AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa", dtype=dtype)
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    own = LoraSettings(enabled=True, rank=a.lora_rank, quantize="4bit" if a.qlora else "none")
+    quantization = lora.quantization(Config(lora=own))
+    model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa", dtype=dtype,
+                                                 quantization_config=quantization,
+                                                 device_map={"": "cuda" if gpu else "cpu"} if a.qlora else None)
+    if a.qlora:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif a.checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, LoraConfig(r=own.rank, lora_alpha=own.alpha, lora_dropout=own.dropout,
+                                            target_modules=lora.TARGETS[model.config.model_type],
+                                            task_type="CAUSAL_LM"))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,12 @@ def arguments(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
     p.add_argument("--profile", metavar="DIR", help="after the measured steps, record 3 more with the PyTorch "
                    "profiler (and one warm-up) into DIR, as loop/report/profiling.py does for the loop")
     return p
+
+
+def checkpointing(on: bool) -> dict:
+    """TrainingArguments' gradient checkpointing, non-reentrant as the loop's, under the name this transformers
+    uses (5.2 renamed it activation_checkpointing and warns at the old name)."""
+    from transformers import TrainingArguments
+
+    name = "activation" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ else "gradient"
+    return {f"{name}_checkpointing": on, f"{name}_checkpointing_kwargs": {"use_reentrant": False}}
