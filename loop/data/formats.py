@@ -16,16 +16,32 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, get_args
 
 from loop.config import Format, OasstPaths
+from loop.data import calls
 from loop.data import oasst as trees
-from loop.data.records import Converted, Dropped, FormatError, Located, Messages, text_field
+from loop.data.records import Converted, Dropped, FormatError, Located, Messages, parse_json, text_field
 
 
 def messages(record: Any) -> list[Messages]:
+    """`{"messages": [...]}`, with the dialogue's `tools` beside them where it offers any (a list, or that list
+    as a JSON string, as some function-calling sets keep it)."""
     if not isinstance(record, dict):
         raise FormatError("record is not an object")
     if "messages" not in record:
         raise FormatError("no 'messages' field")
-    return [record["messages"]]  # its shape is checked by data.validate, like every converted dialogue
+    found = record["messages"]  # its shape is checked by data.validate, like every converted dialogue
+    return [calls.attach(found, tools_field(record)) if isinstance(found, list) else found]
+
+
+def tools_field(record: dict, key: str = "tools") -> Any:
+    """A record's tool list, parsed when it is kept as JSON text; None when it has none."""
+    tools = record.get(key)
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        tools = parse_json(tools)
+        if isinstance(tools, Exception):
+            raise FormatError(f"field {key!r}: {tools}")
+    return tools if tools != [] else None
 
 
 def prompt_completion(record: Any) -> list[Messages]:

@@ -1,0 +1,99 @@
+"""Tool use in the schema: calls, results and a dialogue's tool list, each violation named by file and line."""
+
+import json
+
+import pytest
+
+from loop.data import calls
+from loop.data.dialogues import load_dialogues, validate
+from loop.data.records import DataError
+
+CALC = {"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                         "parameters": {"type": "object", "required": ["expression"],
+                                                        "properties": {"expression": {"type": "string"}}}}}
+CLOCK = {"type": "function", "function": {"name": "clock", "description": "The time now.",
+                                          "parameters": {"type": "object", "properties": {}}}}
+
+
+def calling(*made: dict, content=None) -> dict:
+    return {"role": "assistant", "content": content, "tool_calls": list(made)}
+
+
+def record(messages: list, tools: list | None = (CALC, CLOCK)) -> dict:
+    return {"messages": messages, **({"tools": list(tools)} if tools is not None else {})}
+
+
+Q = {"role": "user", "content": "What is 6*7?"}
+A = {"role": "assistant", "content": "42."}
+GOOD = [
+    record([Q, calling(calls.call("calculator", {"expression": "6*7"}, "c1")),
+            {"role": "tool", "tool_call_id": "c1", "content": "42"}, A]),
+    # arguments as a JSON string, text beside the call, a result matched by name, no tool list at all
+    record([{"role": "system", "content": "Use tools."}, Q,
+            calling(calls.call("calculator", '{"expression": "6*7"}'), content="Let me compute."),
+            {"role": "tool", "name": "calculator", "content": "42"}, A], tools=None),
+    # two calls answered in order, then a second round
+    record([Q, calling(calls.call("clock", {}), calls.call("calculator", {"expression": "1+1"})),
+            {"role": "tool", "content": "12:00"}, {"role": "tool", "content": "2"},
+            calling(calls.call("clock", {})), {"role": "tool", "content": "12:01"}, A,
+            {"role": "user", "content": "thanks"}, {"role": "assistant", "content": "welcome"}]),
+    {"messages": [Q, A], "tools": json.dumps([CALC])},  # a tool list kept as JSON text
+]
+BAD = [
+    (record([Q, calling(calls.call("shell", {"cmd": "ls"})), {"role": "tool", "content": "x"}, A]),
+     "unknown_tool", "calls the tool 'shell', which is not in the dialogue's tools ['calculator', 'clock']"),
+    (record([Q, calling(calls.call("calculator", '{"expression": 6*7}')), {"role": "tool", "content": "42"}, A]),
+     "bad_arguments", "arguments are not valid JSON"),
+    (record([Q, calling(calls.call("calculator", "[1, 2]")), {"role": "tool", "content": "42"}, A]),
+     "bad_arguments", "arguments must be a JSON object, got list"),
+    (record([Q, {"role": "tool", "content": "42"}, A]), "tool_without_call", "a tool result with no tool call"),
+    (record([Q, calling(calls.call("clock", {}, "c1")), {"role": "tool", "tool_call_id": "c9", "content": "x"}, A]),
+     "tool_without_call", "a tool result for 'c9', which no pending call made"),
+    (record([Q, calling(calls.call("calculator", {"expression": "6*7"})), A]),
+     "unanswered_call", "the call(s) to ['calculator'] were never answered"),
+    (record([Q, calling(calls.call("calculator", {"expression": "6*7"}))]),
+     "unanswered_call", "never answered"),
+    (record([Q, calling(calls.call("clock", {}), calls.call("clock", {})), {"role": "tool", "content": "x"}, A]),
+     "unanswered_call", "never answered"),
+    (record([Q, {"role": "assistant", "content": None}]), "empty_content", "content must be a non-empty string"),
+    (record([Q, {"role": "assistant", "tool_calls": []}]), "empty_content", "tool_calls must be a non-empty list"),
+    (record([Q, calling({"function": {"arguments": {}}}), {"role": "tool", "content": "x"}, A]),
+     "bad_tool_call", "a tool call must be"),
+    (record([Q, A], tools=[{"description": "nameless"}]), "bad_tools", "tools[0] must be a function definition"),
+    (record([{"role": "user", "content": "q", "tool_calls": [calls.call("clock", {})]}, A]),
+     "empty_content", "only assistant messages make tool calls"),
+]
+
+
+def test_tool_calls_results_and_tool_lists_are_valid_dialogues(tmp_path):
+    path = tmp_path / "tools.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    dialogues, report = load_dialogues([str(path)], "messages", "error")
+    assert len(dialogues) == len(GOOD) and not report.skipped
+    messages, tools = calls.split(dialogues[0])
+    assert tools == [CALC, CLOCK] and "tools" not in messages[0] and messages == GOOD[0]["messages"]
+    assert calls.split(dialogues[1])[1] is None and calls.split(dialogues[3])[1] == [CALC]
+
+
+@pytest.mark.parametrize("bad, kind, reason", BAD, ids=[f"{k}-{i}" for i, (_, k, _) in enumerate(BAD)])
+def test_each_violation_has_its_kind_and_reason(bad, kind, reason):
+    found = validate(calls.attach(bad["messages"], bad.get("tools")))
+    assert found is not None and found[0] == kind and reason in found[1], found
+
+
+def test_every_bad_tool_record_is_named_by_file_and_line_and_counted_when_skipped(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    lines = [json.dumps(GOOD[0])] + [json.dumps(b) for b, _, _ in BAD] + [json.dumps({"messages": [Q, A],
+                                                                                         "tools": "[{"})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError) as err:
+        load_dialogues([str(path)], "messages", "error")
+    text = str(err.value)
+    assert text.startswith(f"{len(BAD) + 1} bad record(s)")
+    for n, (_, _, reason) in enumerate(BAD, start=2):
+        assert reason in text.split(f"{path}:{n}: ")[1].split("\n")[0], (n, reason)
+    assert f"{path}:{len(BAD) + 2}: field 'tools': invalid JSON" in text
+    dialogues, report = load_dialogues([str(path)], "messages", "skip")
+    assert len(dialogues) == 1
+    assert report.skipped["unanswered_call"] == 3 and report.skipped["tool_without_call"] == 2
+    assert report.skipped["bad_arguments"] == 2 and report.skipped["unknown_tool"] == 1
