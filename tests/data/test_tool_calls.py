@@ -97,3 +97,29 @@ def test_every_bad_tool_record_is_named_by_file_and_line_and_counted_when_skippe
     assert len(dialogues) == 1
     assert report.skipped["unanswered_call"] == 3 and report.skipped["tool_without_call"] == 2
     assert report.skipped["bad_arguments"] == 2 and report.skipped["unknown_tool"] == 1
+
+
+def test_inspect_data_marks_the_calls_trained_and_never_the_tools_list_or_results(tmp_path, tiny_dir):
+    """What is trained, as a user checks it: each call and answer inside [[...]] with its end token; the tools
+    list in the system turn and every <tool_response> outside."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    data = tmp_path / "tools.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in GOOD[:3]))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_dir / "model")},
+                               "data": {"train_files": [str(data)], "seq_len": 1024, "eval_fraction": 0,
+                                        "cache_dir": str(tmp_path / "cache")}}))
+    out = subprocess.run([sys.executable, "tools/inspect_data.py", str(cfg), "--examples", "3"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shown = out.stdout.split("--- summary ---")[0]
+    trained = "".join(part.split("]]")[0] for part in shown.split("[[")[1:])
+    untrained = "".join(part.split("]]")[-1] for part in shown.split("[["))
+    assert trained.count("<tool_call>") == 5 and trained.count("</tool_call><|end|>") == 4
+    assert '{"name": "calculator", "arguments": {"expression": "6*7"}}' in trained and "42.<|end|>" in trained
+    assert "<tool_response>" not in trained and "<tools>" not in trained and "Use tools." not in trained
+    assert untrained.count("<tool_response>") == 5 and untrained.count("\n<tools>\n") == 2  # GOOD[1] has none
