@@ -48,6 +48,15 @@ def tool_name(tool: Any) -> str | None:
     return spec.get("name") if isinstance(spec, dict) and isinstance(spec.get("name"), str) else None
 
 
+def wrapped(tools: Any) -> Any:
+    """Bare function definitions (`{"name", "description", "parameters"}`, as older shapes keep them) in the
+    `{"type": "function", "function": ...}` form that chat templates are written for; anything else as it is."""
+    if not isinstance(tools, list):
+        return tools
+    return [{"type": "function", "function": t} if isinstance(t, dict) and "function" not in t and "name" in t
+            else t for t in tools]
+
+
 def check_tools(tools: Any) -> str | None:
     """Why a tool list is not one (a list of named function definitions, each name once), or None."""
     if not isinstance(tools, list):

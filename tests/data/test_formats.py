@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 MALFORMED = Path(__file__).parents[1] / "fixtures" / "malformed"
 FILES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "sharegpt": "sharegpt.jsonl",
          "alpaca": "alpaca.jsonl", "oasst": "oasst.jsonl", "chatterbot": "chatterbot.yml"}
-SHAREGPT_ROLES = "['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human', 'system', 'user']"
+SHAREGPT_ROLES = ("['assistant', 'bard', 'bing', 'chatgpt', 'function_call', 'gpt', 'human', 'observation', 'system', "
+                  "'user']")
 REPORTED = {  # format -> (every line the tool reports, the dialogues it keeps, what it leaves out by design)
     "messages": ([
         ":2: invalid JSON (Expecting value, column 15)",  # where the line ends, not a line after it

@@ -123,3 +123,58 @@ def test_inspect_data_marks_the_calls_trained_and_never_the_tools_list_or_result
     assert '{"name": "calculator", "arguments": {"expression": "6*7"}}' in trained and "42.<|end|>" in trained
     assert "<tool_response>" not in trained and "<tools>" not in trained and "Use tools." not in trained
     assert untrained.count("<tool_response>") == 5 and untrained.count("\n<tools>\n") == 2  # GOOD[1] has none
+
+
+SHAREGPT_CALLS = {"system": "You can compute.", "tools": json.dumps([CALC["function"]]), "conversations": [
+    {"from": "human", "value": "What is 6*7?"},
+    {"from": "function_call", "value": json.dumps({"name": "calculator", "arguments": {"expression": "6*7"}})},
+    {"from": "observation", "value": "42"}, {"from": "gpt", "value": "42."}]}
+OPENAI_CALL = {"name": "calculator", "arguments": '{"expression": "6*7"}'}
+OPENAI_FUNCTIONS = {"functions": [CALC["function"]], "messages": [
+    Q, {"role": "assistant", "content": None, "function_call": OPENAI_CALL},
+    {"role": "function", "name": "calculator", "content": "42"},
+    {"role": "assistant", "content": "42.", "function_call": None}]}
+CONVERTED = {
+    "sharegpt": (SHAREGPT_CALLS, [
+        ({**SHAREGPT_CALLS, "conversations": [SHAREGPT_CALLS["conversations"][0],
+                                              {"from": "function_call", "value": "calculator(6*7)"}]},
+         "conversations[1]: a function_call value must be a JSON {name, arguments} object: invalid JSON"),
+        ({**SHAREGPT_CALLS, "conversations": SHAREGPT_CALLS["conversations"][:2] + [{"from": "gpt", "value": "?"}]},
+         "the call(s) to ['calculator'] were never answered"),
+        ({**SHAREGPT_CALLS, "tools": json.dumps([CLOCK["function"]])}, "calls the tool 'calculator', which is not")]),
+    "messages": (OPENAI_FUNCTIONS, [
+        ({**OPENAI_FUNCTIONS, "messages": [Q, {"role": "assistant", "function_call": "calculator"}]},
+         "messages[1]: function_call must be an object with a name and arguments"),
+        ({**OPENAI_FUNCTIONS, "messages": [Q, {"role": "function", "name": "calculator", "content": "1"}, A]},
+         "a tool result with no tool call before it"),
+        ({**OPENAI_FUNCTIONS, "tools": [CALC]}, "a record gives both 'tools' and the older 'functions'")]),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(CONVERTED))
+def test_function_calling_sharegpt_and_openai_functions_convert_to_the_schema(tmp_path, fmt):
+    """ShareGPT's function_call / observation turns and OpenAI's older functions / function_call shape become
+    tool_calls, tool results and a tools list; bad records are named and counted as every converter's are."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    good, bad = CONVERTED[fmt]
+    src, out = tmp_path / f"{fmt}.jsonl", tmp_path / f"{fmt}-out.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in [good, *(b for b, _ in bad), good]))
+    command = [sys.executable, "tools/convert_data.py", fmt, str(src), "--out", str(out)]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    said = refused.stderr.splitlines()
+    assert refused.returncode == 2 and said[0] == f"error: {len(bad)} bad record(s); fix them or pass --skip-bad"
+    for line, (n, (_, reason)) in zip(said[1:], enumerate(bad, start=2)):
+        assert line.startswith(f"  {src}:{n}: ") and reason in line, (line, reason)
+    skipped = subprocess.run([*command, "--skip-bad"], cwd=ROOT, capture_output=True, text=True)
+    assert skipped.returncode == 0 and f"wrote 2 dialogues from {len(bad) + 2} records" in skipped.stdout
+    written = json.loads(out.read_text().splitlines()[0])
+    assert written["tools"] == [CALC]  # bare definitions in the {"type": "function", "function"} form
+    made = [c["function"] for m in written["messages"] for c in m.get("tool_calls") or []]
+    assert [c["name"] for c in made] == ["calculator"]
+    assert calls.arguments(made[0]["arguments"]) == {"expression": "6*7"}
+    assert [m["role"] for m in written["messages"]][-3:] == ["assistant", "tool", "assistant"]
+    assert validate(calls.attach(written["messages"], written["tools"])) is None  # read back, still valid
