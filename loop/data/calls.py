@@ -127,3 +127,24 @@ def parse_calls(text: str) -> tuple[str, list[dict]]:
         found.append({"name": value["name"], "arguments": args} if isinstance(args, dict) else
                      {"error": args, "text": block.group(1)})
     return _CALL.sub("", text).strip(), found
+
+
+def describe(found: dict, names: list[str] | None = None) -> str:
+    """One parsed call (from parse_calls) as a user reads it: `name {"argument": value}`, or what is wrong."""
+    if "error" in found:
+        return f"malformed tool call ({found['error']}): {found['text']}"
+    unknown = "" if names is None or found["name"] in names else f"  (not one of the tools {names})"
+    return f"{found['name']} {json.dumps(found['arguments'], ensure_ascii=False)}{unknown}"
+
+
+def read_tools(text: str, where: str) -> list[dict]:
+    """A tools file's definitions (a JSON list, or {"tools": [...]}; bare definitions wrapped), or a ValueError
+    that says what is wrong with it."""
+    try:
+        found = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    found = wrapped(found.get("tools") if isinstance(found, dict) else found)
+    if problem := check_tools(found):
+        raise ValueError(f"{where}: {problem}")
+    return found

@@ -217,9 +217,12 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[lis
     return tokenizer.convert_tokens_to_ids(missing), template.end_token
 
 
-def renders_tools(jinja: str | None) -> bool:
-    """Whether a chat template renders tool calls at all (one that never reads `tool_calls` drops them)."""
-    return bool(jinja) and "tool_calls" in jinja
+def renders_tools(jinja: str | dict | None) -> bool:
+    """Whether a chat template (the default one of named templates) renders tool calls at all (one that never
+    reads `tool_calls` drops them)."""
+    if isinstance(jinja, dict):
+        jinja = jinja.get("default")
+    return isinstance(jinja, str) and "tool_calls" in jinja
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict]) -> tuple[list[int], list[int]]:
