@@ -1,8 +1,11 @@
 """Convert dialogue data to the messages schema (one JSON object per line).
 
-Formats: prompt_completion ({"prompt", "completion"}), sharegpt ({"conversations": [{"from", "value"}]}),
-alpaca ({"instruction", "input", "output"}), oasst (OpenAssistant message rows: message_id, parent_id,
-role prompter/assistant, text, rank), chatterbot (chatterbot-corpus YAML files), messages (validate only).
+Formats: prompt_completion ({"prompt", "completion"}), sharegpt ({"conversations": [{"from", "value"}]}; with
+function calling, "function_call" turns hold a {"name", "arguments"} JSON call and "observation" turns its result,
+the record's "tools" beside), alpaca ({"instruction", "input", "output"}), oasst (OpenAssistant message rows:
+message_id, parent_id, role prompter/assistant, text, rank), chatterbot (chatterbot-corpus YAML files), messages
+(validate only; OpenAI's older "functions" / "function_call" shape becomes "tools" / "tool_calls"). A dialogue
+with tools is written as {"messages", "tools"}.
 Inputs are local .jsonl / .json / .parquet / .yml files or Hub dataset ids. Every converted dialogue is
 validated; bad records are listed with file, record and reason (or skipped and counted with --skip-bad).
 The same converters run inside training when the config sets data.format, so converting first is optional.
@@ -22,6 +25,7 @@ import typing
 from pathlib import Path
 
 from loop.config import Format, OasstPaths
+from loop.data import calls
 from loop.data.dialogues import load_dialogues
 from loop.data.records import DataError
 
@@ -44,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     with a.out.open("w") as f:
         for d in dialogues:
-            f.write(json.dumps({"messages": d}, ensure_ascii=False) + "\n")
+            messages, tools = calls.split(d)
+            f.write(json.dumps({"messages": messages, **({"tools": tools} if tools else {})}, ensure_ascii=False)
+                    + "\n")
     skipped = f"; skipped {dict(report.skipped)}" if report.skipped else ""
     skipped += f"; left out {dict(report.left_out)}" if report.left_out else ""
     print(f"wrote {len(dialogues)} dialogues from {report.records} records to {a.out}{skipped}")

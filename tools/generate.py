@@ -10,11 +10,17 @@ template's end token.
   python tools/generate.py MODEL --held-out outputs/quickstart --compare artifacts/tiny-starcoder
                                 # questions the run held out, with the base model's answers beside
   python tools/generate.py MODEL --chat                                # interactive, streams tokens
+  python tools/generate.py MODEL --tools tools.json --prompts-file q.txt   # offer tools; calls shown parsed
 
 In --chat mode each line you type is a user turn and the conversation is kept across turns, with line
 editing and a history kept between sessions (~/.cache/loop/chat_history); Ctrl-C cancels the answer
 being written, /reset starts over, /save FILE appends the conversation as a messages-schema JSON line,
 an empty line is ignored, and Ctrl-D, /quit or /exit (or Ctrl-C at the prompt) ends.
+
+With --tools FILE (a JSON list of function definitions, or {"tools": [...]}, as apply_chat_template takes them)
+the tools are rendered into every prompt, and a tool call the model writes is printed as a structured call:
+its name and its parsed arguments (or what is malformed about it). In --chat mode you then type each call's
+result, and the model goes on with it.
 Answers in batch mode are written to ./answers.md (RUN_DIR/answers.md with --held-out) unless --out says
 otherwise.
 """
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from loop import config
+from loop.data import calls, templates
 from loop.data.prepare import held_out_prompts
 from loop.data.records import DataError
 from loop.engine.zero3_files import ConsolidationError
@@ -73,6 +80,27 @@ def questions(a: argparse.Namespace) -> list[str]:
     return BUILT_IN_PROMPTS
 
 
+def offered(path: Path | None) -> list[dict] | None:
+    """The tools of --tools FILE, checked before a model is loaded."""
+    if path is None:
+        return None
+    try:
+        return calls.read_tools(path.read_text(), f"--tools {path}")
+    except OSError as e:
+        fail(f"--tools {path}: cannot be read ({e.strerror or e})")
+    except ValueError as e:
+        fail(str(e))
+
+
+def shown(answer: str, tools: list[dict] | None) -> str:
+    """An answer with each tool call in it shown as a structured call (name and parsed arguments)."""
+    if tools is None:
+        return answer
+    text, found = calls.parse_calls(answer)
+    names = [calls.tool_name(t) for t in tools]
+    return "\n".join([*([text] if text else []), *(f"- tool call: {calls.describe(c, names)}" for c in found)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model directory, Hub id, or a checkpoint folder (step_N)")
@@ -84,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="write answers here (default RUN_DIR/answers.md with --held-out, "
                                             "else ./answers.md)")
     p.add_argument("--chat", action="store_true", help="interactive multi-turn chat, streaming tokens")
+    p.add_argument("--tools", type=Path, metavar="FILE",
+                   help="a JSON list of tool (function) definitions to offer the model; its calls are shown parsed")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.2, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=50)
@@ -95,26 +125,30 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
     a.out = a.out or (a.held_out / "answers.md" if a.held_out else Path("answers.md"))
+    tools = offered(a.tools)
     torch.manual_seed(a.seed)
     model, tokenizer = load(a.model)
     if tokenizer.chat_template is None:
         fail(f"{a.model}: its tokenizer has no chat template, so there is no way to ask it a question (a pretrained "
              "base?); use a model saved by loop/train.py, or pass a base as --compare next to one")
+    if tools and not templates.renders_tools(tokenizer.chat_template):
+        fail(f"{a.model}: its chat template does not render tools, so --tools would not reach the model")
     cfg = sampling.SamplingConfig(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
                                   temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p,
                                   repetition_penalty=a.repetition_penalty)
     stop = sampling.end_token_id(tokenizer, model)
     if a.chat:
-        chat.chat(model, tokenizer, cfg, stop)
+        chat.chat(model, tokenizer, cfg, stop, tools=tools)
         return 0
-    conversations = [[{"role": "user", "content": q}] for q in prompts]
-    answers = sampling.answer(model, tokenizer, conversations, cfg, stop)
+    conversations = [calls.attach([{"role": "user", "content": q}], tools) for q in prompts]
+    answers = [shown(ans, tools) for ans in sampling.answer(model, tokenizer, conversations, cfg, stop)]
     if a.compare:
         base, base_tokenizer = load(a.compare)
         if base_tokenizer.chat_template is None:  # a pretrained base: ask it the same rendered prompt
             base_tokenizer.chat_template = tokenizer.chat_template
         torch.manual_seed(a.seed)
-        before = sampling.answer(base, base_tokenizer, conversations, cfg, sampling.end_token_id(base_tokenizer, base))
+        before = [shown(ans, tools) for ans in sampling.answer(base, base_tokenizer, conversations, cfg,
+                                                               sampling.end_token_id(base_tokenizer, base))]
         text = "\n\n".join(f"## {q}\n\n- before ({a.compare}): {b}\n- after ({a.model}): {ans}"
                              for q, b, ans in zip(prompts, before, answers))
     else:

@@ -2,7 +2,8 @@
 
 Reads a run config, then validates, converts, tokenizes and packs exactly as loop/train.py does, and
 shows: a few rendered dialogues with the trained tokens marked (green in a terminal, [[...]] when
-piped), token-length statistics, skip / truncation / drop counts, and packing efficiency.
+piped: the assistant's text and tool calls with their end token; never the system prompt, the tools list
+or a tool's results), token-length statistics, skip / truncation / drop counts, and packing efficiency.
 
   python tools/inspect_data.py configs/quickstart.yaml
   python tools/inspect_data.py configs/quickstart.yaml --examples 5 --histogram lengths.png --seq_len 2048

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loop.config import Format, OasstPaths
-from loop.data import formats
+from loop.data import calls, formats
 from loop.data.records import DataError, Dropped, FormatError, Located, Messages, read_records
 
-ROLES = {"system", "user", "assistant"}
+ROLES = {"system", "user", "assistant", "tool"}
 Bad = tuple[str, str, str]  # (location, kind, reason)
 
 
@@ -102,16 +102,62 @@ def validate(dialogue: Any) -> tuple[str, str] | None:
             return "not_an_object", f"messages[{i}] must be an object with role and content, got {type(m).__name__}"
         if not isinstance(m.get("role"), str) or m["role"] not in ROLES:
             return "bad_role", f"messages[{i}]: role must be one of {sorted(ROLES)}, got {m.get('role')!r}"
-        if not isinstance(m.get("content"), str) or not m["content"].strip():
-            return "empty_content", f"messages[{i}]: content must be a non-empty string"
-    roles = [m["role"] for m in dialogue]
+        if problem := _content_problem(m):
+            return "empty_content", f"messages[{i}]: {problem}"
+    messages, tools = calls.split(dialogue)
+    if tools is not None and (problem := calls.check_tools(tools)):
+        return "bad_tools", problem
+    roles = [m["role"] for m in messages]
     if "system" in roles[1:]:
         return "system_not_first", f"messages[{roles.index('system', 1)}]: a system message may only come first"
-    turns = roles[1:] if roles[0] == "system" else roles
-    for i, role in enumerate(turns):
-        if role != ("user" if i % 2 == 0 else "assistant"):
-            return "not_alternating", f"turn {i}: expected {'user' if i % 2 == 0 else 'assistant'}, got {role}"
-    if not turns or turns[-1] != "assistant":
+    return _order_problem(messages[1:] if roles[0] == "system" else messages,
+                          None if tools is None else [calls.tool_name(t) for t in tools])
+
+
+def _content_problem(m: dict) -> str | None:
+    """What is wrong with a message's content for its role: text, or a tool call where text may be missing."""
+    content = m.get("content")
+    if m["role"] == "tool":
+        return None if isinstance(content, str) else "a tool message's content (the result) must be a string"
+    if m["role"] == "assistant" and m.get("tool_calls") is not None:
+        if not isinstance(m["tool_calls"], list) or not m["tool_calls"]:
+            return "tool_calls must be a non-empty list of calls"
+        return None if content is None or isinstance(content, str) else "content must be a string"
+    if m.get("tool_calls") is not None:
+        return f"only assistant messages make tool calls, not {m['role']}"
+    return None if isinstance(content, str) and content.strip() else "content must be a non-empty string"
+
+
+def _order_problem(turns: list[dict], names: list[str] | None) -> tuple[str, str] | None:
+    """Turns alternate user / assistant; an assistant's tool calls are each answered by a tool message (by
+    tool_call_id, name, or in order) before the assistant speaks again; the last turn is the assistant's."""
+    expected, pending = "user", []
+    for i, m in enumerate(turns):
+        if m["role"] == "tool":
+            if not pending:
+                return "tool_without_call", f"turn {i}: a tool result with no tool call before it to answer"
+            key = "id" if m.get("tool_call_id") is not None else "name" if m.get("name") is not None else None
+            wanted = m.get("tool_call_id") if key == "id" else m.get("name")
+            at = next((k for k, c in enumerate(pending) if key is None or
+                       (c.get("id") if key == "id" else c["function"]["name"]) == wanted), None)
+            if at is None:
+                return "tool_without_call", f"turn {i}: a tool result for {wanted!r}, which no pending call made"
+            pending.pop(at)
+            continue
+        if pending:
+            names_left = [c["function"]["name"] for c in pending]
+            return "unanswered_call", f"turn {i}: the call(s) to {names_left} were never answered by a tool message"
+        if m["role"] != expected:
+            return "not_alternating", f"turn {i}: expected {expected}, got {m['role']}"
+        for c in m.get("tool_calls") or []:
+            if problem := calls.check_call(c, names):
+                return problem[0], f"turn {i}: {problem[1]}"
+        pending = list(m.get("tool_calls") or [])
+        expected = "assistant" if m["role"] == "user" or pending else "user"
+    if pending:
+        return "unanswered_call", (f"the call(s) to {[c['function']['name'] for c in pending]} were never answered "
+                                   "by a tool message")
+    if not turns or turns[-1]["role"] != "assistant":
         return "no_final_assistant", "the dialogue must end with an assistant turn"
     return None
 

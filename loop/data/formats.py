@@ -16,16 +16,38 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, get_args
 
 from loop.config import Format, OasstPaths
+from loop.data import calls
 from loop.data import oasst as trees
-from loop.data.records import Converted, Dropped, FormatError, Located, Messages, text_field
+from loop.data.records import Converted, Dropped, FormatError, Located, Messages, parse_json, text_field
 
 
 def messages(record: Any) -> list[Messages]:
+    """`{"messages": [...]}`, with the dialogue's `tools` beside them where it offers any (a list, or that list
+    as a JSON string, as some function-calling sets keep it); OpenAI's older `functions` / `function_call`
+    shape is converted to the same."""
     if not isinstance(record, dict):
         raise FormatError("record is not an object")
     if "messages" not in record:
         raise FormatError("no 'messages' field")
-    return [record["messages"]]  # its shape is checked by data.validate, like every converted dialogue
+    found = record["messages"]  # its shape is checked by data.validate, like every converted dialogue
+    if not isinstance(found, list):
+        return [found]
+    older = (isinstance(m, dict) and (m.get("function_call") is not None or m.get("role") == "function") for m in found)
+    if "functions" in record or any(older):
+        return [openai_functions(record, found)]
+    return [calls.attach(found, tools_field(record))]
+
+
+def tools_field(record: dict, key: str = "tools") -> Any:
+    """A record's tool list, parsed when it is kept as JSON text; None when it has none."""
+    tools = record.get(key)
+    if isinstance(tools, str):
+        if not tools.strip():
+            return None
+        tools = parse_json(tools)
+        if isinstance(tools, Exception):
+            raise FormatError(f"field {key!r}: {tools}")
+    return tools if tools != [] else None
 
 
 def prompt_completion(record: Any) -> list[Messages]:
@@ -44,6 +66,10 @@ def prompt_completion(record: Any) -> list[Messages]:
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+# Function-calling ShareGPT (LLaMA-Factory's shape, which glaive / xLAM-style sets are converted to): a call turn
+# holds a {"name", "arguments"} object (or a list of them) as JSON text, an observation turn the result; the
+# record's `tools` (JSON text or a list) and `system` sit beside the conversations.
+SHAREGPT_TOOL_TURNS = {"function_call", "observation"}
 
 
 def sharegpt(record: Any) -> list[Messages]:
@@ -51,15 +77,59 @@ def sharegpt(record: Any) -> list[Messages]:
     if not isinstance(turns, list):
         raise FormatError("no 'conversations' list")
     out = []
+    system = record.get("system")
+    if isinstance(system, str) and system.strip():
+        out.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
-        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
-            raise FormatError(f"conversations[{i}]: 'from' must be one of {sorted(SHAREGPT_ROLES)}, got {speaker!r}")
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES.keys() | SHAREGPT_TOOL_TURNS:
+            raise FormatError(f"conversations[{i}]: 'from' must be one of "
+                              f"{sorted(SHAREGPT_ROLES.keys() | SHAREGPT_TOOL_TURNS)}, got {speaker!r}")
         try:
-            out.append({"role": SHAREGPT_ROLES[speaker], "content": text_field(turn, "value")})
+            value = text_field(turn, "value")
+            if speaker == "function_call":
+                out.append({"role": "assistant", "content": None, "tool_calls": _calls_of(parse_json(value))})
+            else:
+                out.append({"role": "tool" if speaker == "observation" else SHAREGPT_ROLES[speaker],
+                            "content": value})
         except FormatError as e:
             raise FormatError(f"conversations[{i}]: {e}") from None
-    return [out]
+    return [calls.attach(out, calls.wrapped(tools_field(record)))]
+
+
+def _calls_of(value: Any) -> list[dict]:
+    """A call turn's `{"name", "arguments"}` object (or list of them) as schema tool_calls."""
+    if isinstance(value, Exception):
+        raise FormatError(f"a function_call value must be a JSON {{name, arguments}} object: {value}")
+    found = value if isinstance(value, list) else [value]
+    if not found or not all(isinstance(c, dict) and isinstance(c.get("name"), str) for c in found):
+        raise FormatError("a function_call value must be a {name, arguments} object or a list of them")
+    return [calls.call(c["name"], c.get("arguments", {})) for c in found]
+
+
+def openai_functions(record: dict, found: Messages) -> Messages:
+    """OpenAI's older function-calling shape in the schema: `functions` (bare definitions) become `tools`, an
+    assistant's `function_call` one tool call, a `function` message a tool result named by the function."""
+    functions = tools_field(record, "functions")
+    if functions is not None and record.get("tools") is not None:
+        raise FormatError("a record gives both 'tools' and the older 'functions'; keep one")
+    out = []
+    for i, m in enumerate(found):
+        if not isinstance(m, dict) or (m.get("function_call") is None and m.get("role") != "function"):
+            out.append({k: v for k, v in m.items() if k != "function_call"} if isinstance(m, dict) else m)
+        elif m.get("role") == "function":
+            out.append({**{k: v for k, v in m.items() if k != "role"}, "role": "tool"})
+        else:
+            made = m["function_call"]
+            if not isinstance(made, dict) or not isinstance(made.get("name"), str):
+                raise FormatError(f"messages[{i}]: function_call must be an object with a name and arguments")
+            out.append({**{k: v for k, v in m.items() if k != "function_call"},
+                        "tool_calls": [calls.call(made["name"], made.get("arguments", {}))]})
+    if functions is None:
+        return out
+    if not isinstance(functions, list):
+        raise FormatError(f"field 'functions' must be a list of function definitions, got {type(functions).__name__}")
+    return calls.attach(out, calls.wrapped(functions))
 
 
 def alpaca(record: Any) -> list[Messages]:

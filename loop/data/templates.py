@@ -8,6 +8,10 @@ Those markers are transformers' own Jinja extension, which TGI's minijinja, llam
 other servers refuse, so a saved model's default template has them turned into plain `if true` blocks
 (the same text) and the marked one is saved beside it under the name "training" (see `save_tokenizer`).
 
+Tool use (see data/calls.py for the schema) renders the Hermes / Qwen2.5 way, explained at TOOLS_INTRO; a
+dialogue's tool list goes in as `tools=`, as a user passes it to `apply_chat_template(messages, tools=...)`.
+The assistant's tool calls are trained like its text; the tool list, the system prompt and results are not.
+
 Special-token text inside message content (a user typing "<|end|>") would otherwise tokenize to the
 special token and forge a turn. The template defuses it: `<|end|>` in content renders as `< |end|>`.
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from loop.config import TemplateName
+from loop.data import calls
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -32,6 +37,57 @@ class Template:
     jinja: str  # with a @CONTENT@ placeholder where defused content goes
 
 
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+# Tool use follows the Hermes / Qwen2.5 convention: the tool list as JSON lines inside `<tools>...</tools>` in
+# the system turn, each call as a `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` block in the
+# assistant's turn, each result as a `<tool_response>...</tool_response>` block in a user turn (consecutive
+# results in one turn). Why this one: it is what Qwen2.5-Coder and the Hermes-style function-calling models are
+# trained on (so fine-tuning them keeps the layout they know), what vLLM's `hermes` tool parser reads back out
+# of generated text, and plain JSON inside tags is something a small model learns to write quickly. The
+# instruction text is Qwen2.5's, word for word; the turn markers are each template's own.
+TOOLS_INTRO = ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+               "You are provided with function signatures within <tools></tools> XML tags:\n<tools>")
+TOOLS_OUTRO = ("\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+               "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": "
+               "<args-json-object>}\n</tool_call>")
+
+
+def _lit(text: str) -> str:
+    """A Jinja expression printing `text` as is."""
+    return "{{ " + _jinja_string(text) + " }}"
+
+
+# The tool list (one JSON object a line), after the system text if any.
+TOOLS_BLOCK = (
+    "{%- if tools -%}{%- if system -%}{{ '\\n\\n' }}{%- endif -%}" + _lit(TOOLS_INTRO)
+    + "{%- for tool in tools -%}{%- set content = tool | tojson -%}{{ '\\n' }}{{ @CONTENT@ }}{%- endfor -%}"
+    + _lit(TOOLS_OUTRO) + "{%- endif -%}"
+)
+# An assistant turn's text, then its calls (arguments given as a JSON string are rendered as written).
+ANSWER = (
+    "{%- set content = message['content'] or '' -%}{{ @CONTENT@ }}"
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{%- set f = call['function'] if call['function'] is defined else call -%}"
+    "{%- if message['content'] or not loop.first -%}{{ '\\n' }}{%- endif -%}"
+    "{%- set content = f['name'] | tojson -%}{{ '<tool_call>\\n{\"name\": ' }}{{ @CONTENT@ }}"
+    "{%- set content = f['arguments'] if f['arguments'] is string else f['arguments'] | tojson -%}"
+    "{{ ', \"arguments\": ' }}{{ @CONTENT@ }}{{ '}\\n</tool_call>' }}"
+    "{%- endfor -%}"
+)
+
+
+def _results(opening: str, closing: str) -> str:
+    """A run of tool messages as one user turn of `<tool_response>` blocks, opened and closed as the template's
+    user turns are."""
+    return ("{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}" + _lit(opening) + "{%- endif -%}"
+            "{%- set content = message['content'] -%}{{ '\\n<tool_response>\\n' }}{{ @CONTENT@ }}"
+            "{{ '\\n</tool_response>' }}"
+            "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' -%}" + _lit(closing) + "{%- endif -%}")
+
+
 # `{{ '...' }}` literals keep Jinja whitespace control out of the rendered text.
 STARCHAT = Template(
     name="starchat",
@@ -40,13 +96,14 @@ STARCHAT = Template(
     jinja=(
         "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' -%}"
         "{%- set content = system -%}"
-        "{{ '<|system|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
+        "{{ '<|system|>\\n' }}{{ @CONTENT@ }}" + TOOLS_BLOCK + "{{ '<|end|>\\n' }}"
         "{%- for message in messages -%}"
         "{%- set content = message['content'] -%}"
         "{%- if message['role'] == 'user' -%}"
         "{{ '<|user|>\\n' }}{{ @CONTENT@ }}{{ '<|end|>\\n' }}"
         "{%- elif message['role'] == 'assistant' -%}"
-        "{{ '<|assistant|>\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{{ '<|assistant|>\\n' }}{% generation %}" + ANSWER + "{{ '<|end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{%- elif message['role'] == 'tool' -%}" + _results("<|user|>", "<|end|>\n") +
         "{%- endif -%}"
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
@@ -58,12 +115,18 @@ CHATML = Template(
     special_tokens=("<|im_start|>", "<|im_end|>"),
     end_token="<|im_end|>",
     jinja=(
+        "{%- set system = messages[0]['content'] if messages and messages[0]['role'] == 'system' else '' -%}"
+        "{%- if tools -%}"  # the system turn holds the tool list (Qwen2.5 writes one even with no system message)
+        "{%- set content = system -%}{{ '<|im_start|>system\\n' }}{{ @CONTENT@ }}" + TOOLS_BLOCK +
+        "{{ '<|im_end|>\\n' }}"
+        "{%- endif -%}"
         "{%- for message in messages -%}"
         "{%- set content = message['content'] -%}"
         "{%- if message['role'] == 'assistant' -%}"
-        "{{ '<|im_start|>assistant\\n' }}{% generation %}{{ @CONTENT@ }}{{ '<|im_end|>' }}"
+        "{{ '<|im_start|>assistant\\n' }}{% generation %}" + ANSWER + "{{ '<|im_end|>' }}"
         "{% endgeneration %}{{ '\\n' }}"
-        "{%- else -%}"
+        "{%- elif message['role'] == 'tool' -%}" + _results("<|im_start|>user", "<|im_end|>\n") +
+        "{%- elif not (tools and message['role'] == 'system' and loop.first) -%}"
         "{{ '<|im_start|>' + message['role'] + '\\n' }}{{ @CONTENT@ }}{{ '<|im_end|>\\n' }}"
         "{%- endif -%}"
         "{%- endfor -%}"
@@ -82,10 +145,6 @@ class TemplateError(ValueError):
 def defuse(text: str) -> str:
     """What the template does to special-token text inside content (`<|end|>` -> `< |end|>`)."""
     return text[0] + " " + text[1:]
-
-
-def _jinja_string(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def build_jinja(template: Template, reserved: list[str], bos: bool = False) -> str:
@@ -158,16 +217,26 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[lis
     return tokenizer.convert_tokens_to_ids(missing), template.end_token
 
 
-def encode(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+def renders_tools(jinja: str | dict | None) -> bool:
+    """Whether a chat template (the default one of named templates) renders tool calls at all (one that never
+    reads `tool_calls` drops them)."""
+    if isinstance(jinja, dict):
+        jinja = jinja.get("default")
+    return isinstance(jinja, str) and "tool_calls" in jinja
+
+
+def encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions."""
+    messages, tools = calls.split(dialogue)
     out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     return list(out["input_ids"]), list(out["assistant_masks"])
 
 
-def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def render(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict], generation_prompt: bool = False) -> str:
+    messages, tools = calls.split(dialogue)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def mark_trained(tokenizer: PreTrainedTokenizerBase, ids: list[int], mask: list[int], color: bool) -> str:

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from loop.data.records import Messages
+from loop.data import calls, templates
+from loop.data.records import DataError, Messages
 
 OK, TRUNCATED, DROPPED = 0, 1, 2  # what became of a dialogue
 STATUS = ("ok", "truncated", "dropped")
@@ -37,18 +38,33 @@ class Encoder:
         self.normalize = _normalize_chat_messages  # what apply_chat_template does to messages first
         self.backend = tokenizer.backend_tokenizer
         self.template = tokenizer.chat_template
+        self.renders_tools = templates.renders_tools(self.template)
         self.template_kwargs = dict(tokenizer.special_tokens_map)
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
 
     def _render(self, dialogues: Sequence[Messages]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        return render_jinja_template(conversations=[self.normalize(d) for d in dialogues], chat_template=self.template,
-                                     return_assistant_tokens_mask=True, **self.template_kwargs)
+        groups: dict[str, tuple[list[int], list | None]] = {}  # dialogues that share a tool list render together
+        for k, d in enumerate(dialogues):
+            tools = calls.split(d)[1]
+            groups.setdefault(json.dumps(tools, sort_keys=True, default=str), ([], tools))[0].append(k)
+        texts: list = [None] * len(dialogues)
+        spans: list = [None] * len(dialogues)
+        for at, tools in groups.values():
+            found = render_jinja_template(conversations=[self.normalize(calls.split(dialogues[k])[0]) for k in at],
+                                          tools=tools, chat_template=self.template, return_assistant_tokens_mask=True,
+                                          **self.template_kwargs)
+            for k, text, span in zip(at, *found):
+                texts[k], spans[k] = text, span
+        return texts, spans
 
     def _tokens(self, dialogues: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Ids and trained mask of whole dialogues, as apply_chat_template marks them: a token is trained
         when it overlaps a generation span."""
+        if not self.renders_tools and any(map(calls.uses_tools, dialogues)):
+            raise DataError("the dialogues use tools, but the tokenizer's own chat template (data.template: "
+                            "tokenizer) does not render tool calls; use data.template: chatml or starchat")
         texts, spans = self._render(dialogues)
         out = []
         for encoding, found in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
@@ -70,6 +86,7 @@ class Encoder:
         for i, message in enumerate(dialogue):
             content = message.get("content")
             used += len(content) if isinstance(content, str) else len(json.dumps(content, default=str))
+            used += len(json.dumps(message["tool_calls"], default=str)) if message.get("tool_calls") else 0
             if used > budget:
                 return i
         return len(dialogue)

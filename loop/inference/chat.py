@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from loop.data import calls
 from loop.inference import sampling
 
 QUIT = ("/quit", "/exit")
@@ -39,19 +40,34 @@ def line_editing(path: Path) -> Iterator[None]:
 
 
 def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, read=input, write=print,
-         history: Path | None = None) -> None:
+         history: Path | None = None, tools: list[dict] | None = None) -> None:
     """An interactive multi-turn chat that streams each answer: line editing, and history kept between sessions
     (readline, on a terminal); Ctrl-C cancels the answer being written (at the prompt it ends the chat); /reset
     starts over; /save FILE appends the conversation as a messages-schema JSON line; an empty line is ignored;
-    Ctrl-D, /quit or /exit ends."""
+    Ctrl-D, /quit or /exit ends. With `tools` every prompt offers them; each call the model makes is shown as a
+    structured call and its result is asked for (a line you type), then the model goes on."""
     with line_editing(history or history_file()):
-        _talk(model, tokenizer, cfg, stop, read, write)
+        _talk(model, tokenizer, cfg, stop, read, write, tools)
 
 
-def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write) -> None:
+def _results(made: list[dict], read, write) -> list[dict] | None:
+    """The tool messages answering `made` calls, each result typed by the user (None: the chat ends)."""
+    out = []
+    for c in made:
+        try:
+            result = read(f"result of {c['name']}> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return None
+        out.append({"role": "tool", "name": c["name"], "content": result})
+    return out
+
+
+def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write, tools: list[dict] | None) -> None:
     from transformers import TextStreamer
 
     conversation: list[dict] = []
+    names = None if tools is None else [calls.tool_name(t) for t in tools]
     write("chat: type a message; /reset starts over, /save FILE keeps the conversation, Ctrl-D or /quit ends")
     while True:
         try:
@@ -73,17 +89,33 @@ def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write) -> 
                 write("usage: /save FILE")
                 continue
             with open(target, "a") as f:
-                f.write(json.dumps({"messages": conversation}, ensure_ascii=False) + "\n")
+                f.write(json.dumps({"messages": conversation, **({"tools": tools} if tools else {})},
+                                   ensure_ascii=False) + "\n")
             write(f"saved {len(conversation)} messages to {target}")
             continue
         conversation.append({"role": "user", "content": line})
-        write("assistant> ", end="", flush=True)
-        # A streamer of its own for each answer: one left by a cancelled answer would print the next prompt.
-        streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        try:
-            (reply,) = sampling.answer(model, tokenizer, [conversation], cfg, stop, streamer=streamer)
-        except KeyboardInterrupt:
-            write("\n(cancelled)")
-            conversation.pop()
-            continue
-        conversation.append({"role": "assistant", "content": reply})
+        while True:  # answers, and after each tool call its results, until an answer calls nothing
+            write("assistant> ", end="", flush=True)
+            # A streamer of its own for each answer: one left by a cancelled answer would print the next prompt.
+            streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            try:
+                (reply,) = sampling.answer(model, tokenizer, [calls.attach(conversation, tools)], cfg, stop,
+                                           streamer=streamer)
+            except KeyboardInterrupt:
+                write("\n(cancelled)")
+                while conversation and conversation.pop()["role"] != "user":
+                    pass  # back to before the line typed: its calls and results go with it
+                break
+            text, found = calls.parse_calls(reply) if tools is not None else (reply, [])
+            made = [c for c in found if "error" not in c]
+            for c in found:
+                write(f"tool call: {calls.describe(c, names)}")
+            if not made:
+                conversation.append({"role": "assistant", "content": reply})
+                break
+            conversation.append({"role": "assistant", "content": text or None,
+                                 "tool_calls": [calls.call(c["name"], c["arguments"]) for c in made]})
+            results = _results(made, read, write)
+            if results is None:
+                return
+            conversation += results

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 
+from loop.data import templates
 from loop.engine import deepspeed
 from loop.report.hub import repo_for
 
@@ -34,6 +35,27 @@ inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, ret
                                        return_dict=True).to(model.device)
 out = model.generate(**inputs, max_new_tokens=256, do_sample=True, temperature=0.2, top_p=0.95)
 print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```'''
+TOOLS = r'''The template renders tools, calls and results too, in the Hermes / Qwen2.5 layout that vLLM's `hermes`
+tool parser reads (the tools in the system turn, a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`,
+a result as `<tool_response>`); pass the tools as `apply_chat_template` takes them:
+
+```python
+import json, re
+
+calculator = {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}
+tools = [{"type": "function", "function": {"name": "calculator", "description": "Evaluate arithmetic.",
+                                           "parameters": calculator}}]
+messages = [{"role": "user", "content": "What is 17 * 23?"}]
+inputs = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, return_tensors="pt",
+                                       return_dict=True).to(model.device)
+out = model.generate(**inputs, max_new_tokens=256, do_sample=False)
+reply = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+print(reply)
+for call in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", reply, re.DOTALL):
+    print("tool call:", call)  # {"name": ..., "arguments": {...}} as JSON; to answer it, append
+    # {"role": "assistant", "tool_calls": [{"type": "function", "function": json.loads(call)}]},
+    # then {"role": "tool", "content": RESULT}, and generate again
 ```'''
 
 
@@ -192,6 +214,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
             else LOAD.format(where=where))
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
     code = code_section(summary, folder)
+    tools = f"\n{TOOLS}\n" if templates.renders_tools(chat_template) else ""
     trained = ("preference-tuned with DPO on pairs of answers with `loop`, a hand-written Accelerate + DeepSpeed "
                "training\nloop. Only the last assistant turn of each answer counted in its log-probability."
                if dpo else "trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed "
@@ -225,7 +248,7 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 (`apply_chat_template(messages, chat_template="training", return_assistant_tokens_mask=True)`).
 
 {CHAT}
-
+{tools}
 ## Training
 
 | hyperparameter | value |

@@ -16,7 +16,8 @@ from tests.conftest import ROOT
 MALFORMED = Path(__file__).parents[1] / "fixtures" / "malformed"
 FILES = {"messages": "messages.jsonl", "prompt_completion": "prompt_completion.jsonl", "sharegpt": "sharegpt.jsonl",
          "alpaca": "alpaca.jsonl", "oasst": "oasst.jsonl", "chatterbot": "chatterbot.yml"}
-SHAREGPT_ROLES = "['assistant', 'bard', 'bing', 'chatgpt', 'gpt', 'human', 'system', 'user']"
+SHAREGPT_ROLES = ("['assistant', 'bard', 'bing', 'chatgpt', 'function_call', 'gpt', 'human', 'observation', 'system', "
+                  "'user']")
 REPORTED = {  # format -> (every line the tool reports, the dialogues it keeps, what it leaves out by design)
     "messages": ([
         ":2: invalid JSON (Expecting value, column 15)",  # where the line ends, not a line after it
@@ -24,8 +25,8 @@ REPORTED = {  # format -> (every line the tool reports, the dialogues it keeps, 
         ":4: messages must be a list of {role, content} objects, got str",
         ":5: the dialogue is empty (it needs a list of messages)",
         ":6: messages[0] must be an object with role and content, got list",
-        ":7: messages[0]: role must be one of ['assistant', 'system', 'user'], got ['user']",
-        ":8: messages[0]: role must be one of ['assistant', 'system', 'user'], got 'bot'",
+        ":7: messages[0]: role must be one of ['assistant', 'system', 'tool', 'user'], got ['user']",
+        ":8: messages[0]: role must be one of ['assistant', 'system', 'tool', 'user'], got 'bot'",
         ":9: messages[0]: content must be a non-empty string",
         ":10: messages[1]: content must be a non-empty string",
         ":11: messages[1]: a system message may only come first",
