@@ -33,15 +33,15 @@ def test_extensions_stay_in_this_environment_and_the_first_build_is_said(tmp_pat
 
 def test_many_short_two_process_runs_end_without_an_abort(tmp_path):
     """Issue 28.3: gloo threads outlived destroy_process_group and now and then raced exit()'s static destructors
-    ("terminate called without an active exception", SIGABRT). Short ZeRO-3 runs of 2 processes, two launches at
-    a time (the load of a test run, where the abort was seen), each must exit 0 with its last line flushed.
-    About 15 s a pair on 2 cores; LOOP_EXIT_RUNS=40 for a stress search."""
+    ("terminate called without an active exception", SIGABRT). Short ZeRO-3 runs of 2 processes, four launches
+    at a time (the load of a full test run, where the abort was seen), each must exit 0 with its last line
+    flushed. About 40 s on 2 cores; LOOP_EXIT_RUNS=40 for a stress search."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "cpu_zero3.yaml")]
-    for first in range(0, EXIT_RUNS, 2):
+    for first in range(0, EXIT_RUNS, 4):
         runs = [subprocess.Popen([*command, "--main_process_port", str(free_port()), "tests/engine/exit_probe.py",
                                   str(tmp_path / str(i))], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True) for i in range(first, min(first + 2, EXIT_RUNS))]
+                                 text=True) for i in range(first, min(first + 4, EXIT_RUNS))]
         for run in runs:
             out, _ = run.communicate(timeout=300)
             assert run.returncode == 0 and "terminate called" not in out, out[-3000:]

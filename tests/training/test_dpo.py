@@ -163,5 +163,7 @@ def test_two_steps_under_zero3_equal_plain_transformers_on_every_pair(prepared, 
         steady = first[name].abs() > 1e-8 if name in first else torch.ones_like(value, dtype=torch.bool)
         changed = (value != start[name]) | (ref_state[name] != start[name])
         left_out, moved = left_out + int((changed & ~steady).sum()), moved + int(changed.sum())
-        torch.testing.assert_close(value[steady], ref_state[name][steady], rtol=0, atol=2e-5, msg=name)
+        # 5e-5 is 2.5% of one Adam step (lr 1e-3): a wrong gradient moves a weight by a whole step, float noise
+        # through Adam's division by a small second moment by a few hundredths of one (2.7e-5 once in 262,089).
+        torch.testing.assert_close(value[steady], ref_state[name][steady], rtol=0, atol=5e-5, msg=name)
     assert left_out < 1e-2 * moved, (left_out, moved)
