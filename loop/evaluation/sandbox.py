@@ -76,14 +76,16 @@ def bwrap_command(bwrap: str) -> list[str]:
             args += ["--symlink", os.readlink(top), str(top)]
         elif top.is_dir():
             args += ["--ro-bind", str(top), str(top)]
+    # The private /tmp first, then the interpreter's paths: a virtual environment under /tmp (a CI clone's)
+    # is bound over the tmpfs, where the other order would hide it.
+    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
     paths = [p for p in readable_paths() if not p.startswith("/usr/")]
-    parents = sorted({str(a) for p in paths for a in Path(p).parents if str(a) != "/"}, key=len)
+    parents = sorted({str(a) for p in paths for a in Path(p).parents if str(a) not in ("/", "/tmp")}, key=len)
     for parent in parents:  # bubblewrap would make them 0700, which nobody cannot enter
         args += ["--perms", "0755", "--dir", parent]
     for path in paths:
         args += ["--ro-bind", path, path]
-    args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp",
-             "--chdir", "/tmp", "--remount-ro", "/", "--die-with-parent", "--new-session",
+    args += ["--chdir", "/tmp", "--remount-ro", "/", "--die-with-parent", "--new-session",
              "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
     if as_root:  # privileged: no user namespace (it would map nobody to root), the child drops to nobody itself
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
