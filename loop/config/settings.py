@@ -281,6 +281,9 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"{key}[{i}].weight: must be > 0 (leave the source out instead), got {source.weight}")
     if t.objective == "dpo":
         validate_dpo(config)
+    if config.output.overwrite_output_dir and config.output.resume_from_checkpoint:
+        raise ConfigError("output.overwrite_output_dir: cannot be combined with output.resume_from_checkpoint (it "
+                          "would move aside the run to resume); pass one of them")
     if config.output.push_to_hub and not config.output.save:
         raise ConfigError("output.push_to_hub: needs output.save: true (there is no model to upload)")
     if config.output.push_to_hub and not config.output.hub_model_id:

@@ -63,6 +63,9 @@ def test_a_fresh_run_never_writes_over_another_and_overwrite_moves_it_aside(tiny
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
     assert "moved the earlier run (checkpoints/ (step_00000002, step_00000004), config.yaml, final/" in \
         (out / "train.log").read_text()
+    assert run_in_process(cfg, "--overwrite_output_dir", "true", "--resume_from_checkpoint", "latest",
+                          entry="run") == 2  # it would move aside what it resumes
+    assert "cannot be combined with output.resume_from_checkpoint" in capsys.readouterr().out
     assert checkpoints.run_of(out / "checkpoints" / "step_00000002") not in ("", checkpoints.run_of(
         aside / "checkpoints" / "step_00000002"))
 
