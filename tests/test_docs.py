@@ -139,3 +139,29 @@ def test_command_1_installs_what_ci_installs_and_names_what_exists():
                 assert f'"{flag}"' in source, f"command 1 gives {script} {flag}, which it does not declare"
     output_dir = re.search(r"^\s*output_dir:\s*(\S+)", (ROOT / "configs" / "quickstart.yaml").read_text(), re.M)
     assert output_dir and f"{output_dir.group(1)}/checkpoints" in line, "command 1 reads the run's own output"
+
+
+def code_text(page: Path) -> list[str]:
+    """What a page shows as code: its fenced blocks' lines and its inline code spans."""
+    found, fenced = [], False
+    for line in page.read_text().splitlines():
+        if FENCE.match(line):
+            fenced = not fenced
+        elif fenced:
+            found.append(line)
+        else:
+            found += [m.group(2) for m in re.finditer(r"(`+)((?:(?!\1).)+)\1", line)]
+    return found
+
+
+def test_every_path_the_docs_name_exists():
+    """A file or folder of the repository named as code (`loop/train.py`, `tests/test_launch.py`) exists, so a
+    move or rename that leaves the docs behind fails here. Placeholders in capitals (`configs/RUN.yaml`) pass."""
+    tree = re.compile(r"(?<![\w/.~-])((?:loop|tools|tests|configs|accelerate_configs|docs)/[\w./-]*)")
+    missing = set()
+    for page in PAGES:
+        for code in code_text(page):
+            for path in (p.rstrip(".") for p in tree.findall(code)):
+                if not re.search(r"/[A-Z_]+(\.|/|$)", path) and not (ROOT / path).exists():
+                    missing.add(f"{page.relative_to(ROOT)}: {path}")
+    assert not missing, "named in the docs but not in the repository: " + ", ".join(sorted(missing))
