@@ -38,6 +38,7 @@ from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.state.saver import Saver
 from loop.training import optim, registry
+from loop.training.objective import Plugin
 from loop.training.step import train_step
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
@@ -67,7 +68,7 @@ def leave_preempted(accelerator: Accelerator, preempt: preemption.Preemption, st
     return end_run(accelerator, preempt.exit_code)
 
 
-def check_before_work(cfg: config.Config, objective: registry.Plugin) -> tuple[object, str, list[str]]:
+def check_before_work(cfg: config.Config, objective: Plugin) -> tuple[object, str, list[str]]:
     """What a run refuses before any work starts, and before anything is written: (the model's config, the
     attention to use, warnings)."""
     out = Path(cfg.output.output_dir)
@@ -100,7 +101,7 @@ def open_run(run_scope: contextlib.ExitStack, accelerator: Accelerator, cfg: con
     return resume
 
 
-def before_training(objective: registry.Plugin, accelerator: Accelerator, model, cfg: config.Config, train,
+def before_training(objective: Plugin, accelerator: Accelerator, model, cfg: config.Config, train,
                     evals: dict, added_tokens: list[int], attn: str) -> tuple:
     """The objective's work once the engine is prepared and before a checkpoint replaces the starting model
     (DPO: its reference log-probabilities of every pair, computed once, cached, read again on resume)."""
@@ -109,7 +110,7 @@ def before_training(objective: registry.Plugin, accelerator: Accelerator, model,
     return planners.pop("train"), {k.removeprefix("eval/"): v for k, v in planners.items()}
 
 
-def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, objective: registry.Plugin,
+def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, objective: Plugin,
                summary: card.RunSummary, state: LoopState, vocab: int) -> None:
     """safetensors + config + tokenizer (with chat template) + generation config; with LoRA, the adapter
     (adapter/) and, unless lora.merge is off, the merged model (final/); each with its model card, and pushed
