@@ -160,3 +160,22 @@ def test_a_third_objective_defined_only_here_trains_evaluates_and_writes_its_car
     for said_in_card in ("- toy\n", "trained by a toy objective defined in a test.", "final toy rows a row: 1.0",
                          "| objective | toy (half the token loss a row) |", "(toy dialogues)"):
         assert said_in_card in text, said_in_card
+
+
+def test_inspect_data_shows_what_the_chosen_objective_trains_on(tiny_dir, corpus, tmp_path, capsys):
+    """tools/inspect_data.py asks the plug-in for the data and what each sequence is: pairs for DPO."""
+    import json
+
+    from loop.data import preference
+    from tools import inspect_data
+
+    pairs = preference.from_dialogues({"all": [d for d in corpus if len(d[-1]["content"].split()) >= 4]})[:40]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_dir / "model")}, "training": {"objective": "dpo"},
+                               "data": {"train_files": [str(tmp_path / "pairs.jsonl")], "seq_len": 256,
+                                        "cache_dir": str(tmp_path / "cache")}}))
+    assert inspect_data.main([str(cfg), "--examples", "2", "--color", "never"]) == 0
+    said = capsys.readouterr().out
+    assert "--- example 0 (pair " in said and (", chosen, " in said or ", rejected, " in said)
+    assert " preference pairs, skipped " in said
