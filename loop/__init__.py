@@ -1,7 +1,8 @@
 """loop: fine-tune code models into chat assistants with a hand-written Accelerate + DeepSpeed loop.
 
 `loop/train.py` is the entry point and tells the story in order: config, data, model, prepare, resume, the
-loop (step, bookkeeping, then log / eval / sample / save), the final model. Everything it calls lives in a
+loop (step, bookkeeping, then the state handed to each component - logging, evaluation, samples,
+checkpoints - which acts on its own schedule), the final model. Everything it calls lives in a
 package named for its stage; a stage imports only the stages below it (each package's docstring lists them,
 and tests/test_layout.py holds the tree to it, with no import circle anywhere):
 
@@ -21,12 +22,15 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     inference   loading a model to answer with, generation, chat               config, data, engine,
                                                                                 model, state
     evaluation  does the model code: problems, answers, each program           config, processes, data,
-                contained, pass@k; as a tool and at the checkpoints            engine, inference, report
+                contained, pass@k; as a tool and at the checkpoints; the       engine, training, state,
+                held-out loss at the loop's eval points                        inference, report
 
 Where a change goes:
-- a new objective: one module in training/ (its loss sum, what a step is normalised by, its statistics; see
-  training/objective.py, and dpo.py for the second) and its settings in config/settings.py; the step does
-  not change.
+- a new objective: one module training/NAME.py with its `PLUGIN` (training/objective.py: its loss sum, what
+  a step is normalised by, its statistics, the data it reads, its batch keys, what it does before training,
+  dropout, its eval line and model-card section; dpo.py is the second) and NAME in config/settings.py's
+  `Objective` (with a settings section named NAME if it has settings); the loop, the step, the evaluation,
+  the card and the tools do not change, and nothing outside training/ asks for an objective by name.
 - a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate`.
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.

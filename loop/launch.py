@@ -25,12 +25,12 @@ from pathlib import Path
 import psutil
 
 from loop import config
-from loop.data import preference, templates
-from loop.data.prepare import prepare
+from loop.data import templates
 from loop.data.records import DataError
 from loop.model.load import check_memory, load_tokenizer, preflight
 from loop.report import trackers
 from loop.state import preemption, rundir
+from loop.training import registry
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -47,16 +47,14 @@ def check(train_args: list[str]) -> config.Config:
     prepared here, into the cache the training processes then start from."""
     cfg = config.from_argv(train_args)
     trackers.check(cfg.output.report_to)
-    model_config, _, _ = preflight(cfg)
+    objective = registry.pick(cfg)
+    model_config, _, _ = preflight(cfg, objective.dropout)
     check_memory(model_config, cfg)
     rundir.check_writable(Path(cfg.output.output_dir))
     rundir.check_fresh(Path(cfg.output.output_dir), cfg.output.resume_from_checkpoint, cfg.output.overwrite_output_dir)
     tokenizer = load_tokenizer(cfg)
     templates.install(tokenizer, cfg.data.template)
-    if cfg.training.objective == "dpo":
-        preference.load(cfg.data)  # preference pairs: listed, counted and refused as the run would
-    else:
-        prepare(cfg.data, tokenizer)
+    objective.check_data(cfg, tokenizer)
     return cfg
 
 

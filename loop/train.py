@@ -2,8 +2,9 @@
 
     accelerate launch --config_file accelerate_configs/zero3.yaml loop/train.py configs/RUN.yaml [--key value]
 
-The story, in order: config, data, model, prepare, resume, loop (step, bookkeeping, then log, eval,
-sample, save), final model. Each side job lives in the package named for its stage (loop/__init__.py);
+The story, in order: config, data, model, prepare, resume, loop (step, bookkeeping, then the state handed
+to each component: logging, evaluation, samples, checkpoints, code evaluation, each acting on its own
+schedule), final model. Each side job lives in the package named for its stage (loop/__init__.py);
 this file tells the order.
 """
 
@@ -24,21 +25,21 @@ from tqdm import tqdm
 
 from loop import config
 from loop.config import usage
-from loop.data import batches, pairs, preference, templates
-from loop.data.prepare import Prepared, open_prepared, prepare
+from loop.data import batches, templates
+from loop.data.prepare import Prepared
 from loop.data.records import DataError
 from loop.engine import deepspeed
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
-from loop.evaluation import during_training
+from loop.evaluation import during_training, held_out
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
-from loop.processes import main_decides
 from loop.report import card, hub, logs, metrics, profiling, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
-from loop.training import dpo, optim, reference
-from loop.training.sft import SFT
-from loop.training.step import evaluate_sources, train_step
+from loop.state.saver import Saver
+from loop.training import optim, registry
+from loop.training.objective import Plugin
+from loop.training.step import train_step
 
 # DeepSpeed calls torch.distributed APIs that torch marks deprecated, once per collective.
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
@@ -67,24 +68,67 @@ def leave_preempted(accelerator: Accelerator, preempt: preemption.Preemption, st
     return end_run(accelerator, preempt.exit_code)
 
 
-def on_schedule(step: int, every: int, last: int) -> bool:
-    """Every `every` steps (0: never) and at the last step."""
-    return step == last or (every > 0 and step % every == 0)
+def check_before_work(cfg: config.Config, objective: Plugin) -> tuple[object, str, list[str]]:
+    """What a run refuses before any work starts, and before anything is written: (the model's config, the
+    attention to use, warnings)."""
+    out = Path(cfg.output.output_dir)
+    preemption.follow_launcher()
+    trackers.check(cfg.output.report_to)
+    if cfg.output.push_to_hub and hub.offline():  # said now, not after the training it would upload
+        raise config.ConfigError(f"output.push_to_hub: {hub.OFFLINE}")
+    during_training.preflight(cfg.evaluation)
+    checked = load.preflight(cfg, objective.dropout)
+    rundir.check_writable(out)
+    rundir.check_fresh(out, cfg.output.resume_from_checkpoint, cfg.output.overwrite_output_dir)
+    return checked
 
 
-def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer) -> Prepared:
-    """The main process prepares the data (or finds it in the cache) and every process memory-maps the same
-    folder; a data error the main process finds ends every process with it, instead of leaving them waiting.
-    A process that cannot see the main's cache folder (node-local disks) prepares its own copy. Preference
-    pairs are records of their own (loop/data/preference.py): the main process first, then the others."""
-    if cfg.training.objective == "dpo":
-        made: list[Prepared] = []
-        main_decides(accelerator, lambda: made.append(preference.prepare(cfg.data, cfg.dpo, tokenizer)), (DataError,))
-        return made[0] if made else preference.prepare(cfg.data, cfg.dpo, tokenizer)
-    folder = Path(main_decides(accelerator, lambda: str(prepare(cfg.data, tokenizer)), (DataError,)))
-    if not (folder / "meta.json").is_file():
-        folder = prepare(cfg.data, tokenizer, progress=False)
-    return open_prepared(folder, cfg.data, cfg.training.seed)
+def open_run(run_scope: contextlib.ExitStack, accelerator: Accelerator, cfg: config.Config, data: Prepared,
+             log: logging.Logger) -> checkpoints.Resume:
+    """Resume is checked (checkpoint, loop state, config, data) and the trackers started before anything is
+    written; then the run directory is claimed, with its log file and resolved config."""
+    out = Path(cfg.output.output_dir)
+    resume = checkpoints.plan_resume(accelerator, cfg, out / "checkpoints", data.report.fingerprint)
+    claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
+    trackers.start(accelerator, cfg, resume.state.step)
+    if accelerator.is_main_process:
+        rundir.start_log_file(out, log)
+        config.save(cfg, out / "config.yaml")
+        for note in claimed:
+            log.warning(note)
+        for level, note in resume.notes:  # on the main process only: every process has the same to say
+            log.log(level, note)
+    return resume
+
+
+def before_training(objective: Plugin, accelerator: Accelerator, model, cfg: config.Config, train,
+                    evals: dict, added_tokens: list[int], attn: str) -> tuple:
+    """The objective's work once the engine is prepared and before a checkpoint replaces the starting model
+    (DPO: its reference log-probabilities of every pair, computed once, cached, read again on resume)."""
+    planners = {"train": train} | {f"eval/{k}": v for k, v in evals.items()}
+    planners = objective.before_training(accelerator, model, cfg, planners, added_tokens, attn)
+    return planners.pop("train"), {k.removeprefix("eval/"): v for k, v in planners.items()}
+
+
+def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, objective: Plugin,
+               summary: card.RunSummary, state: LoopState, vocab: int) -> None:
+    """safetensors + config + tokenizer (with chat template) + generation config; with LoRA, the adapter
+    (adapter/) and, unless lora.merge is off, the merged model (final/); each with its model card, and pushed
+    to the Hub when asked."""
+    saved = export.save_final(accelerator, model, tokenizer, Path(cfg.output.output_dir), cfg)
+    logging.getLogger("loop").info("saved " + ", ".join(f"the {kind} to {folder}" for kind, folder in saved.items()))
+    if not accelerator.is_main_process:
+        return
+    summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
+                                  tokens_seen=state.tokens_seen, vocab=vocab)
+    example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
+    served, section = templates.serving(tokenizer.chat_template), objective.card(cfg, summary.eval_results)
+    for kind, folder in saved.items():
+        card.model_card(cfg, summary, served, example, kind, folder, section).save(folder / "README.md")
+    if cfg.output.push_to_hub:
+        for kind, folder in saved.items():
+            hub.upload(folder, hub.repo_for(cfg.output.hub_model_id, kind, saved), cfg.output.hub_private,
+                       message=f"{kind.capitalize()} after {state.step} steps")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,15 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         # 1. Config: everything is checked before any work starts, and nothing is written until it passes.
         log = logs.setup_logging(is_main=os.environ.get("RANK", "0") == "0")
         cfg = config.from_argv(argv)
-        t, out = cfg.training, Path(cfg.output.output_dir)
-        preemption.follow_launcher()
-        trackers.check(cfg.output.report_to)
-        if cfg.output.push_to_hub and hub.offline():  # said now, not after the training it would upload
-            raise config.ConfigError(f"output.push_to_hub: {hub.OFFLINE}")
-        during_training.preflight(cfg.evaluation)
-        model_config, attn, notes = load.preflight(cfg)
-        rundir.check_writable(out)
-        rundir.check_fresh(out, cfg.output.resume_from_checkpoint, cfg.output.overwrite_output_dir)
+        t, out, objective = cfg.training, Path(cfg.output.output_dir), registry.pick(cfg)
+        model_config, attn, notes = check_before_work(cfg, objective)
         shape = architecture.Shape.of(model_config)
         accelerator = make_accelerator(cfg)
         load.check_memory(model_config, cfg, accelerator)
@@ -108,17 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         set_seed(t.seed)
         world = accelerator.num_processes
-        preferring = t.objective == "dpo"
-        objective = dpo.objective(cfg.dpo) if preferring else SFT
 
-        # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan.
+        # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan; then the run
+        # directory, once resume is checked against the data.
         tokenizer = load.load_tokenizer(cfg)
         added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
-        data = prepare_data(accelerator, cfg, tokenizer)
+        data = objective.prepare_run(accelerator, cfg, tokenizer)
         train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
                                                         attention.layout(attn, cfg.data.packing), world,
                                                         accelerator.process_index, shape.mask_windows(),
-                                                        extra=pairs.pair_keys() if preferring else None)
+                                                        extra=objective.batch_keys)
         per_epoch = train_planner.steps_per_epoch
         total_steps = t.max_steps or math.ceil(per_epoch * t.num_epochs)
         pack_eff = data.train_rows.efficiency(cfg.data.seq_len)
@@ -127,74 +163,48 @@ def main(argv: list[str] | None = None) -> int:
                  f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
         for line in data.report.describe_sources():
             log.info(line)
-        # Resume is checked (checkpoint, loop state, config) and the trackers started before anything is written.
-        ckpt_root = out / "checkpoints"
-        resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, data.report.fingerprint)
-        claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
-        trackers.start(accelerator, cfg, resume.state.step)
-        if accelerator.is_main_process:
-            rundir.start_log_file(out, log)
-            config.save(cfg, out / "config.yaml")
-            for note in claimed:
-                log.warning(note)
-            for level, note in resume.notes:  # on the main process only: every process has the same to say
-                log.log(level, note)
-        state = resume.state
+        resume = open_run(run_scope, accelerator, cfg, data, log)
+        state, ckpt_root = resume.state, out / "checkpoints"
 
         # 3. Model and optimizer.
         attention.register()
         model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, deepspeed.zero_stage(accelerator),
-                                accelerator.device)
+                                accelerator.device, objective.dropout)
         step_flops = flops.counter(model, shape)
         trainable, total = flops.counts(model)
         log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
         optimizer = optim.make_optimizer(model, t)
 
-        # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
+        # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes); then what the
+        # objective does before training.
         model, optimizer = accelerator.prepare(model, optimizer)
+        train_planner, eval_planners = before_training(objective, accelerator, model, cfg, train_planner,
+                                                       eval_planners, added_tokens, attn)
 
-        # 4b. Preference tuning: the starting model's log-probabilities of every pair, before a checkpoint
-        # replaces it (computed once, cached, read again on resume).
-        if preferring and cfg.dpo.reference == "precomputed":
-            planners = {"train": train_planner} | {f"eval/{k}": v for k, v in eval_planners.items()}
-            key = reference.cache_key(cfg, planners, added_tokens, str(accelerator.mixed_precision), attn, world)
-            planners = reference.attach(accelerator, model, cfg, planners, key,
-                                        Path(cfg.data.cache_dir or out / "reference"))
-            train_planner = planners.pop("train")
-            eval_planners = {k.removeprefix("eval/"): v for k, v in planners.items()}
-
-        # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number.
+        # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number. Then
+        # the components, each acting on its own schedule, and the starting point of the curves.
         checkpoints.restore(accelerator, model, resume, partial=cfg.lora.enabled)
         setup, precision = card.run_setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=card.hardware(world), setup=setup, precision=precision,
-                                  eval_losses=state.eval_losses)
+                                  eval_losses=state.eval_losses, trainable=trainable, parameters=total)
+        loss = objective.loss(cfg)
+        evaluator = held_out.Evaluator(model, accelerator, objective, loss, eval_planners, t.eval_every, total_steps,
+                                       summary)
         code_eval = during_training.CodeEval(cfg, accelerator, tokenizer, end_token, summary, state.step, total_steps)
-
-        def eval_and_log() -> None:
-            result = evaluate_sources(model, accelerator, objective, eval_planners)
-            summary.eval_loss = result["eval/loss"]
-            summary.eval_reward_accuracy = result.get("eval/rewards/accuracies")
-            state.eval_losses.append([state.step, summary.eval_loss])
-            perplexity = {} if preferring else {"eval/perplexity": math.exp(min(summary.eval_loss, 50))}
-            accelerator.log(result | perplexity, step=state.step)
-            by_source = ", ".join(f"{k.removeprefix('eval/loss/')} {v:.4f}" for k, v in result.items()
-                                  if k.startswith("eval/loss/"))
-            accuracy = f", reward accuracy {summary.eval_reward_accuracy:.1%}" if preferring else ""
-            log.info(f"step {state.step}: eval loss {summary.eval_loss:.4f}{accuracy}"
-                     + (f" ({by_source})" if by_source else ""))
-
-        if state.step == 0:
-            accelerator.log(data.report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
-                                                        "model/trainable_parameters": trainable}, step=0)
-            if eval_rows:  # the starting point of the eval curve
-                eval_and_log()
-            code_eval(model, 0, None)
-
-        # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches.
         timers = metrics.Timers(accelerator.device)
         meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), step_flops, pack_eff,
                               timers)
-        stop_id = tokenizer.convert_tokens_to_ids(end_token)
+        logger = metrics.Logger(accelerator, meter, t.log_every, total_steps, per_epoch, summary, objective.console)
+        sampler = sampling.Sampler(model, accelerator, tokenizer, t, tokenizer.convert_tokens_to_ids(end_token),
+                                   total_steps, out)
+        if state.step == 0:
+            accelerator.log(data.report.as_scalars() | {"data/packing_efficiency": pack_eff, "model/parameters": total,
+                                                        "model/trainable_parameters": trainable}, step=0)
+            evaluator.maybe_evaluate(state)
+            code_eval(model, 0, None)
+
+        # 6. The loop: one iteration is one optimizer step of `gradient_accumulation_steps` micro-batches, its
+        # bookkeeping, then the state handed to each component, which acts when its schedule says.
         bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
         model.train()
         with (preemption.Preemption() as preempt,
@@ -202,12 +212,13 @@ def main(argv: list[str] | None = None) -> int:
               batches.prefetch(train_planner, state.step, total_steps) as steps,
               profiling.profiled_steps(t.profile_from, t.profile_steps, state.step, total_steps, out / "profile",
                                        accelerator.process_index) as profiled):
+            saver = Saver(accelerator, cfg, ckpt_root, model, tokenizer, resume.run, uploads, total_steps)
             while state.step < total_steps:
                 with timers("data", host=True):
                     step = next(steps)
                 lr = optim.lr_at(state.step, total_steps, t)
                 optim.set_lr(optimizer, lr)
-                result = train_step(model, optimizer, accelerator, step, objective, t.max_grad_norm, timers,
+                result = train_step(model, optimizer, accelerator, step, loss, t.max_grad_norm, timers,
                                     preempt.requested)
                 if result.nonfinite:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
@@ -218,43 +229,20 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
 
-                if on_schedule(state.step, t.log_every, total_steps):
-                    summary.train_loss = metrics.log_window(accelerator, meter, lr, state, total_steps, per_epoch)
-                if on_schedule(state.step, t.eval_every, total_steps) and eval_rows:
-                    eval_and_log()
-                if t.sample_prompts and on_schedule(state.step, t.sample_every, total_steps):
-                    sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens,
-                                             stop_id, state.step, out)
-                saved = None
-                if cfg.output.save and (on_schedule(state.step, t.save_every, total_steps) or result.preempted):
-                    saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer, resume.run)
-                    log.info(f"checkpoint {saved}")
-                    if uploads:
-                        uploads.submit(saved)
+                logger.maybe_log(state, lr)
+                evaluator.maybe_evaluate(state)
+                sampler.maybe_sample(state)
+                saved = saver.maybe_save(state, now=result.preempted)
                 if result.preempted:
                     return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
                 code_eval(model, state.step, saved)
         bar.close()
-        if summary.eval_loss is None and eval_rows:  # resumed at its last step: the card still gets one
-            eval_and_log()
+        evaluator.ensure_final(state)
 
-        # 7. Final model: safetensors + config + tokenizer (with chat template) + generation config; with
-        # LoRA, the adapter (adapter/) and, unless lora.merge is off, the merged model (final/).
+        # 7. Final model, its model card, and the Hub.
         if cfg.output.save:
-            saved = export.save_final(accelerator, model, tokenizer, out, cfg)
-            log.info("saved " + ", ".join(f"the {kind} to {folder}" for kind, folder in saved.items()))
-            if accelerator.is_main_process:
-                summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
-                                              tokens_seen=state.tokens_seen, trainable=trainable, parameters=total,
-                                              vocab=len(tokenizer) if added_tokens else 0)
-                example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
-                served = templates.serving(tokenizer.chat_template)
-                for kind, folder in saved.items():
-                    card.model_card(cfg, summary, served, example, kind, folder).save(folder / "README.md")
-                if cfg.output.push_to_hub:
-                    for kind, folder in saved.items():
-                        hub.upload(folder, hub.repo_for(cfg.output.hub_model_id, kind, saved),
-                                   cfg.output.hub_private, message=f"{kind.capitalize()} after {state.step} steps")
+            save_final(accelerator, model, tokenizer, cfg, objective, summary, state,
+                       len(tokenizer) if added_tokens else 0)
         return end_run(accelerator, 0)
 
 

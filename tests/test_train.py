@@ -137,3 +137,25 @@ def test_one_zero3_process_loads_the_model_with_torchs_linear(tiny_dir, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     linear = {line.split()[-1] for line in proc.stdout.splitlines() if line.startswith("linear:")}
     assert linear == ({"torch"} if processes == 1 else {"deepspeed"}), proc.stdout
+
+
+def test_main_tells_the_story_in_order_in_at_most_120_lines_and_the_loop_body_in_25():
+    """loop/train.py's main() reads config, data, model, prepare, resume, loop, final model; the loop body is
+    step -> bookkeeping -> the state handed to each component, which decides itself when it acts."""
+    import ast
+    import re
+
+    source = (ROOT / "loop" / "train.py").read_text()
+    main = next(f for f in ast.parse(source).body if isinstance(f, ast.FunctionDef) and f.name == "main")
+    loop = next(node for node in ast.walk(main) if isinstance(node, ast.While))
+    assert main.end_lineno - main.lineno + 1 <= 120
+    assert loop.end_lineno - loop.body[0].lineno + 1 <= 25
+    text = ast.get_source_segment(source, main)
+    sections = re.findall(r"# (\d)\. (\w+)", text)
+    assert sections == [("1", "Config"), ("2", "Tokenizer"), ("3", "Model"), ("4", "Prepare"), ("5", "Resume"),
+                        ("6", "The"), ("7", "Final")], sections
+    body = ast.get_source_segment(source, loop)
+    for component in ("logger.maybe_log(state", "evaluator.maybe_evaluate(state", "sampler.maybe_sample(state",
+                      "saver.maybe_save(state", "code_eval(model, state.step"):
+        assert component in body, component
+    assert "every" not in body and "on_schedule" not in source  # no schedule is decided in the loop

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from loop import config
-from loop.data import preference, templates
+from loop.data import templates
 from loop.data.dialogues import length_stats
-from loop.data.prepare import open_prepared, prepare
 from loop.data.records import DataError
 from loop.model.load import load_tokenizer, preflight
+from loop.training import registry
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,12 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     a, overrides = p.parse_known_args(argv)
     try:
         cfg = config.from_file(a.config, overrides)
-        preflight(cfg)  # what the run would refuse about the model (seq_len over its context, say)
+        objective = registry.pick(cfg)
+        preflight(cfg, objective.dropout)  # what the run would refuse about the model (seq_len over its context)
         tokenizer = load_tokenizer(cfg)
         templates.install(tokenizer, cfg.data.template)
-        preferring = cfg.training.objective == "dpo"  # preference pairs: two sequences a pair, chosen first
-        data = (preference.prepare(cfg.data, cfg.dpo, tokenizer) if preferring else
-                open_prepared(prepare(cfg.data, tokenizer), cfg.data, cfg.training.seed))
+        data = objective.prepare(cfg, tokenizer)  # the data it trains on (for DPO: two sequences a pair)
     except (config.ConfigError, DataError, templates.TemplateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,15 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     for n, i in enumerate(order[: a.examples]):
         span = slice(columns.offsets[i], columns.offsets[i + 1])
         ids, mask = columns.tokens[span].tolist(), columns.trained[span].tolist()
-        side = f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}, " if preferring else ""
-        print(f"--- example {n} ({side}{len(ids)} tokens, {sum(mask)} trained) ---")
+        print(f"--- example {n} ({objective.sequence_label(i)}{len(ids)} tokens, {sum(mask)} trained) ---")
         print(templates.mark_trained(tokenizer, ids, mask, color))
     lengths = columns.lengths()[order]
     stats = length_stats(lengths.tolist())
     total = data.report.total
     print("--- summary ---")
-    if preferring:
-        print(f"{data.report.describe()}")
+    print(data.report.describe())
     print(f"records read: {total.records}; dialogues: {total.dialogues} ({total.duplicates} duplicates); "
           f"{len(order)} in the training order, {sum(len(r.starts) - 1 for r in data.eval_rows.values())} eval rows")
     print(f"skipped: {dict(total.skipped) or 0}; truncated at a turn: {total.truncated}; "

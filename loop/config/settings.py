@@ -28,7 +28,9 @@ Schedule = Literal["cosine", "linear", "constant"]
 SaveDtype = Literal["bf16", "fp16", "fp32"]
 Tracker = Literal["tensorboard", "wandb", "mlflow", "trackio"]
 Sandbox = Literal["bubblewrap", "none"]  # how model-written programs are contained (loop/evaluation/sandbox.py)
-Objective = Literal["sft", "dpo"]  # what a step optimises (loop/training/sft.py, loop/training/dpo.py)
+# What a step optimises: each name is the module loop/training/NAME.py (its registry: loop/training/registry.py);
+# an objective's own settings, when it has any, are the section named as it is, and its check() runs when chosen.
+Objective = Literal["sft", "dpo"]
 DpoLoss = Literal["sigmoid", "ipo"]
 DpoReference = Literal["precomputed", "live"]
 
@@ -203,6 +205,25 @@ class DpoSettings:
     # with data.on_too_long: drop), and counted.
     max_prompt_length: int = 0
 
+    def check(self, config: Config) -> None:
+        """What preference tuning cannot do: a stream without boundaries, attention that sees across the two
+        sequences of a pair, another record format, a live reference without an adapter to switch off."""
+        d, p = config.data, self
+        if d.packing == "concat":
+            raise ConfigError("data.packing: concat would run a pair's sequences together; use bfd (pairs packed into "
+                              "rows) or pad (one pair per row)")
+        if config.model.attn_implementation not in PACKABLE_ATTENTION:
+            raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep a pair's "
+                              f"chosen and rejected sequences apart in their row; use one of {PACKABLE_ATTENTION}")
+        if d.format not in ("auto", "messages"):
+            raise ConfigError(f"data.format: {d.format!r} does not apply to training.objective: dpo (preference "
+                              "records are recognised per record: prompt/chosen/rejected); leave it out")
+        if p.label_smoothing and p.loss != "sigmoid":
+            raise ConfigError(f"dpo.label_smoothing: applies to dpo.loss: sigmoid only, got loss {p.loss!r}")
+        if p.reference == "live" and not config.lora.enabled:
+            raise ConfigError("dpo.reference: live needs lora.enabled: true (the reference is the base with the "
+                              "adapter switched off); without LoRA use precomputed")
+
 
 @dataclass
 class Config:
@@ -279,8 +300,9 @@ def validate(config: Config) -> None:
                 raise ConfigError(f"{key}[{i}]: needs a path (a file, a dataset folder or a Hub dataset id)")
             if not source.weight > 0:
                 raise ConfigError(f"{key}[{i}].weight: must be > 0 (leave the source out instead), got {source.weight}")
-    if t.objective == "dpo":
-        validate_dpo(config)
+    objective_settings = getattr(config, t.objective, None)  # an objective's own section, named as it is (dpo:)
+    if hasattr(objective_settings, "check"):
+        objective_settings.check(config)
     if config.output.overwrite_output_dir and config.output.resume_from_checkpoint:
         raise ConfigError("output.overwrite_output_dir: cannot be combined with output.resume_from_checkpoint (it "
                           "would move aside the run to resume); pass one of them")
@@ -291,23 +313,3 @@ def validate(config: Config) -> None:
     if config.output.push_to_hub and config.output.hub_model_id.count("/") != 1:
         raise ConfigError(f"output.hub_model_id: {config.output.hub_model_id!r} needs a namespace: "
                           "YOUR_NAME_OR_ORG/REPO")
-
-
-def validate_dpo(config: Config) -> None:
-    """What preference tuning cannot do: a stream without boundaries, attention that sees across the two
-    sequences of a pair, another record format, a live reference without an adapter to switch off."""
-    d, p = config.data, config.dpo
-    if d.packing == "concat":
-        raise ConfigError("data.packing: concat would run a pair's sequences together; use bfd (pairs packed into "
-                          "rows) or pad (one pair per row)")
-    if config.model.attn_implementation not in PACKABLE_ATTENTION:
-        raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep a pair's "
-                          f"chosen and rejected sequences apart in their row; use one of {PACKABLE_ATTENTION}")
-    if d.format not in ("auto", "messages"):
-        raise ConfigError(f"data.format: {d.format!r} does not apply to training.objective: dpo (preference "
-                          "records are recognised per record: prompt/chosen/rejected); leave it out")
-    if p.label_smoothing and p.loss != "sigmoid":
-        raise ConfigError(f"dpo.label_smoothing: applies to dpo.loss: sigmoid only, got loss {p.loss!r}")
-    if p.reference == "live" and not config.lora.enabled:
-        raise ConfigError("dpo.reference: live needs lora.enabled: true (the reference is the base with the "
-                          "adapter switched off); without LoRA use precomputed")

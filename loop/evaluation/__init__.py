@@ -4,7 +4,9 @@ scored as pass@k; as a tool (tools/evaluate.py) and at the loop's checkpoints.
 
 tasks (problems, the question asked, the code taken from an answer) -> generation (answers, batched) ->
 sandbox (one program contained; child.py is what runs inside it) -> scoring (verdicts, pass@k, the files) ->
-during_training (split across processes, gathered, logged, saved next to the checkpoint).
+during_training (split across processes, gathered, logged, saved next to the checkpoint). Beside it, held_out:
+the objective's loss over the held-out rows, at the loop's eval points.
 
-May import: loop.config, loop.processes, loop.data, loop.engine, loop.inference, loop.report.
+May import: loop.config, loop.processes, loop.data, loop.engine, loop.training, loop.state, loop.inference,
+loop.report.
 """

@@ -8,8 +8,10 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from loop.config import TrainingConfig
 from loop.data import templates
 from loop.engine import deepspeed
+from loop.state.progress import LoopState, due
 
 
 @dataclass
@@ -84,3 +86,18 @@ def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prom
     accelerator.log({"samples": text}, step=step)
     if accelerator.is_main_process:
         (out_dir / "samples.md").write_text(f"# Samples at step {step}\n\n{text}\n")
+
+
+class Sampler:
+    """The loop's sampling component: answers to `training.sample_prompts` every `training.sample_every` steps
+    and at the last step (never without prompts)."""
+
+    def __init__(self, model, accelerator, tokenizer: PreTrainedTokenizerBase, training: TrainingConfig, stop_id: int,
+                 total_steps: int, out_dir: Path) -> None:
+        self.model, self.accelerator, self.tokenizer, self.t = model, accelerator, tokenizer, training
+        self.stop_id, self.total_steps, self.out_dir = stop_id, total_steps, out_dir
+
+    def maybe_sample(self, state: LoopState) -> None:
+        if self.t.sample_prompts and due(state.step, self.t.sample_every, self.total_steps):
+            during_training(self.model, self.accelerator, self.tokenizer, self.t.sample_prompts, self.t.max_new_tokens,
+                            self.stop_id, state.step, self.out_dir)

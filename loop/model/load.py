@@ -36,11 +36,12 @@ def read_model_config(cfg: Config):
         raise ConfigError(f"model.name_or_path: cannot read {name}'s config{where}: {first_line(e)}") from None
 
 
-def preflight(cfg: Config) -> tuple[object, str, list[str]]:
+def preflight(cfg: Config, dropout: bool = True) -> tuple[object, str, list[str]]:
     """Everything a run checks about its model before loading any weight: (the model's config, the attention
-    that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this."""
+    that will be used, warnings). The run, tools/launch.py and tools/inspect_data.py all call this; `dropout`
+    False: the objective trains without it (see load_model)."""
     model_config = read_model_config(cfg)
-    dropout = 0.0 if cfg.training.objective == "dpo" else attention.attention_dropout(model_config)  # see load_model
+    dropout = attention.attention_dropout(model_config) if dropout else 0.0
     attn, fallback = attention.resolve(cfg.model.attn_implementation, dropout)
     unverified = check_trainable(model_config, cfg, attn)
     lora.check(cfg)
@@ -89,10 +90,11 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int], end_token: str,
-               zero_stage: int | None, device: torch.device) -> torch.nn.Module:
+               zero_stage: int | None, device: torch.device, dropout: bool = True) -> torch.nn.Module:
     """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
     the template's tokens, a generation config that stops at the end token, LoRA adapters when asked
-    (lora.py), and the loss head. `zero_stage` is DeepSpeed's, None without DeepSpeed."""
+    (lora.py), and the loss head. `zero_stage` is DeepSpeed's, None without DeepSpeed; `dropout` False: every
+    rate at 0, for an objective that trains without it (preference tuning)."""
     quantization = lora.quantization(cfg)
     zero3 = zero_stage == 3
     model = AutoModelForCausalLM.from_pretrained(
@@ -108,7 +110,7 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
             enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.training.objective == "dpo":
+    if not dropout:
         disable_dropout(model)
     if cfg.lora.enabled:
         if cfg.model.gradient_checkpointing:

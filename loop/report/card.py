@@ -5,6 +5,7 @@ and the eval loss curve as a small plot."""
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,6 @@ for call in re.findall(r"<tool_call>\s*(.*?)\s*</tool_call>", reply, re.DOTALL):
 ```'''
 
 
-REFERENCE = {"precomputed": "the starting model's log-probabilities, computed once before training",
-             "live": "the base with the LoRA adapter switched off, at every step"}
-
-
 @dataclass
 class RunSummary:
     """What the model card reports about the run; None where it was not measured."""
@@ -77,7 +74,7 @@ class RunSummary:
     train_loss: float | None = None
     eval_loss: float | None = None
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss), also before a resume
-    eval_reward_accuracy: float | None = None  # preference tuning: how often the final model prefers chosen
+    eval_results: dict[str, float] = field(default_factory=dict)  # the last evaluation's scalars (eval/...)
     trainable: int = 0
     parameters: int = 0
     vocab: int = 0
@@ -169,8 +166,11 @@ def loss_plot(evals: list[tuple[int, float]], path: Path, label: str = "eval los
     return True
 
 
-def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind: str, folder: Path) -> ModelCard:
-    """A README.md for `folder`, which holds the run's `kind` of output: "model", "adapter" or "merged model"."""
+def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind: str, folder: Path,
+               objective: Mapping) -> ModelCard:
+    """A README.md for `folder`, which holds the run's `kind` of output: "model", "adapter" or "merged model".
+    `objective` is the objective's own section (loop/training/objective.py's CardSection: tags, hyperparameter
+    rows, how the model was made, results, what the data held), as plain data: this stage does not import it."""
     kinds = ["adapter", "merged model"] if cfg.lora.enabled and cfg.lora.merge else [kind]
     where = repo_for(cfg.output.hub_model_id, kind, kinds) if cfg.output.push_to_hub else shown(folder)
     title = (where.rsplit("/", 1)[-1] if cfg.output.push_to_hub else
@@ -181,7 +181,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     lora = cfg.lora
     tags = ["starcoder", "code", "chat", *(["lora"] if lora.enabled else []), *(["qlora"] if lora.quantize == "4bit"
                                                                                 else []),
-            *(["dpo"] if cfg.training.objective == "dpo" else [])]
+            *objective["tags"]]
     license = cfg.output.license or base_license(cfg.model.name_or_path)
     data = ModelCardData(base_model=hub_base, datasets=datasets or None, license=license, tags=tags,
                          pipeline_tag="text-generation", library_name="peft" if kind == "adapter" else "transformers")
@@ -198,12 +198,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
                           f"{', '.join(lora.target_modules)}{', embeddings trained' if lora.train_embeddings else ''}"
                           f"{', base in 4-bit NF4 (QLoRA)' if lora.quantize == '4bit' else ''}",
                   "trainable parameters": f"{summary.trainable:,} of {summary.parameters:,}"}
-    dpo = cfg.training.objective == "dpo"
-    if dpo:
-        p = cfg.dpo
-        hyper = {"objective": "DPO (direct preference optimization)", "DPO beta": p.beta,
-                 "DPO loss": p.loss + (f", label smoothing {p.label_smoothing}" if p.label_smoothing else ""),
-                 "reference": REFERENCE[p.reference], **hyper}
+    hyper = {**objective["hyperparameters"], **hyper}
     rows = "\n".join(f"| {k} | {v} |" for k, v in hyper.items())
     what = {"model": f"A chat model fine-tuned from `{base}`",
             "adapter": f"A LoRA adapter for `{base}`",
@@ -215,14 +210,9 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
     code = code_section(summary, folder)
     tools = f"\n{TOOLS}\n" if templates.renders_tools(chat_template) else ""
-    trained = ("preference-tuned with DPO on pairs of answers with `loop`, a hand-written Accelerate + DeepSpeed "
-               "training\nloop. Only the last assistant turn of each answer counted in its log-probability."
-               if dpo else "trained on multi-turn dialogues with `loop`, a hand-written Accelerate + DeepSpeed "
-               "training\nloop. Only assistant turns were trained.")
-    results = f"- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}"
-    if dpo:
-        accuracy = "not measured" if summary.eval_reward_accuracy is None else f"{summary.eval_reward_accuracy:.1%}"
-        results += f"; final eval reward accuracy (chosen preferred to rejected): {accuracy}"
+    trained = objective["trained"]
+    results = (f"- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}"
+               + objective["results"])
     body = f"""---
 {data.to_yaml()}
 ---
@@ -259,7 +249,7 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 - Hardware: {summary.hardware}
 {results}
 - Data: {", ".join(s.path + (f" (weight {s.weight:g})" if s.weight != 1 else "") for s in cfg.data.train_files)}
-  ({"preference pairs" if dpo else cfg.data.format})
+  ({objective["data"]})
 {plot}{code}
 <details><summary>Chat template (Jinja)</summary>
 

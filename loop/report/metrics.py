@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from loop.report.card import RunSummary
 from loop.report.logs import CONSOLE_ONLY, FILE_ONLY
+from loop.state.progress import due
 
 if TYPE_CHECKING:
     from loop.state.progress import LoopState
@@ -25,27 +27,49 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def window_lines(scalars: dict[str, float], step: int, total: int) -> tuple[str, str]:
-    """(the short console line, the full line for train.log) of one logging window."""
-    full = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    accuracy = scalars.get("train/rewards/accuracies")  # preference tuning: how often chosen wins
+def full_line(scalars: dict[str, float]) -> str:
+    """Every scalar, for train.log."""
+    return " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+
+
+def window_lines(scalars: dict[str, float], step: int, total: int, console: dict[str, str] | None = None
+                 ) -> tuple[str, str]:
+    """(the short console line, the full line for train.log) of one logging window; `console`: the objective's
+    statistics the short line shows too (scalar -> format; preference tuning: how often chosen wins)."""
+    shown = "".join(f"  {form.format(scalars[k])}" for k, form in (console or {}).items() if k in scalars)
     short = (f"step {step}/{total}  loss {scalars['train/loss']:.4f}"
-             + (f"  reward acc {accuracy:.0%}" if accuracy is not None else "") + f"  lr {scalars['train/lr']:.2e}  "
+             + shown + f"  lr {scalars['train/lr']:.2e}  "
              f"grad norm {scalars['train/grad_norm']:.3g}  {scalars['throughput/tokens_per_s']:,.0f} tokens/s"
              + (f"  MFU {scalars['throughput/mfu']:.1%}" if "throughput/mfu" in scalars else ""))
-    return short, full
+    return short, full_line(scalars)
 
 
-def log_window(accelerator, meter: Meter, lr: float, state: LoopState, total_steps: int, steps_per_epoch: int) -> float:
+def log_window(accelerator, meter: Meter, lr: float, state: LoopState, total_steps: int, steps_per_epoch: int,
+               console: dict[str, str] | None = None) -> float:
     """Close the logging window: every scalar to the trackers and train.log, a short line to the console.
     Returns the window's train loss."""
     scalars = meter.scalars(lr, state.step / steps_per_epoch, state.tokens_trained)
     accelerator.log(scalars, step=state.step)
-    short, full = window_lines(scalars, state.step, total_steps)
+    short, full = window_lines(scalars, state.step, total_steps, console)
     log = logging.getLogger("loop")
     log.info(short, extra=CONSOLE_ONLY)
     log.info(full, extra=FILE_ONLY)
     return scalars["train/loss"]
+
+
+class Logger:
+    """The loop's logging component: closes the window every `training.log_every` steps and at the last step,
+    and keeps the last window's train loss for the model card."""
+
+    def __init__(self, accelerator, meter: Meter, every: int, total_steps: int, steps_per_epoch: int,
+                 summary: RunSummary, console: dict[str, str]) -> None:
+        self.accelerator, self.meter, self.every, self.total_steps = accelerator, meter, every, total_steps
+        self.steps_per_epoch, self.summary, self.console = steps_per_epoch, summary, console
+
+    def maybe_log(self, state: LoopState, lr: float) -> None:
+        if due(state.step, self.every, self.total_steps):
+            self.summary.train_loss = log_window(self.accelerator, self.meter, lr, state, self.total_steps,
+                                                 self.steps_per_epoch, self.console)
 
 
 def peak_flops_per_device(configured: float) -> float:

@@ -14,6 +14,12 @@ STATE_FILE = "loop_state.json"
 RENAMED = {"evals": "eval_losses"}  # old key -> its name since 2026-12
 
 
+def due(step: int, every: int, last: int) -> bool:
+    """The schedule every component of the loop keeps (logging, evaluation, samples, checkpoints): every
+    `every` steps (0: never) and at the last step."""
+    return step == last or (every > 0 and step % every == 0)
+
+
 @dataclass
 class LoopState:
     """Everything the loop needs besides model, optimizer and RNG states to continue exactly."""

@@ -6,28 +6,29 @@ computed inside the output projection chunk by chunk (loop/model/head.py), never
 whole micro-batch. A step is normalised by the pairs of all its micro-batches on every process, so the loss
 is the mean over every pair of the step for any split into processes and accumulation steps. The statistics
 are TRL's, summed per pair: rewards (beta times the log-ratio to the reference), their accuracy and margin,
-and the policy's log-probabilities.
+and the policy's log-probabilities. It reads preference pairs (loop/data/preference.py), trains without
+dropout, and computes its reference before training (reference.py) unless the reference is live.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
-from loop.config import DpoSettings
+from loop.config import Config, DpoSettings
+from loop.data import pairs, preference
 from loop.data.batches import Batch, Step
-from loop.model.head import target_log_probs
-from loop.training.objective import Objective
+from loop.data.prepare import Prepared
+from loop.data.records import DataError
+from loop.processes import main_decides
+from loop.training import reference
+from loop.training.objective import CardSection, Objective, Plugin
+from loop.training.sequences import sequence_log_probs
 
 STATISTICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
               "logps/rejected")
-
-
-def sequence_log_probs(model, batch: Batch) -> torch.Tensor:
-    """Each sequence's summed log-probability of its completion, in the batch's order (float32 vector)."""
-    per_target = target_log_probs(model, batch)
-    summed = torch.zeros(batch["sequence_ids"].shape[0], dtype=torch.float32, device=per_target.device)
-    return summed.index_add(0, batch["target_sequence"], per_target)
 
 
 @torch.no_grad()
@@ -75,3 +76,55 @@ def objective(settings: DpoSettings) -> Objective:
         return losses.sum(), statistics
 
     return Objective("dpo", loss_sum, pairs_in_step, pairs_in_batch, STATISTICS)
+
+
+def prepare_here(cfg: Config, tokenizer) -> Prepared:
+    return preference.prepare(cfg.data, cfg.dpo, tokenizer)
+
+
+def prepare_run(accelerator, cfg: Config, tokenizer) -> Prepared:
+    """Preference pairs are records of their own, prepared in memory: the main process first (a data error it
+    finds ends every process with it), then the others."""
+    made: list[Prepared] = []
+    main_decides(accelerator, lambda: made.append(prepare_here(cfg, tokenizer)), (DataError,))
+    return made[0] if made else prepare_here(cfg, tokenizer)
+
+
+def check_data(cfg: Config, tokenizer) -> None:
+    preference.load(cfg.data)  # listed, counted and refused as the run would
+
+
+def reference_pass(accelerator, model, cfg: Config, planners: dict, added_tokens: list[int], attention: str) -> dict:
+    """The starting model's log-probabilities of every pair, before a checkpoint replaces it (computed once,
+    cached, read again on resume); a live reference needs none."""
+    if cfg.dpo.reference != "precomputed":
+        return planners
+    key = reference.cache_key(cfg, planners, added_tokens, str(accelerator.mixed_precision), attention,
+                              accelerator.num_processes)
+    return reference.attach(accelerator, model, cfg, planners, key,
+                            Path(cfg.data.cache_dir or Path(cfg.output.output_dir) / "reference"))
+
+
+REFERENCE = {"precomputed": "the starting model's log-probabilities, computed once before training",
+             "live": "the base with the LoRA adapter switched off, at every step"}
+
+
+def card(cfg: Config, final_eval: dict[str, float]) -> CardSection:
+    p, accuracy = cfg.dpo, final_eval.get("eval/rewards/accuracies")
+    return CardSection(
+        tags=["dpo"], data="preference pairs",
+        hyperparameters={"objective": "DPO (direct preference optimization)", "DPO beta": p.beta,
+                         "DPO loss": p.loss + (f", label smoothing {p.label_smoothing}" if p.label_smoothing else ""),
+                         "reference": REFERENCE[p.reference]},
+        trained="preference-tuned with DPO on pairs of answers with `loop`, a hand-written Accelerate + DeepSpeed "
+                "training\nloop. Only the last assistant turn of each answer counted in its log-probability.",
+        results="; final eval reward accuracy (chosen preferred to rejected): "
+                + ("not measured" if accuracy is None else f"{accuracy:.1%}"))
+
+
+PLUGIN = Plugin("dpo", loss=lambda cfg: objective(cfg.dpo), prepare=prepare_here, prepare_run=prepare_run,
+                check_data=check_data, card=card, batch_keys=pairs.pair_keys(), dropout=False,
+                before_training=reference_pass,
+                eval_words=lambda result: f", reward accuracy {result['eval/rewards/accuracies']:.1%}",
+                console={"train/rewards/accuracies": "reward acc {:.0%}"},
+                sequence_label=lambda i: f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}, ")

@@ -29,7 +29,7 @@ from loop.data.batches import Planner, to_device
 from loop.data.pairs import pair_keys
 from loop.data.tokenize import fingerprint
 from loop.processes import any_process
-from loop.training.dpo import sequence_log_probs
+from loop.training.sequences import sequence_log_probs
 
 log = logging.getLogger("loop")
 SAMPLED = 1 << 20  # bytes read from each end of a weight file for its identity

@@ -133,11 +133,12 @@ def test_a_run_with_push_to_hub_uploads_final_model_and_checkpoints(tiny_dir, tm
 
 def test_model_card_metadata_names_hub_datasets_and_base_model_only(tmp_path):
     from loop import config
+    from loop.training import sft
 
     cfg = config.from_dict({"model": {"name_or_path": "bigcode/starcoderbase"},
                             "data": {"train_files": ["HuggingFaceH4/oasst1_en:train_ift", str(tmp_path)]}})
     card = model_card.model_card(cfg, model_card.RunSummary(world_size=8, hardware="8 x H100", steps=3),
-                                 "{{ messages }}", "<|user|>\nhi", "model", tmp_path)
+                                 "{{ messages }}", "<|user|>\nhi", "model", tmp_path, sft.card(cfg, {}))
     assert card.data.base_model == "bigcode/starcoderbase"
     assert card.data.datasets == ["HuggingFaceH4/oasst1_en"]  # no split suffix, no local paths
 

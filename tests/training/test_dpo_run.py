@@ -70,6 +70,18 @@ def test_trls_metrics_reach_tensorboard_and_train_log_and_held_out_accuracy_rise
     assert "cached in " in passed and list((pair_files[0].parent / "cache").glob("reference-*.safetensors"))
 
 
+def test_every_eval_metric_reaches_train_log_at_every_evaluation(dpo_run):
+    """What the README promises (issue 40.3): the eval loss, reward accuracy, margins, chosen and rejected
+    rewards and log-probabilities in train.log, one line an evaluation, as TensorBoard has them."""
+    logged, log = scalars(dpo_run), (dpo_run / "train.log").read_text().splitlines()
+    for step in (0, EVAL_EVERY, STEPS):
+        (line,) = [line for line in log if f" INFO step {step}: eval/loss=" in line]
+        values = dict(pair.split("=") for pair in line.split(f"step {step}: ")[1].split())
+        for name in METRICS:
+            assert float(values[f"eval/{name}"]) == pytest.approx(dict(logged[f"eval/{name}"])[step], rel=1e-3,
+                                                                  abs=1e-7), (step, name)
+
+
 def test_the_model_card_says_dpo_beta_loss_reference_and_final_accuracy(dpo_run):
     card = ModelCard.load(dpo_run / "final" / "README.md")
     accuracy = dict(scalars(dpo_run)["eval/rewards/accuracies"])[STEPS]
