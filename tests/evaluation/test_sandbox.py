@@ -132,3 +132,36 @@ def test_an_uncontained_evaluation_is_warned_and_written_on_the_card(caplog, tmp
                               code_note=during_training.describe_sandbox("none"))
     section = card.code_section(summary, tmp_path)
     assert "**uncontained**" in section and "easy pass@1: **0.500** at step 4" in section
+
+
+# Ten threads alive for 1.5 s (each reserves address space: a stack and a malloc arena), then the uid it ran as:
+# three at once need 33 of a limit of 16 if they share it
+THREADS = ("import threading, time, posix\nts = [threading.Thread(target=time.sleep, args=(1.5,)) for _ in range(10)]\n"
+           "for t in ts:\n    t.start()\nfor t in ts:\n    t.join()\nraise ValueError(f'uid {posix.getuid()}')\n")
+
+
+def test_programs_side_by_side_each_have_their_own_process_limit(target):
+    """Issue 39.3: the process limit counts one user's processes, so each program running at once gets a user of
+    its own (as root a uid of its own; unprivileged a user namespace of its own). Three programs of ten threads
+    each and a fork bomb, four at once: the threaded ones all run, the fork bomb is stopped by its own limit."""
+    from loop.config import EvaluationSettings
+    from loop.evaluation import scoring
+
+    _, programs, _, _, _ = target
+    texts = [THREADS] * 3 + [programs["process count"]]
+    problems = [{"task_id": f"t/{i}", "prompt": t, "test": "", "entry_point": "print"} for i, t in enumerate(texts)]
+    samples = [{"task_id": p["task_id"], "completion": ""} for p in problems]
+    settings = EvaluationSettings(tasks="humaneval", timeout_s=6.0, memory_mb=1024, processes=16, workers=4)
+    scored, took = scoring.execute(problems, samples, settings, show=False)
+    verdicts = [s["result"] for s in scored]
+    assert all(v.startswith("failed: uid ") for v in verdicts[:3]), verdicts  # no "can't start new thread"
+    assert len(set(verdicts[:3])) == 3  # three users, one each
+    assert verdicts[3].startswith("failed: forked ") and 1 <= int(verdicts[3].split()[-1]) < settings.processes
+    assert took < 6.0 and leftovers() == []
+
+
+def test_the_uids_of_programs_running_at_once_differ_and_come_back():
+    with sandbox.uid() as a, sandbox.uid() as b:
+        assert a != b and sandbox.UID_BASE <= min(a, b) and max(a, b) < 1 << 31
+    with sandbox.uid() as c:
+        assert c in (a, b)
