@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         ckpt_root = out / "checkpoints"
         resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, data.report.fingerprint)
         claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
+        rundir.check_shared(out, accelerator)  # every node sees this folder: refused now, not at a checkpoint
         trackers.start(accelerator, cfg, resume.state.step)
         if accelerator.is_main_process:
             rundir.start_log_file(out, log)
