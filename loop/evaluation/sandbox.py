@@ -23,8 +23,9 @@ The process limit is the kernel's RLIMIT_NPROC, which counts every process of on
 together, so no two programs running at once may share a user. Unprivileged, bubblewrap gives each program a
 user namespace of its own, where the kernel (5.14 and later) counts it apart. As root there is no user
 namespace, so each program drops to a uid that no other running program has: one per worker slot of this
-process, in a range keyed by this process's id (see `uid`). A cgroup per program (pids.max) would need a
-delegated cgroup tree, which containers and CI runners often do not give.
+process, in a range keyed by this process's id, among the uids this user namespace maps (see `uid_block`).
+A cgroup per program (pids.max) would need a delegated cgroup tree, which containers and CI runners often
+do not give.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # The uids programs run as when started as root: SLOTS per evaluating process, 2**20 processes, in the range
 # 0x70000000-0x77ffffff that systemd leaves unused (above the containers' range, below 2**31; UIDS-GIDS.md).
-UID_BASE, SLOTS, PIDS = 0x70000000, 128, 1 << 20
+UID_BASE, SLOTS, PIDS, NOBODY = 0x70000000, 128, 1 << 20, 65534
 FREE_SLOTS: queue.LifoQueue[int] = queue.LifoQueue()  # of this process; more programs at once wait for one
 for _slot in reversed(range(SLOTS)):
     FREE_SLOTS.put(_slot)
@@ -121,14 +122,28 @@ def command(kind: Sandbox) -> list[str]:
     return [*bwrap_command(bwrap), "--", *python]
 
 
+def uid_block(uid_map: str) -> tuple[int, int]:
+    """The first uid programs may run as, and how many there are: UID_BASE's range where this user namespace
+    maps it (a machine, a rootful container); else the top of what it maps, below nobody (a rootless
+    container maps 65536 uids, and setuid to one it does not map fails)."""
+    ranges = [tuple(map(int, line.split()[::2])) for line in uid_map.splitlines() if line.strip()]
+    if any(first <= UID_BASE and UID_BASE + PIDS * SLOTS <= first + count for first, count in ranges):
+        return UID_BASE, PIDS * SLOTS
+    first, count = max(ranges, key=sum, default=(0, NOBODY + 1))
+    top = min(first + count, NOBODY)
+    bottom = max(first + 1, top - 4096, 1000)  # above the system's users
+    return (bottom, top - bottom) if top > bottom else (NOBODY, 1)
+
+
 @contextmanager
 def uid() -> Iterator[int]:
-    """A uid no other program running now has: this process's range (its pid picks it: two evaluating
-    processes of one machine have distinct pids; two whose pids differ by a multiple of 2**20 would share their
-    slots' limits, as every program did before), a free slot in it, held while the program runs."""
+    """A uid no other program running now has: this process's part of the uid block (its pid picks it: two
+    evaluating processes of one machine have distinct pids; two whose pids fall on the same part would share
+    their slots' limits, as every program did before), a free slot in it, held while the program runs."""
+    first, count = uid_block(Path("/proc/self/uid_map").read_text())
     slot = FREE_SLOTS.get()
     try:
-        yield UID_BASE + (os.getpid() % PIDS) * SLOTS + slot
+        yield first + ((os.getpid() % PIDS) * SLOTS + slot) % count
     finally:
         FREE_SLOTS.put(slot)
 
