@@ -23,7 +23,7 @@ import secrets
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from loop.config import ConfigError, first_line
@@ -180,21 +180,22 @@ def check_shared(output_dir: Path, accelerator) -> None:
     token = main_decides(accelerator, lambda: secrets.token_hex(8), ())
     rank, host = accelerator.process_index, socket.gethostname()
     mine = output_dir / f"{MARKER}{token}-{rank}"
-    try:  # a node whose directory does not exist writes nothing: the main process cannot find it
+    with suppress(OSError):  # a node whose directory does not exist writes nothing: the main process cannot find it
         mine.write_text(f"{rank} {host} {token}\n")
-    except OSError:
-        pass
     hosts = gather_object([host])  # every process's host, in rank order; every marker is written by now
 
     def unseen() -> list[int]:
         def found(r: int) -> bool:
-            marker = output_dir / f"{MARKER}{token}-{r}"
-            return marker.is_file() and marker.read_text() == f"{r} {hosts[r]} {token}\n"
+            try:
+                return (output_dir / f"{MARKER}{token}-{r}").read_text() == f"{r} {hosts[r]} {token}\n"
+            except OSError:  # missing, or not readable: not seen either way
+                return False
 
         return [r for r in range(accelerator.num_processes) if not found(r)]
 
     missing = main_decides(accelerator, unseen, ())  # the main process has read them all before any goes
-    mine.unlink(missing_ok=True)
+    with suppress(OSError):  # an error on one process only would leave the others waiting
+        mine.unlink(missing_ok=True)
     if missing:
         ranks: dict[str, list[str]] = {}
         for r in missing:
