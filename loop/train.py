@@ -90,6 +90,7 @@ def open_run(run_scope: contextlib.ExitStack, accelerator: Accelerator, cfg: con
     out = Path(cfg.output.output_dir)
     resume = checkpoints.plan_resume(accelerator, cfg, out / "checkpoints", data.report.fingerprint)
     claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
+    rundir.check_shared(out, accelerator)  # every node sees this folder: refused now, not at a checkpoint
     trackers.start(accelerator, cfg, resume.state.step)
     if accelerator.is_main_process:
         rundir.start_log_file(out, log)

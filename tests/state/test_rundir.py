@@ -6,12 +6,13 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
 
 from loop.state import checkpoints, integrity, rundir
-from tests.conftest import ROOT, run_in_process, write_config
+from tests.conftest import ROOT, free_port, run_in_process, write_config
 
 
 def small_run(tmp_path, tiny_dir, **training):
@@ -143,3 +144,32 @@ def test_lock_file_names_the_holder_and_a_run_that_ended_leaves_no_name(tmp_path
     assert json.dumps(holder)  # plain text a person can read
     with rundir.claimed(tmp_path / "d", is_main=True) as took_over:  # the next run (a resume, say)
         assert took_over is None  # no warning about a run that is gone: the last one ended
+
+
+def same_folder(first: Path, second: Path) -> list[str]:
+    """What the two processes of tests/state/same_folder.py said, rank 0 in `first`, rank 1 in `second`."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "state" / "same_folder.py"), str(first),
+                               str(second)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=os.environ | {"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                                "PYTHONPATH": str(ROOT)}) for r in (0, 1)]
+    said = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(err[-3000:] for _, err in said)
+    return [out for out, _ in said]
+
+
+def test_processes_that_do_not_see_the_same_run_folder_are_refused_before_any_step(tmp_path):
+    """Issue 39.6: rank 1 resolves the relative output directory in another working directory, as a node whose
+    folder is not shared would see one of its own: both refuse in one line naming its host and rank. With one
+    folder both pass. The markers are gone either way."""
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    (node1 / "out").mkdir(parents=True)
+    node0.mkdir()
+    line = (f"error: output.output_dir out is not the same folder for every process: the main process on "
+            f"{socket.gethostname()} cannot see what 1 process(es) on {socket.gethostname()} (rank 1) wrote there; ")
+    apart = same_folder(node0, node1)
+    assert all(said.startswith(line) and said.count("\n") == 1 for said in apart), apart
+    assert list((node0 / "out").iterdir()) == list((node1 / "out").iterdir()) == []
+    assert same_folder(node0, node0) == ["shared\n", "shared\n"]
+    assert list((node0 / "out").iterdir()) == []
