@@ -12,7 +12,7 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     engine      the accelerator and everything DeepSpeed: settings, the step's  config, processes
                 engine calls, ZeRO-3 checkpoint files and their safe reader
     model       architectures, attention for packed rows, the loss head, LoRA,  config, data, engine
-                loading, FLOPs, the memory estimate, the tiny default models
+                loading, FLOPs, the memory estimate
     training    what a step optimises (objectives: sft, dpo and its reference   config, processes, data,
                 pass) and the optimizer step                                    engine, model
     state       the run's state on disk: progress, checkpoints, integrity,      config, processes, data,
@@ -27,7 +27,7 @@ Where a change goes:
 - a new objective: one module in training/ (its loss sum, what a step is normalised by, its statistics; see
   training/objective.py, and dpo.py for the second) and its settings in config/settings.py; the step does
   not change.
-- a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate`.
+- a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate_sources`.
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.
 - a new data source or format: a reader in data/records.py or a converter in data/formats.py.

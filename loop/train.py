@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                 if on_schedule(state.step, t.eval_every, total_steps) and eval_rows:
                     eval_and_log()
                 if t.sample_prompts and on_schedule(state.step, t.sample_every, total_steps):
-                    sampling.during_training(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens,
-                                             stop_id, state.step, out)
+                    sampling.log_samples(model, accelerator, tokenizer, t.sample_prompts, t.max_new_tokens,
+                                         stop_id, state.step, out)
                 saved = None
                 if cfg.output.save and (on_schedule(state.step, t.save_every, total_steps) or result.preempted):
                     saved = checkpoints.save(accelerator, state, cfg, ckpt_root, model, tokenizer, resume.run)

@@ -68,8 +68,8 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-                    stop_id: int, step: int, out_dir: Path) -> None:
+def log_samples(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                stop_id: int, step: int, out_dir: Path) -> None:
     """Greedy answers to the configured prompts, logged and written to OUTPUT_DIR/samples.md.
 
     Every process runs generate: with ZeRO-3 each forward pass gathers weights from all of them.

@@ -9,8 +9,8 @@ from loop.data import templates
 from loop.data.dialogues import SourceReport, load_dialogues
 from loop.data.records import DataError
 from loop.data.tokenize import tokenize
-from loop.model.tiny import CORPUS_DIR
 from tests.conftest import ROOT
+from tools.builders.tiny import CORPUS_DIR
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD_LINES = [
