@@ -268,3 +268,12 @@ def run_card_snippets(folder: Path) -> str:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, f"{code}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that launch processes or train, or use a fixture that does, join the `slow` tier (tests/tiers.py)."""
+    from tests import tiers
+
+    for item in items:
+        if tiers.is_slow(item):
+            item.add_marker(pytest.mark.slow)
