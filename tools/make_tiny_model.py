@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.3,
                    help="GPTBigCode's residual, embedding and attention dropout (with --like: every rate)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones)")
+    p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones; meta: "
+                   "the shape only, config and tokenizer written, no weights)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     a = p.parse_args()
     shape = {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "positions": a.positions}
