@@ -13,7 +13,7 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     engine      the accelerator and everything DeepSpeed: settings, the step's  config, processes
                 engine calls, ZeRO-3 checkpoint files and their safe reader
     model       architectures, attention for packed rows, the loss head, LoRA,  config, data, engine
-                loading, FLOPs, the memory estimate, the tiny default models
+                loading, FLOPs, the memory estimate
     training    what a step optimises (objectives: sft, dpo and its reference   config, processes, data,
                 pass) and the optimizer step                                    engine, model
     state       the run's state on disk: progress, checkpoints, integrity,      config, processes, data,
@@ -31,7 +31,7 @@ Where a change goes:
   dropout, its eval line and model-card section; dpo.py is the second) and NAME in config/settings.py's
   `Objective` (with a settings section named NAME if it has settings); the loop, the step, the evaluation,
   the card and the tools do not change, and nothing outside training/ asks for an objective by name.
-- a new evaluation: a module that runs at the loop's eval point, beside training/step.py's `evaluate`.
+- a new evaluation: a module that runs at the loop's eval point, beside evaluation/held_out.py (training/step.py's `held_out_sums`).
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.
 - a new data source or format: a reader in data/records.py or a converter in data/formats.py.

@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingf
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from loop.model import tiny  # noqa: E402
+from tools.builders import tiny  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # A token that must never appear in any file a run writes (tests/report/test_hub.py scans for it).
@@ -39,7 +39,7 @@ FAMILIES = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
 
 @pytest.fixture(scope="session")
 def family_dirs(tmp_path_factory, tiny_dir):
-    """A tiny model of each supported family (its own kind of tokenizer; see loop/model/tiny.py), built on first use."""
+    """A tiny model of each supported family (its own kind of tokenizer: tools/builders/tiny.py), built on first use."""
     built = {"gpt_bigcode": tiny_dir}
 
     def get(family: str) -> Path:
@@ -182,7 +182,7 @@ def tool_run(family_dirs, tmp_path_factory) -> Path:
     measured to teach it the call's JSON (at 500 and 600 steps it still closes the arguments with one brace too
     many, so no call parses). Shared by every test of tool use after training (the learned call,
     generate --tools, the card's tools snippet)."""
-    from loop.data import toolset
+    from tools.builders import toolset
 
     tmp = tmp_path_factory.mktemp("tools")
     root = family_dirs("llama")
@@ -268,3 +268,12 @@ def run_card_snippets(folder: Path) -> str:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, f"{code}\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Tests that launch processes or train, or use a fixture that does, join the `slow` tier (tests/tiers.py)."""
+    from tests import tiers
+
+    for item in items:
+        if tiers.is_slow(item):
+            item.add_marker(pytest.mark.slow)

@@ -1,10 +1,12 @@
-"""The GPU check script stays runnable: its --tiny mode runs every step at toy size on CPU."""
+"""The GPU scripts stay runnable: --tiny runs every step at toy size on CPU, and --dry-run checks every step of the
+real path on CPU without its device work."""
 
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -163,3 +165,57 @@ def test_gpu_scale_leaves_out_what_its_budget_cannot_hold(tmp_path):
         ["skipped full", "skipped lora"]
     assert proc.stdout.splitlines()[-2].endswith('REUSE=1 PARTS="full lora" bash tools/bench/gpu_scale.sh')
     assert not (tmp_path / "run-full.log").exists() and not (tmp_path / "sc2-3b").exists()
+
+
+def dry_run(script: str, work) -> list[str]:
+    proc = subprocess.run(["bash", f"tools/bench/{script}", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env=os.environ | {"WORK": str(work), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    commands = [line for line in lines if line.startswith("dry run: ") and "checking the" not in line]
+    checked = [line for line in lines if line.startswith("ok: ")]
+    assert commands and len(checked) == len(commands) and not any("FAIL" in line for line in lines), lines
+    return lines
+
+
+@pytest.mark.slow
+def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
+    """--dry-run takes the GPU path (not --tiny's) on CPU with no device work: the real model shapes built on the
+    meta device, the real configs read back, every device command assembled, printed and checked without being
+    run. It catches what --tiny cannot: gpu_check.sh's real path imported `loop.attention` for months after the
+    layout moved it, and nothing ran that line. Three tokenizers trained and the stack imported a dozen times
+    (about a minute on 2 shared cores): in the slow tier, which CI runs."""
+    check = dry_run("gpu_check.sh", tmp_path / "check")
+    trains = [line for line in check if line.startswith("ok: accelerate launch (zero3.yaml") and "train.py" in line]
+    assert len(trains) >= 2 and all("gpt_bigcode (1,1" in line for line in trains)  # the 1.1B model, on meta
+    assert all("micro-batch 8 x 2048 tokens" in line for line in trains)
+    assert any(", dpo, " in line for line in trains)  # the DPO run's overrides read back too
+    assert any("tools.bench.trainer_baseline: arguments accepted" in line for line in check)  # through accelerate
+    for module in ("ceiling", "dpo_baseline", "gpu_report", "packed_logits", "code_eval"):
+        assert any(line.startswith(f"ok: tools.bench.{module}: arguments accepted") for line in check), module
+    assert not (tmp_path / "check" / "model" / "model.safetensors").exists()  # no weights: the shape only
+
+    scale_lines = dry_run("gpu_scale.sh", tmp_path / "scale")
+    trains = [line for line in scale_lines if "loop/train.py: config read back" in line]
+    assert len(trains) == 4 and all("starcoder2 (" in line and "x 4096 tokens" in line for line in trains)
+    params = sorted({int(line.split("starcoder2 (")[1].split()[0].replace(",", "")) for line in trains})
+    assert len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B and 7B shapes
+    assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 3
+
+
+def test_the_dry_run_names_a_command_that_would_fail(tmp_path, capsys):
+    """A dry run passes only when every command would start: a setting loop/train.py does not know, an argument a
+    module refuses and a missing launcher config are each named, and the others still checked."""
+    from tools.bench import dry_run as checker
+
+    py = sys.executable
+    launcher = f"{py} -m accelerate.commands.launch --num_processes 1 --config_file"
+    good = f"{py} -m tools.bench.ceiling model data.jsonl --seq-len 2048"
+    (tmp_path / "commands").write_text("\n".join([
+        f"{launcher} accelerate_configs/zero3.yaml loop/train.py configs/quickstart.yaml --no_such_setting 1",
+        f"{py} -m tools.bench.ceiling model data.jsonl --no-such-flag",
+        f"{launcher} accelerate_configs/missing.yaml loop/train.py configs/quickstart.yaml",
+        good]) + "\n")
+    assert checker.main([str(tmp_path / "commands")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAILED: ") == 3 and "no_such_setting" in out and "ok: tools.bench.ceiling" in out

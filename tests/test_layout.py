@@ -87,3 +87,13 @@ def test_the_config_imports_neither_torch_nor_transformers():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
     assert not {m for m in graph()["loop.config"] | graph()["loop.config.settings"] if stage(m) != "config"}
+
+
+def test_the_runtime_imports_nothing_from_tools():
+    """tools/ (front ends, benchmarks, and the builders of the tiny models and the tool-use set) stands on loop;
+    loop never reaches into it, so what serves only tools and tests stays out of the installed package."""
+    reaching = [f"{module_name(p)} imports {node.module if isinstance(node, ast.ImportFrom) else node.names[0].name}"
+                for p in LOOP.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools"
+                or isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tools" for a in node.names)]
+    assert not reaching, reaching

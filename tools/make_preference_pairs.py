@@ -21,9 +21,12 @@ import json
 import sys
 from pathlib import Path
 
-from loop.data import preference
-from loop.data.dialogues import collect, digest, held_out
-from loop.model.tiny import CORPUS_DIR
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: tools.builders is imported from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loop.data import preference  # noqa: E402
+from loop.data.dialogues import collect, digest, held_out  # noqa: E402
+from tools.builders.tiny import CORPUS_DIR  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

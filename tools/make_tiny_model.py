@@ -18,11 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import typing
 from pathlib import Path
 
-from loop.model import tiny
-from loop.state.export import DTYPES
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: tools.builders is imported from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loop.state.export import DTYPES  # noqa: E402
+from tools.builders import tiny  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +34,7 @@ def main() -> None:
     p.add_argument("--out", default="artifacts/tiny-starcoder", help="model + tokenizer directory")
     p.add_argument("--data", default="artifacts/data/chatterbot.jsonl", help="converted dialogues (JSONL)")
     p.add_argument("--family", choices=typing.get_args(tiny.Family), default="gpt_bigcode",
-                   help="architecture (and the kind of tokenizer it comes with; see loop/model/tiny.py)")
+                   help="architecture (and the kind of tokenizer it comes with; see tools/builders/tiny.py)")
     # The quickstart's model (~9M parameters): wide enough to learn the corpus's style in 3 epochs, with
     # enough dropout that its held-out loss keeps falling to the end instead of memorizing.
     # With --like these four only shrink the published shape when given.
@@ -45,7 +49,8 @@ def main() -> None:
     p.add_argument("--dropout", type=float, default=0.3,
                    help="GPTBigCode's residual, embedding and attention dropout (with --like: every rate)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones)")
+    p.add_argument("--device", default="cpu", help="where to initialize the weights (cuda: fast for big ones; meta: "
+                   "the shape only, config and tokenizer written, no weights)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="dtype of the saved weights")
     a = p.parse_args()
     shape = {"hidden": a.hidden, "layers": a.layers, "heads": a.heads, "positions": a.positions}

@@ -18,9 +18,13 @@ import json
 import sys
 from pathlib import Path
 
-from loop.data import calls, toolset
-from loop.data.dialogues import collect
-from loop.model.tiny import CORPUS_DIR
+if __package__ in (None, ""):  # run as `python tools/NAME.py`: tools.builders is imported from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loop.data import calls  # noqa: E402
+from loop.data.dialogues import collect  # noqa: E402
+from tools.builders import toolset  # noqa: E402
+from tools.builders.tiny import CORPUS_DIR  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

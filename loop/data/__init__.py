@@ -5,8 +5,8 @@ schema) -> dialogues (validation, split, the data report; tool calls, results an
 templates (the Jinja chat template, the one source of trained tokens) -> tokenize (cached) -> prepare (all of
 it for a run) -> packing (rows and their order) -> batches (collate, the per-step plan, the prefetch thread).
 Preference tuning reads its own records: preference (the three pair shapes, validation, truncation,
-tokenizing) -> pairs (whole pairs packed into rows, and the keys a pair's batch carries). toolset builds the
-shipped tool-use set (tools/make_tool_data.py).
+tokenizing) -> pairs (whole pairs packed into rows, and the keys a pair's batch carries). The shipped tool-use
+set in tool_use/ is built by tools/builders/toolset.py (tools/make_tool_data.py).
 
 May import: loop.config. Nothing here knows about models, engines or checkpoints.
 """

@@ -70,8 +70,8 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
 
-def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-                    stop_id: int, step: int, out_dir: Path) -> None:
+def log_samples(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
+                stop_id: int, step: int, out_dir: Path) -> None:
     """Greedy answers to the configured prompts, logged and written to OUTPUT_DIR/samples.md.
 
     Every process runs generate: with ZeRO-3 each forward pass gathers weights from all of them.
@@ -99,5 +99,5 @@ class Sampler:
 
     def maybe_sample(self, state: LoopState) -> None:
         if self.t.sample_prompts and due(state.step, self.t.sample_every, self.total_steps):
-            during_training(self.model, self.accelerator, self.tokenizer, self.t.sample_prompts, self.t.max_new_tokens,
+            log_samples(self.model, self.accelerator, self.tokenizer, self.t.sample_prompts, self.t.max_new_tokens,
                             self.stop_id, state.step, self.out_dir)

@@ -62,8 +62,8 @@ def train_step(model, optimizer, accelerator, step: Step, objective: Objective, 
 
 
 @torch.no_grad()
-def evaluate(model, accelerator, objective: Objective, batches: Iterable[Batch], count: int | None = None
-             ) -> torch.Tensor:
+def held_out_sums(model, accelerator, objective: Objective, batches: Iterable[Batch], count: int | None = None
+                  ) -> torch.Tensor:
     """The objective over this process's held-out batches, summed over every process: [summed loss, summed
     normaliser (trained tokens, for supervised fine-tuning), summed statistics...]."""
     from tqdm import tqdm
@@ -83,7 +83,8 @@ def evaluate(model, accelerator, objective: Objective, batches: Iterable[Batch],
 def evaluate_sources(model, accelerator, objective: Objective, planners: dict) -> dict[str, float]:
     """The held-out loss (and the objective's statistics) per normaliser unit over every eval set, and, for a
     mixture, each source's own loss as eval/loss/NAME."""
-    sums = {name: evaluate(model, accelerator, objective, p.shard(), p.shard_batches) for name, p in planners.items()}
+    sums = {name: held_out_sums(model, accelerator, objective, p.shard(), p.shard_batches)
+            for name, p in planners.items()}
     total = torch.stack(list(sums.values())).sum(0)
     mean = (total / total[1].clamp(min=1)).tolist()
     out = {"eval/loss": mean[0]} | {f"eval/{name}": v for name, v in zip(objective.statistics, mean[2:])}

@@ -9,8 +9,8 @@ from loop.data import templates
 from loop.data.dialogues import SourceReport, load_dialogues
 from loop.data.records import DataError
 from loop.data.tokenize import tokenize
-from loop.model.tiny import CORPUS_DIR
 from tests.conftest import ROOT
+from tools.builders.tiny import CORPUS_DIR
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 BAD_LINES = [
@@ -83,7 +83,10 @@ def test_chatterbot_yaml_parquet_and_json_inputs(tmp_path):
     assert len(load_dialogues([str(folder)], "messages", "error")[0]) == 1
 
 
+@pytest.mark.slow
 def test_convert_and_inspect_tools(tmp_path, tiny_dir):
+    """Four tool processes end to end (each imports the stack: about 20 s on 2 shared cores), so in the slow tier;
+    the converters behind convert_data.py are tested in process in tests/data/test_formats.py."""
     src = tmp_path / "sharegpt.jsonl"
     src.write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]})
                    + "\n" + json.dumps({"conversations": []}) + "\n")

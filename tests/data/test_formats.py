@@ -119,7 +119,7 @@ def test_every_format_is_registered_once_and_errors_carry_their_location():
 
 
 def test_the_chatterbot_corpus_converts_with_its_one_malformed_conversation_named():
-    from loop.model.tiny import CORPUS_DIR
+    from tools.builders.tiny import CORPUS_DIR
 
     files = sorted(str(p) for p in CORPUS_DIR.glob("*.yml"))
     dialogues, report, bad = collect(files, "chatterbot")

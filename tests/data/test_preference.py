@@ -138,9 +138,11 @@ def test_prepare_splits_stably_and_refuses_an_empty_training_set(tokenizer, tmp_
                                       on_bad_record="skip"), DpoSettings(), tokenizer)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rejected", ["reversed", "other_topic"])
 def test_pairs_made_from_the_corpus_on_the_quickstarts_split(tmp_path, rejected):
-    """tools/make_preference_pairs.py: one pair per distinct dialogue, the quickstart's held-out split."""
+    """tools/make_preference_pairs.py: one pair per distinct dialogue, the quickstart's held-out split. The tool
+    end to end over the whole corpus, twice (about 18 s on 2 shared cores): in the slow tier."""
     proc = subprocess.run([sys.executable, "tools/make_preference_pairs.py", "--out", str(tmp_path / "pairs"),
                            "--rejected", rejected], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

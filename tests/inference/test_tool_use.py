@@ -5,10 +5,11 @@ import json
 import subprocess
 import sys
 
-from loop.data import calls, toolset
+from loop.data import calls
 from loop.data.dialogues import collect
-from loop.model.tiny import CORPUS_DIR
 from tests.conftest import ROOT
+from tools.builders import toolset
+from tools.builders.tiny import CORPUS_DIR
 
 
 def held_out_questions(count: int) -> list[str]:

@@ -34,7 +34,9 @@ def test_shapes_and_flops_follow_each_architecture(family_dirs, family):
         assert cost < flops.training_flops(flops.matmul_parameters(model), full, [100])
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_counts_what_the_loop_counts(family_dirs, tmp_path):
+    """Two tool processes and the tiny Llama built (about 13 s on 2 shared cores): in the slow tier."""
     root = family_dirs("llama")
     model_config = estimate.read_config(str(root / "model" / "config.json"))  # a bare config.json works too
     total, _ = estimate.count_params(model_config)

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from loop.data import batches
-from loop.model import tiny
 from tools.bench import gpu_report, workload
+from tools.builders import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

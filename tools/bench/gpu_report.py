@@ -10,6 +10,7 @@ Each name is a run folder `run-NAME`: an attention choice, then `+` and the ZeRO
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -102,6 +103,11 @@ def preference(work: str, attn: str, trl_pairs: str) -> int:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--dpo"]:
-        sys.exit(preference(*sys.argv[2:]))
-    sys.exit(main(*sys.argv[1:]))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dpo", action="store_true", help="the DPO rows: NAMES are the attention and TRL's pairs a batch")
+    p.add_argument("work", help="the folder of the runs (run-NAME) and the baselines' JSON")
+    p.add_argument("names", nargs="+", help="the runs to report (with --dpo: ATTENTION PAIRS)")
+    a = p.parse_args()
+    if a.dpo and len(a.names) != 2:
+        p.error("--dpo takes WORK ATTENTION PAIRS")
+    sys.exit(preference(a.work, *a.names) if a.dpo else main(a.work, *a.names))

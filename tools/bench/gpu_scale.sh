@@ -24,6 +24,9 @@
 #
 #   bash tools/bench/gpu_scale.sh            # on the GPU machine, from the repository root
 #   bash tools/bench/gpu_scale.sh --tiny     # every part at toy size on CPU (tests/test_bench.py)
+#   bash tools/bench/gpu_scale.sh --dry-run  # the GPU path on CPU, no device work: the published shapes on the meta
+#                                            # device, batches for an 80 GB GPU, each device command printed and
+#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
 #
 # PARTS="full dpo" runs only those parts (default: full dpo lora qlora, in that order; dpo's SFT comparison
 # needs full). On the GPU the call keeps to BUDGET_S seconds (default 390: 7 minutes with the machine's start
@@ -36,7 +39,7 @@ cd "$(dirname "$0")/../.."
 WORK=${WORK:-/tmp/gpu-scale}
 PY=${PYTHON:-python3}
 NEEDS="deepspeed, datasets, peft, trl, bitsandbytes"
-source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch
+source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch, on_device, dry_check
 PARTS=${PARTS:-full dpo lora qlora}
 log=2 rank=16
 if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; the batch from a 1 GB "device"
@@ -47,6 +50,10 @@ if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; th
 else
   steps=${STEPS:-8} shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
   budget=${BUDGET_S:-390} part_s=${PART_S:-150}
+fi
+build_on=$device
+if [ -n "$DRY" ]; then  # the shapes on the meta device, the batch for an H100's 80 GB, no time box: nothing runs
+  build_on=meta memory=(--memory-gb 80) budget=""
 fi
 mkdir -p "$WORK"
 "$PY" -m tools.bench.ds_variant "$acc" "$WORK/plain" deepspeed=off > /dev/null  # LoRA's launch: no DeepSpeed
@@ -69,7 +76,8 @@ model() {  # NAME SIZE: random weights in StarCoder2-SIZE's published shape
   reuse "$WORK/$1/config.json" && return
   stamp "building $1 (configs/models/starcoder2-$2.json${shrink:+, shrunk for CPU})"
   "$PY" tools/make_tiny_model.py --like "configs/models/starcoder2-$2.json" --out "$WORK/$1" --data "$WORK/data.jsonl" \
-    --device "$device" --dtype "$dtype" --dropout 0 "${shrink[@]}" > "$WORK/$1.log" 2>&1 || fail "$WORK/$1.log" "model $1"
+    --device "$build_on" --dtype "$dtype" --dropout 0 "${shrink[@]}" > "$WORK/$1.log" 2>&1 \
+    || fail "$WORK/$1.log" "model $1"
 }
 batch() {  # PART MODEL: the largest micro-batch the estimate lets the loop and its baseline fit in
   "$PY" -m tools.bench.scale batch "$WORK/$2" --part "$1" --seq-len "$seq" --cap "$cap" "${memory[@]}" \
@@ -131,8 +139,9 @@ for part in lora qlora; do
   ran+=("$part=$mb7")
 done
 stamp "results"
-[ ${#ran[@]} -eq 0 ] || "$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
+[ ${#ran[@]} -eq 0 ] || on_device "$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
 [ -z "$skipped" ] || stamp "not measured in this call (its ${budget} s budget):$skipped; the same machine can finish:" \
   "REUSE=1 PARTS=\"${skipped# }\" bash tools/bench/gpu_scale.sh"
+dry_check
 [ -z "$failed" ] || { stamp "FAILED:${failed#;}"; exit 1; }
 stamp done

@@ -16,10 +16,12 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import loop.data
 from loop.data import calls
 from loop.data.records import Messages
 
-SHIPPED = Path(__file__).parent / "tool_use"  # tool_use.jsonl and tools.json, as make_tool_data.py writes them
+# The set ships with the package (loop/data/tool_use: tool_use.jsonl and tools.json), as make_tool_data.py writes it.
+SHIPPED = Path(loop.data.__file__).parent / "tool_use"
 
 CALCULATOR = {"type": "function", "function": {
     "name": "calculator", "description": "Evaluate an arithmetic expression (+ - * / // % ** and parentheses).",

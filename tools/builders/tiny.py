@@ -122,9 +122,9 @@ def build(out_dir: Path, data_file: Path, family: Family = "gpt_bigcode", hidden
           dtype: torch.dtype = torch.float32, dropout: float = 0.0, tokenizer_vocab: int = 4096,
           like: dict | None = None) -> None:
     """vocab_size pads the model's embedding beyond the tokenizer (StarCoder's is 49152), for benchmarks;
-    device "cuda" initializes a large benchmark model in seconds instead of minutes. `like`: a published
-    config.json's contents, whose shape the model takes instead (see like_config; hidden, layers, heads and
-    positions then shrink it only when given)."""
+    device "cuda" initializes a large benchmark model in seconds instead of minutes; "meta" writes no weights.
+    `like`: a published config.json's contents, whose shape the model takes instead (see like_config; hidden,
+    layers, heads and positions then shrink it only when given)."""
     n = convert_corpus(data_file)
     texts = [m["content"] for line in data_file.open() for m in json.loads(line)["messages"]]
     style = TOKENIZER.get(like["model_type"], "plain") if like else TOKENIZER[family]
@@ -138,7 +138,10 @@ def build(out_dir: Path, data_file: Path, family: Family = "gpt_bigcode", hidden
                               tokenizer, dropout)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config).to(dtype)
-    model.save_pretrained(out_dir)
+    if device == "meta":  # the shape only (the GPU scripts' --dry-run): config and tokenizer, no weights to save
+        model.config.save_pretrained(out_dir)
+    else:
+        model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     print(f"wrote {n} dialogues to {data_file}; {family} model ({model.num_parameters():,} parameters, "
           f"vocab {len(tokenizer)}) and tokenizer to {out_dir}")

@@ -5,8 +5,8 @@ import json
 import torch
 from transformers import AutoModelForCausalLM
 
-from loop.model import tiny
 from tests.conftest import ROOT
+from tools.builders import tiny
 
 
 def test_a_model_like_a_published_config_has_its_shape_and_shrinks_keeping_its_architecture(tokenizer):

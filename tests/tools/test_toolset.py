@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
-from loop.data import calls, toolset
+from loop.data import calls
 from loop.data.dialogues import load_dialogues
 from tests.conftest import ROOT
+from tools.builders import toolset
 
 
 @pytest.mark.parametrize("expression, value", [

@@ -1,0 +1,4 @@
+"""What the tools and the tests build, not the loop: the tiny models of the quickstart, the tests and the
+benchmarks (tiny: the chatterbot corpus, a tokenizer trained on it, random weights of a supported
+architecture), and the shipped tool-use set (toolset). Nothing under loop/ imports these.
+"""
