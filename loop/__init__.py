@@ -31,7 +31,8 @@ Where a change goes:
   dropout, its eval line and model-card section; dpo.py is the second) and NAME in config/settings.py's
   `Objective` (with a settings section named NAME if it has settings); the loop, the step, the evaluation,
   the card and the tools do not change, and nothing outside training/ asks for an objective by name.
-- a new evaluation: a module that runs at the loop's eval point, beside evaluation/held_out.py (training/step.py's `held_out_sums`).
+- a new evaluation: a module that runs at the loop's eval point, beside evaluation/held_out.py (which sums
+  with training/step.py's `held_out_sums`).
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.
 - a new data source or format: a reader in data/records.py or a converter in data/formats.py.
