@@ -143,7 +143,8 @@ def test_a_third_objective_defined_only_here_trains_evaluates_and_writes_its_car
     handler = logging.Handler()
     handler.emit = lambda record: said.append((record.getMessage(), getattr(record, "only", None)))
     log.addHandler(handler)
-    level, log.level = log.level, logging.INFO
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the logger's cache of levels
     try:
         Evaluator(model, accelerator, TOY, objective, evals, 1, 2, summary).maybe_evaluate(state)
     finally:
