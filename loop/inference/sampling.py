@@ -9,7 +9,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loop.data import templates
-from loop.engine import deepspeed
+from loop.engine import registry
 
 
 @dataclass
@@ -76,7 +76,7 @@ def during_training(model, accelerator, tokenizer: PreTrainedTokenizerBase, prom
     """
     from tqdm import tqdm
 
-    synced = deepspeed.synced_generation(accelerator)
+    synced = registry.of(accelerator).synced_generation(accelerator)
     answers = [answer(accelerator.unwrap_model(model), tokenizer, [[{"role": "user", "content": p}]],
                       SamplingConfig(max_new_tokens=max_new_tokens), stop_id, synced_gpus=synced)[0]
                for p in tqdm(prompts, desc="samples", leave=False, disable=not accelerator.is_main_process)]
