@@ -10,8 +10,10 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     processes   how processes agree before acting together                      config
     data        records, formats, validation, templates, tokenizing, packing,   config
                 batches; preference pairs and their packing
-    engine      the accelerator and everything DeepSpeed: settings, the step's  config, processes
-                engine calls, ZeRO-3 checkpoint files and their safe reader
+    engine      the accelerator and the engines behind one interface            config, processes
+                (DeepSpeed ZeRO-3, accelerate's own path): step calls, save
+                and load, checkpoint files and their safe reader, gathering
+                weights, the memory model
     model       architectures, attention for packed rows, the loss head, LoRA,  config, data, engine
                 loading, FLOPs, the memory estimate
     training    what a step optimises (objectives: sft, dpo and its reference   config, processes, data,
@@ -36,7 +38,8 @@ Where a change goes:
 - a new set of coding problems (MBPP, say): a reader in evaluation/tasks.py; the question, the sandbox and
   pass@k stay as they are.
 - a new data source or format: a reader in data/records.py or a converter in data/formats.py.
-- a new engine (FSDP): a sibling of engine/deepspeed.py and engine/zero3_files.py, with its branch in
-  engine/step.py.
+- a new engine (FSDP2): one module in engine/ registering an `Engine` (engine/interface.py: its step calls,
+  save and load, checkpoint layout and reader, gathering, memory model) in engine/registry.py's ENGINES;
+  nothing outside engine/ changes (no module outside it imports DeepSpeed or names its files).
 - a tool: a thin front end in tools/ over these packages, with --help.
 """

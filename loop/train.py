@@ -28,7 +28,6 @@ from loop.config import usage
 from loop.data import batches, templates
 from loop.data.prepare import Prepared
 from loop.data.records import DataError
-from loop.engine import deepspeed
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training, held_out
 from loop.inference import sampling
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Model and optimizer.
         attention.register()
-        model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, deepspeed.zero_stage(accelerator),
-                                accelerator.device, objective.dropout)
+        model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, accelerator, objective.dropout)
         step_flops = flops.counter(model, shape)
         trainable, total = flops.counts(model)
         log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")

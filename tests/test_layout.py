@@ -97,3 +97,47 @@ def test_the_runtime_imports_nothing_from_tools():
                 if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "tools"
                 or isinstance(node, ast.Import) and any(a.name.split(".")[0] == "tools" for a in node.names)]
     assert not reaching, reaching
+
+
+ENGINE_OWN = {"loop.engine.deepspeed", "loop.engine.zero3_files", "loop.engine.plain"}  # reached via the registry
+ZERO3_FILE_NAMES = ("zero_pp_rank", "pytorch_model/", "mp_rank_")
+
+
+def runtime_sources() -> list[Path]:
+    """loop/ outside loop/engine/, and the tools (benchmarks, which measure DeepSpeed itself, aside)."""
+    return [p for p in [*LOOP.rglob("*.py"), *(ROOT / "tools").rglob("*.py")]
+            if "engine" not in p.relative_to(ROOT).parts[:2] and "bench" not in p.relative_to(ROOT).parts]
+
+
+def test_only_the_engine_package_imports_deepspeed_or_an_engines_own_modules():
+    broken = []
+    for path in runtime_sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                     if isinstance(node, ast.ImportFrom) and node.module else [])
+            broken += [f"{path.relative_to(ROOT)} imports {n}" for n in names
+                       if n.split(".")[0] == "deepspeed" or n in ENGINE_OWN]
+    assert not broken, broken
+    assert len(runtime_sources()) > 40  # the walk saw the package and the tools
+
+
+def test_no_zero3_file_name_is_spelled_outside_the_engine_package():
+    broken = [f"{path.relative_to(ROOT)}: {name!r}" for path in runtime_sources() for name in ZERO3_FILE_NAMES
+              if name in path.read_text()]
+    assert not broken, broken
+
+
+def test_every_engine_is_registered_under_its_own_name_and_fills_in_the_whole_interface():
+    """The seam a second engine (FSDP2) plugs into: every field of `Engine` and its `Layout` is a function."""
+    import dataclasses
+
+    from loop.engine import registry
+    from loop.engine.interface import Engine, Layout
+
+    assert registry.DEFAULT == "deepspeed" and set(registry.ENGINES) == {"deepspeed", "accelerate"}
+    for name, engine in registry.ENGINES.items():
+        assert engine.name == name
+        for f in dataclasses.fields(Engine):
+            assert f.name in ("name", "title", "layout") or callable(getattr(engine, f.name)), (name, f.name)
+        assert all(callable(getattr(engine.layout, f.name)) for f in dataclasses.fields(Layout))

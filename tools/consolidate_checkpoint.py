@@ -1,6 +1,7 @@
-"""Turn a sharded ZeRO-3 checkpoint into a Hugging Face model directory.
+"""Turn a training checkpoint into a Hugging Face model directory, whichever engine wrote it.
 
-Reads the fp32 master weights of every rank (memory-mapped, one tensor at a time) and writes
+From a DeepSpeed ZeRO-3 checkpoint it reads the fp32 master weights of every rank (one tensor at a time),
+from a run without DeepSpeed (one process or DDP) its whole weights, and writes
 sharded safetensors (a single file when small) with an index, plus the run's model config,
 tokenizer, chat template and generation config. Tied weights are written once and come back tied.
 Nothing that looks like a finished model is left in OUTPUT_DIR if anything fails.

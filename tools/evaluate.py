@@ -45,7 +45,7 @@ def answer(a: argparse.Namespace, settings: EvaluationSettings, problems: list[d
     """The model's samples for the problems, and the time it took (per problem too)."""
     import torch
 
-    from loop.engine.zero3_files import ConsolidationError
+    from loop.engine.safe_load import ConsolidationError
     from loop.evaluation import generation
     from loop.inference import sampling
     from loop.inference.load import load_for_generation

@@ -36,7 +36,7 @@ from loop import config
 from loop.data import calls, templates
 from loop.data.prepare import held_out_prompts
 from loop.data.records import DataError
-from loop.engine.zero3_files import ConsolidationError
+from loop.engine.safe_load import ConsolidationError
 from loop.inference import chat, sampling
 from loop.inference.load import load_for_generation
 from loop.state.checkpoints import CheckpointError

@@ -1,6 +1,6 @@
-"""The accelerator a run trains with: accelerate's Accelerator over gloo on CPU-only machines, DeepSpeed's
-settings filled in when the launch asked for DeepSpeed, processes refused when accelerate left them
-unconnected, and accelerate's checkpoint loader held to the safe reader."""
+"""The accelerator a run trains with: accelerate's Accelerator over gloo on CPU-only machines, its engine
+chosen once (registry.choose; DeepSpeed's settings filled in when the launch asked for DeepSpeed), processes
+refused when accelerate left them unconnected, and accelerate's checkpoint loader held to the safe reader."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 from loop.config import Config, ConfigError
-from loop.engine import deepspeed, zero3_files
+from loop.engine import registry, safe_load
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
 
@@ -54,8 +54,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                           "each would train alone into the same output_dir (without GPUs, `accelerate launch "
                           "--multi_gpu` and plain torchrun do this); launch with a config from accelerate_configs/, "
                           "or one process")
-    if deepspeed.is_active(accelerator):
-        deepspeed.configure(accelerator, cfg.training)
+    registry.choose(accelerator).configure(accelerator, cfg.training)  # the one place the engine is chosen
     return accelerator
 
 
@@ -88,11 +87,11 @@ def exit_process(code: int) -> NoReturn:
 @contextlib.contextmanager
 def safe_state_loading() -> Iterator[None]:
     """accelerate's load_state reads optimizer.bin (and any pytorch_model.bin) through the reader ZeRO-3's
-    shards go through (zero3_files.torch_load: plain data only, nothing else allowed), not its own."""
+    shards go through (safe_load.torch_load: plain data only, nothing else allowed), not its own."""
     from accelerate import checkpointing
 
     def load(path, map_location=None, **_ignored):  # its `weights_only`: ours always is
-        return zero3_files.torch_load(path, map_location=map_location)
+        return safe_load.torch_load(path, map_location=map_location)
 
     original = checkpointing.load
     checkpointing.load = load

@@ -1,14 +1,18 @@
-"""DeepSpeed as the loop drives it: the settings it fills in, the engine calls of a step, how a model is
-built and gathered under ZeRO-3, how its checkpoints are saved and read safely, and what the card says."""
+"""DeepSpeed as the loop drives it, as one `Engine` (ENGINE, at the end): the settings it fills in, the engine
+calls of a step, how a model is built and gathered under ZeRO-3, how its checkpoints are saved and read
+safely (their files: zero3_files.py), the memory its model states take, and what the card says."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
 from loop.config import TrainingConfig
+from loop.engine import zero3_files
+from loop.engine.interface import Engine, Layout
 
 
 def is_active(accelerator) -> bool:
@@ -91,38 +95,51 @@ def synced_generation(accelerator) -> bool:
     return is_active(accelerator) and accelerator.num_processes > 1
 
 
-# The engine calls of one optimizer step. DeepSpeed's engine is driven directly, as accelerate's wrapper
-# does, so that its optimizer step can be timed on its own.
+def offloads(accelerator) -> set[str]:
+    """Where ZeRO moves the model states it offloads ("cpu", "nvme"), for the memory check."""
+    zero = accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
+    return {(zero.get(k) or {}).get("device") for k in ("offload_param", "offload_optimizer")} - {None, "none"}
 
-def backward(engine, loss: torch.Tensor, last_micro_batch: bool) -> None:
+
+def place_model(accelerator, model: torch.nn.Module, partial: bool) -> None:
+    """Under ZeRO-3, gather by transformer block (with a frozen base DeepSpeed's leaf-module backward loses the
+    adapters, so not with LoRA)."""
+    if zero_stage(accelerator) == 3 and not partial:
+        gather_by_block(model)
+
+
+# The engine calls of one optimizer step. DeepSpeed's engine is driven directly, as accelerate's wrapper
+# does, so that its optimizer step can be timed on its own; it clips and skips non-finite steps itself.
+
+def backward(accelerator, engine, loss: torch.Tensor, last_micro_batch: bool) -> None:
     engine.set_gradient_accumulation_boundary(last_micro_batch)
     engine.backward(loss)
 
 
-def optimizer_step(engine) -> torch.Tensor | float:
-    """Clip (DeepSpeed does it inside its step), update, and return the gradient norm it found."""
+def clip_gradients(accelerator, engine, max_grad_norm: float) -> float:
+    """DeepSpeed clips inside its step and reports the norm from there: not known yet (nan)."""
+    return float("nan")
+
+
+def discard_gradients(accelerator, engine, optimizer) -> None:
+    engine.optimizer.zero_grad()
+
+
+def optimizer_step(accelerator, engine, optimizer, grad_norm) -> torch.Tensor | float:
+    """Clip, update, and return the gradient norm DeepSpeed found (inf or nan when it skipped the step)."""
     engine.step()
     return engine.get_global_grad_norm()
 
 
-def discard_gradients(engine) -> None:
-    engine.optimizer.zero_grad()
+def save_state(accelerator, folder: Path, engine, partial: bool) -> None:
+    """accelerate.save_state; a LoRA run saves only what trains (the base is the model it started from)."""
+    accelerator.save_state(str(folder), **({"exclude_frozen_parameters": True} if partial else {}))
 
 
-def save_state_options(partial: bool) -> dict:
-    """accelerate.save_state's options: a LoRA run saves only what trains (the base is the model it started from)."""
-    return {"exclude_frozen_parameters": True} if partial else {}
-
-
-def load_state_options(partial: bool) -> dict:
-    return {"load_module_strict": False} if partial else {}
-
-
-def install_safe_loading(engine) -> None:
-    """Make a DeepSpeed engine read its checkpoints through `zero3_files.torch_load` (its own unpickles)."""
-    from loop.engine import zero3_files
-
+def load_state(accelerator, folder: Path, engine, partial: bool) -> None:
+    """accelerate.load_state with DeepSpeed's engine reading through the safe reader (its own unpickles)."""
     engine.checkpoint_engine = zero3_files.safe_checkpoint_engine(engine.checkpoint_engine)
+    accelerator.load_state(str(folder), **({"load_module_strict": False} if partial else {}))
 
 
 def model_states_memory(total: int, largest: int, gpus_per_node: int, nodes: int, cpu_offload: bool,
@@ -133,3 +150,18 @@ def model_states_memory(total: int, largest: int, gpus_per_node: int, nodes: int
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus_per_node, nodes,
                                                         cpu_offload=cpu_offload, cpu_offload_params=offload_params)
     return cpu, gpu
+
+
+def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
+    """accelerate's get_state_dict (ZeRO-3: gathered from every process's partition)."""
+    return accelerator.get_state_dict(model)
+
+
+ENGINE = Engine(
+    name="deepspeed", title="DeepSpeed", active=is_active, configure=configure, zero_stage=zero_stage,
+    offloads=offloads, describe=describe, place_model=place_model, synced_generation=synced_generation,
+    full_state_dict=full_state_dict, backward=backward, clip_gradients=clip_gradients,
+    discard_gradients=discard_gradients, optimizer_step=optimizer_step, save_state=save_state, load_state=load_state,
+    layout=Layout(recognises=zero3_files.recognises, missing=zero3_files.missing_shards, writer=zero3_files.rank_of,
+                  weights=zero3_files.weights),
+    outside_init=outside_zero_init, model_states_memory=model_states_memory)

@@ -1,7 +1,7 @@
-"""ZeRO-3's checkpoint files: their names, how a checkpoint folder is recognised, the safe reader that never
-unpickles them (`torch.load(weights_only=True)` with DeepSpeed's two classes allowed, also given to
-DeepSpeed's engine for resume), and the reader of each rank's fp32 master partition that consolidation
-streams from (loop/state/consolidate.py writes the model).
+"""ZeRO-3's checkpoint files, DeepSpeed's engine's `Layout`: their names, how a checkpoint folder is recognised,
+DeepSpeed's engine held to the safe reader (safe_load.py: nothing is unpickled) for resume, and the reader
+of each rank's fp32 master partition that consolidation streams from (`weights`; loop/state/consolidate.py
+writes the model).
 
 The partition protocol is DeepSpeed's `zero_to_fp32`: on every rank the param groups form one flat space,
 and each parameter takes ceil(numel / world) elements of it at a running offset. Reading it by hand lets
@@ -20,22 +20,15 @@ from pathlib import Path
 
 import torch
 
-from loop.config import first_line
+from loop.engine.interface import Weights
+from loop.engine.safe_load import ConsolidationError, UntrustedCheckpoint, torch_load
 
 SHARDS = "pytorch_model"  # the tag folder accelerate's save_state uses
 
 
-class UntrustedCheckpoint(RuntimeError):
-    """A checkpoint file is missing, truncated, or holds something other than plain data."""
-
-
-class ConsolidationError(RuntimeError):
-    """The input is not a complete ZeRO-3 checkpoint; the message names the file."""
-
-
-def is_zero_checkpoint(folder: Path) -> bool:
-    """Whether `folder` holds DeepSpeed shards (rather than whole weights from a run without DeepSpeed)."""
-    return (folder / SHARDS).is_dir()
+def recognises(names: list[str]) -> bool:
+    """Whether a checkpoint's files (names relative to its folder) include DeepSpeed's shards."""
+    return any(n.startswith(f"{SHARDS}/") for n in names)
 
 
 def model_states(rank: int) -> str:
@@ -57,28 +50,6 @@ def missing_shards(folder: Path, world_size: int) -> list[str]:
         if not list(shards.glob(f"*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")):
             missing.append(f"{SHARDS}/*zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
     return missing
-
-
-def safe_globals() -> list:
-    """The only classes DeepSpeed's checkpoint files may name: its ZeRO stage enum and loss scaler."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    return [ZeroStageEnum, LossScaler]
-
-
-def torch_load(path: str | Path, map_location=None, meta: bool = False, mmap: bool = False):
-    """torch.load that refuses anything but tensors and plain data (no code runs); on the meta device
-    no tensor data is read, only where it lies in the file."""
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(path, map_location="meta" if meta else map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - a tampered or truncated file shows up in many ways
-        # torch names the class a pickle asked for a few lines into its message: that is the line to show.
-        named = [line.strip() for line in str(e).splitlines() if "Unsupported global" in line]
-        reason = named[0][:200] if named else first_line(e, 200)
-        raise UntrustedCheckpoint(f"{path}: unreadable, truncated or not plain data ({type(e).__name__}: "
-                                  f"{reason})") from None
 
 
 def safe_checkpoint_engine(engine):
@@ -213,3 +184,13 @@ def check_checkpoint(ckpt: Path) -> tuple[Path, list[RankFile]]:
             raise ConsolidationError(str(e)) from None
     by_rank = sorted(optims, key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
     return tag, [RankFile(f) for f in by_rank]
+
+
+def weights(ckpt: Path) -> Weights:
+    """The checkpoint's fp32 master weights, for consolidation: buffers first, then every parameter merged
+    from the ranks' partitions, one at a time."""
+    tag, ranks = check_checkpoint(ckpt)
+    plan = read_plan(tag)
+    shapes = {k: (tuple(v.shape), v.dtype) for k, v in plan.buffers.items()}
+    shapes |= {k: (s, torch.float32) for k, s in plan.shapes.items()}
+    return Weights(lambda: merged_tensors(tag, plan, ranks), shapes, plan.aliases)

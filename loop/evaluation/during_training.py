@@ -14,7 +14,7 @@ from pathlib import Path
 from accelerate.utils import gather_object
 
 from loop.config import Config, ConfigError, EvaluationSettings, Sandbox
-from loop.engine import deepspeed
+from loop.engine import registry
 from loop.evaluation import generation, sandbox, scoring, tasks
 from loop.report.card import RunSummary
 
@@ -73,9 +73,10 @@ class CodeEval:
         acc, settings = self.accelerator, self.settings
         mine = self.problems[acc.process_index::acc.num_processes]
         share = math.ceil(len(self.problems) / acc.num_processes)  # every process generates as many (ZeRO-3)
+        synced = registry.of(acc).synced_generation(acc)
         answers, generate_s = generation.answers(
             acc.unwrap_model(model), self.tokenizer, mine + [self.problems[0]] * (share - len(mine)), settings,
-            self.stop_id, deepspeed.synced_generation(acc), self.seed + step, acc.is_main_process, f"{self.name}")
+            self.stop_id, synced, self.seed + step, acc.is_main_process, f"{self.name}")
         samples = tasks.samples(mine, answers, settings.samples_per_task)  # without the padding's
         scored, execute_s = scoring.execute(self.problems, samples, settings, show=acc.is_main_process)
         everything = gather_object([(scored, generate_s, execute_s)])

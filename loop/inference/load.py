@@ -1,5 +1,5 @@
 """A model to answer with, from wherever a user has one: a model folder or Hub id, or a training checkpoint
-(its fp32 master weights, read without unpickling; a LoRA checkpoint's adapter merged into its base)."""
+(its weights, read without unpickling by its engine's reader; a LoRA checkpoint's adapter merged into its base)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from loop.engine import zero3_files
 from loop.model import lora
 from loop.state import checkpoints
 
 
 def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
     """A model and tokenizer from a model directory (or Hub id), or from a complete, intact training
-    checkpoint (its fp32 master weights, merged in memory; a LoRA checkpoint's adapter merged into its base;
-    a run's checkpoints/ folder: its newest intact one). A broken checkpoint is a CheckpointError."""
+    checkpoint of any engine (its weights, a ZeRO-3 run's fp32 masters merged in memory; a LoRA checkpoint's
+    adapter merged into its base; a run's checkpoints/ folder: its newest intact one). A broken checkpoint is a
+    CheckpointError."""
     path_ = Path(path)
-    if checkpoints.is_checkpoint(path_):
+    checkpoint = checkpoints.is_checkpoint(path_)
+    if checkpoint:
         path_, _, passed_over = checkpoints.usable(path_)
         for note in passed_over:
             logging.getLogger("loop").warning(note)
@@ -31,7 +32,7 @@ def load_for_generation(path: str | Path, dtype: torch.dtype = torch.float32):
         from loop.state import export
 
         return export.merged_model(path_).to(dtype).eval(), tokenizer
-    if zero3_files.is_zero_checkpoint(path_):  # written by loop/train.py: read without unpickling
+    if checkpoint:  # written by loop/train.py, by any engine: read without unpickling
         from loop.state import consolidate
 
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)

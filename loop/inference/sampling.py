@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loop.config import TrainingConfig
 from loop.data import templates
-from loop.engine import deepspeed
+from loop.engine import registry
 from loop.state.progress import LoopState, due
 
 
@@ -78,7 +78,7 @@ def log_samples(model, accelerator, tokenizer: PreTrainedTokenizerBase, prompts:
     """
     from tqdm import tqdm
 
-    synced = deepspeed.synced_generation(accelerator)
+    synced = registry.of(accelerator).synced_generation(accelerator)
     answers = [answer(accelerator.unwrap_model(model), tokenizer, [[{"role": "user", "content": p}]],
                       SamplingConfig(max_new_tokens=max_new_tokens), stop_id, synced_gpus=synced)[0]
                for p in tqdm(prompts, desc="samples", leave=False, disable=not accelerator.is_main_process)]

@@ -1,7 +1,7 @@
 """How much memory a ZeRO-3 run needs per GPU and per node, before launching it.
 
-Model states (bf16 weights, fp32 master weights, Adam moments, gradients) come from DeepSpeed's own
-estimator; activations and logits, which it leaves out, are estimated here from the shapes, read the
+Model states (bf16 weights, fp32 master weights, Adam moments, gradients) come from the engine's own
+estimator (DeepSpeed's); activations and logits, which it leaves out, are estimated here from the shapes, read the
 way the loop reads them (architecture.py). Only the model's config is needed, from the Hub, a model
 folder or a config.json file.
 """
@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from loop.config import ConfigError, first_line
-from loop.engine import deepspeed
+from loop.engine import registry
 from loop.model.architecture import Shape
 
 GB = 1024**3
@@ -53,7 +53,7 @@ def count_params(model_config, trust_remote_code: bool = False) -> tuple[int, in
 
 
 def _count(model_config, trust_remote_code: bool) -> tuple[int, int]:
-    with deepspeed.outside_zero_init(), torch.device("meta"):  # in a ZeRO-3 run transformers would partition it
+    with registry.outside_init(), torch.device("meta"):  # in a ZeRO-3 run transformers would partition it
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
@@ -151,9 +151,9 @@ def lora_row(total: int, largest: int, adapter: int, gpus: int, quantized: bool)
 
 def estimate(name_or_path: str, gpus_per_node: int, nodes: int, micro_batch: int, seq_len: int,
              checkpointing: bool, trust_remote_code: bool = False, lora_rank: int = 0,
-             qlora: bool = False) -> list[dict[str, float | str]]:
-    """Rows of (setting, GPU GB per GPU, CPU GB per node): the usual ZeRO-3 choices, or with lora_rank the
-    LoRA (or QLoRA) run."""
+             qlora: bool = False, engine: str = registry.DEFAULT) -> list[dict[str, float | str]]:
+    """Rows of (setting, GPU GB per GPU, CPU GB per node): the usual ZeRO-3 choices (the model states from the
+    engine's own estimate), or with lora_rank the LoRA (or QLoRA) run."""
     model_config = read_config(name_or_path, trust_remote_code)
     total, largest = count_params(model_config, trust_remote_code)
     extra = sum(activations_bytes(Shape.of(model_config), micro_batch, seq_len, checkpointing).values())
@@ -162,11 +162,11 @@ def estimate(name_or_path: str, gpus_per_node: int, nodes: int, micro_batch: int
         row = lora_row(total, largest, adapter, gpus_per_node * nodes, qlora)
         row["gpu_gb"] = row["model_states_gpu_gb"] + extra / GB
         return [{"params": total, "largest_layer": largest, "activations_gb": extra / GB, "adapter": adapter}, row]
-    rows = []
+    rows, states = [], registry.get(engine).model_states_memory
     for label, cpu_offload, offload_params in (("no offload", False, False),
                                                ("offload optimizer", True, False),
                                                ("offload optimizer + params", True, True)):
-        cpu, gpu = deepspeed.model_states_memory(total, largest, gpus_per_node, nodes, cpu_offload, offload_params)
+        cpu, gpu = states(total, largest, gpus_per_node, nodes, cpu_offload, offload_params)
         rows.append({"setting": label, "gpu_gb": (gpu + extra) / GB, "model_states_gpu_gb": gpu / GB,
                      "cpu_gb_per_node": cpu / GB})
     return [{"params": total, "largest_layer": largest, "activations_gb": extra / GB}, *rows]

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 
 from loop.config import Config, ConfigError, first_line
 from loop.data.records import DataError, check_exists
-from loop.engine import deepspeed
+from loop.engine import registry
 from loop.model import attention, estimate, head, lora
 from loop.model.architecture import Shape, check_trainable
 
@@ -65,10 +65,9 @@ def check_memory(model_config, cfg: Config, accelerator=None) -> None:
     on_gpu = device.type == "cuda"
     machine = estimate.Machine(ram, torch.cuda.get_device_properties(device).total_memory if on_gpu else ram, on_gpu)
     if accelerator is not None:
-        zero = (accelerator.state.deepspeed_plugin.deepspeed_config.get("zero_optimization", {})
-                if deepspeed.is_active(accelerator) else {})
-        offload = {(zero.get(k) or {}).get("device") for k in ("offload_param", "offload_optimizer")}
-        machine.zero_stage, machine.processes = deepspeed.zero_stage(accelerator), accelerator.num_processes
+        engine = registry.of(accelerator)
+        offload = engine.offloads(accelerator)
+        machine.zero_stage, machine.processes = engine.zero_stage(accelerator), accelerator.num_processes
         machine.per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         machine.offload_to_disk = "nvme" in offload
     t = cfg.training
@@ -90,11 +89,13 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
 
 
 def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int], end_token: str,
-               zero_stage: int | None, device: torch.device, dropout: bool = True) -> torch.nn.Module:
+               accelerator, dropout: bool = True) -> torch.nn.Module:
     """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
     the template's tokens, a generation config that stops at the end token, LoRA adapters when asked
-    (lora.py), and the loss head. `zero_stage` is DeepSpeed's, None without DeepSpeed; `dropout` False: every
-    rate at 0, for an objective that trains without it (preference tuning)."""
+    (lora.py), and the loss head, placed as the run's engine wants it. `dropout` False: every rate at 0, for
+    an objective that trains without it (preference tuning)."""
+    engine, device = registry.of(accelerator), accelerator.device
+    zero_stage = engine.zero_stage(accelerator)
     quantization = lora.quantization(cfg)
     zero3 = zero_stage == 3
     model = AutoModelForCausalLM.from_pretrained(
@@ -117,8 +118,7 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
             model.enable_input_require_grads()  # the frozen embedding must still pass gradients back
         model = lora.wrap(model, cfg.lora, added_tokens)
     head.install_chunked_head(model, cfg.training.loss_chunk_tokens)
-    if zero3 and not cfg.lora.enabled:  # with a frozen base, DeepSpeed's leaf-module backward loses the adapters
-        deepspeed.gather_by_block(model)
+    engine.place_model(accelerator, model, cfg.lora.enabled)
     return model
 
 

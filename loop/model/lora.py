@@ -19,7 +19,7 @@ import torch
 
 from loop.config import Config, ConfigError, LoraSettings
 from loop.data import templates
-from loop.engine import deepspeed
+from loop.engine import registry
 
 log = logging.getLogger("loop")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -109,7 +109,7 @@ def load_base(base_name: str, vocab: int, revision: str | None = None, trust_rem
     this process's memory."""
     from transformers import AutoModelForCausalLM
 
-    with deepspeed.outside_zero_init():  # on the main process alone, also under a ZeRO-3 run
+    with registry.outside_init():  # on the main process alone, also under a ZeRO-3 run
         base = AutoModelForCausalLM.from_pretrained(base_name, revision=revision, trust_remote_code=trust_remote_code,
                                                     dtype=torch.float32)
     if base.get_input_embeddings().weight.shape[0] != vocab:  # the template's tokens were added

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 
 from loop.data import templates
-from loop.engine import deepspeed
+from loop.engine import registry
 from loop.report.hub import repo_for
 
 LOAD = '''```python
@@ -87,10 +87,7 @@ def run_setup(accelerator, cfg) -> tuple[str, str]:
     machines = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) // max(
         1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     where = f"{accelerator.num_processes} process(es) on {max(1, machines)} node(s)"
-    if deepspeed.is_active(accelerator):
-        shared = deepspeed.describe(accelerator)
-    else:
-        shared = "data parallel (DDP)" if accelerator.num_processes > 1 else "one process"
+    shared = registry.of(accelerator).describe(accelerator)
     mixed = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
     precision = f"{mixed} training, saved as {cfg.output.save_dtype}"
     if cfg.lora.enabled and cfg.lora.quantize == "4bit":

@@ -12,6 +12,7 @@ never pruned. Turning a checkpoint into a model is export.py's job.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -27,7 +28,8 @@ import yaml
 from loop import config as config_mod
 from loop.config import ConfigError
 from loop.data import templates
-from loop.engine import deepspeed, zero3_files
+from loop.engine import registry
+from loop.engine.safe_load import UntrustedCheckpoint
 from loop.processes import any_process, main_decides
 from loop.state import integrity, progress
 from loop.state.integrity import IN_USE, MARKER
@@ -100,7 +102,8 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
     """Write a checkpoint atomically on every process; prune to the last `keep_last` of this run (`run`, its
     id, is written in the COMPLETE marker: pruning never removes another run's checkpoints).
 
-    Besides the ZeRO-3 shards it holds every process's RNG state, the model config, generation config
+    Besides the engine's files (ZeRO-3 shards, say) it holds every process's RNG state, the loop state naming
+    the engine, the model config, generation config
     and tokenizer (tools/consolidate_checkpoint.py and tools/generate.py need nothing else) and a
     manifest of every file's size.
     """
@@ -132,25 +135,23 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
 
-    zero = deepspeed.is_active(accelerator)
+    engine = registry.of(accelerator)
     recorded: dict[str, dict] = {}  # this process's files: size and digest
 
     def shards() -> None:  # with LoRA only what trains: the frozen base is the model the run started from
-        accelerator.save_state(str(tmp), **(deepspeed.save_state_options(cfg.lora.enabled) if zero else {}))
+        engine.save_state(accelerator, tmp, model, cfg.lora.enabled)
         (tmp / f"random_states_{rank}.pkl").unlink(missing_ok=True)  # accelerate's pickle: ours has none
         integrity.save_rng(tmp, rank)
-        if cfg.lora.enabled and not zero and accelerator.is_main_process:
-            keep_trainable(tmp / "model.safetensors", accelerator.unwrap_model(model))
         recorded.update(integrity.record(tmp, rank))  # right after writing: the pages are still in memory
 
     def describe() -> None:  # main process, after every process has written its shards
         if not accelerator.is_main_process:
             return
-        missing = integrity.missing_files(tmp, accelerator.num_processes, zero)
+        missing = integrity.missing_files(tmp, accelerator.num_processes, engine)
         if missing:
             raise CheckpointError(f"files missing after every process saved: {missing[:6]} "
                                   "(is the output directory shared by all nodes?)")
-        (tmp / STATE_FILE).write_text(state.to_json())
+        (tmp / STATE_FILE).write_text(dataclasses.replace(state, engine=engine.name).to_json())
         config_mod.save(cfg, tmp / "run_config.yaml")
         unwrapped = accelerator.unwrap_model(model)
         unwrapped.config.save_pretrained(tmp)
@@ -177,15 +178,6 @@ def save(accelerator: Accelerator, state: LoopState, cfg: config_mod.Config, roo
         prune(root, cfg.training.keep_last, run)
     accelerator.wait_for_everyone()
     return final
-
-
-def keep_trainable(weights: Path, model) -> None:
-    """Rewrite a checkpoint's model.safetensors with the trainable parameters only."""
-    from safetensors.torch import load_file, save_file
-
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    tensors = load_file(weights)
-    save_file({k: v for k, v in tensors.items() if k in trainable}, str(weights), metadata={"format": "pt"})
 
 
 def run_of(checkpoint: Path) -> str:
@@ -282,7 +274,8 @@ def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, da
 
     `latest` with no checkpoint yet starts fresh, so one job script serves the first run and every requeue.
     """
-    fresh = LoopState(world_size=accelerator.num_processes, data_fingerprint=data_fingerprint)
+    engine = registry.of(accelerator)
+    fresh = LoopState(world_size=accelerator.num_processes, data_fingerprint=data_fingerprint, engine=engine.name)
     spec = cfg.output.resume_from_checkpoint
     if not spec:
         return Resume(fresh, [])
@@ -296,6 +289,13 @@ def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, da
                                              "yet; starting fresh")])
     # One process checks the files; all use its choice.
     path, state, passed_over = main_decides(accelerator, lambda: choose_intact(spec, root), (CheckpointError,))
+    saved = registry.of_checkpoint(path, state.engine)
+    if saved is not engine:
+        raise CheckpointError(
+            f"{path} was written by {saved.title} and this run uses {engine.title}: a checkpoint resumes only "
+            f"under the engine that wrote it. Turn it into a model with `python tools/consolidate_checkpoint.py "
+            f"{path} MODEL_DIR` and start a new run from MODEL_DIR (model.name_or_path), which restarts the "
+            "optimizer state; or launch as the run that wrote it was")
     notes = [(logging.WARNING, note) for note in passed_over]
     notes += compare(cfg, yaml.safe_load((path / "run_config.yaml").read_text()), state, data_fingerprint)
     if state.world_size != accelerator.num_processes:
@@ -333,16 +333,11 @@ def restore(accelerator: Accelerator, model, resume: Resume, partial: bool = Fal
         return
     from loop.engine.accelerator import safe_state_loading
 
-    if deepspeed.is_active(accelerator):
-        deepspeed.install_safe_loading(model)
-        options = deepspeed.load_state_options(partial)
-    else:
-        options = {"strict": False} if partial else {}
     try:
         with safe_state_loading():
-            accelerator.load_state(str(resume.path), **options)
+            registry.of(accelerator).load_state(accelerator, resume.path, model, partial)
         integrity.load_rng(resume.path, accelerator.process_index)
-    except zero3_files.UntrustedCheckpoint as e:
+    except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from None
 
 

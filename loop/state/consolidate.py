@@ -1,13 +1,13 @@
-"""Turn a sharded ZeRO-3 checkpoint into a Hugging Face model directory, streaming.
+"""Turn a training checkpoint into a Hugging Face model directory, streaming, whichever engine wrote it: the
+engine's reader (loop/engine, `registry.weights`) yields the weights one tensor at a time, and they are cast
+and streamed straight into pre-planned safetensors shards.
 
-DeepSpeed's `zero_to_fp32` builds the whole model in memory (its lazy mode memory-maps the rank
-files, and every page it touches counts in resident memory), writes pickles by default, and fails on
-tied weights with safetensors. Written by hand here, with the same merge protocol: the rank files are
-opened on the meta device to learn where each fp32 partition lies in the file; each parameter's
-slices are read with `pread` (ranks in parallel threads, loop/engine/zero3_files.py), merged, cast and
-streamed straight into its pre-planned safetensors shard. Peak memory is the largest tensor, about
-twice, plus the interpreter; it does not grow with the model or the shard size. export.py stages the
-output folder and adds the config and tokenizer.
+For ZeRO-3, DeepSpeed's `zero_to_fp32` builds the whole model in memory (its lazy mode memory-maps the rank
+files, and every page it touches counts in resident memory), writes pickles by default, and fails on tied
+weights with safetensors; the engine's reader instead `pread`s each parameter's slices from the rank files
+(same merge protocol, ranks in parallel threads). Peak memory is the largest tensor, about twice, plus the
+interpreter; it does not grow with the model or the shard size. export.py stages the output folder and adds
+the config and tokenizer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from loop.engine.zero3_files import ConsolidationError, check_checkpoint, merged_tensors, read_plan
+from loop.engine import registry
+from loop.engine.safe_load import ConsolidationError
 
 __all__ = ["ConsolidationError", "parse_size", "state_dict", "verify", "write"]
 
@@ -33,7 +34,7 @@ def parse_size(text: str) -> int:
 
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64",
-                     torch.bool: "BOOL", torch.int32: "I32", torch.uint8: "U8"}
+                     torch.bool: "BOOL", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8"}
 
 
 def _plan_shards(items: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list[int]]:
@@ -70,15 +71,13 @@ def write(ckpt: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 
     holds a tensor or two, never a shard. (safetensors' own save_file needs the whole shard in memory
     and copies it once more; the format is simple enough to stream.)
     """
-    tag, ranks = check_checkpoint(ckpt)
-    plan = read_plan(tag)
+    weights = registry.weights(ckpt)
     cast = lambda t: t.to(dtype) if t.is_floating_point() else t  # noqa: E731
-    items = [(k, tuple(v.shape), cast(v).dtype) for k, v in plan.buffers.items()]
-    items += [(k, s, dtype) for k, s in plan.shapes.items()]
+    items = [(k, s, dtype if d.is_floating_point else d) for k, (s, d) in weights.shapes.items()]
     shards = _plan_shards(items, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
-    tensors = merged_tensors(tag, plan, ranks)
+    tensors = weights.tensors()
     for shard, name in zip(shards, names):
         with open(out / name, "wb") as f:
             f.write(_header([items[i] for i in shard]))
@@ -90,22 +89,21 @@ def write(ckpt: Path, out: Path, dtype: torch.dtype, max_shard_bytes: int = 5 * 
                 if progress:
                     progress(key, tensor.numel() * tensor.element_size())
     if next(tensors, None) is not None:
-        raise ConsolidationError(f"{tag}: more tensors than the model states list; unknown layout")
+        raise ConsolidationError(f"{ckpt}: more tensors than the checkpoint lists; unknown layout")
     if len(shards) > 1:
         total = sum(math.prod(s) * d.itemsize for _, s, d in items)
         index = {"metadata": {"total_size": total},
                  "weight_map": {items[i][0]: names[n] for n, shard in enumerate(shards) for i in shard}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return plan.aliases, {k: s for k, s, _ in items}
+    return weights.aliases, {k: s for k, s, _ in items}
 
 
 def state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's fp32 master weights as one state dict in memory (tied weights under both names),
-    read the same safe way as `write`: nothing is unpickled."""
-    tag, ranks = check_checkpoint(ckpt)
-    plan = read_plan(tag)
-    merged = {name: tensor.clone() for name, tensor in merged_tensors(tag, plan, ranks)}
-    merged.update({alias: merged[target] for alias, target in plan.aliases.items() if target in merged})
+    """The checkpoint's weights (a ZeRO-3 run's fp32 master weights) as one state dict in memory (tied weights
+    under both names), read the same safe way as `write`: nothing is unpickled."""
+    weights = registry.weights(ckpt)
+    merged = {name: tensor.clone() for name, tensor in weights.tensors()}
+    merged.update({alias: merged[target] for alias, target in weights.aliases.items() if target in merged})
     return merged
 
 

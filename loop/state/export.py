@@ -1,6 +1,6 @@
-"""A checked, loadable model folder, from the live model at the end of training or from a ZeRO-3
-checkpoint's shards: safetensors weights, config, tokenizer with its chat template, and a generation
-config that stops at the template's end token.
+"""A checked, loadable model folder, from the live model at the end of training or from a checkpoint of any
+engine (its reader streams the weights: consolidate.py): safetensors weights, config, tokenizer with its chat
+template, and a generation config that stops at the template's end token.
 
 Every export is written into a temporary folder beside its destination (`staged`), checked against
 the model's full parameter shapes, and only then renamed into place: nothing that looks like a
@@ -23,7 +23,8 @@ from safetensors import safe_open
 
 from loop.config import SaveDtype, first_line
 from loop.data import templates
-from loop.engine import zero3_files
+from loop.engine import registry
+from loop.engine.safe_load import ConsolidationError
 from loop.state import checkpoints
 
 if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate / transformers
@@ -74,7 +75,7 @@ def staged(out: Path) -> Iterator[Path]:
 def _write_failure(error: BaseException, out: Path) -> str | None:
     """What stopped the writing when it was the disk (full, read-only, no permission); None for the rest.
     safetensors reports a full disk as its own error, so the free space is looked at too."""
-    if not isinstance(error, Exception) or isinstance(error, (ExportError, zero3_files.ConsolidationError)):
+    if not isinstance(error, Exception) or isinstance(error, (ExportError, ConsolidationError)):
         return None
     full = checkpoints.no_space(error, out.parent)
     return full or (first_line(error) if isinstance(error, OSError) else None)
@@ -113,7 +114,7 @@ def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], tie
 def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBase, out_dir: Path,
                dtype: SaveDtype) -> None:
     """Save the live model. Must be called on every process: gathering ZeRO-3 shards is a collective."""
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = registry.of(accelerator).full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         expected = expected_shapes(unwrapped)
@@ -137,7 +138,7 @@ def save_final(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
         return {"model": out / "final"}
     from loop.model import lora
 
-    state_dict = accelerator.get_state_dict(model)
+    state_dict = registry.of(accelerator).full_state_dict(accelerator, model)
     saved = {"adapter": out / "adapter"}
     if accelerator.is_main_process:
         with staged(out / "adapter") as tmp:
@@ -168,8 +169,8 @@ def save_plain(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: 
 
 def from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype = "bf16", max_shard_bytes: int = 5 * 1024**3,
                     progress: Callable[[str, int], None] | None = None) -> Exported:
-    """Export a complete, intact training checkpoint (ZeRO-3 shards, or whole weights from a run without
-    DeepSpeed; a run's checkpoints/ folder gives its newest intact one). CheckpointError when there is none."""
+    """Export a complete, intact training checkpoint of any engine (ZeRO-3 shards, or whole weights from a run
+    without DeepSpeed; a run's checkpoints/ folder gives its newest intact one). CheckpointError when there is none."""
     from loop.model import lora
 
     ckpt, state, passed_over = checkpoints.usable(ckpt)
@@ -185,12 +186,8 @@ def _model_from_checkpoint(ckpt: Path, out: Path, dtype: SaveDtype, max_shard_by
     from loop.state import consolidate
 
     with staged(out) as tmp:
-        if not zero3_files.is_zero_checkpoint(ckpt) and (ckpt / "model.safetensors").is_file():
-            _copy_plain(ckpt, tmp, DTYPES[dtype])
-            aliases: dict[str, str] = {}
-        else:
-            aliases, expected = consolidate.write(ckpt, tmp, DTYPES[dtype], max_shard_bytes, progress)
-            check_saved_model(tmp, expected, set(aliases))
+        aliases, expected = consolidate.write(ckpt, tmp, DTYPES[dtype], max_shard_bytes, progress)
+        check_saved_model(tmp, expected, set(aliases))
         for meta in META_FILES:
             if (ckpt / meta).is_file():
                 shutil.copy2(ckpt / meta, tmp / meta)
@@ -205,11 +202,10 @@ def _adapter_from_checkpoint(ckpt: Path, out: Path) -> dict[str, str]:
     from loop.state import consolidate
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    zero = zero3_files.is_zero_checkpoint(ckpt)
-    trained = consolidate.state_dict(ckpt) if zero else load_file(ckpt / "model.safetensors")
+    trained = consolidate.state_dict(ckpt)
     peft_config = PeftConfig.from_pretrained(ckpt)
     with torch.device("meta"), lora.quiet_peft():
         bare = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt))
@@ -254,14 +250,6 @@ def merged_model(ckpt: Path):
         model = lora.merge(base, Path(work) / "adapter")
     model.generation_config = GenerationConfig.from_pretrained(ckpt)
     return model
-
-
-def _copy_plain(ckpt: Path, tmp: Path, dtype: torch.dtype) -> None:
-    """A checkpoint of a run without DeepSpeed already holds whole weights: cast and copy them."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in load_file(ckpt / "model.safetensors").items()}
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:

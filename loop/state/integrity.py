@@ -1,7 +1,7 @@
 """What a checkpoint holds can be trusted, or is refused with the file named.
 
 - Nothing in a checkpoint folder is unpickled: DeepSpeed's `.pt` files and accelerate's `.bin` files are
-  read with `torch.load(weights_only=True)` and an explicit allowlist (loop/engine/zero3_files.py; DeepSpeed's
+  read with `torch.load(weights_only=True)` and an explicit allowlist (loop/engine/safe_load.py; DeepSpeed's
   engine and accelerate's loader are given the same reader for resume), RNG states are safetensors.
 - Every file's size and content digest are recorded at save time (`MANIFEST.json`), each process hashing
   the files it wrote right after writing them (`record`), the main process the rest (`write_manifest`).
@@ -31,8 +31,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loop.config import first_line
-from loop.engine import zero3_files
-from loop.engine.zero3_files import UntrustedCheckpoint, torch_load
+from loop.engine import registry
+from loop.engine.interface import Engine
+from loop.engine.safe_load import UntrustedCheckpoint, torch_load
 from loop.state import progress
 
 MANIFEST = "MANIFEST.json"
@@ -83,20 +84,17 @@ def load_rng(folder: Path, rank: int) -> None:
                                   f"({type(e).__name__}: {first_line(e, 200)}); resuming would not be exact") from None
 
 
-def missing_files(folder: Path, world_size: int, zero_shards: bool) -> list[str]:
-    """Files every process must have written; a checkpoint lacking any is never marked complete."""
+def missing_files(folder: Path, world_size: int, engine: Engine) -> list[str]:
+    """Files every process must have written (its RNG state and the engine's files); a checkpoint lacking any
+    is never marked complete."""
     missing = [rng_file(folder, r).name for r in range(world_size) if not rng_file(folder, r).is_file()]
-    if zero_shards:
-        return missing + zero3_files.missing_shards(folder, world_size)
-    if not (folder / "model.safetensors").is_file() and not (folder / "pytorch_model.bin").is_file():
-        missing.append("model.safetensors")
-    return missing + ([] if (folder / "optimizer.bin").is_file() else ["optimizer.bin"])
+    return missing + engine.layout.missing(folder, world_size)
 
 
 def writer(name: str) -> int | None:
     """The process that writes a file of a checkpoint, when its name says (shards, RNG states)."""
     found = re.fullmatch(r"rng_state_(\d+)\.safetensors", name)
-    return int(found.group(1)) if found else zero3_files.rank_of(name)
+    return int(found.group(1)) if found else registry.writer(name)
 
 
 def digest(path: Path) -> str:
@@ -245,6 +243,9 @@ def _state_problems(folder: Path, entries: dict[str, dict]) -> list[str]:
         return [] if progress.STATE_FILE in entries else [f"{path}: missing"]  # else said above
     except ValueError as e:
         return [f"{path}: {e}"]
-    zero = any(n.startswith(f"{zero3_files.SHARDS}/") for n in entries)
+    try:
+        engine = registry.get(state.engine) if state.engine else registry.of_files(list(entries))
+    except KeyError as e:
+        return [f"{path}: {e.args[0]}"]
     return [f"{folder / name}: missing (every process writes one)" for name in
-            missing_files(folder, state.world_size, zero) if not fnmatch.filter(entries, name)]  # else said above
+            missing_files(folder, state.world_size, engine) if not fnmatch.filter(entries, name)]  # else said above

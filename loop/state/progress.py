@@ -33,6 +33,7 @@ class LoopState:
     skipped_steps: int = 0
     world_size: int = 1
     data_fingerprint: str = ""  # of the train and eval dialogues (loop/data/prepare.py)
+    engine: str = ""  # the engine that wrote the checkpoint (loop/engine/registry.py); "" before 2026-12
     eval_losses: list = dataclasses.field(default_factory=list)  # [step, eval loss] so far, for the model card
 
     def advance(self, tokens: int, rows: int, trained: int, skipped: bool, steps_per_epoch: int) -> None:
@@ -78,8 +79,9 @@ def from_json(text: str, folder_step: int | None = None) -> LoopState:
             raise ValueError(f"{key}: {value!r} is not a whole number")
         if value < (1 if key == "world_size" else 0):
             raise ValueError(f"{key}: {value} is out of range")
-    if not isinstance(data.get("data_fingerprint", ""), str):
-        raise ValueError(f"data_fingerprint: {data['data_fingerprint']!r} is not a string")
+    for key in ("data_fingerprint", "engine"):
+        if not isinstance(data.get(key, ""), str):
+            raise ValueError(f"{key}: {data[key]!r} is not a string")
     state = LoopState(**data)
     for key in ("epoch", "step_in_epoch", "skipped_steps"):
         if getattr(state, key) > state.step:

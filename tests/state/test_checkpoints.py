@@ -321,3 +321,51 @@ def test_a_resume_that_cannot_start_writes_nothing(tiny_dir, tmp_path):
     cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 1})
     assert run_in_process(cfg, "--resume_from_checkpoint", str(tmp_path / "nowhere"), entry="run") == 1
     assert not (tmp_path / "out").exists()
+
+
+ENGINES_SAID = ("was written by {saved} and this run uses {running}: a checkpoint resumes only under the engine "
+                "that wrote it. Turn it into a model with `python tools/consolidate_checkpoint.py {ckpt} MODEL_DIR`")
+PLAIN, DEEPSPEED = "accelerate without DeepSpeed (one process or DDP)", "DeepSpeed"
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_deepspeed_is_refused_by_one_zero3_process_before_anything_loads(single_process_run,
+                                                                                           tiny_dir, tmp_path):
+    """Both runs have one process, so the process count passes: before, DeepSpeed died inside its loader
+    (`assert len(self.ckpt_list) > 0`). Launches one ZeRO-3 process (about half a minute), refused before the
+    model is built and before the output directory is made."""
+    ckpt = single_process_run / "checkpoints" / "step_00000004"
+    assert json.loads((ckpt / "loop_state.json").read_text())["engine"] == "accelerate"
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       training={"max_steps": 4, "save_every": 2, "keep_last": 5, "eval_every": 0})
+    proc = launch(cfg, "--resume_from_checkpoint", str(ckpt), nproc=1, check=False)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 1, said[-3000:]
+    assert said.count(ENGINES_SAID.format(saved=PLAIN, running=DEEPSPEED, ckpt=ckpt)) == 1, said[-3000:]
+    # accelerate's launcher prints its own traceback when the process exits 1; none from the run itself
+    assert "ckpt_list" not in said and 'train.py", line' not in said and "model: " not in said
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "before 2026-12: by its files"])
+def test_a_zero3_checkpoint_is_refused_without_deepspeed_naming_both_engines(trained_run, tiny_dir, tmp_path, capsys,
+                                                                            recorded):
+    """The reverse, in this process: before, the checkpoint was called "unreadable, truncated or not plain data".
+    A checkpoint from before the loop state named its engine is known by its files."""
+    from tests.state.conftest import rewrite_manifest
+
+    ckpt = tmp_path / "checkpoints" / "step_00000016"
+    shutil.copytree(trained_run / "checkpoints" / ckpt.name, ckpt)
+    assert json.loads((ckpt / "loop_state.json").read_text())["engine"] == "deepspeed"
+    if not recorded:
+        state = json.loads((ckpt / "loop_state.json").read_text())
+        del state["engine"]
+        (ckpt / "loop_state.json").write_text(json.dumps(state))
+        rewrite_manifest(ckpt, "loop_state.json")
+        assert integrity.problems(ckpt) == []
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out", training={"max_steps": 2})
+    assert run_in_process(cfg, "--resume_from_checkpoint", str(ckpt), entry="run") == 1
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert said.count(ENGINES_SAID.format(saved=DEEPSPEED, running=PLAIN, ckpt=ckpt)) == 1, said[-3000:]
+    assert "not plain data" not in said and "Traceback" not in said and not (tmp_path / "out").exists()

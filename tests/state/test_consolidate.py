@@ -125,3 +125,23 @@ def test_command_line_picks_the_newest_checkpoint_and_verifies(trained_run, tmp_
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "consolidate_checkpoint.py"),
                            str(tmp_path / "nothing"), str(tmp_path / "m2")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a directory" in proc.stderr
+
+
+def test_a_checkpoint_without_deepspeed_is_written_and_verified_like_a_zero3_one(single_process_run, tmp_path, capsys):
+    """A one-process run's checkpoint holds whole weights (model.safetensors, the tied output projection once):
+    the tool writes them cast, and --verify compares them (before, it wrote the model, then raised a
+    ConsolidationError traceback). Generation reads the same checkpoint through the same reader."""
+    from loop.inference.load import load_for_generation
+    from tools import consolidate_checkpoint
+
+    ckpt = single_process_run / "checkpoints" / "step_00000004"
+    code = consolidate_checkpoint.main([str(single_process_run / "checkpoints"), str(tmp_path / "m"), "--verify"])
+    said = capsys.readouterr()
+    assert code == 0, said.err
+    assert f"from {ckpt} (step 4, bf16)" in said.out and "max_diff_vs_cast_master=0" in said.out
+    assert "Traceback" not in said.err
+    saved, written = load_file(ckpt / "model.safetensors"), read_all(tmp_path / "m")
+    assert set(written) == set(saved) and all(torch.equal(v, saved[k].to(torch.bfloat16)) for k, v in written.items())
+    model, _ = load_for_generation(single_process_run / "checkpoints")
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # tied again
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())

@@ -120,7 +120,7 @@ def test_a_third_objective_defined_only_here_trains_evaluates_and_writes_its_car
     train, evals = batches.planners(data, cfg, tokenizer.pad_token_id, attention.layout(attn, cfg.data.packing), 1, 0,
                                     architecture.Shape.of(model_config).mask_windows(), extra=TOY.batch_keys)
     attention.register()
-    model = load.load_model(cfg, attn, tokenizer, added, end, None, accelerator.device, TOY.dropout)
+    model = load.load_model(cfg, attn, tokenizer, added, end, accelerator, TOY.dropout)
     assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # its model setting
     model, optimizer = accelerator.prepare(model, optim.make_optimizer(model, cfg.training))
     model.train()
