@@ -100,4 +100,4 @@ class Sampler:
     def maybe_sample(self, state: LoopState) -> None:
         if self.t.sample_prompts and due(state.step, self.t.sample_every, self.total_steps):
             log_samples(self.model, self.accelerator, self.tokenizer, self.t.sample_prompts, self.t.max_new_tokens,
-                            self.stop_id, state.step, self.out_dir)
+                        self.stop_id, state.step, self.out_dir)
