@@ -61,19 +61,45 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return found
 
 
+MAX_DEPTH = 100  # deeper is no record, and what reads it next (a template, json.dumps) would exhaust recursion
+NESTED = "nested too deeply to be a record"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` deep (walked with a stack: no recursion of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def loads(raw: bytes | str) -> Any:
+    """One JSON document, nested at most MAX_DEPTH deep, each key once per object; a ValueError that says what
+    is wrong without repeating the document (UnicodeDecodeError for bytes that are not UTF-8)."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg}, column {e.colno}" if e.lineno == 1 else
+                         f"{e.msg}, line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(NESTED) from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise ValueError(NESTED)
+    return value
+
+
 def parse_json(raw: bytes | str) -> Any:
     """One JSON document, or a DataError that says what is wrong with it (never RecursionError)."""
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
+        return loads(raw)
     except UnicodeDecodeError as e:
         return DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
-    except json.JSONDecodeError as e:
-        return DataError(f"invalid JSON ({e.msg}, column {e.colno})" if e.lineno == 1 else
-                         f"invalid JSON ({e.msg}, line {e.lineno} column {e.colno})")
-    except _DuplicateKey as e:
+    except ValueError as e:
         return DataError(f"invalid JSON ({e})")
-    except RecursionError:
-        return DataError("invalid JSON (nested too deeply to be a record)")
 
 
 @dataclass(frozen=True)
