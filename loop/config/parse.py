@@ -226,12 +226,13 @@ def from_file(path: str | Path, overrides: list[str] | None = None) -> Config:
     return from_dict(raw)
 
 
-def load_yaml(text: str, where: str) -> Any:
-    """YAML as yaml.safe_load reads it (no Python tags), its errors said by line and column, and its aliases
+def load_yaml(text: str, where: str, loader: type = yaml.SafeLoader) -> Any:
+    """YAML as yaml.safe_load reads it (no Python tags; or as `loader`, a loader no less safe), its errors said
+    by line and column, and its aliases
     bounded: safe_load shares an aliased value, but what reads it next walks every copy (a 1 KB alias bomb
     is 9^9 values), so a document that expands to far more values than its text could hold is refused."""
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader, or BaseLoader (every scalar a string)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

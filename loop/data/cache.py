@@ -67,11 +67,14 @@ def write_record(path: Path, names: list[str], values: dict) -> None:
 
 
 def check(path: Path) -> dict:
-    """The record at `path` (without its digests) once it and every file it lists verify; Unverified if not."""
+    """The record at `path` (without its digests) once it and every file it lists verify; Unverified if not
+    (PermissionError when a file cannot be read at all)."""
     try:
         record = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise Unverified(f"{path.name} is missing") from None
+    except PermissionError:  # not damage: the caller says the folder cannot be read
+        raise
     except (OSError, ValueError) as e:  # ValueError: JSON (and UTF-8) that does not parse, e.g. truncated
         raise Unverified(f"{path.name} is unreadable ({type(e).__name__})") from None
     if not isinstance(record, dict) or record.pop("digest", None) != _own_digest(record):
@@ -83,6 +86,8 @@ def check(path: Path) -> dict:
                 raise Unverified(f"{name} is {file.stat().st_size} bytes, not {size}")
             if digest(file) != expected:
                 raise Unverified(f"{name} does not match its digest")
+        except PermissionError:
+            raise
         except OSError as e:
             raise Unverified(f"{name} is missing or unreadable ({type(e).__name__})") from None
     return record

@@ -171,7 +171,7 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool
     except cache.Unverified as e:
         log.warning(f"the data cache {folder} does not verify ({e}); preparing it again")
     except OSError as e:
-        raise DataError(f"cannot read the data cache {folder} ({first_line(e)}); set data.cache_dir to a "
+        raise DataError(f"cannot read the data cache {folder} ({e.strerror or first_line(e)}); set data.cache_dir to a "
                         "folder this run may read and write") from None
     try:
         with cache.work_folder(root, key) as tmp:
@@ -307,6 +307,8 @@ def _rows(folder: Path, lengths: np.ndarray, order: np.ndarray, data: DataConfig
     except cache.Unverified as e:
         if pieces.exists() or starts.exists() or record.exists():
             log.warning(f"the packed rows in {folder} do not verify ({e}); packing them again")
+    except OSError:  # unreadable: packed here, and written if the folder lets us
+        pass
     rows = Rows.pack(lengths[order], data.seq_len, data.packing, dialogues=order)
     try:  # written under temporary names, then renamed: a reader never sees half a file
         for path, values in ((pieces, rows.pieces), (starts, rows.starts)):

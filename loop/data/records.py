@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loop.config import first_line
+from loop.config import first_line, not_a_file
 
 Messages = list[dict[str, Any]]
 Located = tuple[str, Any]  # (location, raw record, or the exception its reader raised)
@@ -164,10 +164,15 @@ def read_whole(path: Path) -> Iterator[Located]:
     else:
         import yaml
 
+        from loop.config import ConfigError
+        from loop.config.parse import load_yaml
+
         try:  # BaseLoader: every scalar stays text as written (no `yes` -> True, no 1.0 -> 1)
-            yield str(path), yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
-        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
-            yield str(path), DataError(f"not valid UTF-8 YAML: {first_line(e)}")
+            yield str(path), load_yaml(path.read_bytes().decode("utf-8"), "YAML", yaml.BaseLoader)
+        except UnicodeDecodeError as e:
+            yield str(path), DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        except ConfigError as e:  # what is wrong, by line and column, never the value (an alias bomb's is huge)
+            yield str(path), DataError(str(e).removeprefix("YAML: "))
 
 
 def parquet_row_groups(path: Path) -> int:
@@ -231,6 +236,8 @@ def read_records(path: str, subset: str | None = None, split: str | None = None)
     id, in order, in this process (tools and small checks; a run reads units in parallel, prepare.py)."""
     check_exists(path)
     p = Path(path)
+    if p.suffix in FILE_SUFFIXES:
+        check_file(p)
     if p.suffix == ".jsonl":
         for unit in plan_lines(p)[0]:
             yield from read_lines(p, unit)
@@ -253,6 +260,21 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yml", ".yaml", ".csv", ".txt"
 def looks_like_hub_id(text: str) -> bool:
     """`name`, `namespace/name` or either with `:split`, and not a file name."""
     return bool(HUB_ID.fullmatch(text)) and not text.partition(":")[0].endswith(LOCAL_SUFFIXES)
+
+
+FILE_SUFFIXES = (".jsonl", *WHOLE_FILE, ".parquet")  # read as files (anything else: a dataset folder or Hub id)
+
+
+def check_file(path: Path) -> None:
+    """A data file is opened for reading only once it is known to be a regular file that opens: a named pipe
+    would block the read forever, a directory named `*.jsonl` fail inside it, an unreadable one traceback."""
+    if problem := not_a_file(path):
+        raise DataError(f"{path} {problem}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def check_exists(path: str, what: str = "") -> None:

@@ -1,13 +1,22 @@
 """Reading records: a corrupted Parquet file is a bad record named by file and row group, exit 2, every time
-(issue 25: it once exited 134 after the right message, one run in three)."""
+(issue 25: it once exited 134 after the right message, one run in three); a file that is no readable file
+(a FIFO, a directory, unreadable), an unreadable cache and a YAML alias bomb are each one line (issue 39)."""
 
+import json
+import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
+from loop.data.prepare import prepare
+from loop.data.records import DataError, read_records
 from tests.conftest import ROOT
+from tests.data.test_prepare import data_config, jsonl
 
 
 def test_a_corrupted_parquet_file_is_one_named_bad_record_and_exit_2_every_time(tmp_path):
@@ -25,3 +34,64 @@ def test_a_corrupted_parquet_file_is_one_named_bad_record_and_exit_2_every_time(
         assert "Traceback" not in done.stderr
         assert f"{tmp_path / 'bad.parquet'}[row group " in done.stderr and "unreadable Parquet row group" in done.stderr
         assert "fix them or pass --skip-bad" in done.stderr  # the tool's own option, not the config key
+
+
+def _refused(call) -> str:
+    with pytest.raises(DataError) as refused:
+        list(call())
+    said = str(refused.value)
+    assert len(said.splitlines()) == 1, said
+    return said
+
+
+def test_a_train_file_that_is_no_readable_file_is_one_line_before_anything_is_read(tokenizer, tmp_path, monkeypatch):
+    """A FIFO hung the run (and tools/launch.py's pre-check) forever; a directory named `*.jsonl` and an
+    unreadable file gave tracebacks. Each is said by the run's data path and by read_records (DPO, tools)."""
+    fifo, folder, good = tmp_path / "fifo.jsonl", tmp_path / "folder.jsonl", tmp_path / "good.jsonl"
+    os.mkfifo(fifo)
+    folder.mkdir()
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}))
+    cases = {fifo: "is a named pipe (FIFO), not a file", folder: "is a directory, not a file"}
+    for path, reason in cases.items():
+        assert _refused(lambda p=path: [prepare(data_config(tmp_path, [str(p)]), tokenizer)]) == f"{path} {reason}"
+        assert _refused(lambda p=path: read_records(str(p))) == f"{path} {reason}"
+    opened = Path.open
+
+    def denied(self, *args, **kwargs):  # tests run as root, whom file modes do not stop: the error itself
+        if self == good:
+            raise PermissionError(13, "Permission denied", str(self))
+        return opened(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    expected = f"{good} cannot be read (Permission denied)"
+    assert _refused(lambda: [prepare(data_config(tmp_path, [str(good)]), tokenizer)]) == expected
+    assert _refused(lambda: read_records(str(good))) == expected
+
+
+def test_an_unreadable_cache_folder_is_one_line(tokenizer, corpus, tmp_path, monkeypatch):
+    cfg = data_config(tmp_path, [jsonl(tmp_path / "a.jsonl", corpus[:20])])
+    folder = prepare(cfg, tokenizer)
+    read = Path.read_bytes
+
+    def denied(self):
+        if self.parent == folder:
+            raise PermissionError(13, "Permission denied", str(self))
+        return read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    said = _refused(lambda: [prepare(cfg, tokenizer)])
+    assert said == (f"cannot read the data cache {folder} (Permission denied); set data.cache_dir to a folder this "
+                    "run may read and write")
+
+
+def test_a_yaml_data_file_with_an_alias_bomb_or_a_syntax_error_is_a_bad_record_said_without_its_value(tmp_path):
+    from tests.config.test_parse import BOMB
+
+    bomb, broken = tmp_path / "bomb.yaml", tmp_path / "broken.yaml"
+    bomb.write_text(BOMB)
+    broken.write_text("- messages:\n  - role: user\n   content: x\n")
+    ((where, found),) = read_records(str(bomb))
+    assert where == str(bomb) and re.fullmatch(r"its YAML aliases expand to more than [\d,]+ values; write the "
+                                               r"values out", str(found))
+    ((_, found),) = read_records(str(broken))
+    assert str(found) == "invalid YAML at line 3, column 4: expected <block end>, but found '<block mapping start>'"
