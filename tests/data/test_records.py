@@ -95,3 +95,52 @@ def test_a_yaml_data_file_with_an_alias_bomb_or_a_syntax_error_is_a_bad_record_s
                                                r"values out", str(found))
     ((_, found),) = read_records(str(broken))
     assert str(found) == "invalid YAML at line 3, column 4: expected <block end>, but found '<block mapping start>'"
+
+
+def _tool(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hanging_and_crashing_inputs_end_in_one_line_and_exit_2_in_the_run_the_launcher_and_inspect_data(
+        tiny_dir, tmp_path, capsys):
+    """In process (no launch): a FIFO as the train file and as the config, and a tool call whose arguments
+    nest 10,000 deep (RecursionError on main, even with on_bad_record: skip, which now counts it)."""
+    from loop import launch
+    from tests.conftest import run_in_process, write_config
+
+    fifo = tmp_path / "train.jsonl"
+    os.mkfifo(fifo)
+    deep = tmp_path / "deep.jsonl"
+    call = {"type": "function", "function": {"name": "f", "arguments": "[" * 10_000 + "]" * 10_000}}
+    deep.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [call]},
+         {"role": "tool", "content": "r"}, {"role": "assistant", "content": "a"}],
+        *([{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}] for i in range(40))]))
+    config_fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(config_fifo)
+
+    def one_line(code: int) -> str:
+        said = capsys.readouterr()
+        assert code == 2 and "Traceback" not in said.out + said.err
+        (line,) = [line for line in (said.out + said.err).splitlines() if "error:" in line]
+        return line
+
+    fifo_cfg = write_config(tmp_path / "fifo-run.yaml", tiny_dir, tmp_path / "out", data={"train_files": [str(fifo)]})
+    for entry in (lambda: run_in_process(fifo_cfg, entry="run"), lambda: launch.run(["loop/train.py", str(fifo_cfg)]),
+                  lambda: _tool("inspect_data").main([str(fifo_cfg)])):
+        assert one_line(entry()).endswith(f"error: {fifo} is a named pipe (FIFO), not a file")
+    assert one_line(run_in_process(config_fifo, entry="run")).endswith(
+        f"error: config file {config_fifo} is a named pipe (FIFO), not a file")
+    deep_cfg = write_config(tmp_path / "deep-run.yaml", tiny_dir, tmp_path / "out",
+                            data={"train_files": [str(deep)], "cache_dir": str(tmp_path / "cache")})
+    assert run_in_process(deep_cfg, entry="run") == 2
+    said = capsys.readouterr().out
+    assert f"{deep}:1: turn 1: the call to 'f': arguments are not valid JSON (nested too deeply" in said
+    assert launch.check([str(deep_cfg), "--on_bad_record", "skip"]).data.on_bad_record == "skip"
+    assert _tool("inspect_data").main([str(deep_cfg), "--on_bad_record", "skip", "--examples", "0"]) == 0
+    assert "bad_arguments" in capsys.readouterr().out
