@@ -144,3 +144,17 @@ def test_hanging_and_crashing_inputs_end_in_one_line_and_exit_2_in_the_run_the_l
     assert launch.check([str(deep_cfg), "--on_bad_record", "skip"]).data.on_bad_record == "skip"
     assert _tool("inspect_data").main([str(deep_cfg), "--on_bad_record", "skip", "--examples", "0"]) == 0
     assert "bad_arguments" in capsys.readouterr().out
+
+
+def test_generate_says_a_fifo_given_as_its_tools_or_prompts_file_in_one_line(tmp_path, capsys):
+    import argparse
+
+    fifo = tmp_path / "tools.json"
+    os.mkfifo(fifo)
+    generate = _tool("generate")
+    for call, said in ((lambda: generate.offered(fifo), f"--tools {fifo} is a named pipe (FIFO), not a file"),
+                       (lambda: generate.questions(argparse.Namespace(held_out=None, prompts_file=fifo)),
+                        f"--prompts-file {fifo} is a named pipe (FIFO), not a file")):
+        with pytest.raises(SystemExit) as stopped:
+            call()
+        assert stopped.value.code == 2 and said in capsys.readouterr().err
