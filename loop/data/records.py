@@ -61,7 +61,7 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return found
 
 
-MAX_DEPTH = 100  # deeper is no record, and what reads it next (a template, json.dumps) would exhaust recursion
+MAX_DEPTH = 200  # deeper is no record (an OpenAssistant tree nests 2 a turn), and what reads it next would recurse
 NESTED = "nested too deeply to be a record"
 
 

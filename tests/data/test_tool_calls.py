@@ -46,7 +46,7 @@ BAD = [
      "bad_arguments", "arguments are not valid JSON"),
     (record([Q, calling(calls.call("calculator", "[" * 10_000 + "]" * 10_000)), {"role": "tool", "content": "4"}, A]),
      "bad_arguments", "arguments are not valid JSON (nested too deeply to be a record)"),  # not RecursionError
-    (record([Q, calling(calls.call("calculator", "[" * 101 + "]" * 101)), {"role": "tool", "content": "4"}, A]),
+    (record([Q, calling(calls.call("calculator", "[" * 201 + "]" * 201)), {"role": "tool", "content": "4"}, A]),
      "bad_arguments", "arguments are not valid JSON (nested too deeply to be a record)"),  # parses, too deep
     (record([Q, calling(calls.call("calculator", "[1, 2]")), {"role": "tool", "content": "42"}, A]),
      "bad_arguments", "arguments must be a JSON object, got list"),
