@@ -8,8 +8,8 @@ it, checked before a run uses it, and work folders that no two preparers share a
   it again.
 - A preparation works in `.tmp-KEY-HOST-PID-RANDOM` (unique across hosts and PID namespaces, which repeat
   PIDs) and holds an flock on a file inside it while it lives; a work folder whose lock anyone can take is
-  a dead preparation's and is removed by the next one (a lock, not a PID: a PID says nothing on another
-  node or in another container).
+  a dead preparation's and is removed by the next run that looks its data up (a lock, not a PID: a PID
+  says nothing on another node or in another container).
 """
 
 from __future__ import annotations
@@ -126,7 +126,6 @@ def work_folder(root: Path, key: str) -> Iterator[Path]:
     """A fresh folder to prepare `key` in, locked for as long as this preparation lives, removed after (it is
     gone already once `publish` renamed it)."""
     root.mkdir(parents=True, exist_ok=True)
-    clean_stale(root)
     tmp = Path(tempfile.mkdtemp(prefix=f"{WORK}{key}-{socket.gethostname()}-{os.getpid()}-", dir=root))
     fd = os.open(tmp / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:

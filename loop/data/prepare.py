@@ -164,6 +164,7 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool
     made_of, key = key_of(planned, data, tokenizer)
     root = cache_root(data)
     folder = root / f"prepared-{key}"
+    cache.clean_stale(root)  # what preparations killed half way left (at every lookup: all may be cached)
     try:
         if folder.exists():
             cache.check(folder / "meta.json")
