@@ -5,8 +5,8 @@ it, checked before a run uses it, and work folders that no two preparers share a
   size and XXH3 digest (the `xxhash` package, a dependency of `datasets`; the checkpoints' digest too) and
   a digest of the record itself; it is written last, so a folder without a whole record is not a cache.
   Checking costs little: 1M chatterbot-size dialogues are 126 MB of cache, verified in 15-30 ms from the
-  page cache and 50 ms from disk (hashed from memory maps, on a 2-core VM). `check` says in one line why a folder cannot be trusted; the caller prepares
-  it again.
+  page cache and 50 ms from disk (hashed from memory maps, on a 2-core VM). `check` says in one line why a
+  folder cannot be trusted; the caller prepares it again.
 - A preparation works in `.tmp-KEY-HOST-PID-RANDOM` (unique across hosts and PID namespaces, which repeat
   PIDs) and holds an flock on a file inside it while it lives; a work folder whose lock anyone can take is
   a dead preparation's and is removed by the next run that looks its data up (a lock, not a PID: a PID
