@@ -73,9 +73,11 @@ def questions(a: argparse.Namespace) -> list[str]:
         except (config.ConfigError, DataError, OSError) as e:
             fail(f"--held-out {a.held_out}: {e}")
     if a.prompts_file:
+        if problem := config.not_a_file(a.prompts_file):  # a named pipe would wait forever
+            fail(f"--prompts-file {a.prompts_file} {problem}")
         try:
             return [line.strip() for line in a.prompts_file.read_text().splitlines() if line.strip()]
-        except OSError as e:
+        except (OSError, UnicodeDecodeError) as e:
             fail(f"--prompts-file: {e}")
     return BUILT_IN_PROMPTS
 
@@ -84,6 +86,8 @@ def offered(path: Path | None) -> list[dict] | None:
     """The tools of --tools FILE, checked before a model is loaded."""
     if path is None:
         return None
+    if problem := config.not_a_file(path):  # a named pipe would wait forever
+        fail(f"--tools {path} {problem}")
     try:
         return calls.read_tools(path.read_text(), f"--tools {path}")
     except OSError as e:

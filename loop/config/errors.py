@@ -4,7 +4,9 @@ the first line of any library's exception (the rest is a traceback the user did 
 from __future__ import annotations
 
 import difflib
+import stat
 from collections.abc import Iterable
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -21,3 +23,20 @@ def first_line(error: BaseException, limit: int = 300) -> str:
     """The first line of an exception's message (its type when it has none), at most `limit` characters."""
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why `path` cannot be opened as a file, or None: checked before opening, since a named pipe would block
+    the read forever and a directory named `*.jsonl` fails inside it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or type(e).__name__})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    return f"is {next((kind for test, kind in kinds if test(mode)), 'not a regular file')}, not a file"
+

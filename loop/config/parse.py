@@ -5,6 +5,7 @@ resumed run compares with the config its checkpoint was written under."""
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import sys
 import types
 import typing
@@ -13,8 +14,17 @@ from typing import Any, Literal
 
 import yaml
 
-from loop.config.errors import ConfigError, did_you_mean
+from loop.config.errors import ConfigError, did_you_mean, first_line, not_a_file
 from loop.config.settings import Config, validate
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 120, 120, 3
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message repeats it: bounded (an aliased structure can be billions of items)."""
+    shown = _REPR.repr(value)
+    return shown if len(shown) <= 200 else f"{shown[:197]}..."
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -28,43 +38,43 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         allowed = typing.get_args(hint)
         if value in allowed:
             return value
-        raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
+        raise ConfigError(f"{key}: {_shown(value)} is not one of {list(allowed)}{did_you_mean(value, allowed)}")
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_shown(value)}")
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_shown(value)}")
     if hint is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         try:  # YAML 1.1 reads "1e-4" (no dot) as a string
             return float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a number, got {_shown(value)}") from None
     if hint is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_shown(value)}")
     if typing.get_origin(hint) is dict:
         keys, values = typing.get_args(hint)
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_shown(value)}")
         return {_coerce(f"{key} key", k, keys): _coerce(f"{key}.{k}", v, values) for k, v in value.items()}
     if dataclasses.is_dataclass(hint):  # a data source: a mapping of its fields, or its path alone
         if isinstance(value, str):
             value = {"path": value}
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a path or a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a path or a mapping, got {_shown(value)}")
         hints = _field_types(hint)
         for name in value:
             if name not in hints:
@@ -120,7 +130,7 @@ def from_dict(raw: dict[str, Any]) -> Config:
     for section, cls in sections.items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{section}: expected a mapping, got {values!r}")
+            raise ConfigError(f"{section}: expected a mapping, got {_shown(values)}")
         hints = _field_types(cls)
         values = {_unalias(section, k): v for k, v in values.items()}
         for key in values:
@@ -189,16 +199,22 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, Any]]:
                 raise ConfigError(f"--{key}: {hint}")
             key = matches[0]
         section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = yaml.safe_load(value) if value != "" else ""
+        nested.setdefault(section, {})[name] = load_yaml(value, f"--{key}") if value != "" else ""
     return nested
 
 
 def from_file(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML run file and apply command-line overrides on top."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    if problem := not_a_file(path):
+        raise ConfigError(f"config file {path} {problem}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read ({e.strerror or type(e).__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    raw = load_yaml(text, f"config file {path}") or {}
     for section, values in parse_overrides(overrides or []).items():
         if not isinstance(raw, dict):
             break
@@ -208,6 +224,44 @@ def from_file(path: str | Path, overrides: list[str] | None = None) -> Config:
         else:
             raw[section] = values
     return from_dict(raw)
+
+
+def load_yaml(text: str, where: str, loader: type = yaml.SafeLoader) -> Any:
+    """YAML as yaml.safe_load reads it (no Python tags; or as `loader`, a loader no less safe), its errors said
+    by line and column, and its aliases
+    bounded: safe_load shares an aliased value, but what reads it next walks every copy (a 1 KB alias bomb
+    is 9^9 values), so a document that expands to far more values than its text could hold is refused."""
+    try:
+        value = yaml.load(text, Loader=loader)  # noqa: S506 - SafeLoader, or BaseLoader (every scalar a string)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: invalid YAML{at}: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML ({first_line(e)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML: nested too deeply") from None
+    if expands_beyond(value, 10 * len(text) + 10_000):
+        raise ConfigError(f"{where}: its YAML aliases expand to more than {10 * len(text) + 10_000:,} values; "
+                          "write the values out")
+    return value
+
+
+def expands_beyond(value: Any, limit: int) -> bool:
+    """Whether `value`, every shared (aliased) part counted each time it appears, holds more than `limit`
+    values; walked with a stack and stopped at the limit, so a bomb or a cycle costs `limit` steps."""
+    stack, seen = [value], 0
+    while stack:
+        seen += 1
+        if seen > limit:
+            return True
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
 
 def _compact(value: Any) -> Any:

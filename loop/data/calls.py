@@ -16,7 +16,7 @@ import json
 import re
 from typing import Any
 
-from loop.data.records import Messages
+from loop.data.records import Messages, loads
 
 TOOLS = "tools"  # the key of a dialogue's tool list on its first message
 
@@ -75,9 +75,9 @@ def arguments(raw: Any) -> dict | str:
     """A call's arguments as an object, or why they are not JSON for one."""
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError as e:
-            return f"arguments are not valid JSON ({e.msg}, column {e.colno})"
+            raw = loads(raw)
+        except ValueError as e:  # nesting bounded: a string nested 10,000 deep is a bad record, not RecursionError
+            return f"arguments are not valid JSON ({e})"
     if not isinstance(raw, dict):
         return f"arguments must be a JSON object, got {type(raw).__name__}"
     return raw
@@ -116,9 +116,9 @@ def parse_calls(text: str) -> tuple[str, list[dict]]:
     found = []
     for block in _CALL.finditer(text):
         try:
-            value = json.loads(block.group(1))
-        except json.JSONDecodeError as e:
-            found.append({"error": f"not JSON ({e.msg})", "text": block.group(1)})
+            value = loads(block.group(1))
+        except ValueError as e:
+            found.append({"error": f"not JSON ({e})", "text": block.group(1)})
             continue
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             found.append({"error": "not a {name, arguments} object", "text": block.group(1)})
@@ -141,9 +141,9 @@ def read_tools(text: str, where: str) -> list[dict]:
     """A tools file's definitions (a JSON list, or {"tools": [...]}; bare definitions wrapped), or a ValueError
     that says what is wrong with it."""
     try:
-        found = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+        found = loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from None
     found = wrapped(found.get("tools") if isinstance(found, dict) else found)
     if problem := check_tools(found):
         raise ValueError(f"{where}: {problem}")

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from loop.config import DataConfig, first_line
+from loop.data import cache
 from loop.data import dialogues as dlg
 from loop.data.batches import Columns
 from loop.data.dialogues import Bad, DataReport, SourceReport
@@ -36,9 +37,11 @@ from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing
+NPY = ("offsets", "trained_counts", "use", "source")  # the per-dialogue arrays of a prepared folder
 TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
 BATCH = 512  # dialogues a worker encodes at once
+log = logging.getLogger("loop")
 
 
 def cache_root(data: DataConfig) -> Path:
@@ -154,30 +157,30 @@ def key_of(planned: list[Planned], data: DataConfig, tokenizer: PreTrainedTokeni
 
 
 def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool = True) -> Path:
-    """The cache folder of this data (prepared now unless a run already did); DataError for bad records
-    (listed, unless data.on_bad_record: skip) or when no training dialogue is left."""
+    """The cache folder of this data (prepared now unless a run already did, and its files verify against
+    their digests: one that does not is prepared again, with a warning); DataError for bad records (listed,
+    unless data.on_bad_record: skip) or when no training dialogue is left."""
     planned = [plan(source) for source in resolve(data)]
     made_of, key = key_of(planned, data, tokenizer)
     root = cache_root(data)
     folder = root / f"prepared-{key}"
-    if (folder / "meta.json").is_file():
-        return folder
-    tmp = root / f".tmp-{key}-{os.getpid()}"
+    cache.clean_stale(root)  # what preparations killed half way left (at every lookup: all may be cached)
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _build(tmp, planned, data, tokenizer, made_of, progress)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished the same folder first: it is the same data
-            shutil.rmtree(tmp, ignore_errors=True)
+        if folder.exists():
+            cache.check(folder / "meta.json")
+            return folder
+    except cache.Unverified as e:
+        log.warning(f"the data cache {folder} does not verify ({e}); preparing it again")
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"cannot read the data cache {folder} ({e.strerror or first_line(e)}); set data.cache_dir to a "
+                        "folder this run may read and write") from None
+    try:
+        with cache.work_folder(root, key) as tmp:
+            _build(tmp, planned, data, tokenizer, made_of, progress)
+            cache.publish(tmp, folder)
+    except OSError as e:
         raise DataError(f"cannot write the data cache under {root} ({first_line(e)}); set data.cache_dir to a "
                         "folder with space") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
@@ -208,13 +211,12 @@ def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_
         raise DataError(f"no training dialogues in {sources}: {sum(r.records for r in reports)} records read, {total}")
     offsets = np.zeros(len(arrays["lengths"]) + 1, dtype=np.int64)
     np.cumsum(arrays["lengths"], out=offsets[1:])
-    for name, values in (("offsets", offsets), ("trained_counts", arrays["trained_counts"]), ("use", use),
-                         ("source", arrays["source"])):
+    for name, values in zip(NPY, (offsets, arrays["trained_counts"], use, arrays["source"])):
         np.save(tmp / f"{name}.npy", values)
     meta = {"version": CACHE_VERSION, "fingerprint": made_of, "dtype": dtype, "tokens": int(offsets[-1]),
             "sources": [{"name": p.source.name, "role": p.source.role, "fmt": p.fmt} for p in planned],
             "reports": [vars(r) | {"skipped": dict(r.skipped), "left_out": dict(r.left_out)} for r in reports]}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    cache.write_record(tmp / "meta.json", ["tokens.bin", "trained.bin", *(f"{n}.npy" for n in NPY)], meta)
 
 
 def _uses(arrays: dict, planned: list[Planned], reports: list[SourceReport], data: DataConfig) -> np.ndarray:
@@ -298,15 +300,23 @@ def _rows(folder: Path, lengths: np.ndarray, order: np.ndarray, data: DataConfig
     takes seconds, reading them back a moment."""
     key = hashlib.blake2b(np.ascontiguousarray(order).tobytes() + f"{data.seq_len}:{data.packing}".encode(),
                           digest_size=12).hexdigest()
-    pieces, starts = folder / f"rows-{key}-pieces.npy", folder / f"rows-{key}-starts.npy"
-    if pieces.is_file() and starts.is_file():
+    record = folder / f"rows-{key}.json"
+    pieces, starts = (folder / f"rows-{key}-{name}.npy" for name in ("pieces", "starts"))
+    try:
+        cache.check(record)
         return Rows(np.load(pieces, mmap_mode="r"), np.load(starts, mmap_mode="r"))
+    except cache.Unverified as e:
+        if pieces.exists() or starts.exists() or record.exists():
+            log.warning(f"the packed rows in {folder} do not verify ({e}); packing them again")
+    except OSError:  # unreadable: packed here, and written if the folder lets us
+        pass
     rows = Rows.pack(lengths[order], data.seq_len, data.packing, dialogues=order)
     try:  # written under temporary names, then renamed: a reader never sees half a file
         for path, values in ((pieces, rows.pieces), (starts, rows.starts)):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.npy")
+            tmp = cache.temporary(path)
             np.save(tmp, values)
             tmp.rename(path)
+        cache.write_record(record, [pieces.name, starts.name], {})
     except OSError:  # a read-only cache still trains; it packs again next time
         pass
     return rows

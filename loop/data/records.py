@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loop.config import first_line
+from loop.config import first_line, not_a_file
 
 Messages = list[dict[str, Any]]
 Located = tuple[str, Any]  # (location, raw record, or the exception its reader raised)
@@ -61,19 +61,45 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     return found
 
 
+MAX_DEPTH = 200  # deeper is no record (an OpenAssistant tree nests 2 a turn), and what reads it next would recurse
+NESTED = "nested too deeply to be a record"
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than `limit` deep (walked with a stack: no recursion of its own)."""
+    stack = [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
+
+
+def loads(raw: bytes | str) -> Any:
+    """One JSON document, nested at most MAX_DEPTH deep, each key once per object; a ValueError that says what
+    is wrong without repeating the document (UnicodeDecodeError for bytes that are not UTF-8)."""
+    try:
+        value = json.loads(raw, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{e.msg}, column {e.colno}" if e.lineno == 1 else
+                         f"{e.msg}, line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise ValueError(NESTED) from None
+    if _deeper_than(value, MAX_DEPTH):
+        raise ValueError(NESTED)
+    return value
+
+
 def parse_json(raw: bytes | str) -> Any:
     """One JSON document, or a DataError that says what is wrong with it (never RecursionError)."""
     try:
-        return json.loads(raw, object_pairs_hook=_unique_keys)
+        return loads(raw)
     except UnicodeDecodeError as e:
         return DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
-    except json.JSONDecodeError as e:
-        return DataError(f"invalid JSON ({e.msg}, column {e.colno})" if e.lineno == 1 else
-                         f"invalid JSON ({e.msg}, line {e.lineno} column {e.colno})")
-    except _DuplicateKey as e:
+    except ValueError as e:
         return DataError(f"invalid JSON ({e})")
-    except RecursionError:
-        return DataError("invalid JSON (nested too deeply to be a record)")
 
 
 @dataclass(frozen=True)
@@ -138,10 +164,15 @@ def read_whole(path: Path) -> Iterator[Located]:
     else:
         import yaml
 
+        from loop.config import ConfigError
+        from loop.config.parse import load_yaml
+
         try:  # BaseLoader: every scalar stays text as written (no `yes` -> True, no 1.0 -> 1)
-            yield str(path), yaml.load(path.read_text(encoding="utf-8"), Loader=yaml.BaseLoader)
-        except (UnicodeDecodeError, yaml.YAMLError, RecursionError) as e:
-            yield str(path), DataError(f"not valid UTF-8 YAML: {first_line(e)}")
+            yield str(path), load_yaml(path.read_bytes().decode("utf-8"), "YAML", yaml.BaseLoader)
+        except UnicodeDecodeError as e:
+            yield str(path), DataError(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+        except ConfigError as e:  # what is wrong, by line and column, never the value (an alias bomb's is huge)
+            yield str(path), DataError(str(e).removeprefix("YAML: "))
 
 
 def parquet_row_groups(path: Path) -> int:
@@ -205,6 +236,8 @@ def read_records(path: str, subset: str | None = None, split: str | None = None)
     id, in order, in this process (tools and small checks; a run reads units in parallel, prepare.py)."""
     check_exists(path)
     p = Path(path)
+    if p.suffix in FILE_SUFFIXES:
+        check_file(p)
     if p.suffix == ".jsonl":
         for unit in plan_lines(p)[0]:
             yield from read_lines(p, unit)
@@ -227,6 +260,21 @@ LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yml", ".yaml", ".csv", ".txt"
 def looks_like_hub_id(text: str) -> bool:
     """`name`, `namespace/name` or either with `:split`, and not a file name."""
     return bool(HUB_ID.fullmatch(text)) and not text.partition(":")[0].endswith(LOCAL_SUFFIXES)
+
+
+FILE_SUFFIXES = (".jsonl", *WHOLE_FILE, ".parquet")  # read as files (anything else: a dataset folder or Hub id)
+
+
+def check_file(path: Path) -> None:
+    """A data file is opened for reading only once it is known to be a regular file that opens: a named pipe
+    would block the read forever, a directory named `*.jsonl` fail inside it, an unreadable one traceback."""
+    if problem := not_a_file(path):
+        raise DataError(f"{path} {problem}")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or type(e).__name__})") from None
 
 
 def check_exists(path: str, what: str = "") -> None:

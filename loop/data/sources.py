@@ -19,6 +19,7 @@ from loop.data.records import (
     FormatError,
     Unit,
     check_exists,
+    check_file,
     load_dataset,
     parquet_row_groups,
     plan_lines,
@@ -73,7 +74,8 @@ def resolve(data: DataConfig) -> list[Source]:
             check_exists(entry.path)
             source = Source(entry.name or _default_name(entry), role, entry.path, entry.weight, entry.split,
                             entry.config, entry.format or data.format, tuple(sorted(entry.columns.items())))
-            source.kind  # noqa: B018 - an unsupported file type is refused here, before anything is read
+            if source.kind != "dataset":  # an unsupported file type, a FIFO or a directory: refused before reading
+                check_file(Path(source.path))
             same = [s for s in found if s.role == role and (s.path, s.split, s.subset, s.columns, s.fmt) ==
                     (source.path, source.split, source.subset, source.columns, source.fmt)]
             if same:

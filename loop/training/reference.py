@@ -6,8 +6,10 @@ processes) over the same packed rows and micro-batches as training and evaluatio
 share, in evaluation mode; the sums are added up across processes, so every process holds all of them.
 With LoRA it runs with the adapter switched off: the base is the reference. It runs before a checkpoint is
 restored, so a resumed run whose cache is gone computes it again from the same starting model. The cache is
-keyed by what the numbers depend on: the model's files, the tokenized data (template and truncation in it),
-the rows, the precision and the attention, so a run on the same model and data reuses it.
+keyed by what the numbers depend on: the full content of the model's files, the tokenized data (template and
+truncation in it), the rows, the precision and the attention, so a run on the same model and data reuses
+it; the file carries its key and its own digest, checked on read (another model's file put under this name,
+or a damaged one, is computed again with a warning).
 """
 
 from __future__ import annotations
@@ -18,13 +20,17 @@ import hashlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from loop.config import Config
+from loop.config import Config, first_line
+from loop.data import cache
 from loop.data.batches import Planner, to_device
 from loop.data.pairs import pair_keys
 from loop.data.tokenize import fingerprint
@@ -32,29 +38,25 @@ from loop.processes import any_process
 from loop.training.sequences import sequence_log_probs
 
 log = logging.getLogger("loop")
-SAMPLED = 1 << 20  # bytes read from each end of a weight file for its identity
 
 
 def model_identity(name_or_path: str, revision: str | None) -> dict:
-    """What names the starting model's weights without reading them all: for a folder, its config and, per
-    weight file, its size and a hash of its first and last megabyte (a fine-tuned file differs there); for
-    a Hub id, the commit of the snapshot in the local cache."""
+    """The starting model's weights named by their whole content: per weight file (and config.json), its size
+    and the XXH3 digest of every byte, so a model rewritten in place, in the same folder and at the same
+    size, is another model. A Hub id is named by the files of its snapshot in the local cache. Hashed from
+    memory maps on threads (xxhash lets the GIL go): about a second per 10 GB from the page cache."""
     path = Path(name_or_path)
     if not path.is_dir():
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name_or_path, "config.json", revision=revision)
-        return {"hub": name_or_path, "revision": revision,
-                "commit": Path(cached).parent.name if isinstance(cached, str) else None}
-    files = {}
-    for f in sorted(path.iterdir()):
-        if f.suffix in (".safetensors", ".bin", ".pt") or f.name == "config.json":
-            size = f.stat().st_size
-            with f.open("rb") as handle:
-                head = handle.read(SAMPLED)
-                handle.seek(max(0, size - SAMPLED))
-                files[f.name] = [size, hashlib.sha256(head + handle.read(SAMPLED)).hexdigest()]
-    return {"folder": str(path.resolve()), "files": files}
+        if not isinstance(cached, str):
+            return {"hub": name_or_path, "revision": revision, "snapshot": None}
+        path = Path(cached).parent
+    weights = (".safetensors", ".bin", ".pt")
+    files = [f for f in sorted(path.iterdir()) if f.suffix in weights or f.name == "config.json"]
+    with ThreadPoolExecutor(min(8, len(files) or 1)) as pool:
+        return {"files": {f.name: [f.stat().st_size, found] for f, found in zip(files, pool.map(cache.digest, files))}}
 
 
 def cache_key(cfg: Config, planners: dict[str, Planner], added_tokens: list[int], precision: str,
@@ -67,8 +69,36 @@ def cache_key(cfg: Config, planners: dict[str, Planner], added_tokens: list[int]
     # Rows the template added to the vocabulary start random, from the run's seed.
     seed = cfg.training.seed if added_tokens else None
     return fingerprint(model_identity(cfg.model.name_or_path, cfg.model.revision), data.hexdigest(), seed,
-                       cfg.lora.enabled, cfg.lora.quantize, cfg.training.micro_batch_size, world, precision,
-                       attention)
+                       cfg.data.template, cfg.lora.enabled, cfg.lora.quantize, cfg.training.micro_batch_size, world,
+                       precision, attention)
+
+
+def _digest(values: dict[str, np.ndarray]) -> str:
+    h = xxhash.xxh3_128()
+    for name, array in sorted(values.items()):
+        h.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        h.update(np.ascontiguousarray(array).tobytes())
+    return h.hexdigest()
+
+
+def _read(path: Path, key: str) -> dict[str, np.ndarray]:
+    """The cached values when the file is this key's and whole (its own digest checked); else nothing, said in
+    one warning when there was a file (another model's, a corrupted or a truncated one)."""
+    if not path.is_file():
+        return {}
+    try:
+        with safe_open(path, "np") as f:
+            said = f.metadata() or {}
+        values = load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a damaged file
+        problem = f"unreadable ({first_line(e)})"
+    else:
+        problem = ("made for another model or data" if said.get("key") != key else
+                   "does not match its digest" if said.get("digest") != _digest(values) else None)
+    if problem is None:
+        return values
+    log.warning(f"the reference cache {path} is {problem}; computing it again")
+    return {}
 
 
 @torch.no_grad()
@@ -95,7 +125,7 @@ def attach(accelerator, model, cfg: Config, planners: dict[str, Planner], key: s
     cache, or computed (and the time it took logged) and cached."""
     path = folder / f"reference-{key}.safetensors"
     started = time.perf_counter()
-    cached = load_file(path) if path.is_file() else {}
+    cached = _read(path, key)
     usable = all(cached.get(name, np.zeros(0)).shape == (len(p.columns),) for name, p in planners.items())
     pairs = {name: len(p.rows.pieces) // 2 for name, p in planners.items()}
     said = f"{pairs.get('train', 0)} train and {sum(n for k, n in pairs.items() if k != 'train')} eval pairs"
@@ -107,7 +137,7 @@ def attach(accelerator, model, cfg: Config, planners: dict[str, Planner], key: s
         if accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}")
-            save_file(values, str(tmp))
+            save_file(values, str(tmp), metadata={"key": key, "digest": _digest(values)})
             tmp.replace(path)  # whole or not at all: a crash leaves no half-written cache
         accelerator.wait_for_everyone()
         log.info(f"reference log-probs of {said}: computed in {time.perf_counter() - started:.1f} s "

@@ -1,3 +1,7 @@
+import os
+import re
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -105,3 +109,55 @@ def test_the_shipped_recipes_read():
     for path in sorted((ROOT / "configs").glob("*.yaml")):
         cfg = config.from_file(path)
         assert cfg.data.train_files, path
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(  # 1 KB, 9^9 values once every alias is followed
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi")) + "data: *i\n"
+
+
+@pytest.mark.parametrize("body, said", [
+    (BOMB.encode(), r"config file \S+: its YAML aliases expand to more than [\d,]+ values; write the values out$"),
+    (b"training:\n  lr: 1\n   seed: 2\n", r"config file \S+: invalid YAML at line 3, column 8: mapping values are "
+                                            r"not allowed here$"),
+    (b"training:\n  lr: [1, 2\n", r"config file \S+: invalid YAML at line 3, column 1: expected ',' or ']'"),
+    ("model:\n  name_or_path: caf\u00e9\n".encode("latin-1"), r"config file \S+ is not UTF-8 text \(invalid "
+                                                               r"continuation byte at byte 26\)$"),
+    (b"model: !!python/object/apply:os.system [echo pwned]\n", r"config file \S+: invalid YAML at line 1, column 8: "
+                                                               r"could not determine a constructor for the tag"),
+    (b"a: " + b"[" * 5000 + b"]" * 5000 + b"\n", r"config file \S+: invalid YAML"),
+])
+def test_a_config_that_is_not_safe_yaml_is_one_line_without_its_value(tmp_path, body, said):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(body)
+    with pytest.raises(ConfigError) as refused:
+        config.from_file(path)
+    assert len(str(refused.value).splitlines()) == 1 and len(str(refused.value)) < 300
+    assert re.search(said, str(refused.value)), str(refused.value)
+
+
+def test_an_alias_bomb_in_an_override_and_a_huge_value_are_refused_short(tmp_path):
+    with pytest.raises(ConfigError, match="^--training.lr: its YAML aliases expand"):
+        config.from_file(write(tmp_path, {}), ["--training.lr", "{" + BOMB.replace("\n", ", ")[:-2] + "}"])
+    with pytest.raises(ConfigError) as refused:
+        config.from_file(write(tmp_path, {"training": {"lr": ["x" * 1000] * 1000}}))
+    assert str(refused.value).startswith("training.lr: expected a number, got ['xxx") and len(str(refused.value)) < 400
+
+
+def test_a_config_that_is_no_readable_file_is_named_with_the_reason(tmp_path, monkeypatch):
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    with pytest.raises(ConfigError, match=r"^config file \S+fifo.yaml is a named pipe \(FIFO\), not a file$"):
+        config.from_file(fifo)
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(ConfigError, match=r"^config file \S+dir.yaml is a directory, not a file$"):
+        config.from_file(tmp_path / "dir.yaml")
+    with pytest.raises(ConfigError, match=r"^config file \S+nope.yaml does not exist$"):
+        config.from_file(tmp_path / "nope.yaml")
+    path = write(tmp_path, {})
+
+    def denied(self):  # tests run as root, whom file modes do not stop: the error itself
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=r"^config file \S+run.yaml cannot be read \(Permission denied\)$"):
+        config.from_file(path)

@@ -44,6 +44,10 @@ BAD = [
      "unknown_tool", "calls the tool 'shell', which is not in the dialogue's tools ['calculator', 'clock']"),
     (record([Q, calling(calls.call("calculator", '{"expression": 6*7}')), {"role": "tool", "content": "42"}, A]),
      "bad_arguments", "arguments are not valid JSON"),
+    (record([Q, calling(calls.call("calculator", "[" * 10_000 + "]" * 10_000)), {"role": "tool", "content": "4"}, A]),
+     "bad_arguments", "arguments are not valid JSON (nested too deeply to be a record)"),  # not RecursionError
+    (record([Q, calling(calls.call("calculator", "[" * 201 + "]" * 201)), {"role": "tool", "content": "4"}, A]),
+     "bad_arguments", "arguments are not valid JSON (nested too deeply to be a record)"),  # parses, too deep
     (record([Q, calling(calls.call("calculator", "[1, 2]")), {"role": "tool", "content": "42"}, A]),
      "bad_arguments", "arguments must be a JSON object, got list"),
     (record([Q, {"role": "tool", "content": "42"}, A]), "tool_without_call", "a tool result with no tool call"),
@@ -96,7 +100,7 @@ def test_every_bad_tool_record_is_named_by_file_and_line_and_counted_when_skippe
     dialogues, report = load_dialogues([str(path)], "messages", "skip")
     assert len(dialogues) == 1
     assert report.skipped["unanswered_call"] == 3 and report.skipped["tool_without_call"] == 2
-    assert report.skipped["bad_arguments"] == 2 and report.skipped["unknown_tool"] == 1
+    assert report.skipped["bad_arguments"] == 4 and report.skipped["unknown_tool"] == 1
 
 
 def test_inspect_data_marks_the_calls_trained_and_never_the_tools_list_or_results(tmp_path, tiny_dir):
