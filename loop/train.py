@@ -31,9 +31,9 @@ from loop.engine import deepspeed
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training
 from loop.inference import sampling
-from loop.model import architecture, attention, flops, load
+from loop.model import architecture, attention, flops, load, moe
 from loop.processes import main_decides
-from loop.report import card, hub, logs, metrics, profiling, trackers
+from loop.report import card, hub, logs, metrics, profiling, routing, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.training import dpo, optim, reference
@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         attention.register()
         model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, deepspeed.zero_stage(accelerator),
                                 accelerator.device)
+        router = moe.install(model, model_config, cfg.model.router_aux_loss_coef)  # a mixture of experts' router
+        if router:
+            log.info(router.router.describe())
         step_flops = flops.counter(model, shape)
         trainable, total = flops.counts(model)
         log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         timers = metrics.Timers(accelerator.device)
         meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), step_flops, pack_eff,
                               timers)
+        experts = routing.RoutingWindow(cfg.model.expert_collapse_fraction)
         stop_id = tokenizer.convert_tokens_to_ids(end_token)
         bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
         model.train()
@@ -208,18 +212,20 @@ def main(argv: list[str] | None = None) -> int:
                 lr = optim.lr_at(state.step, total_steps, t)
                 optim.set_lr(optimizer, lr)
                 result = train_step(model, optimizer, accelerator, step, objective, t.max_grad_norm, timers,
-                                    preempt.requested)
+                                    preempt.requested, router)
                 if result.nonfinite:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
                 state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
                 meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm,
                           result.statistics)
+                experts.add(result.routing)
                 profiled(state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")
 
                 if on_schedule(state.step, t.log_every, total_steps):
                     summary.train_loss = metrics.log_window(accelerator, meter, lr, state, total_steps, per_epoch)
+                    experts.log(accelerator, state.step)
                 if on_schedule(state.step, t.eval_every, total_steps) and eval_rows:
                     eval_and_log()
                 if t.sample_prompts and on_schedule(state.step, t.sample_every, total_steps):
