@@ -84,8 +84,9 @@ def router(model_config, override: float | None) -> Router | None:
 
 @dataclass
 class Recorder:
-    """Router logits of the forward passes run inside `recording()` (gradient checkpointing's recomputation in
-    backward is not recorded: it runs outside)."""
+    """Router logits of the training forward passes run inside `recording()`: not gradient checkpointing's
+    recomputation in backward (it runs outside), nor a forward without gradients inside it (DPO's live
+    reference, the model with its adapter off)."""
 
     router: Router
     layers: int
@@ -100,7 +101,7 @@ class Recorder:
             self.logits = None
 
     def hook(self, index: int, module, inputs, output) -> None:
-        if self.logits is not None:
+        if self.logits is not None and torch.is_grad_enabled():
             self.logits.append(output[index] if isinstance(output, (tuple, list)) else output)
 
 
