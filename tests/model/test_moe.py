@@ -18,6 +18,7 @@ from loop.data.packing import IGNORE
 from loop.model import architecture, attention, head, moe
 from loop.training.sft import SFT
 from loop.training.step import train_step
+from tests.conftest import run_in_process, write_config
 
 MOE = ("qwen3_moe", "qwen2_moe", "mixtral")
 
@@ -123,8 +124,18 @@ def test_a_dense_model_has_no_router(family_dirs):
     assert recorder is None
 
 
-def test_an_unknown_router_is_refused_before_any_weight_loads():
+def test_an_unknown_router_is_refused_in_one_line_before_any_weight_loads(tiny_dir, tmp_path, capsys):
+    """DeepSeek-V3's router (sigmoid scores, a bias that balances without a loss): a folder with its config
+    alone, no weights and no tokenizer, is refused with exit 2 and one line, nothing written."""
     config = AutoConfig.for_model("deepseek_v3", num_hidden_layers=2, hidden_size=64, n_routed_experts=8,
                                   num_experts_per_tok=2, vocab_size=100)
     with pytest.raises(ConfigError, match="router the loop does not know"):
         architecture.check_trainable(config, Config(), "sdpa")
+    config.save_pretrained(tmp_path / "model")
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out",
+                       model={"name_or_path": str(tmp_path / "model")})
+    assert run_in_process(cfg, entry="run") == 2
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "error:" in line]
+    assert "deepseek_v3 is a mixture of experts whose router the loop does not know" in line
+    assert "Traceback" not in out and not (tmp_path / "out").exists()
