@@ -31,8 +31,8 @@ from loop.data.records import DataError
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training, held_out
 from loop.inference import sampling
-from loop.model import architecture, attention, flops, load
-from loop.report import card, hub, logs, metrics, profiling, trackers
+from loop.model import architecture, attention, flops, load, moe
+from loop.report import card, hub, logs, metrics, profiling, routing, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.state.saver import Saver
@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         # 3. Model and optimizer.
         attention.register()
         model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, accelerator, objective.dropout)
+        router = moe.install(model, model_config, cfg.model.router_aux_loss_coef)  # a mixture of experts' router
+        if router:
+            log.info(router.router.describe())
         step_flops = flops.counter(model, shape)
         trainable, total = flops.counts(model)
         log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")
@@ -193,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         timers = metrics.Timers(accelerator.device)
         meter = metrics.Meter(world, metrics.peak_flops_per_device(t.peak_flops_per_device), step_flops, pack_eff,
                               timers)
-        logger = metrics.Logger(accelerator, meter, t.log_every, total_steps, per_epoch, summary, objective.console)
+        experts = routing.RoutingWindow(cfg.model.expert_collapse_fraction)  # a mixture of experts' routing
+        logger = metrics.Logger(accelerator, meter, t.log_every, total_steps, per_epoch, summary, objective.console,
+                                experts)
         sampler = sampling.Sampler(model, accelerator, tokenizer, t, tokenizer.convert_tokens_to_ids(end_token),
                                    total_steps, out)
         if state.step == 0:
@@ -218,12 +223,13 @@ def main(argv: list[str] | None = None) -> int:
                 lr = optim.lr_at(state.step, total_steps, t)
                 optim.set_lr(optimizer, lr)
                 result = train_step(model, optimizer, accelerator, step, loss, t.max_grad_norm, timers,
-                                    preempt.requested)
+                                    preempt.requested, router)
                 if result.nonfinite:
                     skip_or_stop(result.nonfinite, state, t.on_nonfinite, accelerator, ckpt_root)
                 state.advance(step.tokens, step.rows, step.trained, result.loss is None, per_epoch)
                 meter.add(step.tokens, step.trained, step.piece_lengths, result.loss, result.grad_norm,
                           result.statistics)
+                experts.add(result.routing)
                 profiled(state.step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{result.loss or float('nan'):.4f}", lr=f"{lr:.2e}")

@@ -34,7 +34,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
-FAMILIES = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
+FAMILIES = ("gpt_bigcode", "starcoder2", "llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe")
 
 
 @pytest.fixture(scope="session")

@@ -46,6 +46,12 @@ class ModelConfig:
     # eager cannot pack (see loop/model/attention.py).
     attn_implementation: Attention = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # Mixtures of experts: the router load-balancing loss's coefficient (none: the model config's
+    # router_aux_loss_coef; 0: off), computed over every real token of each optimizer step.
+    router_aux_loss_coef: float | None = None
+    # A train.log line when an expert of some layer got less than this fraction of its fair share of the
+    # tokens over a logging window (expert collapse); 0: never.
+    expert_collapse_fraction: float = 0.1
 
 
 @dataclass
@@ -241,6 +247,8 @@ def validate(config: Config) -> None:
     t, d, e = config.training, config.data, config.evaluation
     checks = [
         ("training.lr", t.lr > 0, "must be > 0"),
+        ("model.router_aux_loss_coef", (config.model.router_aux_loss_coef or 0) >= 0, "must be >= 0 (0: off)"),
+        ("model.expert_collapse_fraction", 0 <= config.model.expert_collapse_fraction < 1, "must be in [0, 1)"),
         ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),
         ("training.warmup_ratio", 0 <= t.warmup_ratio < 1, "must be in [0, 1)"),

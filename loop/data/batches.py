@@ -129,6 +129,7 @@ def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "ma
     batch: Batch = {k: torch.from_numpy(v.reshape(B, T)) for k, v in
                     (("input_ids", input_ids), ("targets", targets), ("position_ids", position_ids))}
     batch["target_index"] = torch.from_numpy(np.flatnonzero(targets != IGNORE))  # rows the loss reads
+    batch["token_index"] = torch.from_numpy(dst)  # the real tokens (a mixture of experts' router statistics)
     if layout == "varlen":
         cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32) if len(lens) else np.array([0, 1], np.int32)
         longest = int(lens.max(initial=1))
@@ -159,7 +160,8 @@ def to_device(batch: Batch, device: torch.device | str) -> Batch:
 
 
 # What only the loss reads: the targets and, for preference pairs, their sequences (loop/data/pairs.py).
-LOSS_ONLY = ("targets", "target_index", "sequence_ids", "target_sequence", "completion_tokens", "reference_logps")
+LOSS_ONLY = ("targets", "target_index", "token_index", "sequence_ids", "target_sequence", "completion_tokens",
+             "reference_logps")
 
 
 def model_inputs(batch: Batch) -> Batch:

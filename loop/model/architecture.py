@@ -2,8 +2,10 @@
 standard config names, and whether the loop can train it.
 
 Verified end to end (packing, loss, resume, export, generation; tests/model/test_families.py): GPTBigCode
-(StarCoder), Starcoder2, Llama (CodeLlama, DeepSeek-Coder) and Qwen2 (Qwen2.5-Coder). Another decoder-only
-model whose class supports the attention the packing needs is trained too, with a warning.
+(StarCoder), Starcoder2, Llama (CodeLlama, DeepSeek-Coder), Qwen2 (Qwen2.5-Coder), Qwen3 and Qwen3-MoE
+(Qwen3-Coder-30B-A3B). Another decoder-only model whose class supports the attention the packing needs is
+trained too, with a warning, unless it is a mixture of experts whose router the loop does not know
+(loop/model/moe.py).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from loop.config import Config, ConfigError
+from loop.model import moe
 
-VERIFIED = ("gpt_bigcode", "starcoder2", "llama", "qwen2")
+VERIFIED = ("gpt_bigcode", "starcoder2", "llama", "qwen2", "qwen3", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ def check_trainable(model_config, cfg: Config, attention: str) -> str | None:
             f"model.name_or_path: {kind!r} is not a decoder-only causal language model; loop/train.py fine-tunes "
             f"those (verified: {', '.join(VERIFIED)})")
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(model_config)]
+    moe.check(model_config, model_class)
     needs = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
              "flash_attention_3": "_supports_flash_attn"}.get(attention, "_supports_attention_backend")
     if packing != "pad" and not getattr(model_class, needs, False):

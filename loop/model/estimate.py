@@ -53,10 +53,14 @@ def count_params(model_config, trust_remote_code: bool = False) -> tuple[int, in
 
 
 def _count(model_config, trust_remote_code: bool) -> tuple[int, int]:
+    """The largest layer is what ZeRO-3 gathers at once: a full fine-tune makes each transformer block a leaf
+    module (engine/deepspeed.py: gather_by_block), gathered whole, a mixture of experts' every expert with it;
+    any other module is gathered on its own."""
     with registry.outside_init(), torch.device("meta"):  # in a ZeRO-3 run transformers would partition it
         model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in model.parameters())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    largest = max(sum(p.numel() for p in m.parameters(recurse=type(m).__name__ in blocks)) for m in model.modules())
     return total, largest
 
 

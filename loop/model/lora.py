@@ -35,6 +35,10 @@ TARGETS = {
     "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    # A mixture of experts' experts are packed tensors, not linear layers: attention is adapted (the usual
+    # recipe for Qwen3-MoE), the frozen experts and router are not.
+    "qwen3_moe": ["q_proj", "k_proj", "v_proj", "o_proj"],
 }
 
 

@@ -189,7 +189,7 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
              "gradient accumulation": t.gradient_accumulation_steps, "processes": summary.world_size,
              "distributed setup": summary.setup, "precision": summary.precision, "sequence length": cfg.data.seq_len,
              "packing": cfg.data.packing, "optimizer steps": summary.steps, "max grad norm": t.max_grad_norm,
-             "seed": t.seed}
+             "seed": t.seed, "libraries": libraries(lora.enabled)}
     if lora.enabled:
         hyper |= {"LoRA": f"rank {lora.rank}, alpha {lora.alpha}, dropout {lora.dropout}, targets "
                           f"{', '.join(lora.target_modules)}{', embeddings trained' if lora.train_embeddings else ''}"
@@ -204,6 +204,11 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
               if kind == "adapter" and summary.vocab else "")
     load = (LOAD_ADAPTER.format(where=where, base=base, resize=resize) if kind == "adapter"
             else LOAD.format(where=where))
+    if kind == "adapter":  # module names (a mixture of experts' above all) change between transformers majors
+        import transformers
+
+        load += (f"\n\nTrained with transformers {transformers.__version__}: load it with transformers "
+                 f"{transformers.__version__.split('.')[0]}.x, whose module names it was saved against.")
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
     code = code_section(summary, folder)
     tools = f"\n{TOOLS}\n" if templates.renders_tools(chat_template) else ""
@@ -256,6 +261,14 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 </details>
 """
     return ModelCard(body)
+
+
+def libraries(adapters: bool) -> str:
+    """The versions that trained it (an adapter loads onto the module names of its transformers major)."""
+    from importlib.metadata import version
+
+    names = ["transformers", *(["peft"] if adapters else []), "torch", "deepspeed", "accelerate"]
+    return ", ".join(f"{name} {version(name)}" for name in names)
 
 
 def code_section(summary: RunSummary, folder: Path) -> str:

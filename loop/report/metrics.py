@@ -15,6 +15,7 @@ import torch
 
 from loop.report.card import RunSummary
 from loop.report.logs import CONSOLE_ONLY, FILE_ONLY
+from loop.report.routing import RoutingWindow
 from loop.state.progress import due
 
 if TYPE_CHECKING:
@@ -62,14 +63,16 @@ class Logger:
     and keeps the last window's train loss for the model card."""
 
     def __init__(self, accelerator, meter: Meter, every: int, total_steps: int, steps_per_epoch: int,
-                 summary: RunSummary, console: dict[str, str]) -> None:
+                 summary: RunSummary, console: dict[str, str], routing: RoutingWindow | None = None) -> None:
         self.accelerator, self.meter, self.every, self.total_steps = accelerator, meter, every, total_steps
-        self.steps_per_epoch, self.summary, self.console = steps_per_epoch, summary, console
+        self.steps_per_epoch, self.summary, self.console, self.routing = steps_per_epoch, summary, console, routing
 
     def maybe_log(self, state: LoopState, lr: float) -> None:
         if due(state.step, self.every, self.total_steps):
             self.summary.train_loss = log_window(self.accelerator, self.meter, lr, state, self.total_steps,
                                                  self.steps_per_epoch, self.console)
+            if self.routing is not None:  # a mixture of experts: its routing over the same window
+                self.routing.log(self.accelerator, state.step)
 
 
 def peak_flops_per_device(configured: float) -> float:

@@ -93,6 +93,17 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}
 
 
+def saved_shapes(model: torch.nn.Module, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The names and shapes `save_pretrained` writes for these parameters. transformers 5 keeps some weights
+    in another layout than their checkpoints (a mixture of experts' experts packed into one tensor per layer)
+    and writes them back in the published layout (one matrix per expert): its own reverse conversion, applied
+    to shape-only tensors, says what the folder must hold."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    meta = {name: torch.empty(shape, device="meta") for name, shape in expected.items()}
+    return {name: tuple(t.shape) for name, t in revert_weight_conversion(model, meta).items()}
+
+
 def check_saved_model(model_dir: Path, expected: dict[str, tuple[int, ...]], tied: set[str]) -> None:
     """Every parameter is in the safetensors files with its full shape (tied ones may be left out).
 
@@ -117,7 +128,7 @@ def save_model(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
     state_dict = registry.of(accelerator).full_state_dict(accelerator, model)
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
-        expected = expected_shapes(unwrapped)
+        expected = saved_shapes(unwrapped, expected_shapes(unwrapped))
         tied = {"lm_head.weight"} if getattr(unwrapped.config, "tie_word_embeddings", False) else set()
         with staged(out_dir) as tmp:
             state_dict = {k: v.to(DTYPES[dtype]) for k, v in state_dict.items()}
@@ -159,7 +170,7 @@ def save_final(accelerator: Accelerator, model, tokenizer: PreTrainedTokenizerBa
 
 def save_plain(model, tokenizer: PreTrainedTokenizerBase, out_dir: Path, dtype: SaveDtype) -> None:
     """A whole model already in this process's memory (a merged adapter), staged and checked."""
-    expected = expected_shapes(model)
+    expected = saved_shapes(model, expected_shapes(model))
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     with staged(out_dir) as tmp:
         model.to(DTYPES[dtype]).save_pretrained(tmp)

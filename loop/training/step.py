@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
 
 from loop.data.batches import Batch, Step, to_device
 from loop.engine import step as engine
+from loop.model import moe
 from loop.training.objective import Objective
 
 
@@ -20,10 +22,11 @@ class StepResult:
     nonfinite: str | None  # what was not finite when the step was not applied
     preempted: bool  # a preemption signal reached some process: all of them save and stop
     statistics: dict[str, float] = field(default_factory=dict)  # the objective's, per normaliser unit
+    routing: moe.Routing | None = None  # a mixture of experts': the step's load balance (aux_loss in statistics)
 
 
 def train_step(model, optimizer, accelerator, step: Step, objective: Objective, max_grad_norm: float, timers,
-               preempted: bool) -> StepResult:
+               preempted: bool, router: moe.Recorder | None = None) -> StepResult:
     """One optimizer step, with one host-device synchronisation.
 
     The engine divides by the accumulation steps and averages over processes; scaling each summed
@@ -32,24 +35,35 @@ def train_step(model, optimizer, accelerator, step: Step, objective: Objective, 
     per-micro-batch means. After the backward passes, one all-reduce gives every process the step's loss
     and statistics, whether any loss (or, without DeepSpeed, the gradient norm) was non-finite, and whether
     any process was signalled to stop; a non-finite step is dropped on every process before the optimizer runs.
+    A mixture of experts' router load-balancing loss is added over the whole step (loop/model/moe.py); the
+    loss reported is the objective's alone, the balancing loss is `aux_loss` among the statistics.
     """
     normaliser = max(1, objective.normaliser(step))
     scale = accelerator.num_processes * len(step.micro_batches) / normaliser
-    # Summed over processes: the loss, non-finite losses, non-finite norms, preemption, then the statistics.
-    summed = torch.zeros(4 + len(objective.statistics), device=accelerator.device)
+    balance = router and moe.StepBalance(router, step.tokens, accelerator.num_processes, len(step.micro_batches),
+                                         lambda t: accelerator.reduce(t, reduction="sum"), accelerator.device)
+    n_stats = len(objective.statistics)
+    # Summed over processes: the loss, non-finite losses, non-finite norms, preemption, the statistics, routing.
+    summed = torch.zeros(4 + n_stats + (balance.size if balance else 0), device=accelerator.device)
     last = len(step.micro_batches) - 1
     for m, batch in enumerate(step.micro_batches):
         with timers("forward_backward"):
-            loss, statistics = objective.loss_sum(model, to_device(batch, accelerator.device))
+            batch = to_device(batch, accelerator.device)
+            with router.recording() if router else nullcontext() as logits:
+                loss, statistics = objective.loss_sum(model, batch)
+            balancing = balance.add(logits, batch["token_index"]) if balance else 0.0
             summed[0] += loss.detach()
-            summed[1] += (~torch.isfinite(loss)).float()
-            summed[4:] += statistics.detach()
-            engine.backward(accelerator, model, loss * scale, m == last)
+            summed[1] += (~torch.isfinite(loss + balancing)).float()
+            summed[4 : 4 + n_stats] += statistics.detach()
+            engine.backward(accelerator, model, loss * scale + balancing, m == last)
     grad_norm = engine.clip_gradients(accelerator, model, max_grad_norm)
     if torch.is_tensor(grad_norm):
         summed[2] += (~torch.isfinite(grad_norm)).float()
     summed[3].fill_(float(preempted))  # `summed[3] = x` would copy x from pageable memory: a synchronisation
-    total, bad_loss, bad_norm, stop, *stats = accelerator.reduce(summed, reduction="sum").tolist()
+    if balance:
+        summed[4 + n_stats :] = balance.sums()
+    total, bad_loss, bad_norm, stop, *rest = accelerator.reduce(summed, reduction="sum").tolist()
+    stats, routing = rest[:n_stats], balance.value(rest[n_stats:]) if balance else None
     if bad_loss or bad_norm:
         engine.discard_gradients(accelerator, model, optimizer)
         return StepResult(None, grad_norm, "loss" if bad_loss else "gradient norm", bool(stop))
@@ -57,8 +71,10 @@ def train_step(model, optimizer, accelerator, step: Step, objective: Objective, 
         grad_norm = engine.optimizer_step(accelerator, model, optimizer, grad_norm)
     if isinstance(grad_norm, float) and not math.isfinite(grad_norm):  # DeepSpeed found it and skipped the update
         return StepResult(None, grad_norm, "gradient norm", bool(stop))
-    return StepResult(total / normaliser, grad_norm, None, bool(stop),
-                      {name: value / normaliser for name, value in zip(objective.statistics, stats)})
+    statistics = {name: value / normaliser for name, value in zip(objective.statistics, stats)}
+    if routing:
+        statistics["aux_loss"] = routing.aux_loss
+    return StepResult(total / normaliser, grad_norm, None, bool(stop), statistics, routing)
 
 
 @torch.no_grad()

@@ -19,9 +19,8 @@ def test_shapes_and_flops_follow_each_architecture(family_dirs, family):
     attn = model.model.layers[0].self_attn if family != "gpt_bigcode" else model.transformer.h[0].attn
     q_out = attn.q_proj.out_features if family != "gpt_bigcode" else attn.embed_dim
     assert shape.q_heads * shape.head_dim == q_out == 64 and shape.layers == 2
-    assert shape.kv_heads == {"gpt_bigcode": 1, "starcoder2": 2, "llama": 2, "qwen2": 2}[family]
-    assert shape.windows == {"gpt_bigcode": (None, None), "starcoder2": (64, 64), "llama": (None, None),
-                             "qwen2": (None, 64)}[family]
+    assert shape.kv_heads == (1 if family == "gpt_bigcode" else 2)
+    assert shape.windows == {"starcoder2": (64, 64), "qwen2": (None, 64)}.get(family, (None, None))
     # Matmul parameters: all but embedding lookups, the tied token embedding counting as the output projection.
     lookups = model.transformer.wpe.weight.numel() if family == "gpt_bigcode" else 0  # learned positions
     if not model.config.tie_word_embeddings:

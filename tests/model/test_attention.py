@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from loop.data import batches
 from loop.data.tokenize import tokenize
-from loop.model import architecture, attention
+from loop.model import architecture, attention, moe
 from tests.conftest import FAMILIES
 
 
@@ -57,8 +57,9 @@ def models_with(choice: str, model_dir, monkeypatch):
         kernel = fake_varlen_kernel(with_gqa="2.13" in choice)
         monkeypatch.setattr(attention, "_varlen_kernel", lambda: (kernel, "2.13" in choice))
     attention.register()
-    return (AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval(),
-            AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval(), impl)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl).eval()
+    moe.install(model, model.config, None)  # a mixture of experts' balancing loss is the loop's, not the forward's
+    return model, AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa").eval(), impl
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -18,6 +18,30 @@ def test_parameter_count_matches_the_real_model(tiny_dir):
     assert largest == model_config.vocab_size * model_config.n_embd  # the (tied) embedding is the largest layer
 
 
+def test_a_mixture_of_experts_block_is_one_layer_gathered_whole(family_dirs):
+    """A full fine-tune gathers each transformer block at once (a ZeRO-3 leaf module): a mixture of experts'
+    block with every expert in it is the largest thing gathered, not the packed experts alone."""
+    model_config = estimate.read_config(str(family_dirs("qwen3_moe") / "model"))
+    model_config.num_experts = 64  # the block outgrows the embedding
+    total, largest = estimate.count_params(model_config)
+    model = AutoModelForCausalLM.from_config(model_config)
+    block = model.model.layers[0]
+    assert largest == sum(p.numel() for p in block.parameters()) > sum(p.numel() for p in block.mlp.parameters())
+    assert total == model.num_parameters()
+
+
+def test_the_qwen3_coder_30b_a3b_recipes_fit_the_gpus_they_name():
+    """configs/qwen3-coder-30b-a3b.yaml (8 x 80 GB, micro-batch 1) and its LoRA recipe on one 80 GB GPU, from the
+    published shape alone; micro-batch 2 would not leave room on 80 GB."""
+    shape = str(Path(__file__).parents[2] / "configs" / "models" / "qwen3-coder-30b-a3b.json")
+    head, full, *_ = estimate.estimate(shape, 8, 1, 1, 4096, True)
+    assert 30.4e9 < head["params"] < 30.7e9 and 600e6 < head["largest_layer"] < 650e6  # a block, every expert
+    assert 65 < full["gpu_gb"] < 76
+    assert estimate.estimate(shape, 8, 1, 2, 4096, True)[1]["gpu_gb"] > 76
+    _, lora = estimate.estimate(shape, 1, 1, 1, 4096, True, lora_rank=16)
+    assert 60 < lora["gpu_gb"] < 72
+
+
 def test_estimates_move_the_right_way(tiny_dir):
     shape = Shape.of(estimate.read_config(str(tiny_dir / "model")))
     plain = estimate.activations_bytes(shape, 4, 512, checkpointing=False)
@@ -51,7 +75,7 @@ def absurd(tiny_dir: Path, folder: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("changes, said", [
-    ({"n_embd": 1_000_000}, "largest layer 4,000,004,000,000: that layer alone takes 7,450.6 GB in 16 bits"),
+    ({"n_embd": 1_000_000}, "largest layer 10,500,011,500,000: that layer alone takes 19,557.8 GB in 16 bits"),
     ({"n_layer": 10_000, "n_embd": 4096}, "training it needs at least"),
     ({"vocab_size": 1_000_000_000}, "largest layer 64,000,000,000: that layer alone takes 119.2 GB"),
 ])

@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loop.data import batches
-from loop.model import attention
+from loop.model import attention, moe
 from tools.bench import workload
 
 
@@ -39,6 +39,7 @@ def main() -> int:
             print(f"{name}: skipped ({why})")
             continue
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=impl).to(a.device)
+        moe.install(model, model.config, None)  # as the loop runs a mixture of experts: no 2-D-mask balancing loss
         layout = attention.layout(impl, "bfd")
         batch = batches.to_device(batches.collate(columns, rows, tokenizer.pad_token_id, layout), a.device)
         worst = 0.0

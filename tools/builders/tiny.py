@@ -22,8 +22,12 @@ from transformers import (
     AutoModelForCausalLM,
     GPTBigCodeConfig,
     LlamaConfig,
+    MixtralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3MoeConfig,
     Starcoder2Config,
 )
 
@@ -31,9 +35,10 @@ from loop.data import templates
 from loop.data.dialogues import collect
 
 CORPUS_DIR = Path(chatterbot_corpus.__file__).parent / "data" / "english"
-Family = Literal["gpt_bigcode", "starcoder2", "llama", "qwen2"]
+Family = Literal["gpt_bigcode", "starcoder2", "llama", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "mixtral"]
 TokenizerStyle = Literal["starcoder", "llama", "plain"]
-TOKENIZER = {"gpt_bigcode": "starcoder", "starcoder2": "starcoder", "llama": "llama", "qwen2": "plain"}
+TOKENIZER = {"gpt_bigcode": "starcoder", "starcoder2": "starcoder", "llama": "llama", "qwen2": "plain",
+             "qwen3": "plain", "qwen3_moe": "plain", "qwen2_moe": "plain", "mixtral": "llama"}
 
 
 def convert_corpus(out_file: Path) -> int:
@@ -77,7 +82,10 @@ def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: in
                  dropout: float = 0.0):
     """A small config of `family` with what makes it differ: multi-query attention and learned positions
     (GPTBigCode); rotary positions with grouped-query attention (the others); an untied output projection
-    and a sliding window on every layer (Starcoder2, as its 15B); a window on some layers only (Qwen2)."""
+    and a sliding window on every layer (Starcoder2, as its 15B); a window on some layers only (Qwen2); query and
+    key norms (Qwen3). The mixtures of experts route each token to 2 of 8 experts (4 for Mixtral), packed as
+    transformers 5 keeps them, with the router logits on as the released configs ship: Qwen3-MoE as
+    Qwen3-Coder-30B-A3B (normalised top-k, untied), Qwen2-MoE with its shared expert, Mixtral."""
     ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     if family == "gpt_bigcode":
         return GPTBigCodeConfig(vocab_size=vocab, n_positions=positions, n_embd=hidden, n_layer=layers, n_head=heads,
@@ -90,6 +98,18 @@ def model_config(family: Family, vocab: int, hidden: int, layers: int, heads: in
                                 residual_dropout=0.0, embedding_dropout=0.0, attention_dropout=0.0)
     if family == "llama":
         return LlamaConfig(**common, tie_word_embeddings=False)
+    head_dim, moe = hidden // heads, dict(output_router_logits=True, num_experts_per_tok=2)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=head_dim, tie_word_embeddings=True)
+    if family == "qwen3_moe":
+        return Qwen3MoeConfig(**common, **moe, head_dim=head_dim, num_experts=8, moe_intermediate_size=hidden,
+                              norm_topk_prob=True, router_aux_loss_coef=0.001, tie_word_embeddings=False)
+    if family == "qwen2_moe":
+        return Qwen2MoeConfig(**common, **moe, num_experts=8, moe_intermediate_size=hidden,
+                              shared_expert_intermediate_size=2 * hidden, router_aux_loss_coef=0.001)
+    if family == "mixtral":
+        return MixtralConfig(**common, **moe, num_local_experts=4, router_aux_loss_coef=0.02,
+                             tie_word_embeddings=False)
     return Qwen2Config(**common, tie_word_embeddings=True, use_sliding_window=True, sliding_window=64,
                        max_window_layers=layers // 2)
 
