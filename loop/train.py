@@ -32,7 +32,7 @@ from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
-from loop.processes import main_decides
+from loop.processes import fail_together, main_decides
 from loop.report import card, hub, logs, metrics, profiling, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 def skip_or_stop(what: str, state: LoopState, policy: str, accelerator: Accelerator, ckpt_root: Path) -> None:
     """A step that was not applied because something was not finite: stop the run, or count it."""
     if policy == "stop":
-        raise FloatingPointError(f"non-finite {what} at step {state.step + 1}; the step was not applied; "
+        raise config.NonFiniteStep(f"non-finite {what} at step {state.step + 1}; the step was not applied; "
                                  f"last good checkpoint: {checkpoints.last_good(ckpt_root)}")
     logging.getLogger("loop").warning(f"step {state.step + 1}: non-finite {what}, optimizer step skipped "
                                       f"({state.skipped_steps + 1} so far)")
@@ -259,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(argv: list[str] | None = None) -> int:
-    """main(), with what a user can fix said in one line, by the first process only, without a traceback:
-    exit 2 for config and data, 1 for a run that cannot go on (a checkpoint, a non-finite step)."""
+    """main(), with what a user can fix said in one line, by the first process only, without a traceback, and
+    the error's exit code (loop/config/errors.py: 2 for config and data, 1 for a run that cannot go on)."""
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         try:
             print(usage.text(), flush=True)
@@ -269,19 +269,18 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         return main(argv)
-    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError, trackers.TrackerError) as e:
-        return report_error(e, 2)
-    except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
-        return report_error(e, 1)
+    except config.UserError as e:
+        return report_error(e, e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the loop (setup, final save): no step to finish, nothing half-kept
         return report_error(KeyboardInterrupt("interrupted (Ctrl-C) outside the training loop; checkpoints "
                                               "already written are intact"), preemption.INTERRUPTED_EXIT_CODE)
 
 
-def report_error(error: Exception, code: int) -> int:
-    """The error, once: on the console and, once the run has one, in train.log (other processes stay quiet)."""
-    if os.environ.get("RANK", "0") == "0":
-        logging.getLogger("loop").error(f"error: {error}")
+def report_error(error: BaseException, code: int) -> int:
+    """The error, once: on the console and, once the run has one, in train.log, said by the first process
+    before any process of a launch exits, and named in torchrun's failure summary (loop/processes.py)."""
+    line = f"error: {error}"
+    fail_together(lambda: logging.getLogger("loop").error(line), line)
     return code
 
 

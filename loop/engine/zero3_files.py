@@ -20,16 +20,16 @@ from pathlib import Path
 
 import torch
 
-from loop.config import first_line
+from loop.config import RunError, first_line
 
 SHARDS = "pytorch_model"  # the tag folder accelerate's save_state uses
 
 
-class UntrustedCheckpoint(RuntimeError):
+class UntrustedCheckpoint(RunError, RuntimeError):
     """A checkpoint file is missing, truncated, or holds something other than plain data."""
 
 
-class ConsolidationError(RuntimeError):
+class ConsolidationError(RunError, RuntimeError):
     """The input is not a complete ZeRO-3 checkpoint; the message names the file."""
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loop.config import ConfigError, Tracker, first_line, to_dict
+from loop.config import ConfigError, Tracker, UserError, first_line, to_dict
 
 __all__ = ["Tracker", "TrackerError", "check", "start"]
 
 
-class TrackerError(RuntimeError):
+class TrackerError(UserError, RuntimeError):
     """A tracker of output.report_to could not start (its settings, its server); the message says which."""
 
 

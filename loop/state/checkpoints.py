@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from loop import config as config_mod
-from loop.config import ConfigError
+from loop.config import ConfigError, RunError
 from loop.data import templates
 from loop.engine import deepspeed, zero3_files
 from loop.processes import any_process, main_decides
@@ -40,7 +40,7 @@ if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate
 log = logging.getLogger("loop")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError, RuntimeError):
     """A checkpoint cannot be written or resumed; the message says what to do."""
 
 

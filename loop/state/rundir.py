@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from loop.config import ConfigError, first_line
+from loop.config import ConfigError, UserError, first_line
 from loop.processes import any_process
 
 LOCK = ".run.lock"
@@ -32,7 +32,7 @@ ASIDE = "previous-"  # where --overwrite_output_dir moves an earlier run: OUTPUT
 PREEMPTED = "PREEMPTED"  # written when a run stops on a signal (step, exit code); tools/launch.py exits so too
 
 
-class DirectoryInUse(RuntimeError):
+class DirectoryInUse(UserError, RuntimeError):
     """Another run holds the output directory."""
 
 
