@@ -22,6 +22,8 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
                                                                                 model, state
     evaluation  does the model code: problems, answers, each program           config, processes, data,
                 contained, pass@k; as a tool and at the checkpoints            engine, inference, report
+    launch      the front end a user or scheduler starts (tools/launch.py):     every stage above
+                checks first, signals passed on, the run's own exit code
 
 Where a change goes:
 - a new objective: one module in training/ (its loss sum, what a step is normalised by, its statistics; see

@@ -128,3 +128,42 @@ def test_every_user_error_under_accelerate_launch_is_said_every_time(tiny_dir, t
             assert out.count("exitcode  : 2") == 2, out[-3000:]
             summary = out.rstrip().splitlines()[-2:]  # the root cause's traceback line, then the border
             assert summary[0].strip() == "traceback : " + line.split(" ERROR ", 1)[1], summary
+
+
+@pytest.mark.slow
+def test_the_launch_exits_as_the_run_did_with_its_one_line(tiny_dir, tmp_path):
+    """An error only the training processes find (here: accelerate left the two processes unconnected) is the
+    run's one line and its own exit code, 2, not accelerate's exit 1 and its launcher's traceback. Fails before
+    a model loads."""
+    cfg = config(tmp_path, tiny_dir)
+    proc = subprocess.run([sys.executable, "tools/launch.py", "--multi_gpu", "--num_processes", "2",
+                           "--main_process_port", str(free_port()), "loop/train.py", str(cfg)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: " in line]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(said) == 1 and "2 processes were launched but accelerate set up no distributed training" in said[0]
+    assert "Traceback" not in proc.stdout + proc.stderr and "ChildFailedError" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_quickstart_trains_again_into_its_folder_moving_the_earlier_run_aside(tiny_dir, tmp_path):
+    """README command 1 run a second time: its train step (tools/launch.py ... --overwrite_output_dir true)
+    moves the first run, with the consolidated model and answers the chain wrote, into previous-TIME/ and
+    trains afresh, so consolidation and answers follow again. One 2-step 2-process run."""
+    out = tmp_path / "out"
+    earlier = ["train.log", "config.yaml", "answers.md", "consolidated/model.safetensors",
+               "checkpoints/step_00000072/loop_state.json"]
+    for name in earlier:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the first run\n")
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, out, training={"max_steps": 2, "save_every": 2})
+    proc = subprocess.run([sys.executable, "tools/launch.py", "--config_file",
+                           str(ROOT / "accelerate_configs" / "cpu_zero3.yaml"), "--main_process_port",
+                           str(free_port()), "loop/train.py", str(cfg), "--overwrite_output_dir", "true"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    aside = list(out.glob("previous-*"))
+    assert len(aside) == 1 and all((aside[0] / name).read_text() == "the first run\n" for name in earlier)
+    assert "--overwrite_output_dir: moved the earlier run" in proc.stderr + proc.stdout
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "answers.md").exists()
+    assert (out / "checkpoints" / "step_00000002").is_dir()
