@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--samples-per-task > 1 needs --temperature > 0 (greedy answers are all the same)")
     settings, name = settings_from(a), tasks.name_of(a.tasks)
     try:
-        problems = tasks.load(a.tasks, a.limit)
+        problems = tasks.load(a.tasks, a.limit, named="--tasks")
         refused = sandbox.check(a.sandbox)  # before a model is loaded, which can take minutes
         if refused:
             raise ConfigError(f"--sandbox {a.sandbox}: {refused}")

