@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(name: str, nbytes: int) -> None:
             if not bars:
-                bars.append(tqdm(unit="B", unit_scale=True, desc="consolidate"))
+                # On a terminal only: into a log, each refresh would be a line of its own (52 seen).
+                bars.append(tqdm(unit="B", unit_scale=True, desc="consolidate", disable=None))
             count[0] += 1
             bars[0].set_postfix(tensors=count[0])
             bars[0].update(nbytes)
