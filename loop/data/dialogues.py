@@ -206,8 +206,17 @@ def digest(dialogue: Messages) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def held_out(digest_value: int, eval_fraction: float) -> bool:
-    return digest_value % 10_000 < eval_fraction * 10_000
+def split_key(dialogue: Messages) -> int:
+    """What decides a dialogue's side of the eval split: its first question (the digest of its first user
+    message; of the whole dialogue when it has none). Dialogues that open with the same question land on the
+    same side, so a held-out question is never trained on, even when another dialogue asks it too."""
+    first = next((m for m in dialogue if m.get("role") == "user"), None)
+    return digest([first] if first is not None else dialogue)
+
+
+def held_out(key: int, eval_fraction: float) -> bool:
+    """Whether a dialogue with this split_key is held out for evaluation: a stable eval_fraction of keys."""
+    return key % 10_000 < eval_fraction * 10_000
 
 
 def collect(files: list[str], fmt: Format, oasst_paths: OasstPaths = "longest",
