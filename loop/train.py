@@ -33,7 +33,7 @@ from loop.evaluation import during_training
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load
 from loop.processes import fail_together, main_decides
-from loop.report import card, hub, logs, metrics, profiling, trackers
+from loop.report import card, hub, logs, metrics, profiling, timings, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.training import dpo, optim, reference
@@ -90,6 +90,7 @@ def prepare_data(accelerator: Accelerator, cfg: config.Config, tokenizer) -> Pre
 def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as run_scope:  # what the run holds (its directory) is let go on every way out
         # 1. Config: everything is checked before any work starts, and nothing is written until it passes.
+        phases = timings.Phases()  # where the time went, said at the end
         log = logs.setup_logging(is_main=os.environ.get("RANK", "0") == "0")
         cfg = config.from_argv(argv)
         t, out = cfg.training, Path(cfg.output.output_dir)
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
         for line in data.report.describe_sources():
             log.info(line)
+        phases.done("data")
         # Resume is checked (checkpoint, loop state, config) and the trackers started before anything is written.
         ckpt_root = out / "checkpoints"
         resume = checkpoints.plan_resume(accelerator, cfg, ckpt_root, data.report.fingerprint)
@@ -152,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes).
         model, optimizer = accelerator.prepare(model, optimizer)
+        phases.done("model and engine start")
 
         # 4b. Preference tuning: the starting model's log-probabilities of every pair, before a checkpoint
         # replaces it (computed once, cached, read again on resume).
@@ -235,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
                     return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
                 code_eval(model, state.step, saved)
         bar.close()
+        phases.done("training")
         if summary.eval_loss is None and eval_rows:  # resumed at its last step: the card still gets one
             eval_and_log()
 
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                     for kind, folder in saved.items():
                         hub.upload(folder, hub.repo_for(cfg.output.hub_model_id, kind, saved),
                                    cfg.output.hub_private, message=f"{kind.capitalize()} after {state.step} steps")
+            phases.done("final model")
+        if accelerator.is_main_process:
+            log.info(timings.describe(timings.record(out, phases.spent, fresh=True)))
         return end_run(accelerator, 0)
 
 

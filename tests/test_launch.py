@@ -149,7 +149,8 @@ def test_the_launch_exits_as_the_run_did_with_its_one_line(tiny_dir, tmp_path):
 def test_the_quickstart_trains_again_into_its_folder_moving_the_earlier_run_aside(tiny_dir, tmp_path):
     """README command 1 run a second time: its train step (tools/launch.py ... --overwrite_output_dir true)
     moves the first run, with the consolidated model and answers the chain wrote, into previous-TIME/ and
-    trains afresh, so consolidation and answers follow again. One 2-step 2-process run."""
+    trains afresh, so consolidation and answers follow again, the last saying where the chain's time went.
+    One 2-step 2-process run."""
     out = tmp_path / "out"
     earlier = ["train.log", "config.yaml", "answers.md", "consolidated/model.safetensors",
                "checkpoints/step_00000072/loop_state.json"]
@@ -167,3 +168,15 @@ def test_the_quickstart_trains_again_into_its_folder_moving_the_earlier_run_asid
     assert "--overwrite_output_dir: moved the earlier run" in proc.stderr + proc.stdout
     assert (out / "final" / "model.safetensors").is_file() and not (out / "answers.md").exists()
     assert (out / "checkpoints" / "step_00000002").is_dir()
+    # The rest of the chain follows, and its last step says where the time went (issue 40.5).
+    assert "INFO time: data " in (out / "train.log").read_text()
+    for step in (["tools/consolidate_checkpoint.py", str(out / "checkpoints"), str(out / "consolidated")],
+                 ["tools/generate.py", str(out / "consolidated"), "--held-out", str(out), "--count", "2",
+                  "--max-new-tokens", "4"]):
+        done = subprocess.run([sys.executable, *step], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "answers.md").read_text().count("## ") == 2
+    summary = done.stdout.strip().splitlines()[-1]
+    phases = ["data", "model and engine start", "training", "final model", "consolidation", "answers"]
+    assert summary.startswith("time: ") and summary.endswith(" s in all"), summary
+    assert [part.rsplit(" ", 2)[0] for part in summary.removeprefix("time: ").split("; ")[0].split(", ")] == phases

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,6 +41,7 @@ from loop.data.records import DataError, looks_like_hub_id
 from loop.engine.zero3_files import ConsolidationError
 from loop.inference import chat, sampling
 from loop.inference.load import load_for_generation
+from loop.report import timings
 from loop.state.checkpoints import CheckpointError
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    started = time.monotonic()
     import torch
 
     prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--out {a.out}: cannot write the answers ({e.strerror or e}); they are printed above")
     print(text)
     print(f"\nwrote {len(answers)} answers to {a.out}")
+    if a.held_out and (a.held_out / timings.FILE).is_file():  # the end of the quickstart: where its time went
+        print(timings.describe(timings.record(a.held_out, {"answers": time.monotonic() - started})))
     return 0
 
 
