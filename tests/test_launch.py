@@ -116,7 +116,7 @@ def test_every_user_error_under_accelerate_launch_is_said_every_time(tiny_dir, t
     """Under torchrun the first rank to exit got the others killed, so rank 0 now and then died before printing
     the line (2 of 9 tries). Now the ranks agree before leaving: the line is printed every time, every rank exits
     2, and torchrun's failure summary, the last thing on screen, names the reason. 15 launches (3 errors, 5
-    times each, three at a time), all failing before a model loads: 75 s a round on two busy CPU cores."""
+    times each, three at a time), all failing before a model loads: about 2 minutes on two CPU cores."""
     reasons = {"misspelt config": "quickstrat.yaml does not exist", "missing train file": "chatterbt.jsonl",
                "occupied output folder": "holds another run"}
     for round_ in range(int(os.environ.get('ROUNDS', 5))):
