@@ -26,6 +26,8 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
     evaluation  does the model code: problems, answers, each program           config, processes, data,
                 contained, pass@k; as a tool and at the checkpoints; the       engine, training, state,
                 held-out loss at the loop's eval points                        inference, report
+    launch      the front end a user or scheduler starts (tools/launch.py):     every stage above
+                checks first, signals passed on, the run's own exit code
 
 Where a change goes:
 - a new objective: one module training/NAME.py with its `PLUGIN` (training/objective.py: its loss sum, what

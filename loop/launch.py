@@ -12,6 +12,14 @@ too soon for a large model's checkpoint. This front end adds what a requeue scri
    once, through this process, and not a second time through torchrun (a second Ctrl-C stops at once).
 3. When the run stopped on a signal (it leaves OUTPUT_DIR/PREEMPTED), the launch exits as the run did: 75
    for a preemption, 130 for Ctrl-C.
+4. Any other failure exits with the run's own exit code (2 for a user error, which the run has already said
+   in one line), without the launcher's traceback: torchrun's failure summary is printed only for a failure
+   the run did not explain.
+
+The top stage: the front end a user or a scheduler starts, above everything a run is made of.
+
+May import: loop.config, loop.processes, loop.data, loop.engine, loop.model, loop.training, loop.state,
+loop.report, loop.inference, loop.evaluation.
 """
 
 from __future__ import annotations
@@ -26,7 +34,6 @@ import psutil
 
 from loop import config
 from loop.data import templates
-from loop.data.records import DataError
 from loop.model.load import check_memory, load_tokenizer, preflight
 from loop.report import trackers
 from loop.state import preemption, rundir
@@ -70,12 +77,12 @@ def run(argv: list[str]) -> int:
     try:
         launcher_args, train_args = split(argv)
         cfg = check(train_args[1:])
-    except (config.ConfigError, DataError, templates.TemplateError) as e:
+    except config.UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     marker = Path(cfg.output.output_dir) / rundir.PREEMPTED
     started = time.time()
-    launcher = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *launcher_args, *train_args],
+    launcher = subprocess.Popen([sys.executable, "-m", "loop.launch", *launcher_args, *train_args],
                                 start_new_session=True, preexec_fn=preemption.die_with_parent)
 
     def forward(signum, _frame) -> None:
@@ -89,3 +96,25 @@ def run(argv: list[str]) -> int:
         said = dict(line.split(" ", 1) for line in marker.read_text().splitlines() if " " in line)
         return int(said.get("exit", preemption.PREEMPTED_EXIT_CODE))
     return code
+
+
+def accelerate_launch(argv: list[str]) -> int:
+    """`accelerate launch ARGV` in this process, exiting as the run did. accelerate turns any failed worker into
+    exit 1 and a traceback of its own launcher, with torchrun's summary at the end; a user error the workers
+    have said (loop/processes.py fail_together writes "error: ..." into torch's elastic error file) needs
+    neither, and any other failure gets the summary alone."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as e:
+        _, failure = e.get_first_failure()
+        if not (isinstance(failure.message, str) and failure.message.startswith("error: ")):
+            print(e, file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # a signal: 128 + its number
+    return 0
+
+
+if __name__ == "__main__":  # run by run() above as `python -m loop.launch ACCELERATE_ARGS SCRIPT ARGS`
+    sys.exit(accelerate_launch(sys.argv[1:]))

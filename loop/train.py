@@ -27,12 +27,12 @@ from loop import config
 from loop.config import usage
 from loop.data import batches, templates
 from loop.data.prepare import Prepared
-from loop.data.records import DataError
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training, held_out
 from loop.inference import sampling
 from loop.model import architecture, attention, flops, load, moe
-from loop.report import card, hub, logs, metrics, profiling, routing, trackers
+from loop.processes import fail_together
+from loop.report import card, hub, logs, metrics, profiling, routing, timings, trackers
 from loop.state import checkpoints, export, preemption, rundir
 from loop.state.progress import LoopState
 from loop.state.saver import Saver
@@ -47,7 +47,7 @@ warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distribu
 def skip_or_stop(what: str, state: LoopState, policy: str, accelerator: Accelerator, ckpt_root: Path) -> None:
     """A step that was not applied because something was not finite: stop the run, or count it."""
     if policy == "stop":
-        raise FloatingPointError(f"non-finite {what} at step {state.step + 1}; the step was not applied; "
+        raise config.NonFiniteStep(f"non-finite {what} at step {state.step + 1}; the step was not applied; "
                                  f"last good checkpoint: {checkpoints.last_good(ckpt_root)}")
     logging.getLogger("loop").warning(f"step {state.step + 1}: non-finite {what}, optimizer step skipped "
                                       f"({state.skipped_steps + 1} so far)")
@@ -134,6 +134,7 @@ def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, o
 def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as run_scope:  # what the run holds (its directory) is let go on every way out
         # 1. Config: everything is checked before any work starts, and nothing is written until it passes.
+        phases = timings.Phases()  # where the time went, said at the end
         log = logs.setup_logging(is_main=os.environ.get("RANK", "0") == "0")
         cfg = config.from_argv(argv)
         t, out, objective = cfg.training, Path(cfg.output.output_dir), registry.pick(cfg)
@@ -163,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
         for line in data.report.describe_sources():
             log.info(line)
+        phases.done("data")
         resume = open_run(run_scope, accelerator, cfg, data, log)
         state, ckpt_root = resume.state, out / "checkpoints"
 
@@ -182,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         model, optimizer = accelerator.prepare(model, optimizer)
         train_planner, eval_planners = before_training(objective, accelerator, model, cfg, train_planner,
                                                        eval_planners, added_tokens, attn)
+        phases.done("model and engine start")
 
         # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number. Then
         # the components, each acting on its own schedule, and the starting point of the curves.
@@ -242,18 +245,22 @@ def main(argv: list[str] | None = None) -> int:
                     return leave_preempted(accelerator, preempt, state.step, cfg.output.save, ckpt_root, out)
                 code_eval(model, state.step, saved)
         bar.close()
+        phases.done("training")
         evaluator.ensure_final(state)
 
         # 7. Final model, its model card, and the Hub.
         if cfg.output.save:
             save_final(accelerator, model, tokenizer, cfg, objective, summary, state,
                        len(tokenizer) if added_tokens else 0)
+            phases.done("final model")
+        if accelerator.is_main_process:
+            log.info(timings.describe(timings.record(out, phases.spent, fresh=True)))
         return end_run(accelerator, 0)
 
 
 def run(argv: list[str] | None = None) -> int:
-    """main(), with what a user can fix said in one line, by the first process only, without a traceback:
-    exit 2 for config and data, 1 for a run that cannot go on (a checkpoint, a non-finite step)."""
+    """main(), with what a user can fix said in one line, by the first process only, without a traceback, and
+    the error's exit code (loop/config/errors.py: 2 for config and data, 1 for a run that cannot go on)."""
     if {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         try:
             print(usage.text(), flush=True)
@@ -262,19 +269,18 @@ def run(argv: list[str] | None = None) -> int:
         return 0
     try:
         return main(argv)
-    except (config.ConfigError, DataError, rundir.DirectoryInUse, templates.TemplateError, trackers.TrackerError) as e:
-        return report_error(e, 2)
-    except (checkpoints.CheckpointError, export.ExportError, FloatingPointError) as e:
-        return report_error(e, 1)
+    except config.UserError as e:
+        return report_error(e, e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside the loop (setup, final save): no step to finish, nothing half-kept
         return report_error(KeyboardInterrupt("interrupted (Ctrl-C) outside the training loop; checkpoints "
                                               "already written are intact"), preemption.INTERRUPTED_EXIT_CODE)
 
 
-def report_error(error: Exception, code: int) -> int:
-    """The error, once: on the console and, once the run has one, in train.log (other processes stay quiet)."""
-    if os.environ.get("RANK", "0") == "0":
-        logging.getLogger("loop").error(f"error: {error}")
+def report_error(error: BaseException, code: int) -> int:
+    """The error, once: on the console and, once the run has one, in train.log, said by the first process
+    before any process of a launch exits, and named in torchrun's failure summary (loop/processes.py)."""
+    line = f"error: {error}"
+    fail_together(lambda: logging.getLogger("loop").error(line), line)
     return code
 
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
 from loop.config import ConfigError
+from loop.report import timings
 from loop.state import checkpoints, consolidate, export, rundir
 
 VERIFY_PROMPTS = ["Write a Python function that reverses a string.", "What is a linked list?"]
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="reload with from_pretrained, compare weights and logits with the checkpoint")
     a = p.parse_args(argv)
+    started = time.monotonic()
     try:
         max_shard = consolidate.parse_size(a.max_shard_size)
         rundir.check_writable(a.output_dir, "OUTPUT_DIR")
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(name: str, nbytes: int) -> None:
             if not bars:
-                bars.append(tqdm(unit="B", unit_scale=True, desc="consolidate"))
+                # On a terminal only: into a log, each refresh would be a line of its own (52 seen).
+                bars.append(tqdm(unit="B", unit_scale=True, desc="consolidate", disable=None))
             count[0] += 1
             bars[0].set_postfix(tensors=count[0])
             bars[0].update(nbytes)
@@ -80,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if report["max_diff_vs_cast_master"] != 0:
             print("error: saved weights differ from the checkpoint", file=sys.stderr)
             return 1
+    if run := timings.run_dir_of(a.checkpoint_dir):  # a run's checkpoint: the quickstart's summary gets this step
+        timings.record(run, {"consolidation": time.monotonic() - started})
     return 0
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from loop.config import Format, OasstPaths
 from loop.data import calls
-from loop.data.dialogues import load_dialogues
+from loop.data.dialogues import counts, load_dialogues
 from loop.data.records import DataError
 
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             messages, tools = calls.split(d)
             f.write(json.dumps({"messages": messages, **({"tools": tools} if tools else {})}, ensure_ascii=False)
                     + "\n")
-    skipped = f"; skipped {dict(report.skipped)}" if report.skipped else ""
-    skipped += f"; left out {dict(report.left_out)}" if report.left_out else ""
+    skipped = f"; skipped {counts(report.skipped)} (bad records)" if report.skipped else ""
+    skipped += f"; left out {counts(report.left_out)}" if report.left_out else ""
     print(f"wrote {len(dialogues)} dialogues from {report.records} records to {a.out}{skipped}")
     return 0
 

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     settings, name = settings_from(a), tasks.name_of(a.tasks)
     out = a.out or Path(f"eval-{name}")
     try:
-        problems = tasks.load(a.tasks, a.limit)
+        problems = tasks.load(a.tasks, a.limit, named="--tasks")
         refused = sandbox.check(a.sandbox)  # before a model is loaded, which can take minutes
         if refused:
             raise ConfigError(f"--sandbox {a.sandbox}: {refused}")

@@ -14,8 +14,9 @@ template's end token.
 
 In --chat mode each line you type is a user turn and the conversation is kept across turns, with line
 editing and a history kept between sessions (~/.cache/loop/chat_history); Ctrl-C cancels the answer
-being written, /reset starts over, /save FILE appends the conversation as a messages-schema JSON line,
-an empty line is ignored, and Ctrl-D, /quit or /exit (or Ctrl-C at the prompt) ends.
+being written, /reset starts over, /save FILE appends the conversation as a messages-schema JSON line
+(there must be one to save), an empty line is ignored, an unknown /command is refused (not sent to the model),
+and Ctrl-D, /quit or /exit (or Ctrl-C at the prompt) ends.
 
 With --tools FILE (a JSON list of function definitions, or {"tools": [...]}, as apply_chat_template takes them)
 the tools are rendered into every prompt, and a tool call the model writes is printed as a structured call:
@@ -29,16 +30,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
 from loop import config
 from loop.data import calls, templates
 from loop.data.prepare import held_out_prompts
-from loop.data.records import DataError
+from loop.data.records import DataError, looks_like_hub_id
 from loop.engine.safe_load import ConsolidationError
 from loop.inference import chat, sampling
 from loop.inference.load import load_for_generation
+from loop.report import timings
 from loop.state.checkpoints import CheckpointError
 
 # The original project's sample prompts, in spirit: small, checkable coding questions.
@@ -59,6 +62,8 @@ def fail(message: str) -> NoReturn:
 
 
 def load(name: str):
+    if not Path(name).exists() and not looks_like_hub_id(name):  # else the Hub library's "Repo id must be ..."
+        fail(f"not found: {name}")
     try:
         return load_for_generation(name)
     except (CheckpointError, ConsolidationError, OSError, ValueError) as e:
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    started = time.monotonic()
     import torch
 
     prompts = [] if a.chat else questions(a)  # bad arguments fail before a model is loaded
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--out {a.out}: cannot write the answers ({e.strerror or e}); they are printed above")
     print(text)
     print(f"\nwrote {len(answers)} answers to {a.out}")
+    if a.held_out and (a.held_out / timings.FILE).is_file():  # the end of the quickstart: where its time went
+        print(timings.describe(timings.record(a.held_out, {"answers": time.monotonic() - started})))
     return 0
 
 

@@ -1,10 +1,12 @@
-"""Launch a training run the way a scheduler needs it: `accelerate launch`, plus three things.
+"""Launch a training run the way a user or a scheduler needs it: `accelerate launch`, plus four things.
 
 1. The config, the model's config and every data record are checked first: a problem is one line and
    exit code 2, and nothing is launched or written.
 2. SIGTERM / SIGUSR1 sent to this process go straight to the training processes, which finish their
    step, write a checkpoint together and stop (torchrun would kill them 30 s after its own SIGTERM).
-3. When the run stopped for preemption, this exits 75 (EX_TEMPFAIL), so a job script can requeue:
+3. Any failure ends with the run's own exit code (2 for a user error, said in one line) and no launcher
+   traceback; torchrun's failure summary only for a failure the run did not explain.
+4. When the run stopped for preemption, this exits 75 (EX_TEMPFAIL), so a job script can requeue:
 
   python tools/launch.py --config_file accelerate_configs/zero3.yaml loop/train.py configs/RUN.yaml \\
       --resume_from_checkpoint latest

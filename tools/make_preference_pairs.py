@@ -6,7 +6,7 @@ default), the same words in reverse order: a preference even the quickstart's ti
 over to prompts it never saw; with --rejected other_topic, the last answer of a dialogue on another topic
 (another corpus file), picked at random: an answer, but not to this question, which a tiny model tells
 apart far less well. The held-out split is the one the quickstart's fine-tuning made of the same dialogues
-(the same eval_fraction and a stable hash of each dialogue), so the eval pairs come from dialogues that
+(the same eval_fraction and a stable hash of each dialogue's first question), so the eval pairs come from dialogues that
 neither stage trained on (and other_topic draws their rejected answers from held-out dialogues too).
 
   python tools/make_preference_pairs.py --out artifacts/data/pairs
@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as `python tools/NAME.py`: tools.builders i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from loop.data import preference  # noqa: E402
-from loop.data.dialogues import collect, digest, held_out  # noqa: E402
+from loop.data.dialogues import collect, held_out, split_key  # noqa: E402
 from tools.builders.tiny import CORPUS_DIR  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         by_topic[Path(f).stem] = dialogues
     a.out.parent.mkdir(parents=True, exist_ok=True)
     for name in ("train", "eval"):
-        part = {topic: [d for d in dialogues if held_out(digest(d), a.eval_fraction) == (name == "eval")]
+        part = {topic: [d for d in dialogues if held_out(split_key(d), a.eval_fraction) == (name == "eval")]
                 for topic, dialogues in by_topic.items()}
         made = preference.from_dialogues(part, a.rejected, a.seed)
         path = a.out.with_name(f"{a.out.name}-{name}.jsonl")

@@ -6,7 +6,7 @@ May import: nothing else of `loop`, and neither torch nor transformers (tests/te
 so that every module and tool can read a config cheaply.
 """
 
-from loop.config.errors import ConfigError, did_you_mean, first_line, not_a_file
+from loop.config.errors import ConfigError, NonFiniteStep, RunError, UserError, did_you_mean, first_line, not_a_file
 from loop.config.parse import (
     RUN_IDENTITY,
     differences,
@@ -51,3 +51,4 @@ __all__ = ["ATTENTION_LAYOUT", "Attention", "Config", "ConfigError", "DataConfig
            "SaveDtype", "Schedule", "TemplateName", "Tracker", "TrainingConfig", "did_you_mean", "differences",
            "first_line", "from_argv", "from_dict", "from_file", "not_a_file", "parse_overrides", "save", "to_dict",
            "validate"]
+__all__ += ["NonFiniteStep", "RunError", "UserError"]  # the user-facing errors' base classes (errors.py)

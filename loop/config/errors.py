@@ -9,7 +9,26 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Something the user can fix or must know, said in one line with no traceback (the first process says it,
+    every process exits with `exit_code`): 2 for bad input (config, data, a folder in use), 1 for a run that
+    cannot go on (a checkpoint, a non-finite step). Each user-facing error derives from it, so an entry point
+    catches this one class."""
+
+    exit_code = 2
+
+
+class RunError(UserError):
+    """The input was fine, but the run cannot go on (exit 1): a checkpoint, an export, a non-finite step."""
+
+    exit_code = 1
+
+
+class NonFiniteStep(RunError, FloatingPointError):
+    """A step was not finite and training.on_nonfinite says stop."""
+
+
+class ConfigError(UserError, ValueError):
     """A config value is unknown, mistyped or impossible; the message names the key."""
 
 

@@ -23,6 +23,11 @@ ROLES = {"system", "user", "assistant", "tool"}
 Bad = tuple[str, str, str]  # (location, kind, reason)
 
 
+def counts(by_kind: Counter) -> str:
+    """'3 empty dialogue, 1 not JSON': a count by kind, as a person reads it."""
+    return ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in by_kind.items())
+
+
 @dataclass
 class SourceReport:
     """What became of one source's records, from reading to the training order."""
@@ -64,8 +69,8 @@ class DataReport:
 
     def describe(self) -> str:
         t = self.total
-        left_out = f", left out {dict(t.left_out)}" if t.left_out else ""
-        skipped = ", ".join(f"{n} {kind}" for kind, n in t.skipped.items()) or "none"
+        left_out = f", left out {counts(t.left_out)}" if t.left_out else ""
+        skipped = counts(t.skipped) or "none"
         duplicates = f", {t.duplicates} duplicates" if t.duplicates else ""
         return (f"{t.dialogues} dialogues{duplicates}, skipped {skipped}{left_out}, truncated {t.truncated}, "
                 f"dropped as too long {t.dropped_too_long}")
@@ -201,8 +206,17 @@ def digest(dialogue: Messages) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
-def held_out(digest_value: int, eval_fraction: float) -> bool:
-    return digest_value % 10_000 < eval_fraction * 10_000
+def split_key(dialogue: Messages) -> int:
+    """What decides a dialogue's side of the eval split: its first question (the digest of its first user
+    message; of the whole dialogue when it has none). Dialogues that open with the same question land on the
+    same side, so a held-out question is never trained on, even when another dialogue asks it too."""
+    first = next((m for m in dialogue if m.get("role") == "user"), None)
+    return digest([first] if first is not None else dialogue)
+
+
+def held_out(key: int, eval_fraction: float) -> bool:
+    """Whether a dialogue with this split_key is held out for evaluation: a stable eval_fraction of keys."""
+    return key % 10_000 < eval_fraction * 10_000
 
 
 def collect(files: list[str], fmt: Format, oasst_paths: OasstPaths = "longest",

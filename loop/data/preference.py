@@ -29,7 +29,7 @@ from loop.config import DataConfig, DataSource, DpoSettings
 from loop.data import pairs as packed_pairs
 from loop.data import templates
 from loop.data.batches import Columns
-from loop.data.dialogues import DataReport, digest, held_out, refuse_bad, validate
+from loop.data.dialogues import DataReport, held_out, refuse_bad, split_key, validate
 from loop.data.packing import Rows
 from loop.data.prepare import Prepared
 from loop.data.records import DataError, Messages, read_records, renamed
@@ -149,7 +149,7 @@ def load(cfg: DataConfig) -> tuple[list[Pair], list[Pair], PairReport]:
         held, bad_eval = collect(cfg.eval_files, report)
         bad += bad_eval
     else:  # a pair's side of the split depends on its content alone
-        sides = [held_out(digest(p["chosen"] + p["rejected"]), cfg.eval_fraction) for p in train]
+        sides = [held_out(split_key(p["chosen"]), cfg.eval_fraction) for p in train]  # by first question
         train, held = [p for p, h in zip(train, sides) if not h], [p for p, h in zip(train, sides) if h]
     if cfg.on_bad_record == "error":
         refuse_bad(bad)

@@ -37,7 +37,8 @@ from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
 
-CACHE_VERSION = "2"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing
+CACHE_VERSION = "3"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
+# split is made by first question (dialogues.split_key)
 NPY = ("offsets", "trained_counts", "use", "source")  # the per-dialogue arrays of a prepared folder
 TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
 BATCH = 512  # dialogues a worker encodes at once
@@ -61,6 +62,7 @@ class Chunk:
     trained_counts: np.ndarray
     status: np.ndarray
     digests: np.ndarray
+    split_keys: np.ndarray
     report: SourceReport
     bad: list[Bad] = field(default_factory=list)
 
@@ -94,7 +96,7 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
     report, bad = SourceReport(), []
     records = (r for unit in units for r in read(planned.source, unit, tables=_TABLES))
     found = dlg.dialogues_of(planned.fmt, planned.source.path, records, _JOB.oasst_paths, report, bad)
-    ids, masks, lengths, counts, status, digests = [], [], [], [], [], []
+    ids, masks, lengths, counts, status, digests, split_keys = [], [], [], [], [], [], []
 
     def encode(batch: list) -> None:
         for (ids_, mask, state), dialogue in zip(_ENCODER.encode(batch), batch):
@@ -104,6 +106,7 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
             counts.append(int(mask.sum()))
             status.append(state)
             digests.append(dlg.digest(dialogue))
+            split_keys.append(dlg.split_key(dialogue))
 
     batch: list = []
     for _, dialogue in found:
@@ -117,7 +120,8 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
     report.dropped_too_long = status.count(DROPPED)
     cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)  # noqa: E731
     return Chunk(index, cat(ids, _JOB.dtype), cat(masks, np.uint8), np.array(lengths, np.int32),
-                 np.array(counts, np.int32), np.array(status, np.uint8), np.array(digests, np.uint64), report,
+                 np.array(counts, np.int32), np.array(status, np.uint8), np.array(digests, np.uint64),
+                 np.array(split_keys, np.uint64), report,
                  sorted(bad, key=lambda b: dlg.record_order(b[0], [planned.source.path])))
 
 
@@ -189,12 +193,13 @@ def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_
     job = Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, dtype)
     reports = [SourceReport(name=p.source.name, role=p.source.role) for p in planned]
     bad: list[list[Bad]] = [[] for _ in planned]
-    per_dialogue: dict[str, list] = {k: [] for k in ("lengths", "trained_counts", "status", "digests", "source")}
+    per_dialogue: dict[str, list] = {k: [] for k in ("lengths", "trained_counts", "status", "digests", "split_keys",
+                                                         "source")}
     with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "trained.bin").open("wb") as trained:
         for chunk in _chunks(job, data.num_proc, progress):
             tokens.write(chunk.tokens.tobytes())
             trained.write(chunk.trained.tobytes())
-            for name in ("lengths", "trained_counts", "status", "digests"):
+            for name in ("lengths", "trained_counts", "status", "digests", "split_keys"):
                 per_dialogue[name].append(getattr(chunk, name))
             per_dialogue["source"].append(np.full(len(chunk.lengths), chunk.source, np.uint16))
             reports[chunk.source].add(chunk.report)
@@ -221,7 +226,8 @@ def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_
 
 def _uses(arrays: dict, planned: list[Planned], reports: list[SourceReport], data: DataConfig) -> np.ndarray:
     """What each dialogue is for: duplicates counted (and with data.dedup kept once), the eval split taken from
-    each train source by content (so copies of a dialogue always land on one side), too-long ones unused."""
+    each train source by first question (so copies of a dialogue, and dialogues asking the same first question,
+    always land on one side), too-long ones unused."""
     source, digests, status = arrays["source"], arrays["digests"], arrays["status"]
     use = np.full(len(source), TRAIN, dtype=np.uint8)
     for i, p in enumerate(planned):
@@ -235,7 +241,7 @@ def _uses(arrays: dict, planned: list[Planned], reports: list[SourceReport], dat
         if p.source.role == "eval":
             use[mine[use[mine] == TRAIN]] = EVAL
         elif not data.eval_files:
-            held = (digests[mine] % 10_000) < data.eval_fraction * 10_000
+            held = dlg.held_out(arrays["split_keys"][mine], data.eval_fraction)  # by first question
             use[mine[held & (use[mine] == TRAIN)]] = EVAL
             reports[i].held_out = int((use[mine] == EVAL).sum())
     use[status == DROPPED] = UNUSED
@@ -332,7 +338,7 @@ def held_out_prompts(data: DataConfig, count: int) -> list[str]:
         records = (r for unit in planned.units for r in read(planned.source, unit))
         for _, dialogue in dlg.dialogues_of(planned.fmt, planned.source.path, records, data.oasst_paths,
                                             SourceReport(), []):
-            if data.eval_files or dlg.held_out(dlg.digest(dialogue), data.eval_fraction):
+            if data.eval_files or dlg.held_out(dlg.split_key(dialogue), data.eval_fraction):
                 first = next(m["content"] for m in dialogue if m["role"] == "user")
                 if first not in firsts:
                     firsts.append(first)

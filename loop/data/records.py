@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loop.config import first_line, not_a_file
+from loop.config import UserError, first_line, not_a_file
 
 Messages = list[dict[str, Any]]
 Located = tuple[str, Any]  # (location, raw record, or the exception its reader raised)
@@ -20,7 +20,7 @@ Converted = tuple[str, "Messages | Exception"]
 WHOLE_FILE = (".json", ".yml", ".yaml")  # read at once: one record list (JSON) or one document (YAML)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message lists every bad record with file, record and reason."""
 
 

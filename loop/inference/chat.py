@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from loop.data import calls
 from loop.inference import sampling
 
 QUIT = ("/quit", "/exit")
+COMMANDS = "/reset, /save FILE, /quit, /exit"
+COMMAND = re.compile(r"/[A-Za-z]+")  # a line whose first word is this is a command; /usr/bin/env is text
 
 
 def history_file() -> Path:
@@ -43,9 +46,10 @@ def chat(model, tokenizer, cfg: sampling.SamplingConfig, stop, read=input, write
          history: Path | None = None, tools: list[dict] | None = None) -> None:
     """An interactive multi-turn chat that streams each answer: line editing, and history kept between sessions
     (readline, on a terminal); Ctrl-C cancels the answer being written (at the prompt it ends the chat); /reset
-    starts over; /save FILE appends the conversation as a messages-schema JSON line; an empty line is ignored;
-    Ctrl-D, /quit or /exit ends. With `tools` every prompt offers them; each call the model makes is shown as a
-    structured call and its result is asked for (a line you type), then the model goes on."""
+    starts over; /save FILE appends the conversation as a messages-schema JSON line (an empty one is not
+    saved); an empty line is ignored, and an unknown /command refused; Ctrl-D, /quit or /exit ends. With
+    `tools` every prompt offers them; each call the model makes is shown as a structured call and its result
+    is asked for (a line you type), then the model goes on."""
     with line_editing(history or history_file()):
         _talk(model, tokenizer, cfg, stop, read, write, tools)
 
@@ -88,10 +92,16 @@ def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write, too
             if not target:
                 write("usage: /save FILE")
                 continue
+            if not conversation:  # an empty dialogue is no record: the messages schema refuses it
+                write("nothing to save yet: the conversation is empty")
+                continue
             with open(target, "a") as f:
                 f.write(json.dumps({"messages": conversation, **({"tools": tools} if tools else {})},
                                    ensure_ascii=False) + "\n")
             write(f"saved {len(conversation)} messages to {target}")
+            continue
+        if COMMAND.fullmatch(line.split()[0]):  # a mistyped command is not a question for the model
+            write(f"unknown command {line.split()[0]}; the commands are {COMMANDS}")
             continue
         conversation.append({"role": "user", "content": line})
         while True:  # answers, and after each tool call its results, until an answer calls nothing

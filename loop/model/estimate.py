@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from loop.config import ConfigError, first_line
+from loop.config import ConfigError, UserError, first_line
 from loop.engine import registry
 from loop.model.architecture import Shape
 
 GB = 1024**3
 
 
-class EstimateError(ValueError):
+class EstimateError(UserError, ValueError):
     """The model's config could not be read; the message says why in one line."""
 
 

@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loop.config import ConfigError, Tracker, first_line, to_dict
+from loop.config import ConfigError, Tracker, UserError, first_line, to_dict
 
 __all__ = ["Tracker", "TrackerError", "check", "start"]
 
 
-class TrackerError(RuntimeError):
+class TrackerError(UserError, RuntimeError):
     """A tracker of output.report_to could not start (its settings, its server); the message says which."""
 
 
@@ -56,8 +56,18 @@ def start(accelerator, cfg, step: int) -> None:
     if "tensorboard" in cfg.output.report_to and accelerator.is_main_process:
         board = TensorBoardTracker("tensorboard", out, purge_step=step)
         board.start()
-        board.store_init_configuration(flat)
+        hyperparameters(board.writer, flat)
         accelerator.trackers.append(board)
+
+
+def hyperparameters(writer, values: dict) -> None:
+    """The run's hyperparameters in its own TensorBoard folder. Accelerate's store_init_configuration (torch's
+    add_hparams) writes them into a subfolder named by a timestamp, which TensorBoard shows as a second run."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(values, {}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()
 
 
 def close_started(accelerator) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from loop import config as config_mod
-from loop.config import ConfigError
+from loop.config import ConfigError, RunError
 from loop.data import templates
 from loop.engine import registry
 from loop.engine.safe_load import UntrustedCheckpoint
@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate
 log = logging.getLogger("loop")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError, RuntimeError):
     """A checkpoint cannot be written or resumed; the message says what to do."""
 
 

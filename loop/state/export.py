@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
-from loop.config import SaveDtype, first_line
+from loop.config import RunError, SaveDtype, first_line
 from loop.data import templates
 from loop.engine import registry
 from loop.engine.safe_load import ConsolidationError
@@ -37,7 +37,7 @@ META_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokeni
               "special_tokens_map.json", "chat_template.jinja", "vocab.json", "merges.txt")
 
 
-class ExportError(RuntimeError):
+class ExportError(RunError, RuntimeError):
     """The model could not be exported; the message names the file or parameter."""
 
 

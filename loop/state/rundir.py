@@ -16,6 +16,7 @@ system are refused before the first step, not at the first checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 
-from loop.config import ConfigError, first_line
+from loop.config import ConfigError, UserError, first_line
 from loop.processes import any_process, main_decides
 
 LOCK = ".run.lock"
@@ -36,7 +37,7 @@ PREEMPTED = "PREEMPTED"  # written when a run stops on a signal (step, exit code
 MARKER = ".same-folder-"  # MARKER + TOKEN-RANK: what each process writes to show the directory it sees
 
 
-class DirectoryInUse(RuntimeError):
+class DirectoryInUse(UserError, RuntimeError):
     """Another run holds the output directory."""
 
 
@@ -109,26 +110,33 @@ def claimed(output_dir: Path, is_main: bool) -> Iterator[str | None]:
     if not is_main:
         yield None
         return
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:  # check_writable passed, and then the disk filled or the directory went read-only
-        raise ConfigError(f"output.output_dir: cannot write {output_dir} ({first_line(e)})") from None
-    held = False
-    try:
+    lock = output_dir / LOCK
+    for _ in range(3):  # a run that ends removes its lock file: one opened just before is not the lock any more
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # check_writable passed, and then the disk filled or the directory went read-only
+            raise ConfigError(f"output.output_dir: cannot write {output_dir} ({first_line(e)})") from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            os.close(fd)
             raise in_use(output_dir, previous) from None
-        held = True
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    else:
+        raise in_use(output_dir, "its lock file keeps changing")
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
                   .encode(), 0)
         yield (f"took over the lock of a run that is gone ({previous})" if previous else None)
-    finally:
-        if held:  # a run that ends (even preempted or failing) leaves no name: only one that died does
-            os.ftruncate(fd, 0)
+    finally:  # a run that ends (even preempted or failing) leaves no lock file: only one that died does
+        with contextlib.suppress(OSError):
+            lock.unlink()
         os.close(fd)  # releases the lock
 
 

