@@ -186,23 +186,28 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
+def marks_generation(jinja: str | None) -> bool:
+    """Whether a template marks its trained text with `{% generation %}` (else turns.py finds it by rendering)."""
+    return isinstance(jinja, str) and bool(_GENERATION_TAG.search(jinja))
+
+
 def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[list[int], str]:
     """Give `tokenizer` the named template; return (ids of the tokens it had to add, end token).
 
-    With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text
-    with `{% generation %}` so that trained tokens can be found.
+    With name "tokenizer" the tokenizer's own chat_template is kept: where it marks assistant text with
+    `{% generation %}` the marks say what trains, else the answers are found by rendering (turns.py).
     """
     if name == "tokenizer":
         own = tokenizer.chat_template
         if isinstance(own, dict):  # saved by save_tokenizer (a model this loop trained), or named templates
             own = own.get("training") or own.get("default")
             tokenizer.chat_template = own
-        if not own or not _GENERATION_TAG.search(own):
-            raise TemplateError(
-                "data.template is 'tokenizer' but the tokenizer's chat_template has no "
-                "{% generation %} markers, so the trained tokens cannot be found; "
-                "use data.template: starchat or chatml"
-            )
+        if not isinstance(own, str) or not own.strip():
+            raise TemplateError("data.template is 'tokenizer' but the tokenizer has no chat_template; "
+                                "use data.template: starchat or chatml")
+        if tokenizer.eos_token is None:
+            raise TemplateError("data.template is 'tokenizer' but the tokenizer has no eos_token, the token that "
+                                "ends an answer; set one, or use data.template: starchat or chatml")
         return [], tokenizer.eos_token
     template = TEMPLATES[name]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
@@ -226,7 +231,11 @@ def renders_tools(jinja: str | dict | None) -> bool:
 
 
 def encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions."""
+    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions, as the template's
+    `{% generation %}` markers give them (an unmarked template goes through tokenize.Encoder, which finds them)."""
+    if not marks_generation(tokenizer.chat_template):
+        raise TemplateError("the chat template does not mark its trained text with {% generation %}; preference "
+                            "pairs (training.objective: dpo) need data.template: starchat or chatml, or a marked one")
     messages, tools = calls.split(dialogue)
     out = tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
