@@ -235,6 +235,18 @@ class Encoder:
         return best
 
 
+def decision(encoded: Encoded) -> str:
+    """What became of a dialogue, as tools/inspect_data.py shows it."""
+    if encoded.refused:
+        return f"refused: {encoded.refused}"
+    if encoded.status == DROPPED:
+        return "dropped: too long for a row"
+    cut = ", cut at a turn to fit" if encoded.status == TRUNCATED else ""
+    if encoded.per_turn:
+        return f"one sequence per assistant turn ({len(encoded.pieces)} sequences, +{encoded.extra_tokens} tokens){cut}"
+    return f"one sequence{cut}"
+
+
 def fingerprint(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:

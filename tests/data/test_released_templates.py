@@ -228,3 +228,31 @@ def test_reasoning_is_accepted_on_assistant_messages_only():
     assert validate(REASONING) is None
     assert validate([{**REASONING[0], "thinking": "hmm"}, REASONING[1]]) == (
         "empty_content", "messages[0]: thinking must be a string, on an assistant message")
+
+
+def test_inspect_data_shows_each_records_decision_and_trained_spans_for_a_released_template(tiny_dir, tmp_path):
+    """A user's model whose tokenizer carries Qwen3's template: each record is shown with what became of it, each
+    sequence with its answers marked; the summary counts the per-turn dialogues."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir / "model", model)
+    templates.save_tokenizer(released(tiny_dir, "qwen3"), model)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"messages": d}) + "\n" for d in (ONE_TURN, REASONING)))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"model": {"name_or_path": str(model)}, "data": {
+        "train_files": [str(data)], "template": "tokenizer", "eval_fraction": 0, "cache_dir": str(tmp_path / "c")}}))
+    out = subprocess.run([sys.executable, "tools/inspect_data.py", str(cfg), "--examples", "2"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"--- {data}:1: one sequence ---\n" in out.stdout
+    assert f"--- {data}:2: one sequence per assistant turn (2 sequences, +" in out.stdout
+    assert "--- sequence 2 of 2: " in out.stdout
+    assert "[[<think>\n9 = 3 * 3.\n</think>\n\nNo, 9 = 3 * 3.<|im_end|>]]" in out.stdout
+    assert "one sequence per turn: 1 (+" in out.stdout.split("--- summary ---")[1]
