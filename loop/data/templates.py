@@ -230,6 +230,20 @@ def renders_tools(jinja: str | dict | None) -> bool:
     return isinstance(jinja, str) and "tool_calls" in jinja
 
 
+# How a template has the model write tool calls, named as vLLM's tool parsers are (`--tool-call-parser`), each
+# with what in the template's text tells it (first match wins): Qwen3-Coder's XML, Mistral's [TOOL_CALLS] JSON,
+# Llama 3.x's bare JSON with "parameters", else Hermes / Qwen2.5 JSON in <tool_call> tags (the templates here).
+TOOL_PARSERS = (("qwen3_coder", "<function="), ("mistral", "[TOOL_CALLS]"), ("llama3_json", '"parameters": '),
+                ("hermes", ""))
+
+
+def tool_parser(jinja: str | dict | None) -> str:
+    """The vLLM tool parser that reads the calls a model trained with this template writes."""
+    if isinstance(jinja, dict):
+        jinja = jinja.get("default") or next(iter(jinja.values()), "")
+    return next(name for name, sign in TOOL_PARSERS if sign in (jinja or ""))
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions, as the template's
     `{% generation %}` markers give them (an unmarked template goes through tokenize.Encoder, which finds them)."""
