@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
             if accelerator.is_main_process:
                 summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
                                               tokens_seen=state.tokens_seen, trainable=trainable, parameters=total,
-                                              vocab=len(tokenizer) if added_tokens else 0)
+                                              vocab=len(tokenizer) if added_tokens else 0,
+                                              added_tokens=tuple(tokenizer.convert_ids_to_tokens(added_tokens)),
+                                              marked=templates.marks_generation(tokenizer.chat_template))
                 example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
                 served = templates.serving(tokenizer.chat_template)
                 for kind, folder in saved.items():

@@ -135,6 +135,10 @@ CHATML = Template(
 )
 
 TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
+# The tags both templates write tool calls and results in, each one vocabulary token (as Qwen2.5's tokenizers have
+# them): vLLM's hermes parser looks `<tool_call>` up as a token. Added as ordinary (not special) tokens, so a decoded
+# answer keeps them where special tokens are skipped.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
 
 
@@ -209,11 +213,17 @@ def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[lis
             raise TemplateError("data.template is 'tokenizer' but the tokenizer has no eos_token, the token that "
                                 "ends an answer; set one, or use data.template: starchat or chatml")
         return [], tokenizer.eos_token
+    from tokenizers import AddedToken
+
     template = TEMPLATES[name]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens)
+    tags = [t for t in TOOL_TOKENS if t not in tokenizer.get_vocab()]
+    if tags:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+    missing += tags
+    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens) + list(TOOL_TOKENS)
     # apply_chat_template tokenizes the rendered text without adding special tokens (as vLLM and TGI
     # do), so a tokenizer that adds a BOS gets it from the template: exactly one per dialogue.
     tokenizer.chat_template = build_jinja(template, reserved, bos=adds_bos(tokenizer))

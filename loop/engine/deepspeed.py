@@ -72,6 +72,19 @@ def gather_by_block(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned `params` hold their full values, and what rank 0 writes to them is
+    kept (every rank writing the same is fine); plain parameters are simply themselves."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters(params, modifier_rank=0):
+        yield
+
+
+@contextmanager
 def outside_zero_init() -> Iterator[None]:
     """Build a plain model in this process's memory, also inside a ZeRO-3 run: transformers would otherwise
     build it inside zero.Init, a collective the other processes never join."""
