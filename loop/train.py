@@ -111,7 +111,7 @@ def before_training(objective: Plugin, accelerator: Accelerator, model, cfg: con
 
 
 def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, objective: Plugin,
-               summary: card.RunSummary, state: LoopState, vocab: int) -> None:
+               summary: card.RunSummary, state: LoopState, added_tokens: list[int]) -> None:
     """safetensors + config + tokenizer (with chat template) + generation config; with LoRA, the adapter
     (adapter/) and, unless lora.merge is off, the merged model (final/); each with its model card, and pushed
     to the Hub when asked."""
@@ -120,7 +120,9 @@ def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, o
     if not accelerator.is_main_process:
         return
     summary = dataclasses.replace(summary, steps=state.step, tokens_trained=state.tokens_trained,
-                                  tokens_seen=state.tokens_seen, vocab=vocab)
+                                  tokens_seen=state.tokens_seen, vocab=len(tokenizer) if added_tokens else 0,
+                                  added_tokens=tuple(tokenizer.convert_ids_to_tokens(added_tokens)),
+                                  marked=templates.marks_generation(tokenizer.chat_template))
     example = templates.render(tokenizer, [{"role": "user", "content": "How do I reverse a list?"}], True)
     served, section = templates.serving(tokenizer.chat_template), objective.card(cfg, summary.eval_results)
     for kind, folder in saved.items():
@@ -250,8 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 7. Final model, its model card, and the Hub.
         if cfg.output.save:
-            save_final(accelerator, model, tokenizer, cfg, objective, summary, state,
-                       len(tokenizer) if added_tokens else 0)
+            save_final(accelerator, model, tokenizer, cfg, objective, summary, state, added_tokens)
             phases.done("final model")
         if accelerator.is_main_process:
             log.info(timings.describe(timings.record(out, phases.spent, fresh=True)))

@@ -178,9 +178,10 @@ def single_process_run(tiny_dir, tmp_path_factory) -> Path:
 def tool_run(family_dirs, tmp_path_factory) -> Path:
     """The tiny Llama-style model (rotary positions: a call's skeleton is learned wherever the question ends)
     trained in this process, no DeepSpeed, on the shipped tool-use set (loop/data/tool_use), one dialogue a
-    row, for 800 steps: about 80 s on two shared CPU cores, more than a test should take, but the fewest steps
+    row, for 1000 steps: about 80 s on two shared CPU cores, more than a test should take, but the fewest steps
     measured to teach it the call's JSON (at 500 and 600 steps it still closes the arguments with one brace too
-    many, so no call parses). Shared by every test of tool use after training (the learned call,
+    many, so no call parses; since the call tags are single new tokens (issue 37.4), 800 leave half the calls
+    with a brace too many or too few). Shared by every test of tool use after training (the learned call,
     generate --tools, the card's tools snippet)."""
     from tools.builders import toolset
 
@@ -189,7 +190,7 @@ def tool_run(family_dirs, tmp_path_factory) -> Path:
     cfg = write_config(tmp / "run.yaml", root, tmp / "out",
                        data={"train_files": [str(toolset.SHIPPED / "tool_use.jsonl")], "seq_len": 512,
                              "eval_fraction": 0, "cache_dir": str(tmp / "cache")},
-                       training={"lr": 6e-3, "warmup_steps": 10, "max_steps": 800, "micro_batch_size": 2,
+                       training={"lr": 6e-3, "warmup_steps": 10, "max_steps": 1000, "micro_batch_size": 2,
                                  "gradient_accumulation_steps": 1, "log_every": 100, "save_every": 1000,
                                  "eval_every": 0})
     assert run_in_process(cfg) == 0

@@ -39,7 +39,7 @@ from loop.data import calls, templates
 from loop.data.prepare import held_out_prompts
 from loop.data.records import DataError, looks_like_hub_id
 from loop.engine.safe_load import ConsolidationError
-from loop.inference import chat, sampling
+from loop.inference import chat, sampling, toolcalls
 from loop.inference.load import load_for_generation
 from loop.report import timings
 from loop.state.checkpoints import CheckpointError
@@ -101,11 +101,12 @@ def offered(path: Path | None) -> list[dict] | None:
         fail(str(e))
 
 
-def shown(answer: str, tools: list[dict] | None) -> str:
-    """An answer with each tool call in it shown as a structured call (name and parsed arguments)."""
+def shown(answer: str, tools: list[dict] | None, parser: str = "hermes") -> str:
+    """An answer with each tool call in it (written as `parser`, a templates.tool_parser name, reads it) shown as a
+    structured call (name and parsed arguments)."""
     if tools is None:
         return answer
-    text, found = calls.parse_calls(answer)
+    text, found = toolcalls.parse(answer, parser, tools)
     names = [calls.tool_name(t) for t in tools]
     return "\n".join([*([text] if text else []), *(f"- tool call: {calls.describe(c, names)}" for c in found)])
 
@@ -151,14 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         chat.chat(model, tokenizer, cfg, stop, tools=tools)
         return 0
     conversations = [calls.attach([{"role": "user", "content": q}], tools) for q in prompts]
-    answers = [shown(ans, tools) for ans in sampling.answer(model, tokenizer, conversations, cfg, stop)]
+    parser = templates.tool_parser(tokenizer.chat_template)
+    answers = [shown(ans, tools, parser) for ans in sampling.answer(model, tokenizer, conversations, cfg, stop)]
     if a.compare:
         base, base_tokenizer = load(a.compare)
         if base_tokenizer.chat_template is None:  # a pretrained base: ask it the same rendered prompt
             base_tokenizer.chat_template = tokenizer.chat_template
         torch.manual_seed(a.seed)
-        before = [shown(ans, tools) for ans in sampling.answer(base, base_tokenizer, conversations, cfg,
-                                                               sampling.end_token_id(base_tokenizer, base))]
+        base_parser = templates.tool_parser(base_tokenizer.chat_template)
+        said = sampling.answer(base, base_tokenizer, conversations, cfg, sampling.end_token_id(base_tokenizer, base))
+        before = [shown(ans, tools, base_parser) for ans in said]
         text = "\n\n".join(f"## {q}\n\n- before ({a.compare}): {b}\n- after ({a.model}): {ans}"
                              for q, b, ans in zip(prompts, before, answers))
     else:

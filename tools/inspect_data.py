@@ -1,9 +1,11 @@
 """Look at the training data the way the loop will see it, before spending GPU hours.
 
 Reads a run config, then validates, converts, tokenizes and packs exactly as loop/train.py does, and
-shows: a few rendered dialogues with the trained tokens marked (green in a terminal, [[...]] when
+shows: the first records rendered with the trained tokens marked (green in a terminal, [[...]] when
 piped: the assistant's text and tool calls with their end token; never the system prompt, the tools list
-or a tool's results), token-length statistics, skip / truncation / drop counts, and packing efficiency.
+or a tool's results) and what became of each (one sequence; one per assistant turn, where a template
+without generation markers renders earlier turns differently later; refused, and why), token-length
+statistics, skip / truncation / drop / per-turn counts, and packing efficiency.
 
   python tools/inspect_data.py configs/quickstart.yaml
   python tools/inspect_data.py configs/quickstart.yaml --examples 5 --histogram lengths.png --seq_len 2048
@@ -13,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from itertools import islice
 from pathlib import Path
 
 from loop import config
 from loop.data import templates
-from loop.data.dialogues import length_stats
+from loop.data.dialogues import SourceReport, dialogues_of, length_stats
 from loop.data.records import DataError
+from loop.data.sources import plan, read, resolve
+from loop.data.tokenize import Encoder, decision
 from loop.model.load import load_tokenizer, preflight
 from loop.training import registry
 
@@ -42,7 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     color = a.color == "always" or (a.color == "auto" and sys.stdout.isatty())
     columns, order = data.columns, data.order
-    for n, i in enumerate(order[: a.examples]):
+    if objective.dialogues:  # each record's decision under the template, and its sequences marked
+        show_records(cfg, tokenizer, a.examples, color)
+    for n, i in enumerate([] if objective.dialogues else order[: a.examples]):
         span = slice(columns.offsets[i], columns.offsets[i + 1])
         ids, mask = columns.tokens[span].tolist(), columns.trained[span].tolist()
         print(f"--- example {n} ({objective.sequence_label(i)}{len(ids)} tokens, {sum(mask)} trained) ---")
@@ -55,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"records read: {total.records}; dialogues: {total.dialogues} ({total.duplicates} duplicates); "
           f"{len(order)} in the training order, {sum(len(r.starts) - 1 for r in data.eval_rows.values())} eval rows")
     print(f"skipped: {dict(total.skipped) or 0}; truncated at a turn: {total.truncated}; "
-          f"dropped as too long: {total.dropped_too_long}")
+          f"dropped as too long: {total.dropped_too_long}; one sequence per turn: {total.per_turn} "
+          f"(+{total.per_turn_tokens:,} tokens)")
     for line in data.report.describe_sources():
         print(line)
     print("train lengths: " + ", ".join(f"{k} {v:,.0f}" for k, v in stats.items()))
@@ -81,6 +89,28 @@ def main(argv: list[str] | None = None) -> int:
         fig.savefig(a.histogram)
         print(f"histogram saved to {a.histogram}")
     return 0
+
+
+def show_records(cfg: config.Config, tokenizer, count: int, color: bool) -> None:
+    """The first `count` valid records of the train sources, each with what became of it and its sequences marked."""
+    encoder = Encoder(tokenizer, cfg.data.seq_len, cfg.data.on_too_long, cfg.data.template_kwargs,
+                      cfg.data.on_template_change)
+
+    def records():
+        for planned in map(plan, resolve(cfg.data)):
+            if planned.source.role == "train":
+                found = (r for unit in planned.units for r in read(planned.source, unit))
+                yield from dialogues_of(planned.fmt, planned.source.path, found, cfg.data.oasst_paths, SourceReport(),
+                                        [])
+
+    for where, dialogue in islice(records(), count):
+        (encoded,) = encoder.encode([dialogue])
+        print(f"--- {where}: {decision(encoded)} ---")
+        pieces = encoded.pieces
+        for n, (ids, mask) in enumerate(pieces):
+            if len(pieces) > 1:
+                print(f"--- sequence {n + 1} of {len(pieces)}: {len(ids)} tokens, {int(mask.sum())} trained ---")
+            print(templates.mark_trained(tokenizer, ids.tolist(), mask.tolist(), color))
 
 
 if __name__ == "__main__":

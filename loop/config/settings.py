@@ -23,6 +23,8 @@ PACKABLE_ATTENTION = sorted({"auto", *ATTENTION_LAYOUT})
 Format = Literal["auto", "messages", "prompt_completion", "sharegpt", "alpaca", "oasst", "chatterbot"]
 OasstPaths = Literal["longest", "all"]
 TemplateName = Literal["starchat", "chatml", "tokenizer"]  # "tokenizer": the tokenizer's own template
+# A dialogue that an unmarked template renders differently once later turns follow: one sequence per turn, or refused
+TemplateChange = Literal["per_turn", "refuse"]
 PackingMode = Literal["bfd", "pad", "concat"]
 Schedule = Literal["cosine", "linear", "constant"]
 SaveDtype = Literal["bf16", "fp16", "fp32"]
@@ -82,6 +84,13 @@ class DataConfig:
     eval_fraction: float = 0.05  # share of each train source held out for eval when no eval_files are given
     dedup: bool = False  # keep one of each exactly repeated dialogue of a source (duplicates are counted either way)
     template: TemplateName = "starchat"  # starchat | chatml | tokenizer (the tokenizer's own)
+    # Variables the chat template reads, passed as apply_chat_template passes its keyword arguments (e.g.
+    # {enable_thinking: false} for Qwen3); serve with the same.
+    template_kwargs: dict[str, bool] = field(default_factory=dict)
+    # With a template that does not mark trained tokens (most released ones), a dialogue it renders differently
+    # once later turns follow (Qwen3 drops earlier reasoning): per_turn trains it as one sequence per assistant
+    # turn (counted in the data report), refuse makes it a bad record (see on_bad_record).
+    on_template_change: TemplateChange = "per_turn"
     seq_len: int = 1024  # tokens per packed row; longer dialogues are cut at a turn or dropped
     packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
     on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them

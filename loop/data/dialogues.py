@@ -41,13 +41,15 @@ class SourceReport:
     left_out: Counter = field(default_factory=Counter)  # left out by design (formats.Dropped), by kind
     truncated: int = 0
     dropped_too_long: int = 0
+    per_turn: int = 0  # dialogues trained as one sequence per assistant turn (an unmarked template, turns.py)
+    per_turn_tokens: int = 0  # the tokens that costs beyond one sequence each
     held_out: int = 0  # split off for evaluation (eval_fraction)
     weighted: int = 0  # dialogues in the training order, every copy counted (weight)
     trained_tokens: int = 0  # their trained tokens, every copy counted
 
     def add(self, other: SourceReport) -> None:
-        for name in ("records", "dialogues", "duplicates", "truncated", "dropped_too_long", "held_out", "weighted",
-                     "trained_tokens"):
+        for name in ("records", "dialogues", "duplicates", "truncated", "dropped_too_long", "per_turn",
+                     "per_turn_tokens", "held_out", "weighted", "trained_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.skipped += other.skipped
         self.left_out += other.left_out
@@ -72,8 +74,10 @@ class DataReport:
         left_out = f", left out {counts(t.left_out)}" if t.left_out else ""
         skipped = counts(t.skipped) or "none"
         duplicates = f", {t.duplicates} duplicates" if t.duplicates else ""
+        per_turn = (f", {t.per_turn} trained one sequence per turn as the template renders them "
+                    f"(+{t.per_turn_tokens} tokens)" if t.per_turn else "")
         return (f"{t.dialogues} dialogues{duplicates}, skipped {skipped}{left_out}, truncated {t.truncated}, "
-                f"dropped as too long {t.dropped_too_long}")
+                f"dropped as too long {t.dropped_too_long}{per_turn}")
 
     def describe_sources(self) -> list[str]:
         """One line per source of a mixture (nothing for a single source)."""
@@ -89,6 +93,8 @@ class DataReport:
         t = self.total
         out = {"data/dialogues": t.dialogues, "data/duplicates": t.duplicates, "data/truncated": t.truncated,
                "data/dropped_too_long": t.dropped_too_long}
+        if t.per_turn:
+            out |= {"data/per_turn": t.per_turn, "data/per_turn_tokens": t.per_turn_tokens}
         out.update({f"data/skipped/{k}": v for k, v in t.skipped.items()})
         out.update({f"data/left_out/{k}": v for k, v in t.left_out.items()})
         for s in self.sources if len(self.sources) > 1 else []:
@@ -122,6 +128,9 @@ def validate(dialogue: Any) -> tuple[str, str] | None:
 def _content_problem(m: dict) -> str | None:
     """What is wrong with a message's content for its role: text, or a tool call where text may be missing."""
     content = m.get("content")
+    for key in ("reasoning_content", "thinking", "reasoning"):  # an assistant's reasoning, for templates that know it
+        if m.get(key) is not None and (m["role"] != "assistant" or not isinstance(m[key], str)):
+            return f"{key} must be a string, on an assistant message"
     if m["role"] == "tool":
         return None if isinstance(content, str) else "a tool message's content (the result) must be a string"
     if m["role"] == "assistant" and m.get("tool_calls") is not None:
@@ -217,6 +226,12 @@ def split_key(dialogue: Messages) -> int:
 def held_out(key: int, eval_fraction: float) -> bool:
     """Whether a dialogue with this split_key is held out for evaluation: a stable eval_fraction of keys."""
     return key % 10_000 < eval_fraction * 10_000
+
+
+def piece_digest(digest_value: int, piece: int) -> int:
+    """The digest of a dialogue's `piece`-th sequence (one per turn, turns.py): distinct from the others, so
+    dedup keeps them all; the eval split goes by the dialogue's split_key, the same for every piece."""
+    return (digest_value + piece * 10_000) % (1 << 64) if piece else digest_value
 
 
 def collect(files: list[str], fmt: Format, oasst_paths: OasstPaths = "longest",

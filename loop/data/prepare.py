@@ -75,6 +75,8 @@ class Job:
     on_too_long: str
     oasst_paths: str
     dtype: str
+    template_kwargs: dict = field(default_factory=dict)
+    on_template_change: str = "per_turn"
 
 
 _JOB: Job | None = None
@@ -87,7 +89,8 @@ def _start(job: Job) -> None:
     the parallelism)."""
     global _JOB, _ENCODER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _JOB, _ENCODER = job, Encoder(job.tokenizer, job.seq_len, job.on_too_long)
+    _JOB, _ENCODER = job, Encoder(job.tokenizer, job.seq_len, job.on_too_long, job.template_kwargs,
+                                  job.on_template_change)
 
 
 def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
@@ -99,18 +102,27 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
     ids, masks, lengths, counts, status, digests, split_keys = [], [], [], [], [], [], []
 
     def encode(batch: list) -> None:
-        for (ids_, mask, state), dialogue in zip(_ENCODER.encode(batch), batch):
-            ids.append(ids_)
-            masks.append(mask)
-            lengths.append(len(ids_))
-            counts.append(int(mask.sum()))
-            status.append(state)
-            digests.append(dlg.digest(dialogue))
-            split_keys.append(dlg.split_key(dialogue))
+        for encoded, (where, dialogue) in zip(_ENCODER.encode([d for _, d in batch]), batch):
+            if encoded.refused:  # the template renders it so that it cannot be trained (turns.py)
+                bad.append((where, "template", encoded.refused))
+                report.skipped["template"] += 1
+                report.dialogues -= 1
+                continue
+            report.per_turn += encoded.per_turn
+            report.per_turn_tokens += encoded.extra_tokens
+            digest, key = dlg.digest(dialogue), dlg.split_key(dialogue)  # every piece on the dialogue's side
+            for piece, (ids_, mask) in enumerate(encoded.pieces or [(np.zeros(0, np.int32), np.zeros(0, np.uint8))]):
+                ids.append(ids_)
+                masks.append(mask)
+                lengths.append(len(ids_))
+                counts.append(int(mask.sum()))
+                status.append(encoded.status)
+                digests.append(dlg.piece_digest(digest, piece))
+                split_keys.append(key)
 
     batch: list = []
-    for _, dialogue in found:
-        batch.append(dialogue)
+    for item in found:
+        batch.append(item)
         if len(batch) == BATCH:
             encode(batch)
             batch = []
@@ -157,7 +169,9 @@ def key_of(planned: list[Planned], data: DataConfig, tokenizer: PreTrainedTokeni
                             p.content) for p in planned], data.oasst_paths, data.dedup, data.eval_fraction,
                           bool(data.eval_files), data.on_bad_record)
     return made_of, fingerprint(CACHE_VERSION, made_of, tokenizer_fingerprint(tokenizer), data.seq_len,
-                                data.on_too_long)
+                                data.on_too_long, *((data.template_kwargs, data.on_template_change)
+                                                    if data.template_kwargs or data.on_template_change != "per_turn"
+                                                    else ()))
 
 
 def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool = True) -> Path:
@@ -190,7 +204,8 @@ def prepare(data: DataConfig, tokenizer: PreTrainedTokenizerBase, progress: bool
 
 def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_of: str, progress: bool) -> None:
     dtype = "uint16" if len(tokenizer) <= np.iinfo(np.uint16).max else "int32"
-    job = Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, dtype)
+    job = Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, dtype, data.template_kwargs,
+              data.on_template_change)
     reports = [SourceReport(name=p.source.name, role=p.source.role) for p in planned]
     bad: list[list[Bad]] = [[] for _ in planned]
     per_dialogue: dict[str, list] = {k: [] for k in ("lengths", "trained_counts", "status", "digests", "split_keys",

@@ -135,6 +135,10 @@ CHATML = Template(
 )
 
 TEMPLATES = {t.name: t for t in (STARCHAT, CHATML)}
+# The tags both templates write tool calls and results in, each one vocabulary token (as Qwen2.5's tokenizers have
+# them): vLLM's hermes parser looks `<tool_call>` up as a token. Added as ordinary (not special) tokens, so a decoded
+# answer keeps them where special tokens are skipped.
+TOOL_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
 assert {*TEMPLATES, "tokenizer"} == set(get_args(TemplateName))
 
 
@@ -186,29 +190,40 @@ def adds_bos(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bos is not None and tokenizer("x")["input_ids"][:1] == [bos]
 
 
+def marks_generation(jinja: str | None) -> bool:
+    """Whether a template marks its trained text with `{% generation %}` (else turns.py finds it by rendering)."""
+    return isinstance(jinja, str) and bool(_GENERATION_TAG.search(jinja))
+
+
 def install(tokenizer: PreTrainedTokenizerBase, name: TemplateName) -> tuple[list[int], str]:
     """Give `tokenizer` the named template; return (ids of the tokens it had to add, end token).
 
-    With name "tokenizer" the tokenizer's own chat_template is kept; it must mark assistant text
-    with `{% generation %}` so that trained tokens can be found.
+    With name "tokenizer" the tokenizer's own chat_template is kept: where it marks assistant text with
+    `{% generation %}` the marks say what trains, else the answers are found by rendering (turns.py).
     """
     if name == "tokenizer":
         own = tokenizer.chat_template
         if isinstance(own, dict):  # saved by save_tokenizer (a model this loop trained), or named templates
             own = own.get("training") or own.get("default")
             tokenizer.chat_template = own
-        if not own or not _GENERATION_TAG.search(own):
-            raise TemplateError(
-                "data.template is 'tokenizer' but the tokenizer's chat_template has no "
-                "{% generation %} markers, so the trained tokens cannot be found; "
-                "use data.template: starchat or chatml"
-            )
+        if not isinstance(own, str) or not own.strip():
+            raise TemplateError("data.template is 'tokenizer' but the tokenizer has no chat_template; "
+                                "use data.template: starchat or chatml")
+        if tokenizer.eos_token is None:
+            raise TemplateError("data.template is 'tokenizer' but the tokenizer has no eos_token, the token that "
+                                "ends an answer; set one, or use data.template: starchat or chatml")
         return [], tokenizer.eos_token
+    from tokenizers import AddedToken
+
     template = TEMPLATES[name]
     missing = [t for t in template.special_tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
-    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens)
+    tags = [t for t in TOOL_TOKENS if t not in tokenizer.get_vocab()]
+    if tags:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+    missing += tags
+    reserved = list(tokenizer.all_special_tokens) + list(template.special_tokens) + list(TOOL_TOKENS)
     # apply_chat_template tokenizes the rendered text without adding special tokens (as vLLM and TGI
     # do), so a tokenizer that adds a BOS gets it from the template: exactly one per dialogue.
     tokenizer.chat_template = build_jinja(template, reserved, bos=adds_bos(tokenizer))
@@ -225,8 +240,26 @@ def renders_tools(jinja: str | dict | None) -> bool:
     return isinstance(jinja, str) and "tool_calls" in jinja
 
 
+# How a template has the model write tool calls, named as vLLM's tool parsers are (`--tool-call-parser`), each
+# with what in the template's text tells it (first match wins): Qwen3-Coder's XML, Mistral's [TOOL_CALLS] JSON,
+# Llama 3.x's bare JSON with "parameters", else Hermes / Qwen2.5 JSON in <tool_call> tags (the templates here).
+TOOL_PARSERS = (("qwen3_coder", "<function="), ("mistral", "[TOOL_CALLS]"), ("llama3_json", '"parameters": '),
+                ("hermes", ""))
+
+
+def tool_parser(jinja: str | dict | None) -> str:
+    """The vLLM tool parser that reads the calls a model trained with this template writes."""
+    if isinstance(jinja, dict):
+        jinja = jinja.get("default") or next(iter(jinja.values()), "")
+    return next(name for name, sign in TOOL_PARSERS if sign in (jinja or ""))
+
+
 def encode(tokenizer: PreTrainedTokenizerBase, dialogue: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions."""
+    """Token ids of a dialogue and a 0/1 mask of the trained (assistant) positions, as the template's
+    `{% generation %}` markers give them (an unmarked template goes through tokenize.Encoder, which finds them)."""
+    if not marks_generation(tokenizer.chat_template):
+        raise TemplateError("the chat template does not mark its trained text with {% generation %}; preference "
+                            "pairs (training.objective: dpo) need data.template: starchat or chatml, or a marked one")
     messages, tools = calls.split(dialogue)
     out = tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True

@@ -16,30 +16,59 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from loop.data import calls, templates
+from loop.data import calls, templates, turns
 from loop.data.records import DataError, Messages
 
 OK, TRUNCATED, DROPPED = 0, 1, 2  # what became of a dialogue
 STATUS = ("ok", "truncated", "dropped")
+# An assistant message's reasoning, under the names transformers passes to templates (it fills each from the others)
+REASONING = ("reasoning_content", "thinking", "reasoning")
+_EMPTY = (np.zeros(0, np.int32), np.zeros(0, np.uint8))
+
+
+@dataclass
+class Encoded:
+    """What one dialogue became: its sequences (one; one per assistant turn where an unmarked template renders
+    earlier turns differently later, see turns.py; none when dropped or refused) and what happened to it."""
+
+    pieces: list[tuple[np.ndarray, np.ndarray]]  # (ids, trained mask) of each sequence
+    status: int  # OK, TRUNCATED or DROPPED
+    per_turn: bool = False  # split into one sequence per assistant turn
+    extra_tokens: int = 0  # what splitting costs: the pieces' tokens beyond the whole dialogue's
+    refused: str = ""  # why it cannot be trained as the template renders it (a bad record)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The first sequence's ids (the dialogue's, where it is one sequence)."""
+        return (self.pieces or [_EMPTY])[0][0]
+
+    @property
+    def mask(self) -> np.ndarray:
+        return (self.pieces or [_EMPTY])[0][1]
 
 
 class Encoder:
-    """Dialogues to (ids, trained mask, status) with one tokenizer, template and row length."""
+    """Dialogues to their sequences (ids, trained mask) and status, with one tokenizer, template and row length."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, on_too_long: str):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, on_too_long: str,
+                 template_kwargs: dict | None = None, on_template_change: str = "per_turn"):
         from transformers.utils.chat_template_utils import _normalize_chat_messages
 
         self.tokenizer, self.seq_len, self.on_too_long = tokenizer, seq_len, on_too_long
         self.normalize = _normalize_chat_messages  # what apply_chat_template does to messages first
         self.backend = tokenizer.backend_tokenizer
         self.template = tokenizer.chat_template
+        self.marked = templates.marks_generation(self.template)
         self.renders_tools = templates.renders_tools(self.template)
-        self.template_kwargs = dict(tokenizer.special_tokens_map)
+        self.template_kwargs = dict(tokenizer.special_tokens_map) | dict(template_kwargs or {})
+        self.on_template_change = on_template_change
+        self.end = tokenizer.eos_token
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
 
     def _render(self, dialogues: Sequence[Messages]) -> tuple[list[str], list[list[tuple[int, int]]]]:
@@ -62,9 +91,6 @@ class Encoder:
     def _tokens(self, dialogues: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Ids and trained mask of whole dialogues, as apply_chat_template marks them: a token is trained
         when it overlaps a generation span."""
-        if not self.renders_tools and any(map(calls.uses_tools, dialogues)):
-            raise DataError("the dialogues use tools, but the tokenizer's own chat template (data.template: "
-                            "tokenizer) does not render tool calls; use data.template: chatml or starchat")
         texts, spans = self._render(dialogues)
         out = []
         for encoding, found in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
@@ -91,8 +117,44 @@ class Encoder:
                 return i
         return len(dialogue)
 
-    def encode(self, dialogues: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        """(ids, mask, status) for each dialogue; a dropped one has empty arrays."""
+    def encode(self, dialogues: Sequence[Messages]) -> list[Encoded]:
+        """What each dialogue becomes, in order."""
+        if not self.renders_tools and any(map(calls.uses_tools, dialogues)):
+            raise DataError("the dialogues use tools, but the tokenizer's own chat template (data.template: "
+                            "tokenizer) does not render tool calls; use data.template: chatml or starchat")
+        out: list = [None] * len(dialogues)
+        for k, d in enumerate(dialogues):
+            if dropped := self._drops(d):
+                out[k] = Encoded([], DROPPED, refused=dropped)
+            elif not self.marked:
+                out[k] = self._by_turns(d)
+        rest = [k for k, e in enumerate(out) if e is None]
+        for k, (ids, mask, status) in zip(rest, self._encode_marked([dialogues[k] for k in rest]) if rest else []):
+            out[k] = Encoded([] if status == DROPPED else [(ids, mask)], status)
+        return out
+
+    def _drops(self, dialogue: Messages) -> str:
+        """Why the template would silently leave out something the dialogue gives (its tools, an assistant's
+        tool calls or reasoning), found by rendering with and without it; "" when it renders them all."""
+        messages, tools = calls.split(dialogue)
+        try:
+            if tools and self._render_one(dialogue, False) == self._render_one(messages, False):
+                return "the chat template drops the dialogue's tools (it renders the same without them)"
+            for k, m in enumerate(messages):
+                for group in (("tool_calls",), REASONING):
+                    given = [field for field in group if m.get(field)]
+                    if m.get("role") == "assistant" and given:
+                        without = dialogue[:k] + [{key: v for key, v in m.items() if key not in group}]
+                        if self._render_one(dialogue[: k + 1], False) == self._render_one(without, False):
+                            return (f"messages[{k}]: the chat template drops its {given[0]} (it renders the same "
+                                    "without it); use a template that renders it, or leave it out")
+        except Exception:  # the template fails on it: said where the dialogue is rendered
+            return ""
+        return ""
+
+    def _encode_marked(self, dialogues: Sequence[Messages]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """(ids, mask, status) for each dialogue, with a template that marks its trained text; a dropped one has
+        empty arrays."""
         empty = (np.zeros(0, np.int32), np.zeros(0, np.uint8), DROPPED)
         results: list = [None] * len(dialogues)
         whole, whole_at = [], []
@@ -114,6 +176,51 @@ class Encoder:
                 results[k] = self._longest_prefix(d, len(d) - 1) or empty
         return results
 
+    def _render_one(self, messages: Messages, generation_prompt: bool) -> str:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        plain, tools = calls.split(messages)
+        (text,), _ = render_jinja_template(conversations=[self.normalize(plain)], tools=tools,
+                                           chat_template=self.template, add_generation_prompt=generation_prompt,
+                                           **self.template_kwargs)
+        return text
+
+    def _ids(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=np.int32) for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _by_turns(self, dialogue: Messages) -> Encoded:
+        """A dialogue through a template without generation markers (see turns.py): one sequence where the
+        template is prefix-preserving on it, else one per assistant turn or refused; cut or dropped to fit."""
+        fits, status = self._bounded(dialogue), OK
+        if fits < len(dialogue):
+            if self.on_too_long == "drop":
+                return Encoded([], DROPPED)
+            ends = [i + 1 for i, m in enumerate(dialogue[:fits]) if m.get("role") == "assistant"]
+            if not ends:
+                return Encoded([], DROPPED)
+            dialogue, status = dialogue[: ends[-1]], TRUNCATED
+        try:
+            found = turns.render_turns(dialogue, self._render_one, self._ids, self.end)
+        except turns.TurnError as e:
+            return Encoded([], DROPPED, refused=str(e))
+        if not found.changed:
+            if len(found.whole) <= self.seq_len:
+                return Encoded([found.one_sequence()], status)
+            fitting = sum(end <= self.seq_len for end in found.answer_ends())
+            if self.on_too_long == "drop" or not fitting:
+                return Encoded([], DROPPED)
+            return Encoded([found.one_sequence(fitting)], TRUNCATED)
+        if self.on_template_change == "refuse":
+            return Encoded([], DROPPED, refused=found.changed + "; data.on_template_change: per_turn trains it as "
+                           "one sequence per assistant turn")
+        pieces = found.per_turn()
+        fitting = next((i for i, (ids, _) in enumerate(pieces) if len(ids) > self.seq_len), len(pieces))
+        if fitting < len(pieces) and (self.on_too_long == "drop" or not fitting):
+            return Encoded([], DROPPED)
+        kept = pieces[:fitting]
+        extra = sum(len(ids) for ids, _ in kept[:-1])  # the last piece holds the whole dialogue it reaches
+        return Encoded(kept, status if fitting == len(pieces) else TRUNCATED, per_turn=True, extra_tokens=int(extra))
+
     def _longest_prefix(self, dialogue: Messages, within: int) -> tuple[np.ndarray, np.ndarray, int] | None:
         """The longest prefix of at most `within` messages that ends on an assistant turn and fits in a row."""
         ends = [i + 1 for i, m in enumerate(dialogue[:within]) if m.get("role") == "assistant"]
@@ -128,6 +235,18 @@ class Encoder:
         return best
 
 
+def decision(encoded: Encoded) -> str:
+    """What became of a dialogue, as tools/inspect_data.py shows it."""
+    if encoded.refused:
+        return f"refused: {encoded.refused}"
+    if encoded.status == DROPPED:
+        return "dropped: too long for a row"
+    cut = ", cut at a turn to fit" if encoded.status == TRUNCATED else ""
+    if encoded.per_turn:
+        return f"one sequence per assistant turn ({len(encoded.pieces)} sequences, +{encoded.extra_tokens} tokens){cut}"
+    return f"one sequence{cut}"
+
+
 def fingerprint(*parts: Any) -> str:
     h = hashlib.sha256()
     for part in parts:
@@ -140,17 +259,20 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def tokenize(dialogues: list[Messages], tokenizer: PreTrainedTokenizerBase, seq_len: int, on_too_long: str,
-             report=None):
+             report=None, template_kwargs: dict | None = None):
     """A small set of dialogues tokenized in this process, as a Dataset of input_ids and assistant_mask (dropped
     ones left out); counts truncated and dropped dialogues into `report` (a DataReport). A run prepares its
     data in parallel and memory-maps it (prepare.py); this is for tools, benchmarks and tests."""
     import datasets
 
-    encoded = Encoder(tokenizer, seq_len, on_too_long).encode(dialogues)
-    kept = [(ids.tolist(), mask.tolist()) for ids, mask, status in encoded if status != DROPPED]
+    encoded = Encoder(tokenizer, seq_len, on_too_long, template_kwargs).encode(dialogues)
+    refused = [f"dialogue {k}: {e.refused}" for k, e in enumerate(encoded) if e.refused]
+    if refused:
+        raise DataError("the chat template cannot train these dialogues as it renders them:\n  " + "\n  ".join(refused))
+    kept = [(ids.tolist(), mask.tolist()) for e in encoded for ids, mask in e.pieces]
     if report is not None:
-        report.truncated += sum(status == TRUNCATED for *_, status in encoded)
-        report.dropped_too_long += sum(status == DROPPED for *_, status in encoded)
+        report.truncated += sum(e.status == TRUNCATED for e in encoded)
+        report.dropped_too_long += sum(e.status == DROPPED for e in encoded)
     return datasets.Dataset.from_dict({"input_ids": [ids for ids, _ in kept], "assistant_mask": [m for _, m in kept]},
                                       features=datasets.Features({"input_ids": datasets.List(datasets.Value("int32")),
                                                                   "assistant_mask": datasets.List(datasets.Value(

@@ -76,6 +76,19 @@ def gather_by_block(model: torch.nn.Module) -> None:
 
 
 @contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned `params` hold their full values, and what rank 0 writes to them is
+    kept (every rank writing the same is fine); plain parameters are simply themselves."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        yield
+        return
+    from deepspeed.zero import GatheredParameters
+
+    with GatheredParameters(params, modifier_rank=0):
+        yield
+
+
+@contextmanager
 def outside_zero_init() -> Iterator[None]:
     """Build a plain model in this process's memory, also inside a ZeRO-3 run: transformers would otherwise
     build it inside zero.Init, a collective the other processes never join."""
@@ -160,7 +173,7 @@ def full_state_dict(accelerator, model) -> dict[str, torch.Tensor]:
 ENGINE = Engine(
     name="deepspeed", title="DeepSpeed", active=is_active, configure=configure, zero_stage=zero_stage,
     offloads=offloads, describe=describe, place_model=place_model, synced_generation=synced_generation,
-    full_state_dict=full_state_dict, backward=backward, clip_gradients=clip_gradients,
+    gathered=gathered, full_state_dict=full_state_dict, backward=backward, clip_gradients=clip_gradients,
     discard_gradients=discard_gradients, optimizer_step=optimizer_step, save_state=save_state, load_state=load_state,
     layout=Layout(recognises=zero3_files.recognises, missing=zero3_files.missing_shards, writer=zero3_files.rank_of,
                   weights=zero3_files.weights),

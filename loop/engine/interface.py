@@ -54,6 +54,8 @@ class Engine:
     describe: Callable[[Accelerator], str]  # how the processes share the work, for the model card
     place_model: Callable[[Accelerator, torch.nn.Module, bool], None]  # before prepare (bool: only adapters train)
     synced_generation: Callable[[Accelerator], bool]  # every process must join every forward pass of generate()
+    # Inside the block these parameters hold their whole values, and what is written to them is kept.
+    gathered: Callable[[list], AbstractContextManager]
     # The whole weights on the main process, for the final model (a collective: every process calls it).
     full_state_dict: Callable[[Accelerator, Any], dict[str, torch.Tensor]]
     # The engine calls of one optimizer step (loop/engine/step.py).

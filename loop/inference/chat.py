@@ -9,8 +9,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from loop.data import calls
-from loop.inference import sampling
+from loop.data import calls, templates
+from loop.inference import sampling, toolcalls
 
 QUIT = ("/quit", "/exit")
 COMMANDS = "/reset, /save FILE, /quit, /exit"
@@ -72,6 +72,7 @@ def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write, too
 
     conversation: list[dict] = []
     names = None if tools is None else [calls.tool_name(t) for t in tools]
+    parser = templates.tool_parser(getattr(tokenizer, "chat_template", None))  # the calls' format, as trained
     write("chat: type a message; /reset starts over, /save FILE keeps the conversation, Ctrl-D or /quit ends")
     while True:
         try:
@@ -116,7 +117,7 @@ def _talk(model, tokenizer, cfg: sampling.SamplingConfig, stop, read, write, too
                 while conversation and conversation.pop()["role"] != "user":
                     pass  # back to before the line typed: its calls and results go with it
                 break
-            text, found = calls.parse_calls(reply) if tools is not None else (reply, [])
+            text, found = toolcalls.parse(reply, parser, tools) if tools is not None else (reply, [])
             made = [c for c in found if "error" not in c]
             for c in found:
                 write(f"tool call: {calls.describe(c, names)}")

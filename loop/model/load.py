@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedToken
 from loop.config import Config, ConfigError, first_line
 from loop.data.records import DataError, check_exists
 from loop.engine import registry
+from loop.engine.interface import Engine
 from loop.model import attention, estimate, head, lora
 from loop.model.architecture import Shape, check_trainable
 
@@ -88,6 +89,19 @@ def load_tokenizer(cfg: Config) -> PreTrainedTokenizerBase:
                           f"({first_line(e)})") from None
 
 
+def mean_rows(model: torch.nn.Module, vocab: int, engine: Engine) -> None:
+    """The rows past `vocab` (the template's added tokens) of the input and output embeddings set to the mean of
+    the rows before them, a neutral start that training moves (transformers' own resize samples
+    around that mean)."""
+    weights = [model.get_input_embeddings().weight]
+    out = model.get_output_embeddings()
+    if out is not None and out.weight is not weights[0]:  # tied: one matrix
+        weights.append(out.weight)
+    with engine.gathered(weights), torch.no_grad():
+        for weight in weights:
+            weight[vocab:] = weight[:vocab].mean(0, dtype=torch.float32).to(weight.dtype)
+
+
 def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added_tokens: list[int], end_token: str,
                accelerator, dropout: bool = True) -> torch.nn.Module:
     """The model from `model.name_or_path`, with the attention that keeps packed dialogues apart, room for
@@ -103,7 +117,10 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
         attn_implementation=attn, quantization_config=quantization, dtype=weights_dtype(cfg, zero_stage),
         device_map={"": device} if quantization and not zero3 else None)  # ZeRO-3 places weights itself
     if added_tokens:
+        old = model.get_input_embeddings().weight
+        vocab = getattr(old, "ds_shape", old.shape)[0]  # its full size where ZeRO-3 holds only a shard
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+        mean_rows(model, vocab, engine)
     model.generation_config = chat_generation_config(tokenizer, end_token)
     if cfg.model.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2's name for it

@@ -78,6 +78,8 @@ class RunSummary:
     trainable: int = 0
     parameters: int = 0
     vocab: int = 0
+    added_tokens: tuple[str, ...] = ()  # the tokens the chat template added to the vocabulary
+    marked: bool = True  # the template marks its trained text (else the answers were found by rendering)
     code_scores: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # "humaneval pass@1" -> (step, x)
     code_note: str = ""  # how the evaluated programs ran (loop/evaluation/)
 
@@ -211,7 +213,23 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
                  f"{transformers.__version__.split('.')[0]}.x, whose module names it was saved against.")
     plot = "\n![eval loss](eval_loss.png)\n" if loss_plot(summary.eval_losses, folder / "eval_loss.png") else ""
     code = code_section(summary, folder)
-    tools = f"\n{TOOLS}\n" if templates.renders_tools(chat_template) else ""
+    # The parser that reads the calls back, named as vLLM's --tool-call-parser takes it (the snippet is Hermes')
+    parser = templates.tool_parser(chat_template) if templates.renders_tools(chat_template) else None
+    tools = f"\n{TOOLS}\n" if parser == "hermes" else ""
+    if parser:
+        tools += (f"\nServe it with tool calls read back by vLLM's `{parser}` parser: `vllm serve MODEL "
+                  f"--enable-auto-tool-choice --tool-call-parser {parser}`.\n")
+    marked = ("the same template with\nthe `{% generation %}` markers that picked the trained tokens is saved beside "
+              "it as `\"training\"`\n(`apply_chat_template(messages, chat_template=\"training\", "
+              "return_assistant_tokens_mask=True)`)." if summary.marked else
+              "it has no markers: the trained tokens of each\nassistant turn were the ones it adds after the "
+              "generation prompt, up to its end token (`loop/data/turns.py`).")
+    if cfg.data.template_kwargs:
+        marked += (f"\nIt was rendered with `{cfg.data.template_kwargs}`; pass the same to `apply_chat_template` "
+                   "(and to the server).")
+    added = (f"\n- Vocabulary: {len(summary.added_tokens)} token(s) added for the chat template "
+             f"({', '.join(f'`{t}`' for t in summary.added_tokens)}), their embedding rows started as the mean of "
+             "the existing rows and trained" if summary.added_tokens else "")
     trained = objective["trained"]
     results = (f"- Final train loss: {_loss(summary.train_loss)}; final eval loss: {_loss(summary.eval_loss)}"
                + objective["results"])
@@ -235,9 +253,7 @@ The tokenizer carries the chat template the model was trained with (`{cfg.data.t
 ```
 
 Generation should stop at the end token; `generation_config.json` sets it as `eos_token_id`. The
-template below (in `tokenizer_config.json`, where TGI reads it) is the default; the same template with
-the `{{% generation %}}` markers that picked the trained tokens is saved beside it as `"training"`
-(`apply_chat_template(messages, chat_template="training", return_assistant_tokens_mask=True)`).
+template below (in `tokenizer_config.json`, where TGI reads it) is the default; {marked}
 
 {CHAT}
 {tools}
@@ -248,7 +264,7 @@ the `{{% generation %}}` markers that picked the trained tokens is saved beside 
 {rows}
 
 - Tokens trained (assistant tokens with a loss): {summary.tokens_trained:,} of {summary.tokens_seen:,} tokens processed
-- Hardware: {summary.hardware}
+- Hardware: {summary.hardware}{added}
 {results}
 - Data: {", ".join(s.path + (f" (weight {s.weight:g})" if s.weight != 1 else "") for s in cfg.data.train_files)}
   ({objective["data"]})

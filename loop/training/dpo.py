@@ -127,4 +127,4 @@ PLUGIN = Plugin("dpo", loss=lambda cfg: objective(cfg.dpo), prepare=prepare_here
                 before_training=reference_pass,
                 eval_words=lambda result: f", reward accuracy {result['eval/rewards/accuracies']:.1%}",
                 console={"train/rewards/accuracies": "reward acc {:.0%}"},
-                sequence_label=lambda i: f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}, ")
+                sequence_label=lambda i: f"pair {i // 2}, {('chosen', 'rejected')[i % 2]}, ", dialogues=False)

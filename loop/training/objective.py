@@ -71,3 +71,4 @@ class Plugin:
     eval_words: Callable[[dict[str, float]], str] = lambda result: ""  # after "eval loss X" in the eval line
     console: dict[str, str] = field(default_factory=dict)  # train scalar -> its format in the console line
     sequence_label: Callable[[int], str] = lambda i: ""  # what sequence i of the prepared columns is (a tool)
+    dialogues: bool = True  # its data are dialogues as the chat template renders them (False: e.g. pairs)

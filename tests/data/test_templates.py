@@ -82,7 +82,7 @@ def test_the_saved_template_is_the_same_text_in_every_run(tiny_dir):
 
 def test_unknown_own_template_is_refused(tiny_dir):
     tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
-    with pytest.raises(ValueError, match="generation"):
+    with pytest.raises(ValueError, match="no chat_template"):
         templates.install(tok, "tokenizer")
 
 
@@ -96,7 +96,7 @@ def test_saved_tokenizer_reproduces_training_ids_masks_and_prompts(family_dirs, 
     tok = AutoTokenizer.from_pretrained(family_dirs(family) / "model")
     had = set(tok.get_vocab())
     grew, end = templates.install(tok, name)
-    assert bool(grew) == (not set(templates.TEMPLATES[name].special_tokens) <= had)  # added where missing
+    assert bool(grew) == (not {*templates.TEMPLATES[name].special_tokens, *templates.TOOL_TOKENS} <= had)
     assert tok.pad_token is not None  # the end token stands in where there was none
     bos = [tok.bos_token_id] if family == "llama" else []
     dialogues = corpus + TRICKY + TOOL_DIALOGUES
@@ -188,9 +188,49 @@ def test_the_tokenizers_own_template_renders_tools_or_the_run_says_so(tiny_dir, 
     templates.save_tokenizer(tok, tmp_path)
     own = AutoTokenizer.from_pretrained(tmp_path)
     templates.install(own, "tokenizer")
-    ((ids, mask, _),) = Encoder(own, 4096, "drop").encode([TOOL_DIALOGUES[0]])
+    (encoded,) = Encoder(own, 4096, "drop").encode([TOOL_DIALOGUES[0]])
+    ids, mask = encoded.ids, encoded.mask
     assert (ids.tolist(), mask.tolist()) == templates.encode(tok, TOOL_DIALOGUES[0])
     assert "<tools>" in own.decode(ids.tolist())
     own.chat_template = own.chat_template.replace("tool_calls", "tool_callz")  # a template that ignores calls
     with pytest.raises(DataError, match="does not render tool calls; use data.template: chatml or starchat"):
         Encoder(own, 4096, "drop").encode([TOOL_DIALOGUES[0]])
+
+
+@pytest.mark.parametrize("name", ["starchat", "chatml"])
+def test_tool_tags_are_single_vocabulary_tokens_that_a_decoded_answer_keeps(tiny_dir, name):
+    """vLLM's hermes parser looks <tool_call> up as one token: each tag is one, added where the vocabulary lacks it
+    (ordinary, not special: skip_special_tokens keeps it), trained inside the call, and defused in content."""
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    had = set(tok.get_vocab())
+    grew, _ = templates.install(tok, name)
+    tags = tok.convert_tokens_to_ids(list(templates.TOOL_TOKENS))
+    assert [t in grew for t in tags] == [tag not in had for tag in templates.TOOL_TOKENS]
+    assert all(t != tok.unk_token_id for t in tags)
+    ids, mask = templates.encode(tok, TOOL_DIALOGUES[1])
+    assert [m for i, m in zip(ids, mask) if i in tags[:2]] == [1, 1]  # <tool_call> and </tool_call>, trained
+    assert [m for i, m in zip(ids, mask) if i in tags[2:]] == [0, 0]  # the result's tags, not
+    answer = tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True)
+    assert '<tool_call>\n{"name": "calculator"' in answer and "</tool_call>" in answer
+    typed = [{"role": "user", "content": "<tool_call>forged</tool_call>"}, {"role": "assistant", "content": "no"}]
+    assert not set(tags) & set(templates.encode(tok, typed)[0])  # content cannot write the tag tokens
+
+
+def test_the_rows_of_added_tokens_start_as_the_mean_of_the_existing_rows(tiny_dir):
+    """Input and output embeddings alike (the tiny model's are not tied), every added row, padding rows too."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loop.engine import registry
+    from loop.model.load import mean_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    grew, _ = templates.install(tok, "chatml")
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    vocab = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
+    mean_rows(model, vocab, registry.get("accelerate"))
+    both = (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    for weight in {id(w): w for w in both}.values():
+        assert weight.shape[0] >= len(tok) > vocab and max(grew) >= vocab
+        assert torch.allclose(weight[vocab:], weight[:vocab].mean(0).expand(weight.shape[0] - vocab, -1), atol=1e-6)

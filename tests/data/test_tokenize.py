@@ -16,7 +16,8 @@ def test_a_5000_turn_dialogue_is_cut_to_its_longest_fitting_prefix_in_well_under
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i}: " + "words " * (i % 7)}
              for i in range(5000)]
     start = time.perf_counter()
-    ((ids, mask, status),) = Encoder(tokenizer, 1024, "truncate").encode([turns])
+    (encoded,) = Encoder(tokenizer, 1024, "truncate").encode([turns])
+    ids, mask, status = encoded.ids, encoded.mask, encoded.status
     assert time.perf_counter() - start < 2.0
     assert status == TRUNCATED and len(ids) <= 1024
     # It is a prefix ending on an answer, exactly as apply_chat_template encodes it, and the next one is too long.
@@ -49,8 +50,8 @@ def test_a_50_mb_line_costs_a_few_times_its_size(tiny_dir, corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_mb"]
     assert peak < 3.5 * 50, peak  # 143 MB here: read, parsed, hashed once; text that cannot fit is never rendered
-    ((_, _, status),) = Encoder(tokenizer_of(tiny_dir), 1024, "truncate").encode([huge])
-    assert status == DROPPED  # not even its first answer fits in a row
+    (encoded,) = Encoder(tokenizer_of(tiny_dir), 1024, "truncate").encode([huge])
+    assert encoded.status == DROPPED and not encoded.pieces  # not even its first answer fits in a row
 
 
 def tokenizer_of(tiny_dir):

@@ -24,3 +24,28 @@ def test_a_folder_under_the_working_directory_is_named_relative_to_it(tmp_path, 
     (tmp_path / "outputs" / "run" / "final").mkdir(parents=True)
     monkeypatch.chdir(tmp_path)
     assert shown(tmp_path / "outputs" / "run" / "final") == "outputs/run/final"
+
+
+def test_the_card_names_the_tool_parser_the_added_tokens_and_how_tokens_were_picked(tmp_path, tokenizer):
+    """Without a training run: the card of a starchat model (its tags added, Hermes calls) and of a model trained
+    with Qwen3-Coder's own template (no markers, XML calls, rendered with template variables)."""
+    from loop import config
+    from loop.data import templates
+    from loop.report.card import RunSummary, model_card
+    from tests.data.test_released_templates import HERE
+
+    cfg = config.from_dict({"model": {"name_or_path": str(tmp_path)}, "output": {"output_dir": str(tmp_path)},
+                            "data": {"train_files": ["d.jsonl"]}})
+    added = ("<|user|>", "<tool_call>")
+    text = model_card(cfg, RunSummary(world_size=1, hardware="cpu", added_tokens=added), templates.serving(
+        tokenizer.chat_template), "x", "model", tmp_path).text
+    assert "--tool-call-parser hermes" in text and 'saved beside it as `"training"`' in text
+    assert "- Vocabulary: 2 token(s) added for the chat template (`<|user|>`, `<tool_call>`), their embedding rows " \
+           "started as the mean of the existing rows and trained" in text
+    cfg = config.from_dict({"model": {"name_or_path": str(tmp_path)}, "output": {"output_dir": str(tmp_path)},
+                            "data": {"train_files": ["d.jsonl"], "template": "tokenizer",
+                                     "template_kwargs": {"enable_thinking": False}}})
+    text = model_card(cfg, RunSummary(world_size=1, hardware="cpu", marked=False), (HERE / "qwen3-coder.jinja")
+                      .read_text(), "x", "model", tmp_path).text
+    assert "--tool-call-parser qwen3_coder" in text and "it has no markers" in text and "Vocabulary" not in text
+    assert "{'enable_thinking': False}" in text and "Hermes" not in text

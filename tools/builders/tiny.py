@@ -16,7 +16,7 @@ from typing import Literal
 
 import chatterbot_corpus
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -75,6 +75,9 @@ def train_tokenizer(texts: list[str], style: TokenizerStyle = "starcoder", vocab
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                    unk_token="<|endoftext|>", model_max_length=4096)
     fast.add_special_tokens({"additional_special_tokens": list(templates.STARCHAT.special_tokens)})
+    # The tool-call tags as ordinary vocabulary tokens, as Qwen2.5's tokenizers have them: the StarChat template
+    # then adds nothing to a tiny StarCoder-style model (so LoRA needs no trainable token rows there)
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in templates.TOOL_TOKENS])
     return fast
 
 
