@@ -32,13 +32,14 @@ def test_the_card_names_the_tool_parser_the_added_tokens_and_how_tokens_were_pic
     from loop import config
     from loop.data import templates
     from loop.report.card import RunSummary, model_card
+    from loop.training import sft
     from tests.data.test_released_templates import HERE
 
     cfg = config.from_dict({"model": {"name_or_path": str(tmp_path)}, "output": {"output_dir": str(tmp_path)},
                             "data": {"train_files": ["d.jsonl"]}})
     added = ("<|user|>", "<tool_call>")
     text = model_card(cfg, RunSummary(world_size=1, hardware="cpu", added_tokens=added), templates.serving(
-        tokenizer.chat_template), "x", "model", tmp_path).text
+        tokenizer.chat_template), "x", "model", tmp_path, sft.card(cfg, {})).text
     assert "--tool-call-parser hermes" in text and 'saved beside it as `"training"`' in text
     assert "- Vocabulary: 2 token(s) added for the chat template (`<|user|>`, `<tool_call>`), their embedding rows " \
            "started as the mean of the existing rows and trained" in text
@@ -46,6 +47,6 @@ def test_the_card_names_the_tool_parser_the_added_tokens_and_how_tokens_were_pic
                             "data": {"train_files": ["d.jsonl"], "template": "tokenizer",
                                      "template_kwargs": {"enable_thinking": False}}})
     text = model_card(cfg, RunSummary(world_size=1, hardware="cpu", marked=False), (HERE / "qwen3-coder.jinja")
-                      .read_text(), "x", "model", tmp_path).text
+                      .read_text(), "x", "model", tmp_path, sft.card(cfg, {})).text
     assert "--tool-call-parser qwen3_coder" in text and "it has no markers" in text and "Vocabulary" not in text
     assert "{'enable_thinking': False}" in text and "Hermes" not in text
