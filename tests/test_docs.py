@@ -121,6 +121,19 @@ def test_command_2_is_what_ci_runs():
                                                                 for line in readme), "CI runs every tier"
 
 
+def launch_and_train(words: list[str]) -> None:
+    """What tools/launch.py is given is what accelerate launch takes, then loop/train.py, a config that exists and
+    --key value overrides that config reads (so a renamed setting fails here, not in a user's first command)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    from loop import config
+
+    launch = launch_command_parser().parse_args(words)
+    assert launch.training_script == "loop/train.py" and (ROOT / launch.config_file).is_file()
+    run_config, *overrides = launch.training_script_args
+    config.from_argv([str(ROOT / run_config), *overrides])
+
+
 def test_command_1_installs_what_ci_installs_and_names_what_exists():
     (line,) = setup_blocks()[0]
     steps = [shlex.split(step) for step in line.split(" && ")]
@@ -133,7 +146,9 @@ def test_command_1_installs_what_ci_installs_and_names_what_exists():
         assert (ROOT / path).is_file(), f"command 1 names {path}, which does not exist"
     for step in steps:  # every --flag a tool is given is one it declares
         script = next((w for w in step if w.startswith("tools/") and w.endswith(".py")), None)
-        if script:
+        if script == "tools/launch.py":  # accelerate launch's options, the training script, its config's overrides
+            launch_and_train(step[step.index(script) + 1:])
+        elif script:
             source = (ROOT / script).read_text()
             for flag in (w.split("=")[0] for w in step[step.index(script) + 1:] if w.startswith("--")):
                 assert f'"{flag}"' in source, f"command 1 gives {script} {flag}, which it does not declare"
@@ -165,3 +180,16 @@ def test_every_path_the_docs_name_exists():
                 if not re.search(r"/[A-Z_]+(\.|/|$)", path) and not (ROOT / path).exists():
                     missing.add(f"{page.relative_to(ROOT)}: {path}")
     assert not missing, "named in the docs but not in the repository: " + ", ".join(sorted(missing))
+
+
+def test_the_architecture_page_shows_the_stage_table_and_rules_the_package_docstring_holds():
+    """docs/architecture.md repeats loop/__init__.py's stage table and "where a change goes" word for word, so a
+    change to the layout cannot leave the page behind."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse((ROOT / "loop" / "__init__.py").read_text()))
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    table = next(chunk for chunk in doc.split("\n\n") if chunk.lstrip().startswith("config "))
+    assert "\n".join(line[4:] for line in table.splitlines()) in page
+    rules = doc[doc.index("Where a change goes:"):].split("\n", 1)[1].strip()
+    assert rules in page
