@@ -127,9 +127,10 @@ def test_the_variant_without_deepspeed_keeps_the_launch_and_drops_only_deepspeed
 
 def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
     """gpu_scale.sh --tiny: every part of the GPU run (StarCoder2-3B full and DPO, 7B LoRA and QLoRA, the last on
-    bitsandbytes' CPU 4-bit path), each against its baseline, in the published architectures at toy width.
-    About 4-5 minutes on 2 shared cores, the most of this file: 8 launches (accelerate, DeepSpeed's or the
-    Trainer's set-up each time) and two models with their tokenizers, which no other test's runs can stand in for
+    bitsandbytes' CPU 4-bit path, Qwen3-Coder-30B-A3B LoRA), each against its baseline, in the published
+    architectures at toy width.
+    About 5-6 minutes on 2 shared cores, the most of this file: 10 launches (accelerate, DeepSpeed's or the
+    Trainer's set-up each time) and three models with their tokenizers, which no other test's runs can stand in for
     (other shapes, other baselines); each run is 6 steps, the fewest that leave two logging windows after the
     first."""
     proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,

@@ -17,7 +17,10 @@
 #          against the full part's run (the loop's own SFT step on the same rows and batch);
 #    lora  StarCoder2-7B, rank-16 adapters on every projection, one process without DeepSpeed (the one-GPU
 #          recipe): against the HF Trainer + peft on the same model, rows, adapter and batch;
-#    qlora the same on a 4-bit NF4 base: against the HF Trainer + peft + bitsandbytes.
+#    qlora the same on a 4-bit NF4 base: against the HF Trainer + peft + bitsandbytes;
+#    moe   Qwen3-Coder-30B-A3B (configs/models/qwen3-coder-30b-a3b.json, a mixture of 128 experts, 8 active),
+#          rank-16 adapters on the attention projections (the packed experts and the router frozen), one
+#          process without DeepSpeed, the router's balancing loss on: against the HF Trainer + peft.
 # 3. Prints, per run, tokens/s, MFU (the frozen base's FLOPs for LoRA: loop/model/flops.py), peak memory, the
 #    step's time split and the loss of the first and last windows; the memory estimate against each loop
 #    run's measured peak (within 15%, or to be corrected); and each goal with PASS or FAIL.
@@ -28,7 +31,7 @@
 #                                            # device, batches for an 80 GB GPU, each device command printed and
 #                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
 #
-# PARTS="full dpo" runs only those parts (default: full dpo lora qlora, in that order; dpo's SFT comparison
+# PARTS="full dpo" runs only those parts (default: full dpo lora qlora moe, in that order; dpo's SFT comparison
 # needs full). On the GPU the call keeps to BUDGET_S seconds (default 390: 7 minutes with the machine's start
 # and the wheels): a part starts only with MIN_PART_S (120) left, each launch ends by PART_S (150) or the
 # budget's end; a part that hangs or runs out of memory is named at the end (exit 1), one left out is named
@@ -40,7 +43,7 @@ WORK=${WORK:-/tmp/gpu-scale}
 PY=${PYTHON:-python3}
 NEEDS="deepspeed, datasets, peft, trl, bitsandbytes"
 source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch, on_device, dry_check
-PARTS=${PARTS:-full dpo lora qlora}
+PARTS=${PARTS:-full dpo lora qlora moe}
 log=2 rank=16
 if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; the batch from a 1 GB "device"
   steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
@@ -72,10 +75,10 @@ box() {  # the next launch ends by PART_S seconds, or at the budget's end, which
   local left=$((budget - SECONDS - 5))
   BOX=(timeout -k 10 "$((left < part_s ? (left > 1 ? left : 1) : part_s))")
 }
-model() {  # NAME SIZE: random weights in StarCoder2-SIZE's published shape
+model() {  # NAME SHAPE: random weights in configs/models/SHAPE.json's published shape
   reuse "$WORK/$1/config.json" && return
-  stamp "building $1 (configs/models/starcoder2-$2.json${shrink:+, shrunk for CPU})"
-  "$PY" tools/make_tiny_model.py --like "configs/models/starcoder2-$2.json" --out "$WORK/$1" --data "$WORK/data.jsonl" \
+  stamp "building $1 (configs/models/$2.json${shrink:+, shrunk for CPU})"
+  "$PY" tools/make_tiny_model.py --like "configs/models/$2.json" --out "$WORK/$1" --data "$WORK/data.jsonl" \
     --device "$build_on" --dtype "$dtype" --dropout 0 "${shrink[@]}" > "$WORK/$1.log" 2>&1 \
     || fail "$WORK/$1.log" "model $1"
 }
@@ -104,7 +107,7 @@ baseline() {  # PART CONFIG MODULE ARGS...: a baseline's JSON line into PART-bas
 }
 ran=()
 if has full || has dpo; then
-  model sc2-3b 3b
+  model sc2-3b starcoder2-3b
   mb3=$(batch full sc2-3b) || { fail "$WORK/batch-full.log" "the micro-batch of full"; mb3=1; }
 fi
 if has full; then
@@ -125,7 +128,7 @@ if has dpo; then
   ran+=("dpo=$mb3")
 fi
 if has lora || has qlora; then
-  model sc2-7b 7b
+  model sc2-7b starcoder2-7b
   # QLoRA takes LoRA's batch: the same work a step, on a smaller base
   mb7=$(batch lora sc2-7b) || { fail "$WORK/batch-lora.log" "the micro-batch of lora"; mb7=1; }
 fi
@@ -138,6 +141,14 @@ for part in lora qlora; do
     --seq-len "$seq" --micro-batch "$mb7" --lora-rank $rank "${flag[@]}" --lr 1e-3
   ran+=("$part=$mb7")
 done
+if has moe; then  # the LoRA recipe of configs/qwen3-coder-30b-a3b-lora-1gpu.yaml, at the loop's own batch
+  model q3c-30b qwen3-coder-30b-a3b
+  mbm=$(batch moe q3c-30b) || { fail "$WORK/batch-moe.log" "the micro-batch of moe"; mbm=1; }
+  train moe q3c-30b "$mbm" "$WORK/plain/accelerate.yaml" --lora.enabled true --lora.rank $rank --lr 1e-3
+  baseline moe "$WORK/plain/accelerate.yaml" tools.bench.trainer_baseline "$WORK/q3c-30b" "$WORK/data.jsonl" \
+    --seq-len "$seq" --micro-batch "$mbm" --lora-rank $rank --lr 1e-3
+  ran+=("moe=$mbm")
+fi
 stamp "results"
 [ ${#ran[@]} -eq 0 ] || on_device "$PY" -m tools.bench.scale report "$WORK" --seq-len "$seq" --batch "${ran[@]}"
 [ -z "$skipped" ] || stamp "not measured in this call (its ${budget} s budget):$skipped; the same machine can finish:" \

@@ -45,6 +45,8 @@ PARTS = {
     "qlora": Part("7B QLoRA", "StarCoder2-7B QLoRA r16, NF4 base", "sc2-7b", "HF Trainer + peft + bitsandbytes", 1.3,
                   LORA_RANK, True),
     "dpo": Part("3B DPO", "StarCoder2-3B DPO, ZeRO-3", "sc2-3b", "TRL DPOTrainer, precomputed reference", 1.5),
+    "moe": Part("30B-A3B LoRA", "Qwen3-Coder-30B-A3B LoRA r16 (attention; experts frozen)", "q3c-30b",
+                "HF Trainer + peft", 1.3, LORA_RANK),
 }
 DPO_OVER_SFT = 0.9  # the DPO step's tokens/s over the loop's own SFT step on the same rows, at least
 

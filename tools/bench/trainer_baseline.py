@@ -79,7 +79,7 @@ def main() -> None:
     clock.losses = []
     gpu = torch.cuda.is_available()
     bf16 = os.environ.get("ACCELERATE_MIXED_PRECISION", "bf16" if gpu else "no") == "bf16"  # as launched
-    model = load(a, bf16, gpu)
+    model = load(a, bf16, gpu, len(tokenizer))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_train_batch_size=a.micro_batch,
                                  gradient_accumulation_steps=a.accumulation,
@@ -99,12 +99,20 @@ def main() -> None:
                           "batch": f"{a.micro_batch} rows" + (f" x {a.accumulation}" if a.accumulation > 1 else "")}))
 
 
-def load(a, bf16: bool, gpu: bool):
+def fit_vocab(model, vocab: int):
+    """Rows for the chat template's tokens where the tokenizer had to add them (a toy vocabulary), as a Trainer
+    user resizes after adding tokens and as the loop does."""
+    if vocab > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab, pad_to_multiple_of=64)
+    return model
+
+
+def load(a, bf16: bool, gpu: bool, vocab: int):
     """The model as a Trainer user loads it: bf16 (when so launched) with sdpa; with --lora-rank wrapped by peft,
     on a 4-bit base with --qlora."""
     dtype = torch.bfloat16 if bf16 else torch.float32
     if not a.lora_rank:
-        return AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa", dtype=dtype)
+        return fit_vocab(AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa", dtype=dtype), vocab)
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     own = LoraSettings(enabled=True, rank=a.lora_rank, quantize="4bit" if a.qlora else "none")
@@ -112,6 +120,7 @@ def load(a, bf16: bool, gpu: bool):
     model = AutoModelForCausalLM.from_pretrained(a.model, attn_implementation="sdpa", dtype=dtype,
                                                  quantization_config=quantization,
                                                  device_map={"": "cuda" if gpu else "cpu"} if a.qlora else None)
+    fit_vocab(model, vocab)
     if a.qlora:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=a.checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -127,8 +127,10 @@ def like_config(published: dict, tokenizer, vocab_size: int | None, dropout: flo
     raw |= {k: dropout for k, v in raw.items() if ("dropout" in k or "pdrop" in k) and isinstance(v, float)}
     raw |= {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": max(vocab_size or raw.get("vocab_size", 0), len(tokenizer))}
-    if hidden:
-        raw["intermediate_size"] = raw["intermediate_size"] * hidden // raw["hidden_size"]
+    if hidden:  # every MLP width (a mixture of experts' per expert and shared ones too) keeps its ratio
+        for width in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+            if width in raw:
+                raw[width] = max(1, raw[width] * hidden // raw["hidden_size"])
         raw["hidden_size"] = hidden
     if heads:
         per_kv = raw["num_attention_heads"] // raw.get("num_key_value_heads", raw["num_attention_heads"])
