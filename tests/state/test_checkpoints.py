@@ -341,7 +341,9 @@ def test_a_checkpoint_without_deepspeed_is_refused_by_one_zero3_process_before_a
     proc = launch(cfg, "--resume_from_checkpoint", str(ckpt), nproc=1, check=False)
     said = proc.stdout + proc.stderr
     assert proc.returncode == 1, said[-3000:]
-    assert said.count(ENGINES_SAID.format(saved=PLAIN, running=DEEPSPEED, ckpt=ckpt)) == 1, said[-3000:]
+    line = f"error: {ckpt} " + ENGINES_SAID.format(saved=PLAIN, running=DEEPSPEED, ckpt=ckpt)
+    assert said.count(f"ERROR {line}") == 1, said[-3000:]  # said once by the run, and named in torchrun's summary:
+    assert said.count(f"traceback : {line}") == 1, said[-3000:]
     # accelerate's launcher prints its own traceback when the process exits 1; none from the run itself
     assert "ckpt_list" not in said and 'train.py", line' not in said and "model: " not in said
     assert not (tmp_path / "out").exists()
