@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info(line)
         resume = open_run(run_scope, accelerator, cfg, data, log)
         state, ckpt_root = resume.state, out / "checkpoints"
+        # Resumed on another number of processes: the accumulation steps keep the global batch (and its rows).
+        train_planner = dataclasses.replace(train_planner, accumulation=t.gradient_accumulation_steps)
 
         # 3. Model and optimizer.
         attention.register()
