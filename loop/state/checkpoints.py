@@ -5,9 +5,10 @@ and only then marked with a `COMPLETE` file. Resume takes the newest complete ch
 intact (integrity.py: every file there, with its saved size and digest, nothing but plain data in it,
 and a loop state the loop writes), naming what is wrong with the ones it passes over, and refuses a
 config that would change what a step means; all of that is decided before the run writes anything
-(`plan_resume`), the weights are read once the model is built (`restore`). The tools read checkpoints
-through `usable`, the same verification. A pinned checkpoint (a background upload still reads it) is
-never pruned. Turning a checkpoint into a model is export.py's job.
+(`plan_resume`), the weights are read once the model is built (`restore`): on another number of processes
+from a copy re-partitioned beside the checkpoint, the accumulation steps set to keep the global batch. The
+tools read checkpoints through `usable`, the same verification. A pinned checkpoint (a background upload still
+reads it) is never pruned. Turning a checkpoint into a model is export.py's job.
 """
 
 from __future__ import annotations
@@ -378,6 +379,7 @@ def restore(accelerator: Accelerator, model, resume: Resume, partial: bool = Fal
         try:
             main_decides(accelerator, build, (ConsolidationError, UntrustedCheckpoint, OSError))
         except (ConsolidationError, UntrustedCheckpoint, OSError) as e:
+            shutil.rmtree(folder, ignore_errors=True)
             raise CheckpointError(f"cannot re-partition {resume.path} for {accelerator.num_processes} processes: "
                                   f"{no_space(e, folder) or e}; it is untouched") from None
     try:
