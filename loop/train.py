@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load.load_tokenizer(cfg)
         added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
         data = objective.prepare_run(accelerator, cfg, tokenizer)
+        # Resumed on another number of processes, this sets the accumulation steps that keep the global batch.
+        resume = open_run(run_scope, accelerator, cfg, data, log)
+        state, ckpt_root = resume.state, out / "checkpoints"
         train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
                                                         attention.layout(attn, cfg.data.packing), world,
                                                         accelerator.process_index, shape.mask_windows(),
@@ -163,10 +166,6 @@ def main(argv: list[str] | None = None) -> int:
                  f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
         for line in data.report.describe_sources():
             log.info(line)
-        resume = open_run(run_scope, accelerator, cfg, data, log)
-        state, ckpt_root = resume.state, out / "checkpoints"
-        # Resumed on another number of processes: the accumulation steps keep the global batch (and its rows).
-        train_planner = dataclasses.replace(train_planner, accumulation=t.gradient_accumulation_steps)
 
         # 3. Model and optimizer.
         attention.register()
