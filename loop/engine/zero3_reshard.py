@@ -80,6 +80,8 @@ def write(ckpt: Path, folder: Path, world: int, size: int) -> None:
     after = sub_groups(groups, world, size)
     plan = Plan({}, {n: s for group in groups for n, s in group.items()}, {})
     readers = {part: [RankFile(r.path, part) for r in masters] for part in [MASTER, *moments]}
+    ds_config = dict(first.get("ds_config") or {})  # what the copy's layout follows, for whoever reads it next
+    ds_config["zero_optimization"] = dict(ds_config.get("zero_optimization") or {}, sub_group_size=size)
     out = folder / SHARDS
     out.mkdir(parents=True)
     prefix = masters[0].path.name.split("zero_pp_rank_")[0]  # "bf16_" by precision
@@ -93,8 +95,8 @@ def write(ckpt: Path, folder: Path, world: int, size: int) -> None:
                                  for j, (g, _) in enumerate(after)]}
         optimizer = dict(optim, partition_count=world, optimizer_state_dict=mine, **{MASTER: flat[MASTER]})
         name = f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-        torch.save(dict(first, optimizer_state_dict=optimizer), out / name)
-        torch.save(dict(states, dp_world_size=world), out / model_states(rank))
+        torch.save(dict(first, optimizer_state_dict=optimizer, ds_config=ds_config), out / name)
+        torch.save(dict(states, dp_world_size=world, ds_config=ds_config), out / model_states(rank))
     for rank in range(world):
         shutil.copyfile(ckpt / f"rng_state_{rank % old}.safetensors", folder / f"rng_state_{rank}.safetensors")
 
