@@ -133,6 +133,19 @@ def save_final(accelerator: Accelerator, model, tokenizer, cfg: config.Config, o
                        message=f"{kind.capitalize()} after {state.step} steps")
 
 
+def log_plan(log: logging.Logger, data: Prepared, cfg: config.Config, train_planner, eval_planners: dict,
+             total_steps: int) -> float:
+    """The data line (what was read, the rows and how full they are, the steps) and each source's; returns how
+    full the rows are."""
+    pack_eff = data.train_rows.efficiency(cfg.data.seq_len)
+    eval_rows = sum(len(p.rows) for p in eval_planners.values())
+    log.info(f"data: {data.report.describe()}; {len(train_planner.rows)} rows of {cfg.data.seq_len} ({pack_eff:.1%} "
+             f"full), {eval_rows} eval rows; {train_planner.steps_per_epoch} steps/epoch, {total_steps} steps")
+    for line in data.report.describe_sources():
+        log.info(line)
+    return pack_eff
+
+
 def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as run_scope:  # what the run holds (its directory) is let go on every way out
         # 1. Config: everything is checked before any work starts, and nothing is written until it passes.
@@ -154,28 +167,22 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load.load_tokenizer(cfg)
         added_tokens, end_token = templates.install(tokenizer, cfg.data.template)
         data = objective.prepare_run(accelerator, cfg, tokenizer)
+        # Resumed on another number of processes, this sets the accumulation steps that keep the global batch.
+        resume = open_run(run_scope, accelerator, cfg, data, log)
+        state, ckpt_root = resume.state, out / "checkpoints"
         train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
                                                         attention.layout(attn, cfg.data.packing), world,
                                                         accelerator.process_index, shape.mask_windows(),
                                                         extra=objective.batch_keys)
         per_epoch = train_planner.steps_per_epoch
         total_steps = t.max_steps or math.ceil(per_epoch * t.num_epochs)
-        pack_eff = data.train_rows.efficiency(cfg.data.seq_len)
-        eval_rows = sum(len(p.rows) for p in eval_planners.values())
-        log.info(f"data: {data.report.describe()}; {len(train_planner.rows)} rows of {cfg.data.seq_len} "
-                 f"({pack_eff:.1%} full), {eval_rows} eval rows; {per_epoch} steps/epoch, {total_steps} steps")
-        for line in data.report.describe_sources():
-            log.info(line)
+        pack_eff = log_plan(log, data, cfg, train_planner, eval_planners, total_steps)
         phases.done("data")
-        resume = open_run(run_scope, accelerator, cfg, data, log)
-        state, ckpt_root = resume.state, out / "checkpoints"
 
         # 3. Model and optimizer.
         attention.register()
         model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, accelerator, objective.dropout)
         router = moe.install(model, model_config, cfg.model.router_aux_loss_coef)  # a mixture of experts' router
-        if router:
-            log.info(router.router.describe())
         step_flops = flops.counter(model, shape)
         trainable, total = flops.counts(model)
         log.info(f"model: {total:,} parameters, {trainable:,} trainable ({trainable / total:.2%})")

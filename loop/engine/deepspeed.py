@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from loop.config import TrainingConfig
-from loop.engine import zero3_files
+from loop.engine import zero3_files, zero3_reshard
 from loop.engine.interface import Engine, Layout
 
 
@@ -175,6 +175,7 @@ ENGINE = Engine(
     offloads=offloads, describe=describe, place_model=place_model, synced_generation=synced_generation,
     gathered=gathered, full_state_dict=full_state_dict, backward=backward, clip_gradients=clip_gradients,
     discard_gradients=discard_gradients, optimizer_step=optimizer_step, save_state=save_state, load_state=load_state,
+    reshard=zero3_reshard.reshard,
     layout=Layout(recognises=zero3_files.recognises, missing=zero3_files.missing_shards, writer=zero3_files.rank_of,
                   weights=zero3_files.weights),
     outside_init=outside_zero_init, model_states_memory=model_states_memory)

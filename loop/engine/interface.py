@@ -66,6 +66,9 @@ class Engine:
     # Checkpoints: write this process's part into a folder, read it back (bool: only what trains is saved).
     save_state: Callable[[Accelerator, Path, Any, bool], None]
     load_state: Callable[[Accelerator, Path, Any, bool], None]
+    # Write into a folder (the second path) a copy of a verified checkpoint (the first) that this run's number of
+    # processes loads; None: its checkpoints resume only on the number of processes that wrote them.
+    reshard: Callable[[Accelerator, Path, Path], None] | None
     layout: Layout
     # Building a plain model in this process's memory even inside a run of this engine (which may otherwise
     # shard it as it is built), and the model states' memory: (CPU bytes per node, device bytes per device)

@@ -125,6 +125,6 @@ ENGINE = Engine(
     synced_generation=lambda accelerator: False, gathered=lambda params: contextlib.nullcontext(),
     full_state_dict=full_state_dict, backward=backward,
     clip_gradients=clip_gradients, discard_gradients=discard_gradients, optimizer_step=optimizer_step,
-    save_state=save_state, load_state=load_state,
+    save_state=save_state, load_state=load_state, reshard=None,
     layout=Layout(recognises=recognises, missing=missing, writer=lambda name: None, weights=weights),
     outside_init=contextlib.nullcontext, model_states_memory=model_states_memory)

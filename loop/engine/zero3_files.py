@@ -64,10 +64,14 @@ def safe_checkpoint_engine(engine):
     return engine
 
 
-class RankFile:
-    """Reads ranges of one rank's fp32 master partition straight from its file."""
+MASTER = "fp32_flat_groups"  # the fp32 master weights; "exp_avg" and "exp_avg_sq" name Adam's moments
 
-    def __init__(self, path: Path):
+
+class RankFile:
+    """Reads ranges of one rank's fp32 master partition (or, `part`, one of Adam's moments, laid out the same way
+    per sub-group) straight from its file."""
+
+    def __init__(self, path: Path, part: str = MASTER):
         self.path = path
         try:
             state = torch_load(path, meta=True)["optimizer_state_dict"]
@@ -75,9 +79,14 @@ class RankFile:
             raise ConsolidationError(str(e)) from None
         if state.get("zero_stage") != 3:
             raise ConsolidationError(f"{path}: not a ZeRO stage 3 optimizer state (stage {state.get('zero_stage')})")
+        if part == MASTER:
+            flat = state[MASTER]
+        else:
+            moments = state["optimizer_state_dict"]["state"]
+            flat = [moments[k][part] for k in sorted(moments)]
         self.groups = []  # (first element in the flat space, numel, byte offset in the file)
         start = 0
-        for t in state["fp32_flat_groups"]:
+        for t in flat:
             offset = t.untyped_storage()._checkpoint_offset + t.storage_offset() * t.element_size()
             self.groups.append((start, t.numel(), offset))
             start += t.numel()

@@ -23,6 +23,7 @@ stand in for them (scaled to the step's N). The logged value is always exact.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,6 +127,7 @@ def install(model: torch.nn.Module, model_config, override: float | None) -> Rec
         return plain(*args, **kwargs)
 
     model.forward = forward
+    logging.getLogger("loop").info(spec.describe())  # on, its coefficient, and where the coefficient came from
     return recorder
 
 

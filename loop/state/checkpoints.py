@@ -5,9 +5,10 @@ and only then marked with a `COMPLETE` file. Resume takes the newest complete ch
 intact (integrity.py: every file there, with its saved size and digest, nothing but plain data in it,
 and a loop state the loop writes), naming what is wrong with the ones it passes over, and refuses a
 config that would change what a step means; all of that is decided before the run writes anything
-(`plan_resume`), the weights are read once the model is built (`restore`). The tools read checkpoints
-through `usable`, the same verification. A pinned checkpoint (a background upload still reads it) is
-never pruned. Turning a checkpoint into a model is export.py's job.
+(`plan_resume`), the weights are read once the model is built (`restore`): on another number of processes
+from a copy re-partitioned beside the checkpoint, the accumulation steps set to keep the global batch. The
+tools read checkpoints through `usable`, the same verification. A pinned checkpoint (a background upload still
+reads it) is never pruned. Turning a checkpoint into a model is export.py's job.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from loop import config as config_mod
 from loop.config import ConfigError, RunError
 from loop.data import templates
 from loop.engine import registry
-from loop.engine.safe_load import UntrustedCheckpoint
+from loop.engine.safe_load import ConsolidationError, UntrustedCheckpoint
 from loop.processes import any_process, main_decides
 from loop.state import integrity, progress
 from loop.state.integrity import IN_USE, MARKER
@@ -40,6 +41,7 @@ if TYPE_CHECKING:  # tools that only read checkpoints need not import accelerate
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("loop")
+RESHARDED = ".resharded-"  # beside a checkpoint: its copy for another number of processes, while it loads
 
 
 class CheckpointError(RunError, RuntimeError):
@@ -196,7 +198,7 @@ def prune(root: Path, keep_last: int, run: str = "") -> None:
     for old in [c for c in complete_checkpoints(root) if run_of(c) == run][:-keep_last]:
         if not (old / IN_USE).exists():
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):
+    for stale in [*root.glob(".tmp-*"), *root.glob(f"{RESHARDED}*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -266,6 +268,7 @@ class Resume:
     notes: list[Note]
     path: Path | None = None
     run: str = field(default_factory=new_run_id)  # a resumed run keeps the id of the run it continues
+    written_by: int = 0  # how many processes wrote the checkpoint (0: fresh)
 
 
 def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, data_fingerprint: str) -> Resume:
@@ -297,16 +300,47 @@ def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, da
             f"{path} MODEL_DIR` and start a new run from MODEL_DIR (model.name_or_path), which restarts the "
             "optimizer state; or launch as the run that wrote it was")
     notes = [(logging.WARNING, note) for note in passed_over]
-    notes += compare(cfg, yaml.safe_load((path / "run_config.yaml").read_text()), state, data_fingerprint)
-    if state.world_size != accelerator.num_processes:
+    saved_cfg = yaml.safe_load((path / "run_config.yaml").read_text())
+    written_by = state.world_size
+    notes += keep_global_batch(accelerator, cfg, saved_cfg, path, written_by)
+    notes += compare(cfg, saved_cfg, state, data_fingerprint)
+    state = dataclasses.replace(state, world_size=accelerator.num_processes)  # what its next checkpoint holds
+    return Resume(state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")], path, run_of(path),
+                  written_by)
+
+
+def keep_global_batch(accelerator: Accelerator, cfg: config_mod.Config, saved: dict, path: Path,
+                      written_by: int) -> list[Note]:
+    """On another number of processes than wrote the checkpoint, keep the global batch (the rows of every step,
+    planned from the seed, the epoch and the global batch only: loop/data/batches.py) by setting the accumulation
+    steps so that processes x accumulation stays as it was; refuse where that cannot be, or where the engine's
+    checkpoints cannot be re-partitioned. `cfg.training` and the engine's settings are changed in place."""
+    world, t = accelerator.num_processes, cfg.training
+    if written_by == world:
+        return []
+    engine = registry.of(accelerator)
+    if engine.reshard is None:
         raise CheckpointError(
-            f"{path} was written by {state.world_size} processes and this run has "
-            f"{accelerator.num_processes}; ZeRO-3 shards cannot be re-partitioned on load. Either launch "
-            f"with --num_processes {state.world_size}, or turn it into a model with "
-            f"`python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
-            "MODEL_DIR (model.name_or_path), which restarts the optimizer state."
-        )
-    return Resume(state, [*notes, (logging.INFO, f"resumed from {path} at step {state.step}")], path, run_of(path))
+            f"{path} was written by {written_by} processes and this run has {world}; {engine.title} checkpoints "
+            f"resume only on as many processes as wrote them. Launch with --num_processes {written_by}, or turn it "
+            f"into a model with `python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
+            "MODEL_DIR (model.name_or_path), which restarts the optimizer state.")
+    before = int((saved.get("training") or {}).get("gradient_accumulation_steps", t.gradient_accumulation_steps))
+    micro = written_by * before  # micro-batches per optimizer step, over all processes
+    if micro % world:
+        raise CheckpointError(
+            f"{path} was written by {written_by} processes x {before} accumulation steps = {micro} micro-batches a "
+            f"step, which {world} processes cannot split evenly; launch with a number of processes that divides "
+            f"{micro}")
+    if t.gradient_accumulation_steps not in (before, micro // world):
+        return []  # the global batch itself changed: compare() refuses it, as any change of what a step is
+    t.gradient_accumulation_steps = micro // world
+    accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
+    engine.configure(accelerator, t)  # the engine's batch settings, before the model is built and prepared
+    saved.setdefault("training", {})["gradient_accumulation_steps"] = t.gradient_accumulation_steps  # not a change
+    return [(logging.INFO, f"{path} was written by {written_by} processes and this run has {world}: its shards are "
+                           f"re-partitioned on load, and the accumulation steps set to {t.gradient_accumulation_steps} "
+                           f"(from {before}) so that every step trains on the same rows")]
 
 
 def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerprint: str) -> list[Note]:
@@ -333,12 +367,32 @@ def restore(accelerator: Accelerator, model, resume: Resume, partial: bool = Fal
         return
     from loop.engine.accelerator import safe_state_loading
 
+    engine = registry.of(accelerator)
+    folder = resume.path
+    if resume.written_by not in (0, accelerator.num_processes):  # a copy beside it: the checkpoint stays as it is
+        folder = resume.path.parent / f"{RESHARDED}{resume.path.name}"
+
+        def build() -> None:
+            shutil.rmtree(folder, ignore_errors=True)  # a crash's leftover
+            engine.reshard(accelerator, resume.path, folder)
+
+        try:
+            main_decides(accelerator, build, (ConsolidationError, UntrustedCheckpoint, OSError))
+        except (ConsolidationError, UntrustedCheckpoint, OSError) as e:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise CheckpointError(f"cannot re-partition {resume.path} for {accelerator.num_processes} processes: "
+                                  f"{no_space(e, folder) or e}; it is untouched") from None
     try:
         with safe_state_loading():
-            registry.of(accelerator).load_state(accelerator, resume.path, model, partial)
-        integrity.load_rng(resume.path, accelerator.process_index)
+            engine.load_state(accelerator, folder, model, partial)
+        integrity.load_rng(folder, accelerator.process_index)
     except UntrustedCheckpoint as e:
         raise CheckpointError(str(e)) from None
+    finally:
+        if folder != resume.path:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def last_good(root: Path) -> str:

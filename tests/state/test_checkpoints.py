@@ -8,12 +8,15 @@ import sys
 import time
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
+from loop import config as config_mod
 from loop.engine.zero3_files import SHARDS
 from loop.state import checkpoints, integrity
 from loop.state.progress import LoopState
@@ -160,14 +163,90 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tiny_dir, small_dat
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
 
 
-def test_resume_with_another_number_of_processes_is_refused_with_what_to_do(tiny_dir, small_data, reference,
-                                                                            tmp_path):
-    cfg = config(tmp_path, tiny_dir, small_data, reference)
-    proc = launch(cfg, "--resume_from_checkpoint", str(reference / "checkpoints" / "step_00000006"),
-                  nproc=1, check=False)
-    assert proc.returncode != 0
-    assert "written by 2 processes and this run has 1" in proc.stdout + proc.stderr
-    assert "consolidate_checkpoint.py" in proc.stdout + proc.stderr
+@pytest.fixture(scope="module")
+def one_process(tiny_dir, small_data, tmp_path_factory) -> Path:
+    """`reference` on one ZeRO-3 process with 4 accumulation steps instead of 2 processes with 2: the same rows
+    in every step."""
+    tmp = tmp_path_factory.mktemp("one")
+    launch(config(tmp, tiny_dir, small_data, tmp / "one"), "--gradient_accumulation_steps", "4", nproc=1)
+    return tmp / "one"
+
+
+LOSS_TOLERANCE = 2e-3  # bf16 weights: the other layout sums the same gradients in another order
+
+
+@pytest.mark.parametrize("written,resumed", [(2, 1), (1, 2)], ids=["2 -> 1", "1 -> 2"])
+def test_a_checkpoint_resumes_on_another_number_of_processes_as_if_uninterrupted(request, tiny_dir, small_data,
+                                                                                 tmp_path, written, resumed):
+    """A ZeRO-3 checkpoint of step 6 written by `written` processes resumed by `resumed` (about half a minute a
+    launch): its shards re-partitioned in a copy beside it, the accumulation steps set so that each step trains
+    on the same rows, and the losses of steps 7-10 those of the uninterrupted run; the verified checkpoint
+    unchanged, and the one written after the resume consolidates and verifies."""
+    from tools import consolidate_checkpoint
+
+    run = request.getfixturevalue("reference" if written == 2 else "one_process")
+    other = request.getfixturevalue("one_process" if written == 2 else "reference")
+    accumulation = 4 // written  # as that run was launched
+    source, out = run / "checkpoints" / "step_00000006", tmp_path / "run"
+    ckpts = out / "checkpoints"
+    shutil.copytree(source, ckpts / source.name)
+    verified = integrity.read_manifest(ckpts / source.name)
+    launch(config(tmp_path, tiny_dir, small_data, out), "--gradient_accumulation_steps", str(accumulation),
+           "--resume_from_checkpoint", "latest", nproc=resumed)
+    said = (out / "train.log").read_text()
+    assert f"accumulation steps set to {4 // resumed} (from {accumulation})" in said, said[-3000:]
+    ran, uninterrupted, other_layout = (last_values(r, "train/loss") for r in (out, run, other))
+    assert sorted(ran) == list(range(7, STEPS + 1))
+    for s in range(1, STEPS + 1):  # the two layouts agree from the start, as the issue measured
+        assert other_layout[s] == pytest.approx(uninterrupted[s], abs=LOSS_TOLERANCE), s
+    for s in ran:
+        assert ran[s] == pytest.approx(uninterrupted[s], abs=LOSS_TOLERANCE), (s, ran[s], uninterrupted[s])
+    assert integrity.read_manifest(ckpts / source.name) == verified and integrity.problems(ckpts / source.name) == []
+    assert not list(ckpts.glob(f"{checkpoints.RESHARDED}*"))  # the copy is gone once loaded
+    after = json.loads((ckpts / "step_00000009" / checkpoints.STATE_FILE).read_text())
+    first = json.loads((run / "checkpoints" / "step_00000009" / checkpoints.STATE_FILE).read_text())
+    assert after == first | {"world_size": resumed}  # token and sample counters continue exactly
+    assert yaml.safe_load((ckpts / "step_00000009" / "run_config.yaml").read_text())["training"][
+        "gradient_accumulation_steps"] == 4 // resumed
+    assert consolidate_checkpoint.main([str(ckpts / "step_00000009"), str(tmp_path / "model"), "--verify"]) == 0
+
+
+class Launched:
+    """What keep_global_batch reads of an accelerator: the process count and the engine's settings."""
+
+    def __init__(self, processes: int, deepspeed: bool = True):
+        self.num_processes, self.gradient_accumulation_steps = processes, 0
+        plugin = SimpleNamespace(deepspeed_config={}, zero_stage=3, set_deepspeed_weakref=lambda: None)
+        self.state = SimpleNamespace(deepspeed_plugin=plugin if deepspeed else None)
+        self.distributed_type = "DEEPSPEED" if deepspeed else "MULTI_CPU"
+
+
+@pytest.mark.parametrize("processes,accumulation", [(1, 4), (4, 1)])
+def test_the_global_batch_is_kept_on_another_number_of_processes(tiny_dir, tmp_path, processes, accumulation):
+    cfg = config_mod.from_file(write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out"))  # accumulation 2
+    saved, ckpt = {"training": {"gradient_accumulation_steps": 2}}, tmp_path / "step_00000006"
+    assert checkpoints.keep_global_batch(Launched(2), cfg, saved, ckpt, 2) == []  # as many processes: as it was
+    launched = Launched(processes)
+    notes = checkpoints.keep_global_batch(launched, cfg, saved, ckpt, 2)
+    assert cfg.training.gradient_accumulation_steps == launched.gradient_accumulation_steps == accumulation
+    assert launched.state.deepspeed_plugin.deepspeed_config["train_batch_size"] == 2 * 2 * 2  # rows a step
+    assert saved["training"]["gradient_accumulation_steps"] == accumulation  # compare() sees no change
+    assert [text for _, text in notes] == [f"{ckpt} was written by 2 processes and this run has {processes}: its "
+                                           "shards are re-partitioned on load, and the accumulation steps set to "
+                                           f"{accumulation} (from 2) so that every step trains on the same rows"]
+
+
+def test_a_global_batch_the_processes_cannot_split_or_an_engine_that_cannot_reshard_is_refused(tiny_dir, tmp_path):
+    cfg = config_mod.from_file(write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out"))
+    ckpt, saved = tmp_path / "step_00000006", {"training": {"gradient_accumulation_steps": 2}}
+    with pytest.raises(checkpoints.CheckpointError, match=f"^{ckpt} was written by 2 processes x 2 accumulation "
+                       "steps = 4 micro-batches a step, which 3 processes cannot split evenly; launch with a number "
+                       "of processes that divides 4$"):
+        checkpoints.keep_global_batch(Launched(3), cfg, saved, ckpt, 2)
+    with pytest.raises(checkpoints.CheckpointError, match="resume only on as many processes as wrote them. Launch "
+                       "with --num_processes 2, or turn it into a model with `python tools/consolidate_checkpoint"):
+        checkpoints.keep_global_batch(Launched(1, deepspeed=False), cfg, saved, ckpt, 2)
+    assert cfg.training.gradient_accumulation_steps == 2
 
 
 def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_dir, tokenizer, tmp_path, monkeypatch):
