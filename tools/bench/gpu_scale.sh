@@ -49,10 +49,11 @@ if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; th
   steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
   seq=256 acc=accelerate_configs/cpu_zero3.yaml device=cpu dtype=fp32 memory=(--memory-gb 1) cap=${MAX_MB:-2}
   budget=${BUDGET_S:-} part_s=${PART_S:-600}  # no budget unless asked (tests/test_bench.py asks for none left)
+  dpo_lr=5e-4  # six toy steps at the GPU's 1e-5 leave DPO's loss at log 2 to four places, on either side
   export DS_ACCELERATOR=cpu
 else
   steps=${STEPS:-8} shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
-  budget=${BUDGET_S:-390} part_s=${PART_S:-150}
+  budget=${BUDGET_S:-390} part_s=${PART_S:-150} dpo_lr=1e-5
 fi
 build_on=$device
 if [ -n "$DRY" ]; then  # the shapes on the meta device, the batch for an H100's 80 GB, no time box: nothing runs
@@ -119,12 +120,12 @@ fi
 if has dpo; then
   reuse "$WORK/pairs-train.jsonl" || "$PY" tools/make_preference_pairs.py --out "$WORK/pairs" --eval-fraction 0 \
     > "$WORK/pairs-made.log" 2>&1 || fail "$WORK/pairs-made.log" "preference pairs"
-  train dpo sc2-3b "$mb3" "$acc" --objective dpo --train_files "[$WORK/pairs-train.jsonl]" --lr 1e-5
+  train dpo sc2-3b "$mb3" "$acc" --objective dpo --train_files "[$WORK/pairs-train.jsonl]" --lr "$dpo_lr"
   trl_acc=4  # TRL pads every pair to the longest of its batch: 4 micro-batches a step bound its memory
   trl=$("$PY" -m tools.bench.scale pairs "$WORK/sc2-3b" "$WORK/pairs-train.jsonl" --seq-len "$seq" \
     --micro-batch "$mb3" --accumulation "$trl_acc" 2> "$WORK/pairs.log") || { fail "$WORK/pairs.log" "TRL batch"; trl=1; }
   baseline dpo "$acc" tools.bench.dpo_baseline "$WORK/sc2-3b" "$WORK/pairs-train.jsonl" --micro-batch "$trl" \
-    --accumulation "$trl_acc" --precompute --lr 1e-5
+    --accumulation "$trl_acc" --precompute --lr "$dpo_lr"
   ran+=("dpo=$mb3")
 fi
 if has lora || has qlora; then
