@@ -193,3 +193,13 @@ def test_the_architecture_page_shows_the_stage_table_and_rules_the_package_docst
     assert "\n".join(line[4:] for line in table.splitlines()) in page
     rules = doc[doc.index("Where a change goes:"):].split("\n", 1)[1].strip()
     assert rules in page
+
+
+def test_the_readme_shows_exactly_the_questions_the_quickstart_holds_out():
+    """The quickstart's held-out questions (checked to be on the eval side, by first question, in
+    tests/data/test_dialogues.py) are the ones README.md quotes, so the README cannot show a trained question."""
+    from tests.data.test_dialogues import QUICKSTART_HELD_OUT
+
+    readme = (ROOT / "README.md").read_text()
+    shown = re.search(r"The questions: (.*?)\(`tests/data/test_dialogues.py`", readme, re.S).group(1)
+    assert [" ".join(q.split()) for q in re.findall(r'"([^"]+)"', shown)] == list(QUICKSTART_HELD_OUT)
