@@ -148,10 +148,11 @@ def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
         memory = next(line for line in lines if line.startswith(f"  {part.title} ") and "estimate" in line)
         assert float(memory.split("estimate")[1].split()[0]) > 0 and "measured" in memory
     goals = [line for line in lines if line.startswith("  goal: ")]
-    assert len(goals) == 5 and all(line.endswith(("x PASS", "x FAIL")) for line in goals)
+    assert len(goals) == len(scale.PARTS) + 1  # each part against its baseline, and DPO against SFT
+    assert all(line.endswith(("x PASS", "x FAIL")) for line in goals)
     assert all(float(line.rsplit(": ", 1)[1].split("x")[0]) > 0 for line in goals)  # every ratio measured
     falls = [line for line in lines if line.startswith("  loss falls: ")]
-    assert len(falls) == 8 and all(line.endswith("PASS") for line in falls)
+    assert len(falls) == 2 * len(scale.PARTS) and all(line.endswith("PASS") for line in falls)
 
 
 def test_gpu_scale_leaves_out_what_its_budget_cannot_hold(tmp_path):
