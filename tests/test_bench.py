@@ -199,10 +199,13 @@ def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
 
     scale_lines = dry_run("gpu_scale.sh", tmp_path / "scale")
     trains = [line for line in scale_lines if "loop/train.py: config read back" in line]
-    assert len(trains) == 4 and all("starcoder2 (" in line and "x 4096 tokens" in line for line in trains)
-    params = sorted({int(line.split("starcoder2 (")[1].split()[0].replace(",", "")) for line in trains})
-    assert len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B and 7B shapes
-    assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 3
+    assert len(trains) == 5 and all("x 4096 tokens" in line for line in trains)  # full, dpo, lora, qlora, moe
+    dense = [line for line in trains if "starcoder2 (" in line]
+    params = sorted({int(line.split("starcoder2 (")[1].split()[0].replace(",", "")) for line in dense})
+    assert len(dense) == 4 and len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B, 7B
+    moe = [line for line in trains if "qwen3_moe (" in line]
+    assert len(moe) == 1 and 30e9 < int(moe[0].split("qwen3_moe (")[1].split()[0].replace(",", "")) < 31e9
+    assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 4
 
 
 def test_the_dry_run_names_a_command_that_would_fail(tmp_path, capsys):
