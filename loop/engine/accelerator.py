@@ -33,7 +33,21 @@ def extensions_of_this_environment() -> str | None:
     return None
 
 
+def import_deepspeed_without_mlflow() -> None:
+    """Import DeepSpeed with mlflow hidden: its autotuner imports mlflow at import time when it is installed
+    (1-3 s of every process's start here), though the loop never autotunes. Hidden for that import only, so a
+    run that reports to mlflow still loads it through accelerate."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules or os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true":
+        return
+    sys.modules["mlflow"] = None  # `import mlflow` raises ImportError, which the autotuner catches
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
+    import_deepspeed_without_mlflow()
     if (note := extensions_of_this_environment()) and os.environ.get("RANK", "0") == "0":
         logging.getLogger("loop").info(note)
     kwargs = []

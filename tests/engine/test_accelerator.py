@@ -31,6 +31,17 @@ def test_extensions_stay_in_this_environment_and_the_first_build_is_said(tmp_pat
     assert note is None or "building DeepSpeed's CPU communication op" in note
 
 
+def test_deepspeed_starts_without_importing_mlflow_and_mlflow_still_loads_after():
+    """DeepSpeed's autotuner imports mlflow eagerly (seconds of every process's start); the loop hides it for
+    that one import, and a run reporting to mlflow can still import it afterwards."""
+    code = ("import sys; from loop.engine import accelerator; accelerator.import_deepspeed_without_mlflow(); "
+            "print('deepspeed' in sys.modules, 'mlflow' in sys.modules)")  # not even a None left to block it
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=os.environ | {"ACCELERATE_USE_DEEPSPEED": "true"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "False"]
+
+
 def test_many_short_two_process_runs_end_without_an_abort(tmp_path):
     """Issue 28.3: gloo threads outlived destroy_process_group and now and then raced exit()'s static destructors
     ("terminate called without an active exception", SIGABRT). Short ZeRO-3 runs of 2 processes, four launches
