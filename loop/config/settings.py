@@ -95,7 +95,7 @@ class DataConfig:
     packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
     on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them
     on_too_long: Literal["truncate", "drop"] = "truncate"  # a dialogue over seq_len: cut at a turn, or drop it
-    num_proc: int = 0  # processes that tokenize (0: every core the machine gives this run)
+    num_proc: int = 0  # processes that tokenize (0: every core the machine gives, one under 8 MB of JSONL)
     # Where prepared (tokenized, packed) data is kept and memory-mapped from, keyed by what it was made of
     # (none: ~/.cache/loop/data, or $XDG_CACHE_HOME/loop/data).
     cache_dir: str | None = None

@@ -137,13 +137,23 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
                  sorted(bad, key=lambda b: dlg.record_order(b[0], [planned.source.path])))
 
 
+WORKER_BYTES = 8 << 20  # less JSONL than this is tokenized here sooner than a spawned worker imports (2-5 s)
+
+
+def _worth_workers(job: Job) -> bool:
+    """Whether the data is enough to pay for starting worker processes (num_proc 0 decides by it): a small
+    run's whole preparation takes less than one worker's start."""
+    units = [u for p in job.planned for u in p.units]
+    return any(u.kind != "lines" for u in units) or sum(u.stop - u.start for u in units) >= WORKER_BYTES
+
+
 def _chunks(job: Job, num_proc: int, progress: bool):
     """Every work item's Chunk, in order: in worker processes when there is enough to share, else here."""
     from tqdm import tqdm
 
     items = [(i, p.units) if p.together else (i, (u,)) for i, p in enumerate(job.planned)
              for u in (p.units[:1] if p.together else p.units)]
-    workers = min(num_proc or len(os.sched_getaffinity(0)), len(items))
+    workers = min(num_proc or (len(os.sched_getaffinity(0)) if _worth_workers(job) else 1), len(items))
     bar = tqdm(total=len(items), desc="prepare data", unit="chunk", disable=not progress)
     if workers <= 1:
         _start(job)

@@ -178,3 +178,21 @@ def test_workers_prepare_exactly_what_one_process_prepares(tokenizer, corpus, tm
     for name in ("tokens", "trained", "offsets", "trained_counts"):
         assert np.array_equal(getattr(one.columns, name), getattr(two.columns, name)), name
     assert np.array_equal(one.order, two.order) and one.report == two.report
+
+
+def test_small_data_is_prepared_without_worker_processes(tokenizer, corpus, tmp_path, monkeypatch):
+    """With num_proc 0 (the default) workers start only for data worth their start (2-5 s of imports each): the
+    test corpus is prepared in this process; past WORKER_BYTES they would start."""
+    import concurrent.futures
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("worker processes started")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    path = jsonl(tmp_path / "a.jsonl", corpus)
+    monkeypatch.setattr(sources, "plan_lines", functools.partial(sources.plan_lines, chunk_bytes=20_000))
+    prepared = open_prepared(prepare(data_config(tmp_path / "c", [path]), tokenizer), data_config(tmp_path, [path]), 0)
+    assert len(prepared.columns.offsets) > 1  # several units, all read here
+    monkeypatch.setattr(prep, "WORKER_BYTES", Path(path).stat().st_size)
+    with pytest.raises(AssertionError, match="worker processes started"):
+        prepare(data_config(tmp_path / "d", [path]), tokenizer)
