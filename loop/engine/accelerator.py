@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 from loop.config import Config, ConfigError
-from loop.engine import registry, safe_load
+from loop.engine import fsdp2, registry, safe_load
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
 
@@ -54,6 +54,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                           "each would train alone into the same output_dir (without GPUs, `accelerate launch "
                           "--multi_gpu` and plain torchrun do this); launch with a config from accelerate_configs/, "
                           "or one process")
+    fsdp2.set_up_on_cpu(accelerator)
     registry.choose(accelerator).configure(accelerator, cfg.training)  # the one place the engine is chosen
     return accelerator
 
