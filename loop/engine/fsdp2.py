@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from loop.config import ConfigError
 from loop.engine import dcp_files, plain
 from loop.engine.interface import Engine, Layout
 
@@ -58,6 +59,20 @@ def describe(accelerator) -> str:
     """For the model card: "FSDP2 (fully_shard), parameters offloaded"."""
     kept = "" if zero_stage(accelerator) == 3 else ", weights kept between forward and backward"
     return "FSDP2 (fully_shard)" + kept + (", parameters offloaded" if offloads(accelerator) else "")
+
+
+def place_model(accelerator, model: torch.nn.Module, partial: bool) -> None:
+    """Refuse what FSDP2 cannot shard yet: accelerate puts a shared input embedding and output projection in one
+    unit, known by `.weight` being one object, but peft's trainable-token wrappers (LoRA where the template adds
+    tokens) compute `.weight` afresh from the shared base and its new rows: it would shard the shared parameter
+    twice (torch refuses), and gathering the wrapper's `.weight` outside forward mixes shards with whole rows."""
+    first, last = model.get_input_embeddings(), model.get_output_embeddings()
+    if first is None or last is None or first is last or getattr(first, "weight", None) is getattr(last, "weight", 0):
+        return
+    if {id(p) for p in first.parameters()} & {id(p) for p in last.parameters()}:
+        raise ConfigError("lora: the chat template adds tokens to this model, and their trainable rows in the tied "
+                          "embedding do not shard under FSDP2 yet; train with DeepSpeed (accelerate_configs/"
+                          "zero3.yaml), or start from a model whose tokenizer already has the template's tokens")
 
 
 def synced_generation(accelerator) -> bool:
@@ -160,7 +175,7 @@ def model_states_memory(total: int, largest: int, gpus_per_node: int, nodes: int
 
 ENGINE = Engine(
     name="fsdp2", title="FSDP2", active=active, configure=lambda accelerator, training: None,
-    zero_stage=zero_stage, offloads=offloads, describe=describe, place_model=lambda accelerator, model, partial: None,
+    zero_stage=zero_stage, offloads=offloads, describe=describe, place_model=place_model,
     synced_generation=synced_generation, gathered=gathered, full_state_dict=full_state_dict, backward=backward,
     clip_gradients=clip_gradients, discard_gradients=plain.discard_gradients, optimizer_step=plain.optimizer_step,
     save_state=save_state, load_state=load_state, reshard=dcp_files.reshard,
