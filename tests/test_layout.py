@@ -99,7 +99,8 @@ def test_the_runtime_imports_nothing_from_tools():
     assert not reaching, reaching
 
 
-ENGINE_OWN = {"loop.engine.deepspeed", "loop.engine.zero3_files", "loop.engine.plain"}  # reached via the registry
+ENGINE_OWN = {"loop.engine.deepspeed", "loop.engine.zero3_files", "loop.engine.plain", "loop.engine.fsdp2",
+              "loop.engine.dcp_files"}  # reached via the registry
 ZERO3_FILE_NAMES = ("zero_pp_rank", "pytorch_model/", "mp_rank_")
 
 

@@ -78,11 +78,22 @@ def read_index(folder: Path):
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except Exception as e:  # noqa: BLE001 - a tampered or truncated index shows up in many ways
-        raise UntrustedCheckpoint(f"{path}: unreadable, truncated or not DCP's plain metadata "
-                                  f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise UntrustedCheckpoint(f"{path}: unreadable, truncated or not plain data (DCP's metadata only; "
+                                  f"{type(e).__name__}: {str(e)[:200]})") from None
     if type(metadata).__name__ != "Metadata" or not isinstance(metadata.storage_data, dict):
         raise UntrustedCheckpoint(f"{path}: not DCP's metadata")
     return metadata
+
+
+def unreadable(path: Path) -> str | None:
+    """Why the index of a DCP folder cannot be trusted (None: it reads, or `path` is not an index)."""
+    if path.name != INDEX or path.parent.name != FOLDER:
+        return None
+    try:
+        read_index(path.parent)
+    except UntrustedCheckpoint as e:
+        return str(e)
+    return None
 
 
 def writer(folder: Path):
@@ -128,6 +139,21 @@ def planner():
                 self.state_dict[read_item.dest_index.fqn] = loaded
 
     return Planner()
+
+
+def load(state: dict, folder: Path, **kwargs) -> None:
+    """dcp.load through `reader` and `planner`; what they refuse comes back as UntrustedCheckpoint (DCP wraps every
+    process's error in one CheckpointException with their tracebacks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=reader(folder), planner=planner(), **kwargs)
+    except CheckpointException as e:
+        said = re.search(r"(\S+: (?:unreadable, truncated or not plain data|not plain data)[^\n;]*(?:;[^\n;]*\))?)",
+                         str(e))
+        raise UntrustedCheckpoint(said.group(1) if said else f"{folder}: cannot be loaded ({str(e)[-300:]})") \
+            from None
 
 
 def _read_item(folder: Path, info, fd_cache: dict) -> bytes:

@@ -137,13 +137,12 @@ def save_state(accelerator, folder: Path, model, partial: bool) -> None:
 
 def load_state(accelerator, folder: Path, model, partial: bool) -> None:
     """Read what `save_state` wrote into this run's shards (any number of processes), nothing unpickled."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     optimizer = _optimizer(accelerator)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(partial))
     state = {dcp_files.MODEL: model_sd, dcp_files.OPTIMIZER: optim_sd}
-    dcp.load(state, storage_reader=dcp_files.reader(folder / dcp_files.FOLDER), planner=dcp_files.planner())
+    dcp_files.load(state, folder / dcp_files.FOLDER)
     set_state_dict(model, optimizer, model_state_dict=state[dcp_files.MODEL],
                    optim_state_dict=state[dcp_files.OPTIMIZER], options=_options(partial, strict=not partial))
 
@@ -180,5 +179,5 @@ ENGINE = Engine(
     clip_gradients=clip_gradients, discard_gradients=plain.discard_gradients, optimizer_step=plain.optimizer_step,
     save_state=save_state, load_state=load_state, reshard=dcp_files.reshard,
     layout=Layout(recognises=dcp_files.recognises, missing=dcp_files.missing, writer=dcp_files.rank_of,
-                  weights=dcp_files.weights),
+                  weights=dcp_files.weights, unreadable=dcp_files.unreadable),
     outside_init=contextlib.nullcontext, model_states_memory=model_states_memory)

@@ -39,6 +39,8 @@ class Layout:
     missing: Callable[[Path, int], list[str]]  # the files each of N processes must write that are not there
     writer: Callable[[str], int | None]  # the process that wrote a file, when its name says
     weights: Callable[[Path], Weights]  # the safe, streaming reader of a complete checkpoint (ConsolidationError)
+    # Why its own reader refuses one of its files that the generic checks cannot read (None: fine, or not its).
+    unreadable: Callable[[Path], str | None] = lambda path: None
 
 
 @dataclass(frozen=True)

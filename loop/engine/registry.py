@@ -70,6 +70,11 @@ def _names(folder: Path) -> list[str]:
     return [os.path.relpath(os.path.join(here, n), folder) for here, _, files in os.walk(folder) for n in files]
 
 
+def unreadable(path: Path) -> str | None:
+    """Why an engine's own reader refuses a checkpoint file (DCP's index, say), when it does."""
+    return next((why for e in ENGINES.values() if (why := e.layout.unreadable(path))), None)
+
+
 def writer(name: str) -> int | None:
     """The process that wrote a checkpoint file of any engine, when its name says."""
     return next((rank for e in ENGINES.values() if (rank := e.layout.writer(name)) is not None), None)
