@@ -44,7 +44,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     with contextlib.redirect_stdout(io.StringIO()) as captured:  # DeepSpeed prints "... built successfully" each start
         accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
                                   gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-                                  kwargs_handlers=kwargs)
+                                  kwargs_handlers=kwargs, cpu=fsdp2.wanted_on_cpu())
     lines = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
     if lines:
         print("\n".join(lines))

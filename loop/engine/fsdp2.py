@@ -18,17 +18,21 @@ from loop.engine import dcp_files, plain
 from loop.engine.interface import Engine, Layout
 
 
+def wanted_on_cpu() -> bool:
+    """Launched with an FSDP config on a machine without GPUs: the accelerator is then made for CPU processes
+    (accelerate's launcher does not say so for FSDP), and `set_up_on_cpu` turns it into FSDP."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not torch.cuda.is_available()
+
+
 def set_up_on_cpu(accelerator) -> None:
     """accelerate takes its FSDP plugin only on accelerator devices (its state sets FSDP up for MULTI_GPU and the
-    like, never for MULTI_CPU), so on a CPU-only machine a launch with an FSDP config (ACCELERATE_USE_FSDP) would
-    silently train as plain DDP. There it is set up here as accelerate would have: the plugin read from the
-    launch's FSDP_* settings, the run's mixed precision, and FSDP as the distributed type; fully_shard then
-    shards over gloo."""
+    like, never for MULTI_CPU), so on a CPU-only machine a launch with an FSDP config would train as plain DDP,
+    or refuse. There it is set up here as accelerate would have: the plugin read from the launch's FSDP_*
+    settings, the run's mixed precision, and FSDP as the distributed type; fully_shard then shards over gloo."""
     from accelerate import DistributedType, PartialState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if not wanted or accelerator.distributed_type != DistributedType.MULTI_CPU:
+    if not wanted_on_cpu() or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
     plugin = FullyShardedDataParallelPlugin()
     if accelerator.mixed_precision != "no":
