@@ -99,7 +99,8 @@ def test_the_runtime_imports_nothing_from_tools():
     assert not reaching, reaching
 
 
-ENGINE_OWN = {"loop.engine.deepspeed", "loop.engine.zero3_files", "loop.engine.plain"}  # reached via the registry
+ENGINE_OWN = {"loop.engine.deepspeed", "loop.engine.zero3_files", "loop.engine.plain", "loop.engine.fsdp2",
+              "loop.engine.dcp_files"}  # reached via the registry
 ZERO3_FILE_NAMES = ("zero_pp_rank", "pytorch_model/", "mp_rank_")
 
 
@@ -129,17 +130,17 @@ def test_no_zero3_file_name_is_spelled_outside_the_engine_package():
 
 
 def test_every_engine_is_registered_under_its_own_name_and_fills_in_the_whole_interface():
-    """The seam a second engine (FSDP2) plugs into: every field of `Engine` and its `Layout` is a function."""
+    """The seam a second engine (FSDP2) plugged into: every field of `Engine` and its `Layout` is a function."""
     import dataclasses
 
     from loop.engine import registry
     from loop.engine.interface import Engine, Layout
 
-    assert registry.DEFAULT == "deepspeed" and set(registry.ENGINES) == {"deepspeed", "accelerate"}
+    assert registry.DEFAULT == "deepspeed" and set(registry.ENGINES) == {"deepspeed", "fsdp2", "accelerate"}
     for name, engine in registry.ENGINES.items():
         assert engine.name == name
         for f in dataclasses.fields(Engine):
             value = getattr(engine, f.name)  # reshard may be None: checkpoints that resume on their process count only
-            assert f.name in ("name", "title", "layout") or callable(value) or (f.name, value) == ("reshard", None), \
-                (name, f.name)
+            assert f.name in ("name", "title", "layout") or callable(value) or (f.name, value) == ("reshard", None) \
+                or (f.name == "master_weights" and isinstance(value, bool)), (name, f.name)
         assert all(callable(getattr(engine.layout, f.name)) for f in dataclasses.fields(Layout))

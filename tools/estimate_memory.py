@@ -1,13 +1,14 @@
-"""Estimate the memory a ZeRO-3 run needs per GPU and per node, before launching it.
+"""Estimate the memory a ZeRO-3 (or, --engine fsdp2, FSDP2) run needs per GPU and per node, before launching it.
 
 Counts parameters from the model's config alone (no weights are downloaded or allocated), then
-adds DeepSpeed's estimate of model states to an estimate of activations and logits for the given
-micro-batch and sequence length. MODEL is a Hub id, a model folder, or a config.json file (for a
+adds the engine's estimate of model states (DeepSpeed's own for ZeRO-3) to an estimate of activations and
+logits for the given micro-batch and sequence length. MODEL is a Hub id, a model folder, or a config.json file (for a
 model that is gated or out of reach, e.g. configs/models/*.json).
 
   python tools/estimate_memory.py bigcode/starcoderbase --gpus-per-node 8 --micro-batch 4 --seq-len 1024 --checkpointing
   python tools/estimate_memory.py configs/models/starcoder2-15b.json --gpus-per-node 8 --seq-len 4096 --checkpointing
   python tools/estimate_memory.py artifacts/tiny-starcoder --gpus-per-node 2
+  python tools/estimate_memory.py configs/models/starcoder2-15b.json --engine fsdp2 --seq-len 4096 --checkpointing
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from loop.engine import registry
 from loop.model import estimate
 
 
@@ -29,18 +31,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-rank", type=int, default=0, help="estimate a LoRA run with adapters of this rank")
     p.add_argument("--qlora", action="store_true", help="with --lora-rank: the frozen base in 4-bit (QLoRA)")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--engine", choices=list(registry.ENGINES), default=registry.DEFAULT,
+                   help="how the run shares the model states (the accelerate config it launches with)")
     a = p.parse_args(argv)
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # an unreachable Hub is said once below, not once per retry
     try:
         head, *rows = estimate.estimate(a.model, a.gpus_per_node, a.nodes, a.micro_batch, a.seq_len,
-                                        a.checkpointing, a.trust_remote_code, a.lora_rank, a.qlora)
+                                        a.checkpointing, a.trust_remote_code, a.lora_rank, a.qlora, a.engine)
     except estimate.EstimateError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{a.model}: {head['params'] / 1e9:.3f}B parameters (largest layer {head['largest_layer'] / 1e6:.1f}M); "
-          f"{a.nodes} node(s) x {a.gpus_per_node} GPU(s); micro-batch {a.micro_batch} x {a.seq_len} tokens, "
+          f"{a.nodes} node(s) x {a.gpus_per_node} GPU(s), {registry.get(a.engine).title}; "
+          f"micro-batch {a.micro_batch} x {a.seq_len} tokens, "
           f"checkpointing {'on' if a.checkpointing else 'off'}: "
           f"activations + logits {head['activations_gb']:.2f} GB/GPU"
           + (f"; LoRA rank {a.lora_rank}: {head['adapter'] / 1e6:.1f}M trainable parameters" if a.lora_rank else ""))

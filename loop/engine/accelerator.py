@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 from loop.config import Config, ConfigError
-from loop.engine import registry, safe_load
+from loop.engine import fsdp2, registry, safe_load
 
 SHM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op, JIT-built on first use
 
@@ -58,7 +58,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
     with contextlib.redirect_stdout(io.StringIO()) as captured:  # DeepSpeed prints "... built successfully" each start
         accelerator = Accelerator(log_with=named or None, project_dir=cfg.output.output_dir,
                                   gradient_accumulation_steps=cfg.training.gradient_accumulation_steps,
-                                  kwargs_handlers=kwargs)
+                                  kwargs_handlers=kwargs, cpu=fsdp2.wanted_on_cpu())
     lines = [line for line in captured.getvalue().splitlines() if "built successfully" not in line]
     if lines:
         print("\n".join(lines))
@@ -68,6 +68,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                           "each would train alone into the same output_dir (without GPUs, `accelerate launch "
                           "--multi_gpu` and plain torchrun do this); launch with a config from accelerate_configs/, "
                           "or one process")
+    fsdp2.set_up_on_cpu(accelerator)
     registry.choose(accelerator).configure(accelerator, cfg.training)  # the one place the engine is chosen
     return accelerator
 

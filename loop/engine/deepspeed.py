@@ -178,4 +178,4 @@ ENGINE = Engine(
     reshard=zero3_reshard.reshard,
     layout=Layout(recognises=zero3_files.recognises, missing=zero3_files.missing_shards, writer=zero3_files.rank_of,
                   weights=zero3_files.weights),
-    outside_init=outside_zero_init, model_states_memory=model_states_memory)
+    outside_init=outside_zero_init, model_states_memory=model_states_memory, master_weights=True)

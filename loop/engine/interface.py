@@ -3,7 +3,7 @@ rest of the loop calls (the step's engine calls, save and load, the model's plac
 memory model), and its checkpoints' `Layout` (which files each process writes, which process wrote a
 file, and the reader that streams a checkpoint's weights for consolidation and export).
 
-Nothing here knows an engine: each engine module (deepspeed.py, plain.py) fills one in, and registry.py
+Nothing here knows an engine: each engine module (deepspeed.py, fsdp2.py, plain.py) fills one in, and registry.py
 lists them. The functions that act on a run take its accelerator; those of a layout take only files, so
 tools read checkpoints without one.
 """
@@ -39,6 +39,8 @@ class Layout:
     missing: Callable[[Path, int], list[str]]  # the files each of N processes must write that are not there
     writer: Callable[[str], int | None]  # the process that wrote a file, when its name says
     weights: Callable[[Path], Weights]  # the safe, streaming reader of a complete checkpoint (ConsolidationError)
+    # Why its own reader refuses one of its files that the generic checks cannot read (None: fine, or not its).
+    unreadable: Callable[[Path], str | None] = lambda path: None
 
 
 @dataclass(frozen=True)
@@ -75,3 +77,6 @@ class Engine:
     # for (parameters, largest layer, devices per node, nodes, optimizer offloaded, parameters offloaded).
     outside_init: Callable[[], AbstractContextManager]
     model_states_memory: Callable[[int, int, int, int, bool, bool], tuple[float, float]]
+    # It keeps float32 master weights of its own (DeepSpeed), so the model may load in its saved dtype; else the
+    # loaded weights are the optimizer's and load in float32.
+    master_weights: bool = False

@@ -2,7 +2,7 @@
 accelerator is made (`choose`, from what accelerate set up) and asked for by whatever acts on the run
 (`of`). A checkpoint names the engine that wrote it (its loop state), or is recognised by its files.
 
-A new engine (FSDP2, say): one module in loop/engine/ that fills in an `Engine` (interface.py), and its line
+A new engine (as FSDP2 was added): one module in loop/engine/ that fills in an `Engine` (interface.py), and its line
 in ENGINES below; nothing outside loop/engine/ changes.
 """
 
@@ -14,12 +14,12 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-from loop.engine import deepspeed, plain
+from loop.engine import deepspeed, fsdp2, plain
 from loop.engine.interface import Engine, Weights
 from loop.engine.safe_load import ConsolidationError
 
 # Tried in this order when the accelerator is made; accelerate's own path last, as what is left.
-ENGINES: dict[str, Engine] = {e.name: e for e in (deepspeed.ENGINE, plain.ENGINE)}
+ENGINES: dict[str, Engine] = {e.name: e for e in (deepspeed.ENGINE, fsdp2.ENGINE, plain.ENGINE)}
 DEFAULT = deepspeed.ENGINE.name  # what the shipped accelerate configs launch
 _chosen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # accelerator -> its engine
 
@@ -68,6 +68,11 @@ def weights(ckpt: Path) -> Weights:
 
 def _names(folder: Path) -> list[str]:
     return [os.path.relpath(os.path.join(here, n), folder) for here, _, files in os.walk(folder) for n in files]
+
+
+def unreadable(path: Path) -> str | None:
+    """Why an engine's own reader refuses a checkpoint file (DCP's index, say), when it does."""
+    return next((why for e in ENGINES.values() if (why := e.layout.unreadable(path))), None)
 
 
 def writer(name: str) -> int | None:

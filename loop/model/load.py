@@ -114,7 +114,7 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
     zero3 = zero_stage == 3
     model = AutoModelForCausalLM.from_pretrained(
         cfg.model.name_or_path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code,
-        attn_implementation=attn, quantization_config=quantization, dtype=weights_dtype(cfg, zero_stage),
+        attn_implementation=attn, quantization_config=quantization, dtype=weights_dtype(cfg, engine.master_weights),
         device_map={"": device} if quantization and not zero3 else None)  # ZeRO-3 places weights itself
     if added_tokens:
         old = model.get_input_embeddings().weight
@@ -151,16 +151,16 @@ def disable_dropout(model: torch.nn.Module) -> None:
                 setattr(module, name, 0.0)
 
 
-def weights_dtype(cfg: Config, zero_stage: int | None) -> torch.dtype | str:
+def weights_dtype(cfg: Config, master_weights: bool) -> torch.dtype | str:
     """float32 for weights the optimizer updates itself; the checkpoint's own dtype ("auto") otherwise.
 
     transformers loads a checkpoint in the dtype it was saved in, and code models are saved in bf16.
-    DeepSpeed keeps float32 master weights beside bf16 ones, but without it the loaded weights are the
-    optimizer's: bf16 there would silently drop every update under ~1/256 of a weight (and autocast,
-    which mixed precision means without DeepSpeed, needs float32 weights to cast from). A frozen LoRA
-    base keeps its dtype: it is never updated, and halving it is the point of adapters.
+    DeepSpeed keeps float32 master weights beside bf16 ones (`master_weights`), but without them (FSDP2, DDP,
+    one process) the loaded weights are the optimizer's: bf16 there would silently drop every update under
+    ~1/256 of a weight (and autocast, or FSDP2's mixed precision, needs float32 weights to cast from). A frozen
+    LoRA base keeps its dtype: it is never updated, and halving it is the point of adapters.
     """
-    return torch.float32 if zero_stage is None and not cfg.lora.enabled else "auto"
+    return torch.float32 if not master_weights and not cfg.lora.enabled else "auto"
 
 
 def chat_generation_config(tokenizer: PreTrainedTokenizerBase, end_token: str) -> GenerationConfig:

@@ -42,16 +42,18 @@ def test_the_qwen3_coder_30b_a3b_recipes_fit_the_gpus_they_name():
     assert 60 < lora["gpu_gb"] < 72
 
 
-def test_estimates_move_the_right_way(tiny_dir):
+@pytest.mark.parametrize("engine", ["deepspeed", "fsdp2"])
+def test_estimates_move_the_right_way(tiny_dir, engine):
     shape = Shape.of(estimate.read_config(str(tiny_dir / "model")))
     plain = estimate.activations_bytes(shape, 4, 512, checkpointing=False)
     assert estimate.activations_bytes(shape, 8, 512, False)["activations"] == 2 * plain["activations"]
     assert estimate.activations_bytes(shape, 4, 512, True)["activations"] < plain["activations"]
-    head, *rows = estimate.estimate(str(tiny_dir / "model"), 8, 1, 4, 512, False)
+    head, *rows = estimate.estimate(str(tiny_dir / "model"), 8, 1, 4, 512, False, engine=engine)
     gpu = [r["model_states_gpu_gb"] for r in rows]
     cpu = [r["cpu_gb_per_node"] for r in rows]
     assert gpu == sorted(gpu, reverse=True) and cpu[1] <= cpu[2]  # offloading moves states from GPU to CPU
-    more_gpus = estimate.estimate(str(tiny_dir / "model"), 16, 1, 4, 512, False)[1]["model_states_gpu_gb"]
+    more_gpus = estimate.estimate(str(tiny_dir / "model"), 16, 1, 4, 512, False, engine=engine)[1][
+        "model_states_gpu_gb"]
     assert more_gpus < rows[0]["model_states_gpu_gb"]
 
 

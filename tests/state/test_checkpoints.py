@@ -1,4 +1,5 @@
-"""Crash, preemption and resume under real 2-process ZeRO-3."""
+"""Crash, preemption and resume under real 2-process ZeRO-3, and (where the property is the engine's: resume after
+kill -9, on another number of processes, the engine named on refusal) under FSDP2."""
 
 import json
 import shutil
@@ -39,9 +40,9 @@ def config(tmp: Path, tiny_dir: Path, data_file: Path, out: Path) -> Path:
                                   "keep_last": 10, "eval_every": 0})
 
 
-def start(cfg: Path, *overrides: str) -> subprocess.Popen:
+def start(cfg: Path, *overrides: str, engine: str = "zero3") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(ROOT / "accelerate_configs" / "cpu_zero3.yaml"), "--main_process_port", str(free_port()),
+           str(ROOT / "accelerate_configs" / f"cpu_{engine}.yaml"), "--main_process_port", str(free_port()),
            str(ROOT / "loop" / "train.py"), str(cfg), *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -77,11 +78,27 @@ def reference(tiny_dir, small_data, tmp_path_factory):
     return tmp / "ref"
 
 
-@pytest.mark.parametrize("kill_when", ["after_first_checkpoint", "during_second_checkpoint"])
-def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, tmp_path, kill_when):
+@pytest.fixture(scope="module")
+def fsdp2_reference(tiny_dir, small_data, tmp_path_factory):
+    """`reference` under 2-process FSDP2 (the same rows in every step), shared by the FSDP2 tests below."""
+    tmp = tmp_path_factory.mktemp("fsdp2")
+    launch(config(tmp, tiny_dir, small_data, tmp / "ref"), accelerate_config="cpu_fsdp2.yaml")
+    return tmp / "ref"
+
+
+ENGINE_RUNS = {"zero3": "reference", "fsdp2": "fsdp2_reference"}
+
+
+@pytest.mark.parametrize("engine,kill_when", [("zero3", "after_first_checkpoint"),
+                                              ("zero3", "during_second_checkpoint"),
+                                              ("fsdp2", "after_first_checkpoint")])
+def test_sigkill_then_resume_is_bit_identical(request, tiny_dir, small_data, tmp_path, engine, kill_when):
+    """Under each engine (FSDP2 once: the moment of the kill is the loop's, not the engine's, and ZeRO-3 covers
+    both moments)."""
+    reference = request.getfixturevalue(ENGINE_RUNS[engine])
     out = tmp_path / "run"
     cfg = config(tmp_path, tiny_dir, small_data, out)
-    proc = start(cfg)
+    proc = start(cfg, engine=engine)
     ckpts = out / "checkpoints"
     if kill_when == "after_first_checkpoint":  # dies inside epoch 0; the resumed run crosses into epoch 1
         wait_for(ckpts / "step_00000003" / checkpoints.MARKER, proc=proc)
@@ -94,7 +111,7 @@ def test_sigkill_then_resume_is_bit_identical(tiny_dir, small_data, reference, t
     assert latest.name in ("step_00000003", "step_00000006")
     resumed_from = int(latest.name.split("_")[1])
 
-    launch(cfg, "--resume_from_checkpoint", "latest")
+    launch(cfg, "--resume_from_checkpoint", "latest", accelerate_config=f"cpu_{engine}.yaml")
     assert f"resumed from {latest}" in (out / "train.log").read_text()
     ref_w, run_w = final_weights(reference), final_weights(out)
     assert ref_w.keys() == run_w.keys()
@@ -209,6 +226,34 @@ def test_a_checkpoint_resumes_on_another_number_of_processes_as_if_uninterrupted
     assert yaml.safe_load((ckpts / "step_00000009" / "run_config.yaml").read_text())["training"][
         "gradient_accumulation_steps"] == 4 // resumed
     assert consolidate_checkpoint.main([str(ckpts / "step_00000009"), str(tmp_path / "model"), "--verify"]) == 0
+
+
+def test_an_fsdp2_checkpoint_resumes_on_one_process_and_back_on_two(fsdp2_reference, tiny_dir, small_data, tmp_path):
+    """DCP reshards on load: the 2-process FSDP2 checkpoint of step 6 resumed by 1 process (4 accumulation steps),
+    and that run's checkpoint of step 9 resumed by 2 processes (two short launches, about half a minute each);
+    every loss is the uninterrupted run's, the checkpoints stay verified, and the last one consolidates and
+    verifies."""
+    from tools import consolidate_checkpoint
+
+    uninterrupted = last_values(fsdp2_reference, "train/loss")
+    source = fsdp2_reference / "checkpoints" / "step_00000006"
+    for processes, first in ((1, 7), (2, 10)):
+        out = tmp_path / f"on{processes}"
+        shutil.copytree(source, out / "checkpoints" / source.name)
+        launch(config(tmp_path, tiny_dir, small_data, out), "--resume_from_checkpoint", "latest", nproc=processes,
+               accelerate_config="cpu_fsdp2.yaml")
+        said = (out / "train.log").read_text()
+        assert f"accumulation steps set to {4 // processes} (from {4 // (3 - processes)})" in said, said[-3000:]
+        ran = last_values(out, "train/loss")
+        assert sorted(ran) == list(range(first, STEPS + 1))
+        for s in ran:
+            assert ran[s] == pytest.approx(uninterrupted[s], abs=LOSS_TOLERANCE), (processes, s, ran[s], uninterrupted)
+        assert integrity.problems(out / "checkpoints" / source.name) == []
+        assert not list((out / "checkpoints").glob(f"{checkpoints.RESHARDED}*"))
+        source = out / "checkpoints" / "step_00000009"
+    last = tmp_path / "on2" / "checkpoints" / f"step_{STEPS:08d}"
+    assert json.loads((last / checkpoints.STATE_FILE).read_text())["world_size"] == 2
+    assert consolidate_checkpoint.main([str(last), str(tmp_path / "model"), "--verify"]) == 0
 
 
 class Launched:
@@ -428,16 +473,20 @@ def test_a_checkpoint_without_deepspeed_is_refused_by_one_zero3_process_before_a
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("recorded", [True, False], ids=["recorded", "before 2026-12: by its files"])
-def test_a_zero3_checkpoint_is_refused_without_deepspeed_naming_both_engines(trained_run, tiny_dir, tmp_path, capsys,
-                                                                            recorded):
+@pytest.mark.parametrize("engine,recorded", [("zero3", True), ("zero3", False), ("fsdp2", False)],
+                         ids=["recorded", "before 2026-12: by its files", "FSDP2, by its files"])
+def test_a_zero3_checkpoint_is_refused_without_deepspeed_naming_both_engines(request, tiny_dir, tmp_path, capsys,
+                                                                            engine, recorded):
     """The reverse, in this process: before, the checkpoint was called "unreadable, truncated or not plain data".
-    A checkpoint from before the loop state named its engine is known by its files."""
+    A checkpoint from before the loop state named its engine is known by its files; so is an FSDP2 checkpoint
+    (its DCP index), named as such."""
     from tests.state.conftest import rewrite_manifest
 
-    ckpt = tmp_path / "checkpoints" / "step_00000016"
-    shutil.copytree(trained_run / "checkpoints" / ckpt.name, ckpt)
-    assert json.loads((ckpt / "loop_state.json").read_text())["engine"] == "deepspeed"
+    run, name = (request.getfixturevalue("trained_run"), "step_00000016") if engine == "zero3" else \
+        (request.getfixturevalue("fsdp2_reference"), "step_00000006")
+    ckpt = tmp_path / "checkpoints" / name
+    shutil.copytree(run / "checkpoints" / ckpt.name, ckpt)
+    assert json.loads((ckpt / "loop_state.json").read_text())["engine"] == {"zero3": "deepspeed"}.get(engine, engine)
     if not recorded:
         state = json.loads((ckpt / "loop_state.json").read_text())
         del state["engine"]
@@ -448,5 +497,6 @@ def test_a_zero3_checkpoint_is_refused_without_deepspeed_naming_both_engines(tra
     assert run_in_process(cfg, "--resume_from_checkpoint", str(ckpt), entry="run") == 1
     said = capsys.readouterr()
     said = said.out + said.err
-    assert said.count(ENGINES_SAID.format(saved=DEEPSPEED, running=PLAIN, ckpt=ckpt)) == 1, said[-3000:]
+    saved = {"zero3": DEEPSPEED, "fsdp2": "FSDP2"}[engine]
+    assert said.count(ENGINES_SAID.format(saved=saved, running=PLAIN, ckpt=ckpt)) == 1, said[-3000:]
     assert "not plain data" not in said and "Traceback" not in said and not (tmp_path / "out").exists()

@@ -1,7 +1,7 @@
-"""A preference run end to end under real 2-process ZeRO-3: TRL's metrics in TensorBoard and train.log, the
-reference pass timed and cached, a model card that says what was done, and everything SFT has (bit-identical
-resume after kill -9 and after preemption, even with the reference cache gone; the config guard;
-consolidation and export)."""
+"""A preference run end to end under real 2-process ZeRO-3 (with LoRA under FSDP2 too): TRL's metrics in
+TensorBoard and train.log, the reference pass timed and cached, a model card that says what was done, and
+everything SFT has (bit-identical resume after kill -9 and after preemption, even with the reference cache gone;
+the config guard; consolidation and export)."""
 
 import json
 import signal
@@ -160,17 +160,23 @@ def test_kill_9_then_preemption_then_resume_is_bit_identical_even_without_the_re
 
 
 def test_with_lora_the_reference_is_the_base_with_its_adapter_off_precomputed_or_live(tiny_dir, pair_files,
-                                                                                        tmp_path):
+                                                                                        prepared, tmp_path):
     """Under 2-process ZeRO-3: computed once with the adapter switched off, or switched off at every step
-    (no cache, no second model): the same reference, so the same steps; the adapter is what trains."""
+    (no cache, no second model): the same reference, so the same steps; the adapter is what trains. Under
+    2-process FSDP2 (one more short launch, precomputed), from the model with the template's tokens already in
+    it (FSDP2 refuses LoRA's trainable new-token rows): the reference pass, the LoRA steps and the adapter."""
     runs = {}
-    for reference in ("precomputed", "live"):
-        cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / reference)
+    fsdp2_model = str(prepared("gpt_bigcode")[0])
+    for engine, reference in (("zero3", "precomputed"), ("zero3", "live"), ("fsdp2", "precomputed")):
+        name = reference if engine == "zero3" else engine
+        cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / name)
+        model = ("--name_or_path", fsdp2_model) if engine == "fsdp2" else ()
         launch(cfg, "--max_steps", "6", "--eval_every", "6", "--lora.enabled", "true", "--lora.rank", "8",
-               "--lr", "1e-2", "--reference", reference, "--cache_dir", str(tmp_path / f"cache-{reference}"),
-               mixed_precision="no")  # float32: the two compute the reference in different micro-batches
-        runs[reference] = scalars(tmp_path / reference)
-    assert "computed in" in (tmp_path / "precomputed" / "train.log").read_text().split("with its adapter off")[0]
+               "--lr", "1e-2", "--reference", reference, "--cache_dir", str(tmp_path / f"cache-{name}"), *model,
+               mixed_precision="no", accelerate_config=f"cpu_{engine}.yaml")  # float32: compared below
+        runs[name] = scalars(tmp_path / name)
+    for name in ("precomputed", "fsdp2"):
+        assert "computed in" in (tmp_path / name / "train.log").read_text().split("with its adapter off")[0]
     assert "reference log-probs" not in (tmp_path / "live" / "train.log").read_text()
     assert not list((tmp_path / "cache-live").glob("reference-*"))
     for name in METRICS:
@@ -179,7 +185,8 @@ def test_with_lora_the_reference_is_the_base_with_its_adapter_off_precomputed_or
     for run in runs.values():
         evals, accuracy = dict(run["eval/loss"]), dict(run["eval/rewards/accuracies"])
         assert evals[0] == pytest.approx(0.693147, abs=1e-6) and evals[6] < evals[0] and accuracy[6] > 0.5
-    assert (tmp_path / "live" / "adapter" / "adapter_model.safetensors").is_file()
+    for name in ("live", "fsdp2"):
+        assert (tmp_path / name / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_qlora_with_the_live_reference_in_one_process(tiny_dir, pair_files, tmp_path):

@@ -1,0 +1,99 @@
+"""FSDP2's checkpoint files (torch.distributed.checkpoint) in this process, no launch: the same state gives the
+same bytes, the weights stream back whole with tied ones left out, the optimizer's values load as plain data,
+and an index that would run code is refused without running it."""
+
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from loop.engine import dcp_files, registry
+from loop.engine.safe_load import UntrustedCheckpoint
+
+
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.mid = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+
+def trained() -> tuple[Tied, torch.optim.AdamW]:
+    torch.manual_seed(0)
+    model = Tied()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.head(model.mid(model.emb(torch.tensor([1, 2, 3])))).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def save(model, optimizer, ckpt) -> None:
+    (ckpt / dcp_files.FOLDER).mkdir(parents=True)
+    (ckpt / "config.json").write_text("{}")
+    state = {dcp_files.MODEL: model.state_dict(), dcp_files.OPTIMIZER: optimizer.state_dict(),
+             dcp_files.ALIASES: {"head.weight": "emb.weight"}}
+    dcp.save(state, storage_writer=dcp_files.writer(ckpt / dcp_files.FOLDER), no_dist=True)
+
+
+def test_the_same_state_gives_the_same_bytes_and_streams_back_whole(tmp_path):
+    """DCP's own writer stamps the folder and a random id into its index, so a resumed run's checkpoint could
+    never have the uninterrupted run's digests; the loop's writer leaves them out."""
+    model, optimizer = trained()
+    for name in ("a", "b"):
+        save(model, optimizer, tmp_path / name)
+    for name in (dcp_files.INDEX, "__0_0.distcp"):
+        assert (tmp_path / "a" / "dcp" / name).read_bytes() == (tmp_path / "b" / "dcp" / name).read_bytes(), name
+    assert registry.of_files(["dcp/.metadata", "dcp/__0_0.distcp"]).name == "fsdp2"
+    assert dcp_files.missing(tmp_path / "a", 2) == ["dcp/__1_0.distcp"]
+    assert [dcp_files.rank_of(n) for n in ("dcp/__1_0.distcp", "dcp/.metadata")] == [1, None]
+    weights = registry.weights(tmp_path / "a")
+    assert weights.aliases == {"head.weight": "emb.weight"}
+    streamed = dict(weights.tensors())
+    assert list(streamed) == list(weights.shapes) == ["emb.weight", "mid.weight", "mid.bias"]
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_the_optimizer_state_loads_back_exactly_as_plain_data(tmp_path):
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "ck")
+    fresh, fresh_optimizer = Tied(), torch.optim.AdamW(Tied().parameters(), lr=5.0)
+    state = {dcp_files.MODEL: fresh.state_dict(), dcp_files.OPTIMIZER: optimizer.state_dict()}
+    state[dcp_files.OPTIMIZER]["param_groups"][0]["lr"] = 5.0
+    for value in state[dcp_files.OPTIMIZER]["state"].values():
+        for tensor in value.values():
+            tensor.zero_()
+    dcp_files.load(state, tmp_path / "ck" / "dcp", no_dist=True)
+    fresh_optimizer.load_state_dict(state[dcp_files.OPTIMIZER])
+    assert fresh_optimizer.param_groups[0]["lr"] == 1e-3
+    for key, value in trained()[1].state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(state[dcp_files.OPTIMIZER]["state"][key][name], tensor), (key, name)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(state[dcp_files.MODEL][name], tensor), name
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("content", ["payload", "truncated"])
+def test_an_index_that_would_run_code_or_is_cut_short_is_refused_unrun(tmp_path, content):
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "ck")
+    index, marker = tmp_path / "ck" / "dcp" / dcp_files.INDEX, tmp_path / "pwned"
+    index.write_bytes(pickle.dumps(Payload(marker)) if content == "payload" else index.read_bytes()[:100])
+    said = registry.unreadable(index)
+    assert said.startswith(f"{index}: unreadable, truncated or not plain data"), said
+    with pytest.raises(UntrustedCheckpoint) as refused:
+        dcp_files.load({dcp_files.MODEL: model.state_dict()}, index.parent, no_dist=True)
+    assert str(refused.value) == said
+    assert not marker.exists()
