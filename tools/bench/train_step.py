@@ -3,14 +3,16 @@
 Both train the same tiny GPTBigCode (the quickstart's shape unless --shape says otherwise, built here) on
 the same packed rows of a corpus built here (tools/bench/corpus.py: multi-turn dialogues with long answers,
 half with code; or the shipped chatterbot dialogues), with the same micro-batch and accumulation; the
-Trainer through tools/bench/trainer_baseline.py: the loop's rows and collate function, block-diagonal
-masks, sdpa. Each repeat runs both sides, one after the other, the order swapped every repeat, so load on
-a shared machine falls on both. Every figure is the steady state (the loop's logging windows after the
-first, the Trainer's steps after the same warm-up): real tokens a second (both count the tokens of the
-rows they were handed, and trained tokens, so neither can skip work), wall and CPU-seconds a step, and
-for the loop the step's split (data wait, forward+backward, optimizer, and the rest: the loop's own
-bookkeeping, logging and checks). Prints the median and the spread of the repeats, and the command,
-commit, machine load and date the figures come from. On a GPU use tools/bench/gpu_check.sh instead.
+Trainer through tools/bench/trainer_baseline.py: the loop's rows in the loop's order (so both train the
+same micro-batches), its collate function, block-diagonal masks, sdpa. Each repeat runs both sides, one
+after the other, the order swapped every repeat, so load on a shared machine falls on both.
+
+Every figure is the steady state (the loop's logging windows after the first, the Trainer's steps after
+the same warm-up): real tokens a second (both count the tokens of the rows they were handed, and the
+trained tokens, so neither can skip work), wall and CPU-seconds a step, and for the loop the step's split
+(data wait, forward+backward, optimizer, and the rest: the loop's own bookkeeping, logging and checks).
+Prints the median and the spread of the repeats, and the command, commit, machine load and date the
+figures come from. On a GPU use tools/bench/gpu_check.sh instead.
 
   python -m tools.bench.train_step [--repeats 3] [--steps 16] [--corpus realistic] [--shape quickstart]
 """
@@ -60,7 +62,7 @@ def ours(a, work: Path, model: Path, data: Path, run: int, env: dict) -> dict[st
 def trainer(a, model: Path, data: Path, env: dict) -> dict[str, float]:
     done = subprocess.run([sys.executable, "-m", "tools.bench.trainer_baseline", str(model), str(data), "--seq-len",
                            str(a.seq_len), "--micro-batch", str(a.micro_batch), "--accumulation", str(a.accumulation),
-                           "--steps", str(a.steps), "--warmup", str(a.warmup)],
+                           "--steps", str(a.steps), "--warmup", str(a.warmup), "--in-order"],
                           check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 

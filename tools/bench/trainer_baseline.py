@@ -45,6 +45,8 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft) on a frozen base")
     p.add_argument("--qlora", action="store_true", help="with --lora-rank: the base in 4-bit NF4 (bitsandbytes)")
+    p.add_argument("--in-order", action="store_true", help="the rows in the loop's order, not shuffled: in one "
+                   "process both sides then train the same micro-batches (within the first epoch)")
     a = p.parse_args()
     tokenizer, columns, rows = workload.load(a.model, a.data, a.seq_len)
     counted = {"tokens": 0, "trained": 0}
@@ -91,7 +93,8 @@ def main() -> None:
                                  learning_rate=a.lr,
                                  max_steps=a.steps + (4 if a.profile else 0), bf16=bf16, use_cpu=not gpu,
                                  report_to=[], save_strategy="no", logging_steps=a.warmup,
-                                 remove_unused_columns=False, disable_tqdm=True)
+                                 remove_unused_columns=False, disable_tqdm=True,
+                                 train_sampling_strategy="sequential" if a.in_order else "random")
         train = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
         with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, a.steps + 4, Path(a.profile or "."),
