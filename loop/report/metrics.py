@@ -147,7 +147,7 @@ class Meter:
         self._reset()
 
     def _reset(self) -> None:
-        self.start = time.perf_counter()
+        self.start, self.cpu = time.perf_counter(), time.process_time()
         self.steps = self.trained_steps = self.tokens = self.trained = 0
         self.flops = self.loss = 0.0
         self.grad_norm: torch.Tensor | float = float("nan")
@@ -181,6 +181,9 @@ class Meter:
                "memory/peak_bytes": peak_memory_bytes(), "progress/tokens_trained": tokens_trained}
         out |= {f"train/{k}": v / max(1, self.trained_steps) for k, v in self.statistics.items()}
         out |= {f"time/{k}": v / max(1, self.steps) for k, v in self.timers.pop().items()}
+        # The whole step, and the CPU-seconds this process (every thread) spent on it: the host's cost per step.
+        out |= {"time/step": elapsed / max(1, self.steps),
+                "time/process_cpu": (time.process_time() - self.cpu) / max(1, self.steps)}
         if self.peak:
             out["throughput/mfu"] = self.flops / elapsed / self.world / self.peak
         self._reset()

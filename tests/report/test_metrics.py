@@ -30,6 +30,8 @@ def test_the_window_averages_trained_steps_and_counts_every_step():
     assert scalars["throughput/tokens_per_s_per_device"] == pytest.approx(scalars["throughput/tokens_per_s"] / 2)
     assert scalars["throughput/mfu"] == pytest.approx(2500 / elapsed / 2 / 1e9)
     assert scalars["time/forward_backward"] == pytest.approx(0.01 / 3, rel=0.5)  # per step of the window
+    assert scalars["time/step"] == pytest.approx(elapsed / 3)  # the whole step, wall
+    assert 0 <= scalars["time/process_cpu"] < 0.01 / 3  # sleeping costs no CPU
     again = meter.scalars(lr=1e-4, epoch=0.5, tokens_trained=70)
     assert again["throughput/tokens_per_s"] == 0 and "time/forward_backward" not in again  # a new window
 

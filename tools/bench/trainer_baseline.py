@@ -45,14 +45,17 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft) on a frozen base")
     p.add_argument("--qlora", action="store_true", help="with --lora-rank: the base in 4-bit NF4 (bitsandbytes)")
+    p.add_argument("--in-order", action="store_true", help="the rows in the loop's order, not shuffled: in one "
+                   "process both sides then train the same micro-batches (within the first epoch)")
     a = p.parse_args()
     tokenizer, columns, rows = workload.load(a.model, a.data, a.seq_len)
-    counted = {"tokens": 0}
+    counted = {"tokens": 0, "trained": 0}
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         chosen = [rows[f["row"]] for f in features]
         batch = batches.to_device(batches.collate(columns, chosen, tokenizer.pad_token_id), "cpu")
         counted["tokens"] += workload.real_tokens(chosen)
+        counted["trained"] += int((batch["targets"] != IGNORE).sum())
         labels = batch["input_ids"].clone()  # HF convention: the model shifts labels itself
         labels[:, 1:][batch["targets"][:, :-1] == IGNORE] = IGNORE
         labels[:, 0] = IGNORE
@@ -64,11 +67,14 @@ def main() -> None:
             if state.global_step == a.warmup:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.start, self.tokens = time.perf_counter(), counted["tokens"]
+                self.start, self.cpu, self.counted = time.perf_counter(), time.process_time(), dict(counted)
             if state.global_step == a.steps:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                self.rate = (counted["tokens"] - self.tokens) / (time.perf_counter() - self.start)
+                wall, steps = time.perf_counter() - self.start, a.steps - a.warmup
+                self.rate = (counted["tokens"] - self.counted["tokens"]) / wall
+                self.window = {"trained_tokens_per_s": (counted["trained"] - self.counted["trained"]) / wall,
+                               "s_per_step": wall / steps, "cpu_s_per_step": (time.process_time() - self.cpu) / steps}
             self.profiled(state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -87,14 +93,15 @@ def main() -> None:
                                  learning_rate=a.lr,
                                  max_steps=a.steps + (4 if a.profile else 0), bf16=bf16, use_cpu=not gpu,
                                  report_to=[], save_strategy="no", logging_steps=a.warmup,
-                                 remove_unused_columns=False, disable_tqdm=True)
+                                 remove_unused_columns=False, disable_tqdm=True,
+                                 train_sampling_strategy="sequential" if a.in_order else "random")
         train = datasets.Dataset.from_dict({"row": list(range(len(rows)))})
         trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collate, callbacks=[clock])
         with profiling.profiled_steps(a.steps + 2 if a.profile else 0, 3, 0, a.steps + 4, Path(a.profile or "."),
                                       rank=int(os.environ.get("RANK", 0))) as clock.profiled:
             trainer.train()
     if trainer.accelerator.is_main_process:
-        print(json.dumps({"tokens_per_s": clock.rate, "peak_bytes": metrics.peak_memory_bytes(),
+        print(json.dumps({"tokens_per_s": clock.rate, **clock.window, "peak_bytes": metrics.peak_memory_bytes(),
                           "deepspeed": trainer.is_deepspeed_enabled, "losses": clock.losses,
                           "batch": f"{a.micro_batch} rows" + (f" x {a.accumulation}" if a.accumulation > 1 else "")}))
 
