@@ -37,6 +37,8 @@ def test_gpu_check_runs_at_toy_size(tmp_path):
     for attn in ("sdpa", "sdpa_varlen"):  # the choices run, and the varlen reference
         assert any(line.startswith(f"{attn}: packed vs alone max |logit diff|") for line in lines)
     assert any(line.startswith("HF Trainer + DeepSpeed ZeRO-3") for line in lines)
+    fsdp2 = next(line for line in lines if line.startswith("loop/train.py sdpa+fsdp2 "))  # the second engine
+    assert float(fsdp2.split()[2].replace(",", "")) > 0
     humaneval = next(line for line in lines if line.startswith("HumanEval answers ("))  # the generation step
     assert float(humaneval.split(" s per problem")[0].split()[-1]) > 0 and "4 problems in" in humaneval
     dpo = next(line for line in lines if line.startswith("loop/train.py DPO sdpa ")).split()
@@ -125,14 +127,15 @@ def test_the_variant_without_deepspeed_keeps_the_launch_and_drops_only_deepspeed
     assert "deepspeed=off takes no other settings" in capsys.readouterr().err
 
 
-TINY_PARTS = ("full", "dpo", "qlora", "moe")  # lora is qlora's path without --lora.quantize: the same launches
+# lora is qlora's path without --lora.quantize, fsdp2 is full's under another launch config (gpu_check --tiny runs
+# the loop under FSDP2): both left to the dry run, which checks their commands.
+TINY_PARTS = ("full", "dpo", "qlora", "moe")
 
 
 def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
     """gpu_scale.sh --tiny: every path of the GPU run (StarCoder2-3B full and DPO, the 7B QLoRA on bitsandbytes'
     CPU 4-bit path, Qwen3-Coder-30B-A3B LoRA), each against its baseline, in the published architectures at toy
-    width. The 7B LoRA part is the QLoRA part's commands without the quantization flag, so it is left to the dry
-    run, which checks its commands.
+    width. The 7B LoRA and 3B FSDP2 parts are left to the dry run (TINY_PARTS says why).
     About 3-4 minutes on 2 shared cores, the most of this file: 8 launches (accelerate, DeepSpeed's or the
     Trainer's set-up each time) and three models with their tokenizers, which no other test's runs can stand in for
     (other shapes, other baselines); each run is 6 steps, the fewest that leave two logging windows after the
@@ -199,6 +202,8 @@ def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
     assert len(trains) >= 2 and all("gpt_bigcode (1,1" in line for line in trains)  # the 1.1B model, on meta
     assert all("micro-batch 8 x 2048 tokens" in line for line in trains)
     assert any(", dpo, " in line for line in trains)  # the DPO run's overrides read back too
+    fsdp2 = [line for line in check if line.startswith("ok: accelerate launch (fsdp2.yaml") and "train.py" in line]
+    assert len(fsdp2) == 1 and "gpt_bigcode (1,1" in fsdp2[0]  # the second engine's launch, its config read back
     assert any("tools.bench.trainer_baseline: arguments accepted" in line for line in check)  # through accelerate
     for module in ("ceiling", "dpo_baseline", "gpu_report", "packed_logits", "code_eval"):
         assert any(line.startswith(f"ok: tools.bench.{module}: arguments accepted") for line in check), module
@@ -206,10 +211,11 @@ def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
 
     scale_lines = dry_run("gpu_scale.sh", tmp_path / "scale")
     trains = [line for line in scale_lines if "loop/train.py: config read back" in line]
-    assert len(trains) == 5 and all("x 4096 tokens" in line for line in trains)  # full, dpo, lora, qlora, moe
+    assert len(trains) == 6 and all("x 4096 tokens" in line for line in trains)  # every part of scale.PARTS
     dense = [line for line in trains if "starcoder2 (" in line]
     params = sorted({int(line.split("starcoder2 (")[1].split()[0].replace(",", "")) for line in dense})
-    assert len(dense) == 4 and len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B, 7B
+    assert len(dense) == 5 and len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B, 7B
+    assert sum(line.startswith("ok: accelerate launch (fsdp2.yaml") for line in trains) == 1  # the 3B under FSDP2
     moe = [line for line in trains if "qwen3_moe (" in line]
     assert len(moe) == 1 and 30e9 < int(moe[0].split("qwen3_moe (")[1].split()[0].replace(",", "")) < 31e9
     assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 4

@@ -22,6 +22,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -152,12 +153,15 @@ def load(state: dict, folder: Path, **kwargs) -> None:
     except CheckpointException as e:
         said = re.search(r"(\S+: (?:unreadable, truncated or not plain data|not plain data)[^\n;]*(?:;[^\n;]*\))?)",
                          str(e))
-        raise UntrustedCheckpoint(said.group(1) if said else f"{folder}: cannot be loaded ({str(e)[-300:]})") \
-            from None
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1][-300:]  # the tracebacks' last line: one line
+        raise UntrustedCheckpoint(said.group(1) if said else f"{folder}: cannot be loaded ({last})") from None
 
 
-def _read_item(folder: Path, info, fd_cache: dict) -> bytes:
-    fd = fd_cache.setdefault(info.relative_path, os.open(folder / info.relative_path, os.O_RDONLY))
+def _read_item(folder: Path, info: Any, fd_cache: dict[str, int]) -> bytes:
+    """One stored item's bytes (`info`: DCP's _StorageInfo), each data file opened once per pass."""
+    fd = fd_cache.get(info.relative_path)
+    if fd is None:
+        fd = fd_cache[info.relative_path] = os.open(folder / info.relative_path, os.O_RDONLY)
     data = os.pread(fd, info.length, info.offset)
     if len(data) != info.length:
         raise ConsolidationError(f"{folder / info.relative_path}: truncated (short read at byte {info.offset})")
@@ -188,11 +192,16 @@ def weights(ckpt: Path) -> Weights:
         raise ConsolidationError(str(e)) from None
     entries = metadata.state_dict_metadata
     aliases: dict[str, str] = {}
-    for key, entry in entries.items():
-        if key.startswith(f"{ALIASES}.") and not isinstance(entry, TensorStorageMetadata):
-            info = metadata.storage_data[MetadataIndex(key)]
-            target = _load(_read_item(folder, info, {}), str(folder / info.relative_path))
-            aliases[key.removeprefix(f"{ALIASES}.")] = str(target)
+    fds: dict[str, int] = {}
+    try:
+        for key, entry in entries.items():
+            if key.startswith(f"{ALIASES}.") and not isinstance(entry, TensorStorageMetadata):
+                info = metadata.storage_data[MetadataIndex(key)]
+                target = _load(_read_item(folder, info, fds), str(folder / info.relative_path))
+                aliases[key.removeprefix(f"{ALIASES}.")] = str(target)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     prefix = f"{MODEL}."
     tensors = {name: e for k, e in entries.items() if k.startswith(prefix) and isinstance(e, TensorStorageMetadata)
                and (name := k.removeprefix(prefix)) not in aliases}
@@ -201,7 +210,7 @@ def weights(ckpt: Path) -> Weights:
     shapes = {k: (tuple(e.size), e.properties.dtype) for k, e in tensors.items()}
 
     def stream() -> Iterator[tuple[str, torch.Tensor]]:
-        fds: dict = {}
+        fds: dict[str, int] = {}
         try:
             for name, entry in tensors.items():
                 whole = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)

@@ -3,7 +3,8 @@ accelerator is made (`choose`, from what accelerate set up) and asked for by wha
 (`of`). A checkpoint names the engine that wrote it (its loop state), or is recognised by its files.
 
 A new engine (as FSDP2 was added): one module in loop/engine/ that fills in an `Engine` (interface.py), and its line
-in ENGINES below; nothing outside loop/engine/ changes.
+in ENGINES below; outside loop/engine/ only what the engine adds to the interface is used (FSDP2 added
+`master_weights`, read by model/load.py, and `Layout.unreadable`, read by state/integrity.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
+from loop.config import ConfigError
 from loop.engine import deepspeed, fsdp2, plain
 from loop.engine.interface import Engine, Weights
 from loop.engine.safe_load import ConsolidationError
@@ -33,9 +35,11 @@ def get(name: str) -> Engine:
 def choose(accelerator) -> Engine:
     """The engine accelerate set up for this accelerator, remembered for `of`; called where it is made."""
     engine = next((e for e in ENGINES.values() if e.active(accelerator)), None)
-    if engine is None:
-        raise ValueError(f"accelerate set up {accelerator.distributed_type}, which no engine of this loop drives "
-                         f"({', '.join(ENGINES)})")
+    if engine is None:  # a launch config's mistake, said in one line (exit 2)
+        fsdp1 = "FSDP" in str(accelerator.distributed_type)
+        raise ConfigError(f"accelerate set up {accelerator.distributed_type}, which no engine of this loop drives "
+                          f"({', '.join(ENGINES)})" + ("; FSDP needs fsdp_version: 2 in the accelerate config "
+                                                   "(accelerate_configs/fsdp2.yaml)" if fsdp1 else ""))
     _chosen[accelerator] = engine
     return engine
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loop.engine import accelerator
 from tests.conftest import ROOT, free_port
 
@@ -57,3 +59,19 @@ def test_many_short_two_process_runs_end_without_an_abort(tmp_path):
             out, _ = run.communicate(timeout=300)
             assert run.returncode == 0 and "terminate called" not in out, out[-3000:]
             assert "closed on rank 0" in out and "closed on rank 1" in out, out[-3000:]
+
+
+def test_an_fsdp_launch_config_without_version_2_is_one_line_that_says_what_to_set():
+    """accelerate's FSDP defaults to version 1, which the loop does not drive: a launch config's mistake (exit 2),
+    not a traceback."""
+    from types import SimpleNamespace
+
+    from accelerate import DistributedType
+
+    from loop.config import ConfigError
+    from loop.engine import registry
+
+    fsdp1 = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                            state=SimpleNamespace(deepspeed_plugin=None, fsdp_plugin=SimpleNamespace(fsdp_version=1)))
+    with pytest.raises(ConfigError, match="FSDP needs fsdp_version: 2 in the accelerate config"):
+        registry.choose(fsdp1)

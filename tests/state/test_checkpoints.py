@@ -143,11 +143,19 @@ def assert_as_the_first_run_wrote_it(ckpt: Path, first: Path, tmp_path: Path) ->
     assert (tmp_path / "answers.md").read_text().count("## ") == len(generate.BUILT_IN_PROMPTS)
 
 
-def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path):
+EASY = str(ROOT / "loop" / "evaluation" / "data" / "easy.jsonl")
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path, engine):
     """SIGTERM (what SLURM and Kubernetes send); SIGUSR1 takes the same path (tests/state/test_preemption.py), and
-    through the README's launch command too (tests/test_launch.py)."""
+    through the README's launch command too (tests/test_launch.py). Under FSDP2 the run also scores code before
+    its first step: generation with every process joining, and the sandbox, under that engine."""
     out = tmp_path / "run"
-    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
+    scored = ["--evaluation.tasks", EASY, "--evaluation.limit", "2", "--evaluation.max_answer_tokens", "8",
+              "--evaluation.batch_size", "2"] if engine == "fsdp2" else []
+    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000",
+                 *scored, engine=engine)
     wait_for(out / "train.log", proc=proc)  # trackers start before it, so it is the later
     while "train/loss" not in (out / "train.log").read_text():  # some steps are done
         assert proc.poll() is None and time.sleep(0.05) is None
@@ -159,13 +167,18 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     found = checkpoints.complete_checkpoints(out / "checkpoints")
     assert len(found) == 1 and 0 < int(found[0].name.split("_")[1]) < 100000, found
     assert "preempted" in (out / "train.log").read_text()
+    assert integrity.problems(found[0]) == []  # the signal's checkpoint verifies under either engine
+    if scored:
+        assert "step 0: easy pass@1 " in (out / "train.log").read_text()
 
 
-def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tiny_dir, small_data, tmp_path):
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_ctrl_c_checkpoints_says_how_to_resume_and_exits_130(tiny_dir, small_data, tmp_path, engine):
     """A terminal's Ctrl-C reaches the launcher (the workers run in sessions of their own), which passes SIGINT
     on to every worker: they finish the step, save together and exit 130, with no traceback."""
     out = tmp_path / "run"
-    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000")
+    proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000",
+                 engine=engine)
     wait_for(out / "train.log", proc=proc)
     while "train/loss" not in (out / "train.log").read_text():
         assert proc.poll() is None and time.sleep(0.05) is None

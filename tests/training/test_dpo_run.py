@@ -173,7 +173,7 @@ def test_with_lora_the_reference_is_the_base_with_its_adapter_off_precomputed_or
         model = ("--name_or_path", fsdp2_model) if engine == "fsdp2" else ()
         launch(cfg, "--max_steps", "6", "--eval_every", "6", "--lora.enabled", "true", "--lora.rank", "8",
                "--lr", "1e-2", "--reference", reference, "--cache_dir", str(tmp_path / f"cache-{name}"), *model,
-               mixed_precision="no", accelerate_config=f"cpu_{engine}.yaml")  # float32: compared below
+               mixed_precision="no", accelerate_config=f"cpu_{engine}.yaml")  # float32: zero3's compared below
         runs[name] = scalars(tmp_path / name)
     for name in ("precomputed", "fsdp2"):
         assert "computed in" in (tmp_path / name / "train.log").read_text().split("with its adapter off")[0]

@@ -9,6 +9,8 @@
 #    2048-token rows, micro-batch 8, bf16, one-process ZeRO-3, and reads tokens/s, MFU, peak memory
 #    and the step's time split from the run's TensorBoard; then records 3 more steps with the PyTorch
 #    profiler (device busy time, kernel launches, synchronisations per step; a trace to open in Perfetto).
+#    The same run with the fastest choice under the second engine, FSDP2 (accelerate_configs/fsdp2.yaml):
+#    which engine to choose, measured.
 # 4. Runs the HF Trainer + DeepSpeed ZeRO-3 baseline on the same model, rows and batch, and the
 #    plain-PyTorch ceiling (no DeepSpeed, no data work, fused AdamW, varlen_attn), profiles both the
 #    same way, and prints the ratios and the profiles side by side.
@@ -41,11 +43,12 @@ source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, lau
 if [ "${1:-}" = "--tiny" ]; then
   dims=(--hidden 64 --layers "${2:-2}" --heads 4 --positions 512 --dropout 0)
   seq=256 mb=2 steps=6 log=2 acc=accelerate_configs/cpu_zero3.yaml attns="sdpa" device=cpu
+  fsdp=accelerate_configs/cpu_fsdp2.yaml
   humaneval=(--limit 4 --max-answer-tokens 16 --batch-size 4)
   export DS_ACCELERATOR=cpu
 else
   dims=(--hidden 2048 --layers 24 --heads 16 --positions 2048 --vocab-size 49152 --dtype bf16 --dropout 0)
-  seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda
+  seq=2048 mb=8 steps=20 log=5 acc=accelerate_configs/zero3.yaml device=cuda fsdp=accelerate_configs/fsdp2.yaml
   humaneval=(--limit 64 --max-answer-tokens 256 --batch-size 32)  # random weights: answers run to 256 tokens
   attns=$("$PY" -c "from loop.model import attention; print(' '.join(attention.fast_choices()))")
 fi
@@ -79,6 +82,9 @@ for attn in $attns; do
   train "$attn" --config_file "$acc"
 done
 runs=$attns best=${attns##* }
+stamp "loop/train.py with $best under FSDP2"
+train "$best+fsdp2" --config_file "$fsdp"
+runs="$runs $best+fsdp2"
 for variant in $variants; do
   name="$best+$variant"
   stamp "loop/train.py with $best and $variant"

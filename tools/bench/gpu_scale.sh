@@ -11,6 +11,8 @@
 #    its baseline fit in 80% of the GPU (tools/bench/scale.py batch):
 #    full  StarCoder2-3B, every weight, ZeRO-3: loop/train.py against the HF Trainer + DeepSpeed ZeRO-3
 #          (tools/bench/trainer_baseline.py) on the same model, rows and batch;
+#    fsdp2 the full part's run under the second engine, FSDP2 (accelerate_configs/fsdp2.yaml), against the same
+#          Trainer baseline, and its tokens/s over the full part's (which engine to choose, measured);
 #    dpo   StarCoder2-3B DPO, ZeRO-3, on pairs made from the same corpus, whole pairs packed into the same
 #          rows, reference log-probabilities precomputed: against TRL's DPOTrainer on the same pairs (its
 #          precomputed reference; TRL 1.16 has padding-free turned off), with as many pairs a step, and
@@ -31,10 +33,10 @@
 #                                            # device, batches for an 80 GB GPU, each device command printed and
 #                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
 #
-# PARTS="full dpo" runs only those parts (default: full dpo lora qlora moe, in that order; dpo's SFT comparison
-# needs full). On the GPU the call keeps to BUDGET_S seconds (default 390: 7 minutes with the machine's start
-# and the wheels): a part starts only with MIN_PART_S (120) left, each launch ends by PART_S (150) or the
-# budget's end; a part that hangs or runs out of memory is named at the end (exit 1), one left out is named
+# PARTS="full dpo" runs only those parts (default: full fsdp2 dpo lora qlora moe, in that order; dpo's SFT
+# comparison and fsdp2's engine comparison need full). On the GPU the call keeps to BUDGET_S seconds (default
+# 390: 7 minutes with the machine's start and the wheels; the last parts then need a second call, named at the
+# end): a part starts only with MIN_PART_S (120) left, each launch ends by PART_S (150) or the budget's end; a part that hangs or runs out of memory is named at the end (exit 1), one left out is named
 # with the command that runs it. REUSE=1 keeps what an earlier call left in $WORK (models, runs, baselines): a
 # second call with PARTS of what is missing costs only theirs. STEPS (default 8), MAX_MB (8).
 set -euo pipefail
@@ -43,16 +45,18 @@ WORK=${WORK:-/tmp/gpu-scale}
 PY=${PYTHON:-python3}
 NEEDS="deepspeed, datasets, peft, trl, bitsandbytes"
 source tools/bench/gpu_common.sh  # environment, wheels, stamp, reuse, fail, launch, on_device, dry_check
-PARTS=${PARTS:-full dpo lora qlora moe}
+PARTS=${PARTS:-full fsdp2 dpo lora qlora moe}
 log=2 rank=16
 if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; the batch from a 1 GB "device"
   steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
   seq=256 acc=accelerate_configs/cpu_zero3.yaml device=cpu dtype=fp32 memory=(--memory-gb 1) cap=${MAX_MB:-2}
+  fsdp=accelerate_configs/cpu_fsdp2.yaml
   budget=${BUDGET_S:-} part_s=${PART_S:-600}  # no budget unless asked (tests/test_bench.py asks for none left)
   dpo_lr=5e-4  # six toy steps at the GPU's 1e-5 leave DPO's loss at log 2 to four places, on either side
   export DS_ACCELERATOR=cpu
 else
   steps=${STEPS:-8} shrink=() seq=4096 acc=accelerate_configs/zero3.yaml device=cuda dtype=bf16 memory=() cap=${MAX_MB:-8}
+  fsdp=accelerate_configs/fsdp2.yaml
   budget=${BUDGET_S:-390} part_s=${PART_S:-150} dpo_lr=1e-5
 fi
 build_on=$device
@@ -107,7 +111,7 @@ baseline() {  # PART CONFIG MODULE ARGS...: a baseline's JSON line into PART-bas
     > "$WORK/$part-baseline.json" 2> "$WORK/$part-baseline.log" || fail "$WORK/$part-baseline.log" "$module $part"
 }
 ran=()
-if has full || has dpo; then
+if has full || has fsdp2 || has dpo; then
   model sc2-3b starcoder2-3b
   mb3=$(batch full sc2-3b) || { fail "$WORK/batch-full.log" "the micro-batch of full"; mb3=1; }
 fi
@@ -116,6 +120,10 @@ if has full; then
   baseline full "$acc" tools.bench.trainer_baseline "$WORK/sc2-3b" "$WORK/data.jsonl" --seq-len "$seq" \
     --micro-batch "$mb3" --lr 1e-4
   ran+=("full=$mb3")
+fi
+if has fsdp2; then  # measured against full's baseline (its JSON): the same model, rows and batch
+  train fsdp2 sc2-3b "$mb3" "$fsdp" --lr 1e-4
+  ran+=("fsdp2=$mb3")
 fi
 if has dpo; then
   reuse "$WORK/pairs-train.jsonl" || "$PY" tools/make_preference_pairs.py --out "$WORK/pairs" --eval-fraction 0 \

@@ -37,6 +37,8 @@ class Part:
     goal: float  # the loop's tokens/s over the baseline's, at least
     lora_rank: int = 0
     qlora: bool = False
+    engine: str = "deepspeed"  # as loop/engine/registry.py names it: for the memory estimate
+    baseline_of: str = ""  # the part whose baseline run this one is measured against (default: its own)
 
 
 PARTS = {
@@ -44,6 +46,8 @@ PARTS = {
     "lora": Part("7B LoRA", "StarCoder2-7B LoRA r16", "sc2-7b", "HF Trainer + peft", 1.3, LORA_RANK),
     "qlora": Part("7B QLoRA", "StarCoder2-7B QLoRA r16, NF4 base", "sc2-7b", "HF Trainer + peft + bitsandbytes", 1.3,
                   LORA_RANK, True),
+    "fsdp2": Part("3B FSDP2", "StarCoder2-3B full fine-tune, FSDP2", "sc2-3b", "HF Trainer + DeepSpeed ZeRO-3", 1.3,
+                  engine="fsdp2", baseline_of="full"),
     "dpo": Part("3B DPO", "StarCoder2-3B DPO, ZeRO-3", "sc2-3b", "TRL DPOTrainer, precomputed reference", 1.5),
     "moe": Part("30B-A3B LoRA", "Qwen3-Coder-30B-A3B LoRA r16 (attention; experts frozen)", "q3c-30b",
                 "HF Trainer + peft", 1.3, LORA_RANK),
@@ -54,7 +58,8 @@ DPO_OVER_SFT = 0.9  # the DPO step's tokens/s over the loop's own SFT step on th
 def estimated_gb(model: str, part: Part, micro_batch: int, seq_len: int) -> float:
     """tools/estimate_memory.py's figure for one GPU, with gradient checkpointing: ZeRO-3 without offload, or the
     LoRA / QLoRA row."""
-    rows = estimate.estimate(model, 1, 1, micro_batch, seq_len, True, lora_rank=part.lora_rank, qlora=part.qlora)
+    rows = estimate.estimate(model, 1, 1, micro_batch, seq_len, True, lora_rank=part.lora_rank, qlora=part.qlora,
+                             engine=part.engine)
     return rows[1]["gpu_gb"]
 
 
@@ -117,7 +122,7 @@ def report(work: Path, seq_len: int, batches: dict[str, int]) -> int:
             continue
         mb, model = batches[key], str(work / part.model)
         ours = loop_run(work / f"run-{key}")
-        base = gpu_report.result(work / f"{key}-baseline.json")
+        base = gpu_report.result(work / f"{part.baseline_of or key}-baseline.json")
         base_tps = base.get("tokens_per_s") or float("nan")
         tps = ours.get("throughput/tokens_per_s", float("nan")) if ours else float("nan")
         rates[key] = tps
@@ -137,6 +142,9 @@ def report(work: Path, seq_len: int, batches: dict[str, int]) -> int:
         else:
             print(f"{part.name + ': ' + part.baseline:{w}s} failed: see {key}-baseline.log")
         goals.append((f"{part.title} >= {part.goal:.1f}x {part.baseline}", tps / base_tps, part.goal))
+    if "fsdp2" in rates and "full" in rates:  # which engine to choose: the same model, rows and batch
+        ratio = fmt(rates["fsdp2"] / rates["full"], ".2f", 0)
+        print(f"engines: FSDP2 / ZeRO-3 tokens/s on {PARTS['full'].title}: {ratio}x")
     if "dpo" in rates and "full" in rates:
         goals.append((f"{PARTS['dpo'].title} >= {DPO_OVER_SFT:.1f}x the loop's own SFT step (the full fine-tune's "
                       "run, the same rows)", rates["dpo"] / rates["full"], DPO_OVER_SFT))
