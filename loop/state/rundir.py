@@ -9,7 +9,8 @@ A run claims the directory only after its config, data and resume have been
 checked: it takes an advisory lock (`.run.lock`, held for the run's life, released by the OS whatever way
 the process ends), then writes the resolved config and starts `train.log`, replaying what was logged
 before. A second run on the same directory is refused with the first one's host and process id; a lock
-file left behind by a run that is gone is taken over with a warning. Right after the claim, a run of several
+file left behind by a run that is gone is taken over with a warning (after waiting for a killed run on this
+host to finish exiting, which can outlast a requeue's start). Right after the claim, a run of several
 processes checks that they all see the same directory (`check_shared`), so that nodes without a shared file
 system are refused before the first step, not at the first checkpoint.
 """
@@ -55,11 +56,11 @@ def check_writable(output_dir: Path, what: str = "output.output_dir") -> None:
     if lock.is_file():
         fd = os.open(lock, os.O_RDONLY)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at once, with the file: only a probe
-        except BlockingIOError:
-            raise in_use(output_dir, os.read(fd, 4096).decode(errors="replace").strip()) from None
+            holder = os.read(fd, 4096).decode(errors="replace").strip()
+            if not take(fd, holder):
+                raise in_use(output_dir, holder)
         finally:
-            os.close(fd)
+            os.close(fd)  # released at once, with the file: only a probe
 
 
 def earlier_run(output_dir: Path) -> list[Path]:
@@ -98,6 +99,39 @@ def move_aside(output_dir: Path) -> str | None:
     return f"--overwrite_output_dir: moved the earlier run ({said}) into {aside}; delete it when done"
 
 
+DYING_GRACE = 60.0  # seconds to wait for a killed run's lock: its exit can outlast a requeue's start
+
+
+def take(fd: int, holder: str) -> bool:
+    """Take the lock on `fd`; False while a live run holds it. A run killed on this host (`kill -9`, a
+    requeue) keeps the lock until the kernel has finished its exit, which can take seconds while it is
+    stuck in disk I/O: its successor waits for that instead of being refused."""
+    deadline = time.monotonic() + DYING_GRACE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not holder_is_dying(holder) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+def holder_is_dying(holder: str) -> bool:
+    """Whether the lock's holder ("pid N on HOST since ...") is a process on this host that is gone, a
+    zombie, or has SIGKILL pending: its lock is on the way out (a holder on another host: never)."""
+    words = holder.split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return False
+    try:
+        status = Path(f"/proc/{words[1]}/status").read_text()
+    except OSError:  # gone (or no /proc: then we cannot tell, and a gone holder's lock is free already)
+        return True
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    pending = int(fields.get("SigPnd", "0"), 16) | int(fields.get("ShdPnd", "0"), 16)
+    return fields.get("State", "").split()[:1] in (["Z"], ["X"]) or bool(pending & 1 << (9 - 1))
+
+
 def in_use(output_dir: Path, holder: str) -> DirectoryInUse:
     return DirectoryInUse(f"output.output_dir {output_dir} is in use by another run ({holder or 'unknown'}); "
                           "wait for it to end or choose another output_dir")
@@ -118,11 +152,9 @@ def claimed(output_dir: Path, is_main: bool) -> Iterator[str | None]:
         except OSError as e:  # check_writable passed, and then the disk filled or the directory went read-only
             raise ConfigError(f"output.output_dir: cannot write {output_dir} ({first_line(e)})") from None
         previous = os.read(fd, 4096).decode(errors="replace").strip()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not take(fd, previous):
             os.close(fd)
-            raise in_use(output_dir, previous) from None
+            raise in_use(output_dir, previous)
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break

@@ -147,6 +147,43 @@ def test_lock_file_names_the_holder_and_a_run_that_ended_leaves_no_name(tmp_path
         assert took_over is None  # no warning about a run that is gone: the last one ended
 
 
+def hold_lock(lock: Path, seconds: float) -> subprocess.Popen:
+    """Another process that holds `lock` for `seconds` (as a killed run's process does while the kernel ends
+    it) and says when it has it."""
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX); "
+            "print('held', flush=True); time.sleep(float(sys.argv[2]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_a_requeue_waits_for_the_lock_of_a_killed_run_but_not_for_a_live_one(tmp_path):
+    """The CI failure of 2026-12-07: a kill -9 and an immediate resume, refused because the killed process had
+    not finished exiting. A holder named in the lock that is gone is waited for; a live one is refused at once."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "d" / rundir.LOCK
+    lock.parent.mkdir()
+    lock.write_text(f"pid {gone.stdout.strip()} on {socket.gethostname()} since 2026-12-07 15:26:03\n")
+    holder = hold_lock(lock, 2)
+    started = time.monotonic()
+    rundir.check_writable(lock.parent)
+    with rundir.claimed(lock.parent, is_main=True) as took_over:
+        assert f"run that is gone (pid {gone.stdout.strip()} on" in took_over
+    assert 1 < time.monotonic() - started < 30 and holder.wait() == 0
+
+    lock.write_text(f"pid {os.getpid()} on {socket.gethostname()} since 2026-12-07 15:26:03\n")  # alive
+    holder, started = hold_lock(lock, 30), time.monotonic()
+    try:
+        with pytest.raises(rundir.DirectoryInUse, match=f"in use by another run \\(pid {os.getpid()} on"):
+            rundir.check_writable(lock.parent)
+        with pytest.raises(rundir.DirectoryInUse):
+            with rundir.claimed(lock.parent, is_main=True):
+                pass
+        assert time.monotonic() - started < 5
+    finally:
+        holder.kill()
+        holder.wait()
+
 def same_folder(first: Path, second: Path) -> list[str]:
     """What the two processes of tests/state/same_folder.py said, rank 0 in `first`, rank 1 in `second`."""
     port = free_port()
