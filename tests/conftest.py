@@ -3,6 +3,7 @@ real multi-process ZeRO-3 runs of loop/train.py."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import socket
@@ -271,10 +272,21 @@ def run_card_snippets(folder: Path) -> str:
     return proc.stdout
 
 
+# The files whose tests take minutes (the GPU scripts' toy runs, the launch races, DPO's runs): under pytest-xdist
+# (-n 2 in setup.cfg) each file runs on one worker, so these go first and no worker is left with one at the end.
+LONGEST_FIRST = ("test_bench_scale.py", "test_bench.py", "test_launch.py", "test_bench_dry_run.py",
+                 "test_dpo_run.py", "test_checkpoints.py", "test_accelerator.py", "test_families.py")
+
+
 def pytest_collection_modifyitems(items) -> None:
-    """Tests that launch processes or train, or use a fixture that does, join the `slow` tier (tests/tiers.py)."""
+    """Tests that launch processes or train, or use a fixture that does, join the `slow` tier (tests/tiers.py);
+    then the files are ordered longest first: those named above, then by how many slow tests they hold."""
     from tests import tiers
 
+    slow_in = collections.Counter()
     for item in items:
         if tiers.is_slow(item):
             item.add_marker(pytest.mark.slow)
+            slow_in[item.path] += 1
+    named = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: (named.get(item.path.name, len(named)), -slow_in[item.path], str(item.path)))

@@ -1,16 +1,16 @@
-"""The GPU scripts stay runnable: --tiny runs every step at toy size on CPU, and --dry-run checks every step of the
-real path on CPU without its device work."""
+"""gpu_check.sh stays runnable: --tiny runs every step at toy size on CPU, a second call only its DeepSpeed
+variants. (gpu_scale.sh's --tiny is tests/test_bench_scale.py, both scripts' --dry-run tests/test_bench_dry_run.py:
+three files, so that the three longest tests of the suite can run beside each other.)"""
 
 import json
 import os
 import subprocess
 import sys
 
-import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tools.bench import ds_variant, scale
+from tools.bench import ds_variant
 
 
 def gpu_check(work, code: int = 0, **env) -> list[str]:
@@ -125,115 +125,3 @@ def test_the_variant_without_deepspeed_keeps_the_launch_and_drops_only_deepspeed
     assert ds_variant.main([str(ROOT / "accelerate_configs" / "zero3.yaml"), str(tmp_path / "x"), "deepspeed=off",
                             "reduce_scatter=false"]) == 2
     assert "deepspeed=off takes no other settings" in capsys.readouterr().err
-
-
-# lora is qlora's path without --lora.quantize, fsdp2 is full's under another launch config (gpu_check --tiny runs
-# the loop under FSDP2): both left to the dry run, which checks their commands.
-TINY_PARTS = ("full", "dpo", "qlora", "moe")
-
-
-def test_gpu_scale_runs_every_part_at_toy_size(tmp_path):
-    """gpu_scale.sh --tiny: every path of the GPU run (StarCoder2-3B full and DPO, the 7B QLoRA on bitsandbytes'
-    CPU 4-bit path, Qwen3-Coder-30B-A3B LoRA), each against its baseline, in the published architectures at toy
-    width. The 7B LoRA and 3B FSDP2 parts are left to the dry run (TINY_PARTS says why).
-    About 3-4 minutes on 2 shared cores, the most of this file: 8 launches (accelerate, DeepSpeed's or the
-    Trainer's set-up each time) and three models with their tokenizers, which no other test's runs can stand in for
-    (other shapes, other baselines); each run is 6 steps, the fewest that leave two logging windows after the
-    first."""
-    proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=1200, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
-                                                         "PARTS": " ".join(TINY_PARTS)})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    parts = [scale.PARTS[key] for key in TINY_PARTS]
-    for part in parts:
-        for run in ("loop/train.py", part.baseline):
-            row = next(line for line in lines if line.startswith(f"{part.name}: {run} "))
-            tokens_per_s, _, _, _, fwd_bwd, _, _, _, _, loss, _ = row.split()[-11:]  # the columns after the batch
-            assert float(tokens_per_s.replace(",", "")) > 0, row  # read back from the run
-            assert loss == "falls", row  # the first logged window's loss above the last's
-            if run == "loop/train.py":
-                assert float(fwd_bwd) > 0, row  # the step's time split, from the loop's timers
-        memory = next(line for line in lines if line.startswith(f"  {part.title} ") and "estimate" in line)
-        assert float(memory.split("estimate")[1].split()[0]) > 0 and "measured" in memory
-    assert not any(line.startswith(f"{scale.PARTS['lora'].name}: ") for line in lines)  # only what was asked
-    goals = [line for line in lines if line.startswith("  goal: ")]
-    assert len(goals) == len(parts) + 1  # each part against its baseline, and DPO against SFT
-    assert all(line.endswith(("x PASS", "x FAIL")) for line in goals)
-    assert all(float(line.rsplit(": ", 1)[1].split("x")[0]) > 0 for line in goals)  # every ratio measured
-    falls = [line for line in lines if line.startswith("  loss falls: ")]
-    assert len(falls) == 2 * len(parts) and all(line.endswith("PASS") for line in falls)
-
-
-def test_gpu_scale_leaves_out_what_its_budget_cannot_hold(tmp_path):
-    """On the GPU a call keeps to its device-time budget: a part that would start with too little of it left is
-    not started, and the call names it with the command that runs it on the same machine (nothing is launched
-    here: no time is left from the start)."""
-    proc = subprocess.run(["bash", "tools/bench/gpu_scale.sh", "--tiny"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, env=os.environ | {"WORK": str(tmp_path), "PYTHON": sys.executable,
-                                                         "BUDGET_S": "0", "PARTS": "full lora"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [line.split("] ", 1)[1].split(":")[0] for line in proc.stdout.splitlines() if "] skipped " in line] == \
-        ["skipped full", "skipped lora"]
-    assert proc.stdout.splitlines()[-2].endswith('REUSE=1 PARTS="full lora" bash tools/bench/gpu_scale.sh')
-    assert not (tmp_path / "run-full.log").exists() and not (tmp_path / "sc2-3b").exists()
-
-
-def dry_run(script: str, work) -> list[str]:
-    proc = subprocess.run(["bash", f"tools/bench/{script}", "--dry-run"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env=os.environ | {"WORK": str(work), "PYTHON": sys.executable})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
-    commands = [line for line in lines if line.startswith("dry run: ") and "checking the" not in line]
-    checked = [line for line in lines if line.startswith("ok: ")]
-    assert commands and len(checked) == len(commands) and not any("FAIL" in line for line in lines), lines
-    return lines
-
-
-@pytest.mark.slow
-def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
-    """--dry-run takes the GPU path (not --tiny's) on CPU with no device work: the real model shapes built on the
-    meta device, the real configs read back, every device command assembled, printed and checked without being
-    run. It catches what --tiny cannot: gpu_check.sh's real path imported `loop.attention` for months after the
-    layout moved it, and nothing ran that line. Three tokenizers trained and the stack imported a dozen times
-    (about a minute on 2 shared cores): in the slow tier, which CI runs."""
-    check = dry_run("gpu_check.sh", tmp_path / "check")
-    trains = [line for line in check if line.startswith("ok: accelerate launch (zero3.yaml") and "train.py" in line]
-    assert len(trains) >= 2 and all("gpt_bigcode (1,1" in line for line in trains)  # the 1.1B model, on meta
-    assert all("micro-batch 8 x 2048 tokens" in line for line in trains)
-    assert any(", dpo, " in line for line in trains)  # the DPO run's overrides read back too
-    fsdp2 = [line for line in check if line.startswith("ok: accelerate launch (fsdp2.yaml") and "train.py" in line]
-    assert len(fsdp2) == 1 and "gpt_bigcode (1,1" in fsdp2[0]  # the second engine's launch, its config read back
-    assert any("tools.bench.trainer_baseline: arguments accepted" in line for line in check)  # through accelerate
-    for module in ("ceiling", "dpo_baseline", "gpu_report", "packed_logits", "code_eval"):
-        assert any(line.startswith(f"ok: tools.bench.{module}: arguments accepted") for line in check), module
-    assert not (tmp_path / "check" / "model" / "model.safetensors").exists()  # no weights: the shape only
-
-    scale_lines = dry_run("gpu_scale.sh", tmp_path / "scale")
-    trains = [line for line in scale_lines if "loop/train.py: config read back" in line]
-    assert len(trains) == 6 and all("x 4096 tokens" in line for line in trains)  # every part of scale.PARTS
-    dense = [line for line in trains if "starcoder2 (" in line]
-    params = sorted({int(line.split("starcoder2 (")[1].split()[0].replace(",", "")) for line in dense})
-    assert len(dense) == 5 and len(params) == 2 and 2.9e9 < params[0] < 3.3e9 and 7e9 < params[1] < 7.6e9  # 3B, 7B
-    assert sum(line.startswith("ok: accelerate launch (fsdp2.yaml") for line in trains) == 1  # the 3B under FSDP2
-    moe = [line for line in trains if "qwen3_moe (" in line]
-    assert len(moe) == 1 and 30e9 < int(moe[0].split("qwen3_moe (")[1].split()[0].replace(",", "")) < 31e9
-    assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 4
-
-
-def test_the_dry_run_names_a_command_that_would_fail(tmp_path, capsys):
-    """A dry run passes only when every command would start: a setting loop/train.py does not know, an argument a
-    module refuses and a missing launcher config are each named, and the others still checked."""
-    from tools.bench import dry_run as checker
-
-    py = sys.executable
-    launcher = f"{py} -m accelerate.commands.launch --num_processes 1 --config_file"
-    good = f"{py} -m tools.bench.ceiling model data.jsonl --seq-len 2048"
-    (tmp_path / "commands").write_text("\n".join([
-        f"{launcher} accelerate_configs/zero3.yaml loop/train.py configs/quickstart.yaml --no_such_setting 1",
-        f"{py} -m tools.bench.ceiling model data.jsonl --no-such-flag",
-        f"{launcher} accelerate_configs/missing.yaml loop/train.py configs/quickstart.yaml",
-        good]) + "\n")
-    assert checker.main([str(tmp_path / "commands")]) == 1
-    out = capsys.readouterr().out
-    assert out.count("FAILED: ") == 3 and "no_such_setting" in out and "ok: tools.bench.ceiling" in out

@@ -25,7 +25,7 @@
 #   bash tools/bench/gpu_check.sh --tiny     # every step at toy size on CPU (tests/test_bench.py)
 #   bash tools/bench/gpu_check.sh --tiny 24  # toy width, the GPU model's 24 layers: host work per step on CPU
 #   bash tools/bench/gpu_check.sh --dry-run  # the GPU path on CPU, no device work: each device command printed and
-#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
+#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench_dry_run.py)
 #
 # DS_VARIANTS="memory_efficient_linear=true reduce_scatter=false,contiguous_gradients=false" adds one loop
 # run per word, with the fastest attention and those ZeRO settings changed (tools/bench/ds_variant.py),

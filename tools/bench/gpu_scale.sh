@@ -28,10 +28,10 @@
 #    run's measured peak (within 15%, or to be corrected); and each goal with PASS or FAIL.
 #
 #   bash tools/bench/gpu_scale.sh            # on the GPU machine, from the repository root
-#   bash tools/bench/gpu_scale.sh --tiny     # every part at toy size on CPU (tests/test_bench.py)
+#   bash tools/bench/gpu_scale.sh --tiny     # every part at toy size on CPU (tests/test_bench_scale.py)
 #   bash tools/bench/gpu_scale.sh --dry-run  # the GPU path on CPU, no device work: the published shapes on the meta
 #                                            # device, batches for an 80 GB GPU, each device command printed and
-#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench.py)
+#                                            # checked, not run (tools/bench/dry_run.py; tests/test_bench_dry_run.py)
 #
 # PARTS="full dpo" runs only those parts (default: full fsdp2 dpo lora qlora moe, in that order; dpo's SFT
 # comparison and fsdp2's engine comparison need full). On the GPU the call keeps to BUDGET_S seconds (default
@@ -51,7 +51,7 @@ if [ "${1:-}" = "--tiny" ]; then  # the published architectures at toy width; th
   steps=${STEPS:-6} shrink=(--hidden 64 --layers 2 --heads 4 --vocab-size 4096)
   seq=256 acc=accelerate_configs/cpu_zero3.yaml device=cpu dtype=fp32 memory=(--memory-gb 1) cap=${MAX_MB:-2}
   fsdp=accelerate_configs/cpu_fsdp2.yaml
-  budget=${BUDGET_S:-} part_s=${PART_S:-600}  # no budget unless asked (tests/test_bench.py asks for none left)
+  budget=${BUDGET_S:-} part_s=${PART_S:-600}  # no budget unless asked (tests/test_bench_scale.py asks for none left)
   dpo_lr=5e-4  # six toy steps at the GPU's 1e-5 leave DPO's loss at log 2 to four places, on either side
   export DS_ACCELERATOR=cpu
 else
