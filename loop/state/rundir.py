@@ -106,7 +106,7 @@ def take(fd: int, holder: str) -> bool:
     """Take the lock on `fd`; False while a live run holds it. A run killed on this host (`kill -9`, a
     requeue) keeps the lock until the kernel has finished its exit, which can take seconds while it is
     stuck in disk I/O: its successor waits for that instead of being refused."""
-    deadline = time.monotonic() + DYING_GRACE
+    deadline, said = time.monotonic() + DYING_GRACE, False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -114,6 +114,9 @@ def take(fd: int, holder: str) -> bool:
         except BlockingIOError:
             if not holder_is_dying(holder) or time.monotonic() > deadline:
                 return False
+            if not said:
+                logging.getLogger("loop").info(f"waiting for a killed run to finish exiting ({holder})")
+                said = True
             time.sleep(0.1)
 
 
