@@ -30,8 +30,8 @@ FILES = {"single": {"weights": "model.safetensors", "optimizer": "optimizer.bin"
                     "older": "step_00000002", "newer": "step_00000004"},
          "zero3": {"weights": OPTIM, "optimizer": OPTIM, "other": "rng_state_1.safetensors", "older": "step_00000008",
                    "newer": "step_00000016"},
-         # DCP: each process's data file holds its shards of the model and of the optimizer's moments; the
-         # optimizer's other values (its param_groups) only the last process's, which the loop's manifest hashes too.
+         # DCP: each process's data file holds its shards of the model and of the optimizer's moments; the optimizer's
+         # other values (its param_groups, what DCP unpickles) are written once, into the second process's file.
          "fsdp2": {"weights": "dcp/__0_0.distcp", "optimizer": "dcp/__1_0.distcp", "other": "dcp/__1_0.distcp",
                    "older": "step_00000009", "newer": "step_00000010"}}
 STEPS, SAVE_EVERY = 10, 3  # 6 steps per epoch on the 160-dialogue file of `small_data`
