@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from loop.config import first_line
 from loop.engine.interface import Weights
 from loop.engine.safe_load import ConsolidationError, UntrustedCheckpoint
 
@@ -87,13 +88,35 @@ def read_index(folder: Path):
 
 
 def unreadable(path: Path) -> str | None:
-    """Why the index of a DCP folder cannot be trusted (None: it reads, or `path` is not an index)."""
-    if path.name != INDEX or path.parent.name != FOLDER:
+    """Why the index of a DCP folder, or one of its data files, cannot be trusted (None: it reads, or `path` is
+    neither). A digest only proves that a file is what the manifest says, and a manifest can be rewritten with
+    it: each item of a data file is read here as the loader reads it, so that verification refuses what resume
+    would (DCP's own planner reads the optimizer's values with `torch.load(weights_only=False)`)."""
+    name = f"{path.parent.name}/{path.name}"
+    if name != f"{FOLDER}/{INDEX}" and rank_of(name) is None:
         return None
     try:
-        read_index(path.parent)
+        metadata = read_index(path.parent)
     except UntrustedCheckpoint as e:
-        return str(e)
+        return str(e) if path.name == INDEX else None  # a data file's index says it once, in its own line
+    return None if path.name == INDEX else _unreadable_items(path, metadata)
+
+
+def _unreadable_items(path: Path, metadata) -> str | None:
+    """The first item the index places in data file `path` that does not load as plain data (each item is a
+    torch.save archive of its own, loaded here on the meta device: its pickle is read, not its numbers)."""
+    from torch.distributed.checkpoint.utils import _create_file_view  # DCP's own view of one item in a file
+
+    with open(path, "rb") as f:
+        for index, info in metadata.storage_data.items():
+            if info.relative_path != path.name:
+                continue
+            try:
+                torch.load(_create_file_view(f, info.offset, info.length), map_location="meta", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - a tampered or cut item shows up in many ways
+                named = [line.strip() for line in str(e).splitlines() if "unsupported global" in line.lower()]
+                return (f"{path}: {index.fqn} is unreadable, truncated or not plain data ({type(e).__name__}: "
+                        f"{named[0][:200] if named else first_line(e, 200)})")
     return None
 
 

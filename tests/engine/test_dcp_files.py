@@ -113,3 +113,25 @@ def test_an_index_that_would_run_code_or_is_cut_short_is_refused_unrun(tmp_path,
         dcp_files.load({dcp_files.MODEL: model.state_dict()}, index.parent, no_dist=True)
     assert str(refused.value) == said
     assert not marker.exists()
+
+
+def test_an_optimizer_value_that_would_run_code_is_named_by_verification_unrun(tmp_path):
+    """A data file tampered in place, its manifest entry rewritten to match (tests/state/test_integrity.py): only
+    reading each item as the loader reads it finds it. DCP's own planner would run this one (it reads the values
+    that are not tensors with weights_only=False); the loop's refuses it, and verification now names it."""
+    model, optimizer = trained()
+    save(model, optimizer, tmp_path / "ck")
+    data, marker = tmp_path / "ck" / "dcp" / "__0_0.distcp", tmp_path / "pwned"
+    assert registry.unreadable(data) is None
+    info = next(v for k, v in dcp_files.read_index(data.parent).storage_data.items()
+                if k.fqn == "optimizer.param_groups.0.lr")
+    with open(data, "r+b") as f:
+        f.seek(info.offset)
+        f.write(pickle.dumps(Payload(marker), protocol=2).ljust(info.length, b"\0"))
+    said = registry.unreadable(data)
+    assert said.startswith(f"{data}: optimizer.param_groups.0.lr is unreadable, truncated or not plain data"), said
+    assert "posix.system" in said
+    state = {dcp_files.MODEL: Tied().state_dict(), dcp_files.OPTIMIZER: optimizer.state_dict()}
+    with pytest.raises(UntrustedCheckpoint, match="not plain data"):
+        dcp_files.load(state, data.parent, no_dist=True)
+    assert not marker.exists()

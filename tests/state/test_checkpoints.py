@@ -22,22 +22,7 @@ from loop.engine.zero3_files import SHARDS
 from loop.state import checkpoints, integrity
 from loop.state.progress import LoopState
 from tests.conftest import ROOT, free_port, launch, run_in_process, scalars, write_config
-
-STEPS, SAVE_EVERY = 10, 3  # 6 steps per epoch on the 160-dialogue file below
-
-
-@pytest.fixture(scope="module")
-def small_data(tiny_dir, corpus, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckdata") / "small.jsonl"
-    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in corpus[:160]))
-    return path
-
-
-def config(tmp: Path, tiny_dir: Path, data_file: Path, out: Path) -> Path:
-    return write_config(tmp / f"{out.name}.yaml", tiny_dir, out,
-                        data={"train_files": [str(data_file)], "seq_len": 128},
-                        training={"max_steps": STEPS, "save_every": SAVE_EVERY, "log_every": 1,
-                                  "keep_last": 10, "eval_every": 0})
+from tests.state.conftest import STEPS, config  # with the fixtures small_data and fsdp2_reference, shared there
 
 
 def start(cfg: Path, *overrides: str, engine: str = "zero3") -> subprocess.Popen:
@@ -75,14 +60,6 @@ def reference(tiny_dir, small_data, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ref")
     launch(config(tmp, tiny_dir, small_data, tmp / "ref"), "--resume_from_checkpoint", "latest")
     assert "no complete checkpoint" in (tmp / "ref" / "train.log").read_text()
-    return tmp / "ref"
-
-
-@pytest.fixture(scope="module")
-def fsdp2_reference(tiny_dir, small_data, tmp_path_factory):
-    """`reference` under 2-process FSDP2 (the same rows in every step), shared by the FSDP2 tests below."""
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    launch(config(tmp, tiny_dir, small_data, tmp / "ref"), accelerate_config="cpu_fsdp2.yaml")
     return tmp / "ref"
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from loop.state import checkpoints, export, integrity
 from tests.conftest import ROOT, launch, run_in_process, write_config
+from tests.state.conftest import FILES as ENGINE_FILES
 from tests.state.conftest import KINDS, payload, rewrite_manifest
 
 
@@ -96,29 +97,32 @@ def yaml_config(trained_run: Path, tiny_dir: Path, out: Path) -> Path:
                         training=saved["training"])
 
 
-@pytest.mark.parametrize("engine", ["single", "zero3"])
+@pytest.mark.parametrize("engine", ["single", "zero3", "fsdp2"])
 def test_a_manifest_records_every_file_with_its_size_and_digest(request, engine):
-    run = request.getfixturevalue("trained_run" if engine == "zero3" else "single_process_run")
-    ckpt = run / "checkpoints" / ("step_00000016" if engine == "zero3" else "step_00000004")
+    runs = {"single": "single_process_run", "zero3": "trained_run", "fsdp2": "fsdp2_reference"}
+    ckpt = request.getfixturevalue(runs[engine]) / "checkpoints" / ENGINE_FILES[engine]["newer"]
     entries = integrity.read_manifest(ckpt)
     written = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*") if p.is_file()}
     evaluated = {name for name in written if name.startswith(integrity.EVALUATED)}  # the code evaluation's, after
     assert set(entries) == written - {integrity.MANIFEST, checkpoints.MARKER} - evaluated
     assert evaluated if engine == "zero3" else not evaluated  # the shared ZeRO-3 run scores code at step 16
     assert {"loop_state.json", "run_config.yaml", "config.json", "tokenizer.json"} <= set(entries)
-    assert set(FILES) <= set(entries) if engine == "zero3" else {"model.safetensors", "optimizer.bin"} <= set(entries)
+    assert {"single": {"model.safetensors", "optimizer.bin"}, "zero3": set(FILES),
+            "fsdp2": {"dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp", "rng_state_1.safetensors"}}[engine] \
+        <= set(entries)
     for name, entry in entries.items():
         assert entry == {"size": (ckpt / name).stat().st_size, integrity.ALGORITHM: integrity.digest(ckpt / name)}
     assert not [p for p in ckpt.rglob("*.pkl")]  # no pickle is written at all
     assert integrity.problems(ckpt) == [] and integrity.size(ckpt) == sum(e["size"] for e in entries.values())
 
 
-@pytest.mark.parametrize("engine", ["single", "zero3"])
+@pytest.mark.parametrize("engine", ["single", "zero3", "fsdp2"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_corruption_is_named_and_latest_falls_back_to_the_intact_checkpoint(corrupted, tmp_path, engine, kind):
-    """Issue 25's cases, on real checkpoints of both kinds: resume's choice, and every tool's (export and
-    consolidation, generation), passes over the broken checkpoint naming the file and why; given the broken
-    one itself, they refuse it. Nothing is unpickled on the way."""
+    """Issue 25's cases, on real checkpoints of every engine (FSDP2's in DCP format: its data files hold the
+    weights and the optimizer's state together): resume's choice, and every tool's (export and consolidation,
+    generation), passes over the broken checkpoint naming the file and why; given the broken one itself, they
+    refuse it. Nothing is unpickled on the way."""
     c = corrupted(engine, kind)
     found = integrity.problems(c.broken)
     assert any(c.file in line and c.expected in line for line in found), found
