@@ -83,6 +83,7 @@ def test_resume_is_bit_identical_and_checkpoints_are_small(request, engine, trai
     assert all(continued[s] == uninterrupted[s] for s in continued if s > STEPS // 2), (continued, uninterrupted)
     ckpt = checkpoints.find("latest", ref / "checkpoints")
     full = checkpoints.find("latest", trained_run / "checkpoints")  # the same tiny model, every weight trained
+    # Both engines about 1/8; FSDP2 once held the frozen tied output projection too (1/3).
     assert integrity.size(ckpt) < integrity.size(full) / 4, (integrity.size(ckpt), integrity.size(full))
     assert (ckpt / lora.ADAPTER_CONFIG).is_file()
 
