@@ -48,7 +48,7 @@ def lora_runs(tiny_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fsdp2_lora_runs(tiny_dir, prepared, tmp_path_factory):
-    """`lora_runs` under 2-process FSDP2 (two launches, about 30 s), from the model with the template's tokens
+    """`lora_runs` under 2-process FSDP2 (two launches, about 20 s), from the model with the template's tokens
     already in it: FSDP2 refuses LoRA's trainable new-token rows (fsdp2.place_model)."""
     return run_and_resume(tmp_path_factory.mktemp("fsdp2-lora"), tiny_dir, "fsdp2", prepared("gpt_bigcode")[0])
 
