@@ -128,23 +128,36 @@ def _tied(model) -> dict[str, str]:
     return tied
 
 
+def _state_dicts(model, optimizer, partial: bool) -> tuple[dict, dict]:
+    """torch's model and optimizer state dicts; with LoRA without any frozen weight: torch drops a frozen
+    parameter by its first name only, and kept a tied one's second (a frozen tied output projection, the size
+    of the embedding, in every LoRA checkpoint)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(partial))
+    if partial:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if not p.requires_grad:
+                model_sd.pop(name, None)
+    return model_sd, optim_sd
+
+
 def save_state(accelerator, folder: Path, model, partial: bool) -> None:
     """Model and optimizer state as one DCP checkpoint in folder/dcp (a collective: every process writes its
     shards); with LoRA only what trains."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_sd, optim_sd = get_state_dict(model, _optimizer(accelerator), options=_options(partial))
+    model_sd, optim_sd = _state_dicts(model, _optimizer(accelerator), partial)
     state = {dcp_files.MODEL: model_sd, dcp_files.OPTIMIZER: optim_sd, dcp_files.ALIASES: _tied(model)}
     dcp.save(state, storage_writer=dcp_files.writer(folder / dcp_files.FOLDER))
 
 
 def load_state(accelerator, folder: Path, model, partial: bool) -> None:
     """Read what `save_state` wrote into this run's shards (any number of processes), nothing unpickled."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_state_dict
 
     optimizer = _optimizer(accelerator)
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(partial))
+    model_sd, optim_sd = _state_dicts(model, optimizer, partial)
     state = {dcp_files.MODEL: model_sd, dcp_files.OPTIMIZER: optim_sd}
     dcp_files.load(state, folder / dcp_files.FOLDER)
     set_state_dict(model, optimizer, model_state_dict=state[dcp_files.MODEL],

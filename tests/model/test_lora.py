@@ -1,6 +1,6 @@
-"""LoRA and QLoRA through peft, in the same loop: under real 2-process ZeRO-3 the adapters train and the
-base does not, resume is bit-identical, checkpoints are small, and the outputs load in peft and in
-plain transformers."""
+"""LoRA and QLoRA through peft, in the same loop: under real 2-process ZeRO-3 and FSDP2 the adapters train and the
+base does not, resume is bit-identical, checkpoints are small and export the adapter and the merged model, and the
+outputs load in peft and in plain transformers."""
 
 import json
 import shutil
@@ -21,27 +21,46 @@ from tests.conftest import ROOT, launch, run_card_snippets, run_in_process, scal
 STEPS = 8
 
 
-def lora_config(tmp_path, tiny_dir, out, **lora_settings):
+def lora_config(tmp_path, tiny_dir, out, model=None, **lora_settings):
     return write_config(tmp_path / f"{out.name}.yaml", tiny_dir, out,
                         training={"max_steps": STEPS, "save_every": STEPS // 2, "keep_last": 5, "log_every": 1,
                                   "eval_every": STEPS // 2, "lr": 1e-2},
-                        lora={"enabled": True, "rank": 8, **lora_settings})
+                        lora={"enabled": True, "rank": 8, **lora_settings},
+                        **({"model": {"name_or_path": str(model)}} if model else {}))
+
+
+def run_and_resume(tmp, tiny_dir, engine: str, model=None):
+    """A LoRA run under 2-process `engine`, and a second one resumed from its middle checkpoint."""
+    launch(lora_config(tmp, tiny_dir, tmp / "ref", model), accelerate_config=f"cpu_{engine}.yaml")
+    middle = f"step_{STEPS // 2:08d}"
+    (tmp / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp / "ref" / "checkpoints" / middle, tmp / "resumed" / "checkpoints" / middle)
+    launch(lora_config(tmp, tiny_dir, tmp / "resumed", model), "--resume_from_checkpoint", "latest",
+           accelerate_config=f"cpu_{engine}.yaml")
+    return tmp / "ref", tmp / "resumed"
 
 
 @pytest.fixture(scope="module")
 def lora_runs(tiny_dir, tmp_path_factory):
     """A LoRA run under 2-process ZeRO-3, and a second one resumed from its middle checkpoint."""
-    tmp = tmp_path_factory.mktemp("lora")
-    launch(lora_config(tmp, tiny_dir, tmp / "ref"))
-    middle = f"step_{STEPS // 2:08d}"
-    (tmp / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(tmp / "ref" / "checkpoints" / middle, tmp / "resumed" / "checkpoints" / middle)
-    launch(lora_config(tmp, tiny_dir, tmp / "resumed"), "--resume_from_checkpoint", "latest")
-    return tmp / "ref", tmp / "resumed"
+    return run_and_resume(tmp_path_factory.mktemp("lora"), tiny_dir, "zero3")
 
 
-def test_only_the_adapters_train_and_the_loss_falls(lora_runs, tiny_dir):
-    ref, _ = lora_runs
+@pytest.fixture(scope="module")
+def fsdp2_lora_runs(tiny_dir, prepared, tmp_path_factory):
+    """`lora_runs` under 2-process FSDP2 (two launches, about 20 s), from the model with the template's tokens
+    already in it: FSDP2 refuses LoRA's trainable new-token rows (fsdp2.place_model)."""
+    return run_and_resume(tmp_path_factory.mktemp("fsdp2-lora"), tiny_dir, "fsdp2", prepared("gpt_bigcode")[0])
+
+
+def runs_of(request, engine: str):
+    """The engine's pair of runs, each a module fixture (named here, where tests/tiers.py sees that they launch)."""
+    return request.getfixturevalue({"zero3": "lora_runs", "fsdp2": "fsdp2_lora_runs"}[engine])
+
+
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_only_the_adapters_train_and_the_loss_falls(request, engine):
+    ref, _ = runs_of(request, engine)
     log = (ref / "train.log").read_text()
     total, trained = (int(x.replace(",", "")) for x in
                       log.split("model: ")[1].split(" trainable")[0].split(" parameters, "))
@@ -54,12 +73,17 @@ def test_only_the_adapters_train_and_the_loss_falls(lora_runs, tiny_dir):
     assert "saved the adapter" in log and (ref / "final" / "model.safetensors").is_file()
 
 
-def test_resume_is_bit_identical_and_checkpoints_are_small(lora_runs, trained_run):
-    ref, resumed = lora_runs
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_resume_is_bit_identical_and_checkpoints_are_small(request, engine, trained_run):
+    ref, resumed = runs_of(request, engine)
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ref, resumed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    uninterrupted, continued = (dict(scalars(d)["train/loss"]) for d in (ref, resumed))
+    assert [s for s in continued if s > STEPS // 2] == list(range(STEPS // 2 + 1, STEPS + 1)), continued
+    assert all(continued[s] == uninterrupted[s] for s in continued if s > STEPS // 2), (continued, uninterrupted)
     ckpt = checkpoints.find("latest", ref / "checkpoints")
     full = checkpoints.find("latest", trained_run / "checkpoints")  # the same tiny model, every weight trained
+    # Both engines about 1/8; FSDP2 once held the frozen tied output projection too (1/3).
     assert integrity.size(ckpt) < integrity.size(full) / 4, (integrity.size(ckpt), integrity.size(full))
     assert (ckpt / lora.ADAPTER_CONFIG).is_file()
 
@@ -87,8 +111,10 @@ def test_the_adapter_loads_in_peft_and_the_merged_model_in_transformers(lora_run
     assert int(run_card_snippets(ref / "adapter").split("new tokens:")[1]) >= 1  # base + adapter load and answer
 
 
-def test_a_lora_checkpoint_exports_the_adapter_and_the_merged_model(lora_runs, tmp_path):
-    ref, _ = lora_runs
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_a_lora_checkpoint_exports_the_adapter_and_the_merged_model(request, engine, tmp_path):
+    """From ZeRO-3's shards or FSDP2's DCP folder: the adapter, and the base it names with the adapter merged in."""
+    ref, _ = runs_of(request, engine)
     ckpt = checkpoints.find("latest", ref / "checkpoints")
     for extra, folder, check in (([], "adapter", "adapter_model.safetensors"), (["--merged"], "final",
                                                                                "model.safetensors")):
@@ -167,3 +193,19 @@ def test_a_lora_checkpoint_answers_as_its_merged_model(lora_runs, tmp_path):
                                         add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     with torch.no_grad():
         assert (from_ckpt(ids).logits - merged(ids).logits).abs().max().item() < 1e-4
+
+
+def test_fsdp2_refuses_lora_on_new_token_rows_of_a_tied_embedding_in_one_line(tiny_dir, prepared):
+    """peft's trainable-token rows share the tied embedding FSDP2 would shard twice: refused before prepare (a
+    ConfigError: one line, exit 2), and a model that already has the template's tokens passes."""
+    from loop.config import ConfigError, LoraSettings
+    from loop.engine import fsdp2
+
+    for folder, added, refused in ((tiny_dir / "model", [1, 2], True), (prepared("gpt_bigcode")[0], [], False)):
+        model = lora.wrap(AutoModelForCausalLM.from_pretrained(folder), LoraSettings(enabled=True), added)
+        if refused:
+            with pytest.raises(ConfigError, match="^lora: the chat template adds tokens .* under FSDP2 yet; train "
+                                                  "with DeepSpeed"):
+                fsdp2.place_model(None, model, True)
+        else:
+            fsdp2.place_model(None, model, True)

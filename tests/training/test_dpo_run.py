@@ -1,4 +1,4 @@
-"""A preference run end to end under real 2-process ZeRO-3 (with LoRA under FSDP2 too): TRL's metrics in
+"""A preference run end to end under real 2-process ZeRO-3 (under FSDP2 too: every weight, and LoRA): TRL's metrics in
 TensorBoard and train.log, the reference pass timed and cached, a model card that says what was done, and
 everything SFT has (bit-identical resume after kill -9 and after preemption, even with the reference cache gone;
 the config guard; consolidation and export)."""
@@ -157,6 +157,37 @@ def test_kill_9_then_preemption_then_resume_is_bit_identical_even_without_the_re
     for name in METRICS:
         assert dict(run[f"train/{name}"])[STEPS] == dict(ref[f"train/{name}"])[STEPS], name
     assert dict(run["eval/rewards/accuracies"])[STEPS] == dict(ref["eval/rewards/accuracies"])[STEPS]
+
+
+def test_full_parameter_dpo_under_fsdp2_starts_from_zero3s_reference_and_exports(tiny_dir, pair_files, dpo_run,
+                                                                                  tmp_path):
+    """Every weight trained under 2-process FSDP2 (one launch of 8 steps, about 10 s): its own reference pass, by
+    the sharded model before the first step, gives ZeRO-3's log-probabilities on the same rows (the cache of
+    `dpo_run`, the same key; measured equal to the bit); the policy starts as the reference (eval loss and train
+    step 1's loss ln 2, step 1's metrics ZeRO-3's), learns, and its DCP checkpoint consolidates to the final model."""
+    out, cache = tmp_path / "fsdp2", tmp_path / "cache"
+    launch(dpo_config(tmp_path, tiny_dir, pair_files, out), "--max_steps", "8", "--eval_every", "8", "--cache_dir",
+           str(cache), accelerate_config="cpu_fsdp2.yaml")
+    log = (out / "train.log").read_text()
+    assert "computed in" in log.split("reference log-probs of ")[1].splitlines()[0]
+    assert "| distributed setup | FSDP2 (fully_shard), 2 process(es)" in (out / "final" / "README.md").read_text()
+    (ours,) = cache.glob("reference-*.safetensors")
+    theirs = load_file(pair_files[0].parent / "cache" / ours.name)  # ZeRO-3's, under the same key
+    for name, values in load_file(ours).items():
+        torch.testing.assert_close(values, theirs[name], rtol=1e-5, atol=1e-5, msg=name)
+    run, zero3 = scalars(out), scalars(dpo_run)
+    evals, accuracy = dict(run["eval/loss"]), dict(run["eval/rewards/accuracies"])
+    assert evals[0] == pytest.approx(0.693147, abs=1e-6) and accuracy[0] == 0.0
+    assert evals[8] < evals[0] and dict(run["eval/rewards/margins"])[8] > 0
+    for name in METRICS:  # step 1 is before any update: the same rows as ZeRO-3's give the same values
+        assert [s for s, _ in run[f"train/{name}"]] == list(range(1, 9)), name
+        assert dict(run[f"train/{name}"])[1] == pytest.approx(dict(zero3[f"train/{name}"])[1], rel=1e-5,
+                                                               abs=1e-6), name
+    assert dict(run["train/loss"])[1] == pytest.approx(0.693147, abs=1e-6)
+    export.from_checkpoint(checkpoints.find("latest", out / "checkpoints"), tmp_path / "m", dtype="fp32")
+    final, consolidated = (load_file(d / "model.safetensors") for d in (out / "final", tmp_path / "m"))
+    assert final.keys() - consolidated.keys() == {"lm_head.weight"}  # tied: written once (transformers reads both)
+    assert all(torch.equal(final[k], v) for k, v in consolidated.items())  # FSDP2 keeps float32 weights: exact
 
 
 def test_with_lora_the_reference_is_the_base_with_its_adapter_off_precomputed_or_live(tiny_dir, pair_files,
