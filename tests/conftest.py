@@ -17,8 +17,15 @@ import yaml
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub, which reads it once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share the cores: one thread a process (torchrun gives
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # its workers the same), not OpenMP threads spinning for a core
 
 from tools.builders import tiny  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this worker's own runs (run_in_process, tool_run)
 
 ROOT = Path(__file__).resolve().parents[1]
 # A token that must never appear in any file a run writes (tests/report/test_hub.py scans for it).
