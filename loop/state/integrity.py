@@ -227,7 +227,7 @@ def _unreadable(path: Path) -> str | None:
         elif path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 f.metadata()
-        return registry.unreadable(path)  # an engine's own files (DCP's index)
+        return registry.unreadable(path)  # an engine's own files (DCP's index and the items of its data files)
     except UntrustedCheckpoint as e:
         return str(e)
     except Exception as e:  # noqa: BLE001 - any failure means unreadable

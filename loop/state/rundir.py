@@ -22,6 +22,7 @@ import fcntl
 import logging
 import os
 import secrets
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -132,7 +133,7 @@ def holder_is_dying(holder: str) -> bool:
         return True
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     pending = int(fields.get("SigPnd", "0"), 16) | int(fields.get("ShdPnd", "0"), 16)
-    return fields.get("State", "").split()[:1] in (["Z"], ["X"]) or bool(pending & 1 << (9 - 1))
+    return fields.get("State", "").split()[:1] in (["Z"], ["X"]) or bool(pending & 1 << (signal.SIGKILL - 1))
 
 
 def in_use(output_dir: Path, holder: str) -> DirectoryInUse:

@@ -184,6 +184,7 @@ def test_a_requeue_waits_for_the_lock_of_a_killed_run_but_not_for_a_live_one(tmp
         holder.kill()
         holder.wait()
 
+
 def same_folder(first: Path, second: Path) -> list[str]:
     """What the two processes of tests/state/same_folder.py said, rank 0 in `first`, rank 1 in `second`."""
     port = free_port()
