@@ -43,9 +43,9 @@ class ModelConfig:
     revision: str | None = None  # Hub branch, tag or commit of the model (none: the default branch)
     trust_remote_code: bool = False  # run the model's own modelling code from the Hub (only for models you trust)
     # auto: flash_attention_2 with CUDA + flash-attn, else varlen_attn (torch's kernel) on CUDA, else
-    # sdpa. sdpa: block-diagonal masks; varlen_attn, flash_attention_2/3: varlen kernels on GPU (they
-    # fall back with a message); sdpa_varlen: the varlen layout on any device, a reference (slow);
-    # eager cannot pack (see loop/model/attention.py).
+    # sdpa on CUDA, sdpa_varlen without it. sdpa: block-diagonal masks; varlen_attn, flash_attention_2/3:
+    # varlen kernels on GPU (they fall back with a message); sdpa_varlen: SDPA per dialogue on any device
+    # (the fastest on CPU); eager cannot pack (see loop/model/attention.py).
     attn_implementation: Attention = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
     # Mixtures of experts: the router load-balancing loss's coefficient (none: the model config's

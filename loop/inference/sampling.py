@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from loop.config import TrainingConfig
 from loop.data import templates
 from loop.engine import registry
+from loop.model import attention
 from loop.state.progress import LoopState, due
 
 
@@ -58,13 +59,14 @@ def answer(model, tokenizer: PreTrainedTokenizerBase, conversations: list[list[d
     kwargs = {}
     if sampling.do_sample:
         kwargs = {"temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p}
-    out = model.generate(
-        input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-        max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
-        repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id, min_new_tokens=1,
-        bad_words_ids=role_tokens(tokenizer, stop_id) or None, pad_token_id=tokenizer.pad_token_id,
-        synced_gpus=synced_gpus, streamer=streamer, **kwargs,
-    )
+    with attention.for_generation(model):
+        out = model.generate(
+            input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
+            max_new_tokens=sampling.max_new_tokens, do_sample=sampling.do_sample,
+            repetition_penalty=sampling.repetition_penalty, eos_token_id=stop_id, min_new_tokens=1,
+            bad_words_ids=role_tokens(tokenizer, stop_id) or None, pad_token_id=tokenizer.pad_token_id,
+            synced_gpus=synced_gpus, streamer=streamer, **kwargs,
+        )
     model.train(was_training)
     new = out[:, enc["input_ids"].shape[1]:]
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]

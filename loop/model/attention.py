@@ -12,9 +12,11 @@ Position ids alone do not separate dialogues (GPTBigCode does not even pass them
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import inspect
+from collections.abc import Iterator
 from typing import get_args
 
 import torch
@@ -51,7 +53,9 @@ def resolve(requested: str, attention_dropout: float = 0.0) -> tuple[str, str | 
 
     "auto" takes the fastest that keeps dialogues apart: flash-attention's varlen kernel when CUDA and
     flash_attn are there, else torch's `varlen_attn` (no extra package, but no attention dropout),
-    else SDPA with block-diagonal masks.
+    else on CUDA SDPA with block-diagonal masks. Without CUDA, SDPA per dialogue (`sdpa_varlen`): a masked
+    row computes every pair of its tokens, a dialogue only its own, so on CPU it is the faster of the two
+    (tools/bench/train_step.py), at a Python call per dialogue that a GPU would wait on.
     """
     flash = torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
     if requested == "auto":
@@ -59,7 +63,7 @@ def resolve(requested: str, attention_dropout: float = 0.0) -> tuple[str, str | 
             return "flash_attention_2", None
         if torch_varlen_available() and attention_dropout == 0:
             return "varlen_attn", None
-        return "sdpa", None
+        return ("sdpa" if torch.cuda.is_available() else "sdpa_varlen"), None
     if requested.startswith("flash_attention"):
         package = "flash_attn_interface" if requested.endswith("3") else "flash_attn"
         if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:
@@ -93,10 +97,11 @@ def _expand_kv(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> t
 
 def sdpa_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
                 **kwargs):
-    """Reference varlen attention: causal SDPA per packed sequence, from cu_seq_lens_q.
+    """Varlen attention on any device: causal SDPA per packed sequence, from cu_seq_lens_q.
 
-    Takes exactly what flash-attention's varlen path takes (query/key/value as (1, heads, T, dim)),
-    so the flattened layout is checked on any device. One SDPA call per dialogue: a reference, not fast.
+    Takes exactly what flash-attention's varlen path takes (query/key/value as (1, heads, T, dim)), so
+    the flattened layout is checked on any device; `auto` on CPU, where computing each dialogue's own
+    block beats a masked row. A Python call per dialogue: on a GPU, slower than the varlen kernels.
     """
     cu = kwargs["cu_seq_lens_q"].tolist()
     key, value = _expand_kv(query, key, value)
@@ -139,6 +144,21 @@ def torch_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling
     extra = {"enable_gqa": gqa} if takes_gqa else {}
     out = kernel(q, k, v, cu, cu, longest, longest, scale=scaling, window_size=window, **extra)
     return out.unsqueeze(0), None  # (1, T, heads, dim)
+
+
+@contextlib.contextmanager
+def for_generation(model) -> Iterator[None]:
+    """Generation pads a batch and keeps a KV cache, which the varlen functions (one flattened row of whole
+    sequences, cu_seq_lens) do not take: it runs on SDPA, and the training choice comes back after."""
+    chosen = model.config._attn_implementation
+    if ATTENTION_LAYOUT.get(chosen) != "varlen":
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(chosen)
 
 
 def register() -> None:

@@ -116,12 +116,31 @@ def test_choices_without_their_kernel_fall_back_with_a_reason():
     assert chosen == "sdpa" and "falling back to sdpa" in why
     chosen, why = attention.resolve("varlen_attn")
     assert chosen == "sdpa_varlen" and "CUDA" in why  # the same flattened layout, computed per dialogue
-    assert attention.resolve("auto") == ("sdpa", None)
+    assert attention.resolve("auto") == ("sdpa_varlen", None)  # on CPU each dialogue's block beats a masked row
 
 
 def test_auto_prefers_flash_then_torch_varlen_unless_the_model_uses_attention_dropout(monkeypatch):
     monkeypatch.setattr(attention, "torch_varlen_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert attention.resolve("auto") == ("varlen_attn", None)
     assert attention.resolve("auto", attention_dropout=0.1) == ("sdpa", None)
     chosen, why = attention.resolve("varlen_attn", attention_dropout=0.1)
     assert chosen == "sdpa" and "dropout" in why
+
+
+def test_a_varlen_model_generates_as_sdpa_does_and_keeps_its_training_choice(tiny_dir):
+    """Generation pads a batch and keeps a KV cache, which the varlen functions cannot take (they failed with
+    a KeyError on cu_seq_lens_q): for_generation runs it on SDPA, then gives the model its choice back."""
+    from transformers import AutoTokenizer
+
+    attention.register()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir / "model")
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token or "<|end|>", "left"
+    batch = tokenizer(["what is a list", "hi"], return_tensors="pt", padding=True)  # left-padded
+    answers = {}
+    for name in ("sdpa", "sdpa_varlen"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir / "model", attn_implementation=name).eval()
+        with attention.for_generation(model):
+            answers[name] = model.generate(**batch, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        assert model.config._attn_implementation == name
+    assert torch.equal(answers["sdpa"], answers["sdpa_varlen"])

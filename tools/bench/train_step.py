@@ -4,8 +4,10 @@ Both train the same tiny GPTBigCode (the quickstart's shape unless --shape says 
 the same packed rows of a corpus built here (tools/bench/corpus.py: multi-turn dialogues with long answers,
 half with code; or the shipped chatterbot dialogues), with the same micro-batch and accumulation; the
 Trainer through tools/bench/trainer_baseline.py: the loop's rows in the loop's order (so both train the
-same micro-batches), its collate function, block-diagonal masks, sdpa. Each repeat runs both sides, one
-after the other, the order swapped every repeat, so load on a shared machine falls on both.
+same micro-batches), its collate function, block-diagonal masks, sdpa; the loop with its own default
+attention (on CPU, SDPA per dialogue: the same loss, each dialogue's block computed instead of the whole
+masked row). Each repeat runs both sides, one after the other, the order swapped every repeat, so load on
+a shared machine falls on both.
 
 Every figure is the steady state (the loop's logging windows after the first, the Trainer's steps after
 the same warm-up): real tokens a second (both count the tokens of the rows they were handed, and the
@@ -42,7 +44,7 @@ SPLIT = (("data", "data"), ("forward_backward", "fwd+bwd"), ("optimizer", "optim
 
 def ours(a, work: Path, model: Path, data: Path, run: int, env: dict) -> dict[str, float]:
     out = work / f"ours-{run}"
-    cfg = {"model": {"name_or_path": str(model), "attn_implementation": "sdpa"},
+    cfg = {"model": {"name_or_path": str(model), "attn_implementation": a.attention},
            "data": {"train_files": [str(data)], "seq_len": a.seq_len, "eval_fraction": 0.0,
                     "cache_dir": str(work / "cache")},
            "training": {"max_steps": a.steps, "micro_batch_size": a.micro_batch, "lr": 1e-3,
@@ -65,6 +67,12 @@ def trainer(a, model: Path, data: Path, env: dict) -> dict[str, float]:
                            "--steps", str(a.steps), "--warmup", str(a.warmup), "--in-order"],
                           check=True, capture_output=True, text=True, cwd=ROOT, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def resolved(a) -> str:
+    from loop.model import attention
+
+    return attention.resolve(a.attention, SHAPES[a.shape]["dropout"])[0]
 
 
 def spread(values: list[float], form: str) -> str:
@@ -101,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--corpus", choices=("realistic", "chatterbot"), default="realistic")
     p.add_argument("--dialogues", type=int, default=400, help="dialogues of the realistic corpus")
     p.add_argument("--shape", choices=sorted(SHAPES), default="quickstart")
+    p.add_argument("--attention", default="auto", help="the loop's model.attn_implementation (default: its own "
+                   "default, which on CPU is SDPA per dialogue); the Trainer keeps SDPA with block masks")
     p.add_argument("--work", type=Path, help="keep the model, data and runs here (default: a temporary folder)")
     a = p.parse_args(argv)
     from tools.builders import tiny
@@ -120,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs[side].append(got)
     print(f"tiny GPTBigCode ({a.shape}: {SHAPES[a.shape]}), {a.corpus} corpus, {a.seq_len}-token packed rows, "
           f"micro-batch {a.micro_batch} x {a.accumulation} accumulation, {a.steps} steps (first {a.warmup} left "
-          f"out), 1 CPU process, fp32, sdpa with block masks; {a.repeats} repeats, sides alternating")
+          f"out), 1 CPU process, fp32; the loop's attention {resolved(a)}, the Trainer's SDPA with block "
+          f"masks; {a.repeats} repeats, sides alternating")
     report(a, runs)
     print(said.line())
 
