@@ -3,9 +3,10 @@
 with a dialogue longer than the row cut at a turn boundary or dropped (and counted).
 
 Why not apply_chat_template itself: it tokenizes one dialogue at a time and builds its mask in Python
-token by token; here the same Jinja render (transformers' own, with the `{% generation %}` spans) feeds
-one batched call of the Rust tokenizer, and the mask is one vectorized comparison of token offsets with
-the spans. tests/data/test_tokenize.py proves the result equal, over the whole corpus and every family.
+token by token; here the same render (transformers' Jinja with the `{% generation %}` spans, or for the
+named templates the renderer compiled from them, render.py) feeds one batched call of the Rust tokenizer,
+and the mask comes from each span's two ends (`trained`). tests/data/test_templates.py proves the result
+equal, over the whole corpus and every family; tests/data/test_render.py the compiled render equal to Jinja.
 The cost of a dialogue stays linear in its length and bounded by the row: text that cannot fit is never
 rendered (no token covers more characters than the vocabulary's longest entry), and the longest fitting
 prefix is found by bisection, not by rendering every shorter prefix.
