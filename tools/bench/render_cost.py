@@ -89,36 +89,41 @@ def main() -> None:
     prepare._start(job)
     encoder = prepare._ENCODER
 
-    def found():
-        report, bad = SourceReport(), []
-        records = (r for _, units in items for unit in units for r in read(planned[0].source, unit))
-        return [d for _, d in dlg.dialogues_of(planned[0].fmt, str(path), records, data.oasst_paths, report, bad)]
+    def found(item):
+        records = (r for unit in item[1] for r in read(planned[0].source, unit))
+        return [d for _, d in dlg.dialogues_of(planned[0].fmt, str(path), records, data.oasst_paths, SourceReport(),
+                                               [])]
 
-    def work():
-        return [prepare._work(item) for item in items]
+    def parts_of(item) -> dict:
+        """Each part's work on one unit of the corpus (what one `_work` call reads)."""
+        dialogues = found(item)
+        batches = [dialogues[i : i + prepare.BATCH] for i in range(0, len(dialogues), prepare.BATCH)]
+        rendered = [encoder._render(b)[0] for b in batches]
+        return {"whole": lambda: prepare._work(item), "read+JSON+validate": lambda: found(item),
+                "render": lambda: [encoder._render(b) for b in batches],
+                "tokenizer": lambda: [encoder.backend.encode_batch(t, add_special_tokens=False) for t in rendered],
+                "hash": lambda: [dlg.keys(d) for d in dialogues],
+                "encoder": lambda: [encoder.encode(b) for b in batches]}
 
-    dialogues = found()
-    batches = [dialogues[i : i + prepare.BATCH] for i in range(0, len(dialogues), prepare.BATCH)]
-    rendered = [encoder._render(b)[0] for b in batches]
-    parts = {"whole": work, "read+JSON+validate": found, "render": lambda: [encoder._render(b) for b in batches],
-             "tokenizer": lambda: [encoder.backend.encode_batch(t, add_special_tokens=False) for t in rendered],
-             "hash": lambda: [dlg.keys(d) for d in dialogues],
-             "encoder": lambda: [encoder.encode(b) for b in batches]}
+    units = [parts_of(item) for item in items]
     gc.freeze()  # what the parts read stays out of the collector's way, as it does in a worker, which holds none of it
-    times: dict[str, list[float]] = {name: [] for name in parts}
-    for _ in range(a.repeats):  # interleaved: a burst of load elsewhere falls on every part alike
-        for name, fn in parts.items():
-            times[name].append(timed(fn)[1])
-    chunks = work()
-    best = {name: min(t) for name, t in times.items()}
+    times: dict[str, list[list[float]]] = {name: [[] for _ in units] for name in units[0]}
+    for _ in range(a.repeats):  # interleaved unit by unit: a burst of load elsewhere falls on every part alike
+        for k, parts in enumerate(units):
+            for name, fn in parts.items():
+                times[name][k].append(timed(fn)[1])
+    best = {name: sum(map(min, per_unit)) for name, per_unit in times.items()}
+    worst = {name: sum(map(max, per_unit)) for name, per_unit in times.items()}
+    chunks = [prepare._work(item) for item in items]
     whole, tokenize = best["whole"], best["tokenizer"]
+    n = sum(len(c.lengths) for c in chunks)
     tokens = sum(len(c.tokens) for c in chunks)
-    n = len(dialogues)
     us = lambda seconds: f"{seconds / n * 1e6:9.1f}"  # noqa: E731
     print(f"{a.corpus} corpus: {n} dialogues, {tokens / n:.0f} tokens each, template {a.template}, one thread")
-    print(f"  CPU us a dialogue, the least of {a.repeats} interleaved repeats (spread: most / least):")
-    for name, t in times.items():
-        print(f"    {name:20s} {us(best[name])}  ({max(t) / min(t):.2f})")
+    print(f"  CPU us a dialogue, the least of {a.repeats} interleaved repeats of each unit of {len(units)} (spread: "
+          "the most / the least)")
+    for name in times:
+        print(f"    {name:20s} {us(best[name])}  ({worst[name] / best[name]:.2f})")
     print(f"    {'ids, mask, bounds':20s} {us(best['encoder'] - best['render'] - tokenize)}  (encoder - render - "
           "tokenizer)")
     rest = whole - best["encoder"] - best["read+JSON+validate"] - best["hash"]
@@ -133,7 +138,7 @@ def main() -> None:
         import pstats
 
         profile = cProfile.Profile()
-        profile.runcall(work)
+        profile.runcall(lambda: [prepare._work(item) for item in items])
         pstats.Stats(profile).sort_stats("tottime").print_stats(a.profile)
 
 
