@@ -204,15 +204,31 @@ def digest(dialogue: Messages) -> int:
     duplicates and decides a dialogue's side of the eval split, whatever the order of the records."""
     h = hashlib.blake2b(digest_size=8)
     for message in dialogue:  # message by message: a huge one is hashed without a second copy of the dialogue
-        content = message.get("content")
-        rest = {k: v for k, v in message.items() if k != "content"}
-        h.update(json.dumps(rest, sort_keys=True, ensure_ascii=False).encode() + b"\x00")
-        if not isinstance(content, str):
-            content = json.dumps(content, sort_keys=True)
-        for at in range(0, len(content), 1 << 20):  # a megabyte at a time: no copy of a huge message
-            h.update(content[at : at + (1 << 20)].encode("utf-8", "surrogatepass"))
-        h.update(b"\x01")
+        _hash_message(h, message)
     return int.from_bytes(h.digest(), "little")
+
+
+def _hash_message(h: Any, message: dict) -> None:
+    content = message.get("content")
+    if len(message) == 2 and "content" in message and type(role := message.get("role")) is str:
+        rest = _ROLE_JSON.get(role) or _role_json(role)  # most messages: role and content
+    else:
+        rest = json.dumps({k: v for k, v in message.items() if k != "content"}, sort_keys=True,
+                          ensure_ascii=False).encode()
+    h.update(rest + b"\x00")
+    if not isinstance(content, str):
+        content = json.dumps(content, sort_keys=True)
+    for at in range(0, len(content), 1 << 20):  # a megabyte at a time: no copy of a huge message
+        h.update(content[at : at + (1 << 20)].encode("utf-8", "surrogatepass"))
+    h.update(b"\x01")
+
+
+def _role_json(role: str) -> bytes:
+    """`json.dumps({"role": role}, sort_keys=True, ensure_ascii=False).encode()`, written without json.dumps."""
+    return ('{"role": ' + json.encoder.encode_basestring(role) + "}").encode()
+
+
+_ROLE_JSON: dict[str, bytes] = {role: _role_json(role) for role in ROLES}
 
 
 def split_key(dialogue: Messages) -> int:
@@ -221,6 +237,18 @@ def split_key(dialogue: Messages) -> int:
     same side, so a held-out question is never trained on, even when another dialogue asks it too."""
     first = next((m for m in dialogue if m.get("role") == "user"), None)
     return digest([first] if first is not None else dialogue)
+
+
+def keys(dialogue: Messages) -> tuple[int, int]:
+    """(digest, split_key) of a dialogue in one pass over it."""
+    whole, first = hashlib.blake2b(digest_size=8), None
+    for message in dialogue:
+        _hash_message(whole, message)
+        if first is None and message.get("role") == "user":
+            first = hashlib.blake2b(digest_size=8)
+            _hash_message(first, message)
+    value = int.from_bytes(whole.digest(), "little")
+    return value, int.from_bytes(first.digest(), "little") if first is not None else value
 
 
 def held_out(key: int, eval_fraction: float) -> bool:

@@ -110,12 +110,12 @@ def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
                 continue
             report.per_turn += encoded.per_turn
             report.per_turn_tokens += encoded.extra_tokens
-            digest, key = dlg.digest(dialogue), dlg.split_key(dialogue)  # every piece on the dialogue's side
+            digest, key = dlg.keys(dialogue)  # every piece on the dialogue's side of the split
             for piece, (ids_, mask) in enumerate(encoded.pieces or [(np.zeros(0, np.int32), np.zeros(0, np.uint8))]):
                 ids.append(ids_)
                 masks.append(mask)
                 lengths.append(len(ids_))
-                counts.append(int(mask.sum()))
+                counts.append(int(np.count_nonzero(mask)))
                 status.append(encoded.status)
                 digests.append(dlg.piece_digest(digest, piece))
                 split_keys.append(key)

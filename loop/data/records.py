@@ -87,8 +87,9 @@ def loads(raw: bytes | str) -> Any:
                          f"{e.msg}, line {e.lineno} column {e.colno}") from None
     except RecursionError:
         raise ValueError(NESTED) from None
-    if _deeper_than(value, MAX_DEPTH):
-        raise ValueError(NESTED)
+    opened = raw.count(b"[") + raw.count(b"{") if isinstance(raw, bytes) else raw.count("[") + raw.count("{")
+    if opened > MAX_DEPTH and _deeper_than(value, MAX_DEPTH):  # nesting deeper takes that many brackets: most
+        raise ValueError(NESTED)  # records are not walked at all
     return value
 
 
@@ -135,17 +136,19 @@ def plan_lines(path: Path, chunk_bytes: int = 4 << 20) -> tuple[list[Unit], str]
 def read_lines(path: Path, unit: Unit) -> Iterator[Located]:
     """The records of a unit of JSONL lines. Each line is read, decoded and parsed on its own, and its bytes let
     go before it is parsed: a 50 MB line costs about twice its size, not the whole unit's or four times."""
+    name, at, n = str(path), unit.start, unit.first_line
     with path.open("rb") as f:
-        f.seek(unit.start)
-        n = unit.first_line
-        while f.tell() < unit.stop:
-            raw = f.readline()
+        f.seek(at)
+        for raw in f:
+            if at >= unit.stop:
+                break
+            at += len(raw)
             if raw.strip():
                 try:
                     text, raw = raw.decode("utf-8"), None
                 except UnicodeDecodeError as e:
                     text = DataError(f"invalid UTF-8 ({e.reason} at byte {e.start})")
-                yield f"{path}:{n}", text if isinstance(text, DataError) else parse_json(text.rstrip("\r\n"))
+                yield f"{name}:{n}", text if isinstance(text, DataError) else parse_json(text.rstrip("\r\n"))
             n += 1
 
 

@@ -3,9 +3,10 @@
 with a dialogue longer than the row cut at a turn boundary or dropped (and counted).
 
 Why not apply_chat_template itself: it tokenizes one dialogue at a time and builds its mask in Python
-token by token; here the same Jinja render (transformers' own, with the `{% generation %}` spans) feeds
-one batched call of the Rust tokenizer, and the mask is one vectorized comparison of token offsets with
-the spans. tests/data/test_tokenize.py proves the result equal, over the whole corpus and every family.
+token by token; here the same render (transformers' Jinja with the `{% generation %}` spans, or for the
+named templates the renderer compiled from them, render.py) feeds one batched call of the Rust tokenizer,
+and the mask comes from each span's two ends (`trained`). tests/data/test_templates.py proves the result
+equal, over the whole corpus and every family; tests/data/test_render.py the compiled render equal to Jinja.
 The cost of a dialogue stays linear in its length and bounded by the row: text that cannot fit is never
 rendered (no token covers more characters than the vocabulary's longest entry), and the longest fitting
 prefix is found by bisection, not by rendering every shorter prefix.
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from loop.data import calls, templates, turns
+from loop.data import calls, render, templates, turns
 from loop.data.records import DataError, Messages
 
 OK, TRUNCATED, DROPPED = 0, 1, 2  # what became of a dialogue
@@ -69,17 +70,24 @@ class Encoder:
         self.template_kwargs = dict(tokenizer.special_tokens_map) | dict(template_kwargs or {})
         self.on_template_change = on_template_change
         self.end = tokenizer.eos_token
+        self.compiled = render.compiled(self.template, self.template_kwargs, template_kwargs or {})
         self.max_token_chars = max(len(t) for t in tokenizer.get_vocab())
 
     def _render(self, dialogues: Sequence[Messages]) -> tuple[list[str], list[list[tuple[int, int]]]]:
+        """Texts and assistant spans: by the compiled renderer where the template is a named one (render.py),
+        else by transformers' Jinja, dialogues that share a tool list together."""
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        groups: dict[str, tuple[list[int], list | None]] = {}  # dialogues that share a tool list render together
-        for k, d in enumerate(dialogues):
-            tools = calls.split(d)[1]
-            groups.setdefault(json.dumps(tools, sort_keys=True, default=str), ([], tools))[0].append(k)
         texts: list = [None] * len(dialogues)
         spans: list = [None] * len(dialogues)
+        groups: dict[str, tuple[list[int], list | None]] = {}
+        for k, d in enumerate(dialogues):
+            messages, tools = calls.split(d)
+            done = self.compiled(messages, tools) if self.compiled else None
+            if done is None:
+                groups.setdefault(json.dumps(tools, sort_keys=True, default=str), ([], tools))[0].append(k)
+            else:
+                texts[k], spans[k] = done
         for at, tools in groups.values():
             found = render_jinja_template(conversations=[self.normalize(calls.split(dialogues[k])[0]) for k in at],
                                           tools=tools, chat_template=self.template, return_assistant_tokens_mask=True,
@@ -92,18 +100,8 @@ class Encoder:
         """Ids and trained mask of whole dialogues, as apply_chat_template marks them: a token is trained
         when it overlaps a generation span."""
         texts, spans = self._render(dialogues)
-        out = []
-        for encoding, found in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans):
-            ids = np.asarray(encoding.ids, dtype=np.int32)
-            mask = np.zeros(len(ids), dtype=np.uint8)
-            if found and len(ids):
-                offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-                starts, ends = np.asarray(found, dtype=np.int64).reshape(-1, 2).T
-                span = np.searchsorted(ends, offsets[:, 0], side="right")  # the first span ending after the token
-                inside = span < len(ends)
-                mask[inside] = starts[span[inside]] < offsets[inside, 1]
-            out.append((ids, mask))
-        return out
+        return [(np.asarray(encoding.ids, dtype=np.int32), trained(encoding, found))
+                for encoding, found in zip(self.backend.encode_batch(texts, add_special_tokens=False), spans)]
 
     def _bounded(self, dialogue: Messages) -> int:
         """How many messages can possibly fit in a row: a prefix whose text has more characters than seq_len
@@ -180,6 +178,8 @@ class Encoder:
         from transformers.utils.chat_template_utils import render_jinja_template
 
         plain, tools = calls.split(messages)
+        if self.compiled and (done := self.compiled(plain, tools, generation_prompt)) is not None:
+            return done[0]
         (text,), _ = render_jinja_template(conversations=[self.normalize(plain)], tools=tools,
                                            chat_template=self.template, add_generation_prompt=generation_prompt,
                                            **self.template_kwargs)
@@ -233,6 +233,43 @@ class Encoder:
             else:
                 hi = mid - 1
         return best
+
+
+def trained(encoding: Any, spans: list[tuple[int, int]] | None) -> np.ndarray:
+    """The trained mask of one encoding: every token overlapping a span (character offsets), as apply_chat_template
+    marks them. Each span's tokens are found from its two ends (`char_to_token`) and widened over any neighbour that
+    overlaps it too (a character split over several tokens), rather than by reading every token's offsets back
+    into Python, which cost more than the tokenizing. Offsets follow the text, as every tokenizers pipeline gives
+    them; where an end lies in no token (a trimmed space) the offsets are read after all."""
+    n = len(encoding)
+    mask = np.zeros(n, dtype=np.uint8)
+    for start, end in spans or ():
+        lo, hi = encoding.char_to_token(start), encoding.char_to_token(end - 1) if end > start else None
+        if lo is None or hi is None:
+            return _trained_by_offsets(encoding, spans)
+        while lo > 0 and _overlaps(encoding.token_to_chars(lo - 1), start, end):
+            lo -= 1
+        while hi + 1 < n and _overlaps(encoding.token_to_chars(hi + 1), start, end):
+            hi += 1
+        mask[lo : hi + 1] = 1
+    return mask
+
+
+def _overlaps(chars: tuple[int, int] | None, start: int, end: int) -> bool:
+    return chars is not None and chars[0] < end and chars[1] > start
+
+
+def _trained_by_offsets(encoding: Any, spans: list[tuple[int, int]]) -> np.ndarray:
+    """The same mask from every token's offsets: the first span ending after a token's start holds it if it starts
+    before the token ends."""
+    mask = np.zeros(len(encoding), dtype=np.uint8)
+    if len(mask):
+        offsets = np.asarray(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+        starts, ends = np.asarray(spans, dtype=np.int64).reshape(-1, 2).T
+        span = np.searchsorted(ends, offsets[:, 0], side="right")
+        inside = span < len(ends)
+        mask[inside] = starts[span[inside]] < offsets[inside, 1]
+    return mask
 
 
 def decision(encoded: Encoded) -> str:
