@@ -29,19 +29,50 @@ Batch = dict[str, torch.Tensor | int]
 
 
 @dataclass(frozen=True)
+class Bits:
+    """Flags at one bit each (np.packbits' order), read like a bool array by slice or index array: the trained
+    flags of a prepared folder, which at a byte a flag took half as much disk as the tokens themselves."""
+
+    packed: np.ndarray  # uint8, ceil(size / 8) bytes, the last one's spare bits 0
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, at: slice | np.ndarray) -> np.ndarray:
+        if isinstance(at, slice):
+            start, stop, step = at.indices(self.size)
+            if step != 1 or stop <= start:
+                return self[np.arange(start, stop, step)]
+            first = start >> 3
+            bits = np.unpackbits(self.packed[first : (stop + 7) >> 3])
+            return bits[start - 8 * first : stop - 8 * first].view(np.bool_)
+        at = np.asarray(at, dtype=np.int64)
+        return ((self.packed[at >> 3] >> (7 - (at & 7))) & 1).astype(np.bool_)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        flags = self[0 : self.size]
+        return flags if dtype is None else flags.astype(dtype)
+
+    def tobytes(self) -> bytes:
+        return self.packed.tobytes()
+
+
+@dataclass(frozen=True)
 class Columns:
     """Every dialogue's token ids and trained flags back to back, with offsets. The arrays keep the dtype they
     were stored in (memory-mapped from the data cache: two bytes a token for vocabularies under 65,536)."""
 
     tokens: np.ndarray  # all dialogues concatenated (uint16 or int32)
-    trained: np.ndarray  # bool, per token: is it an assistant token (a target)?
+    trained: np.ndarray | Bits  # bool, per token: is it an assistant token (a target)?
     offsets: np.ndarray  # int64, dialogue i is tokens[offsets[i]:offsets[i + 1]]
     trained_counts: np.ndarray  # int32, each dialogue's trained tokens: trained counts in O(1) per piece
 
     @classmethod
-    def from_arrays(cls, tokens: np.ndarray, trained: np.ndarray, offsets: np.ndarray,
+    def from_arrays(cls, tokens: np.ndarray, trained: np.ndarray | Bits, offsets: np.ndarray,
                     trained_counts: np.ndarray | None = None) -> Columns:
-        trained = trained.view(np.bool_) if trained.dtype == np.uint8 else trained.astype(bool)
+        if not isinstance(trained, Bits):
+            trained = trained.view(np.bool_) if trained.dtype == np.uint8 else trained.astype(bool)
         offsets = offsets.astype(np.int64, copy=False)
         if trained_counts is None:
             cum = np.concatenate([[0], np.cumsum(trained, dtype=np.int64)])

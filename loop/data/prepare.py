@@ -2,7 +2,7 @@
 
 One process prepares: every source of the mixture is read in units, converted, validated and tokenized
 by worker processes on every core it has (with a progress bar); duplicates are found and the eval split
-taken by content; tokens (two bytes each for vocabularies under 65,536), trained flags and per-dialogue
+taken by content; tokens (two bytes each for vocabularies under 65,536), trained flags (a bit each) and per-dialogue
 counts go to flat files in a folder named by the key of everything they were made of (the sources'
 content, how they are read, the template, tokenizer and row length). The other processes, and every
 later run with the same key, memory-map that folder: no Python object per dialogue, no second
@@ -30,15 +30,15 @@ from transformers import PreTrainedTokenizerBase
 from loop.config import DataConfig, first_line
 from loop.data import cache
 from loop.data import dialogues as dlg
-from loop.data.batches import Columns
+from loop.data.batches import Bits, Columns
 from loop.data.dialogues import Bad, DataReport, SourceReport
 from loop.data.packing import Rows
 from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
 
-CACHE_VERSION = "3"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
-# split is made by first question (dialogues.split_key)
+CACHE_VERSION = "4"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
+# split is made by first question (dialogues.split_key); 4: trained flags at a bit each (batches.Bits)
 NPY = ("offsets", "trained_counts", "use", "source")  # the per-dialogue arrays of a prepared folder
 TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
 BATCH = 512  # dialogues a worker encodes at once
@@ -220,15 +220,20 @@ def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_
     bad: list[list[Bad]] = [[] for _ in planned]
     per_dialogue: dict[str, list] = {k: [] for k in ("lengths", "trained_counts", "status", "digests", "split_keys",
                                                          "source")}
+    spare = np.zeros(0, np.uint8)  # the trained flags after the last whole byte written
     with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "trained.bin").open("wb") as trained:
         for chunk in _chunks(job, data.num_proc, progress):
             tokens.write(chunk.tokens.tobytes())
-            trained.write(chunk.trained.tobytes())
+            flags = np.concatenate([spare, chunk.trained])
+            whole = len(flags) - len(flags) % 8
+            trained.write(np.packbits(flags[:whole]).tobytes())
+            spare = flags[whole:]
             for name in ("lengths", "trained_counts", "status", "digests", "split_keys"):
                 per_dialogue[name].append(getattr(chunk, name))
             per_dialogue["source"].append(np.full(len(chunk.lengths), chunk.source, np.uint16))
             reports[chunk.source].add(chunk.report)
             bad[chunk.source] += chunk.bad
+        trained.write(np.packbits(spare).tobytes())
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in per_dialogue.items()}
     everything = [b for found in bad for b in found]
     if data.on_bad_record == "error":
@@ -292,8 +297,8 @@ def open_prepared(folder: Path, data: DataConfig, seed: int) -> Prepared:
     load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
     offsets, use, source = load("offsets"), load("use"), load("source")
     tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r") if meta["tokens"] else np.zeros(0)
-    trained = np.memmap(folder / "trained.bin", dtype=np.uint8, mode="r") if meta["tokens"] else np.zeros(0, np.uint8)
-    columns = Columns.from_arrays(tokens, trained, offsets, load("trained_counts"))
+    packed = np.memmap(folder / "trained.bin", dtype=np.uint8, mode="r") if meta["tokens"] else np.zeros(0, np.uint8)
+    columns = Columns.from_arrays(tokens, Bits(packed, meta["tokens"]), offsets, load("trained_counts"))
     reports = [SourceReport(**{**r, "skipped": Counter(r["skipped"]), "left_out": Counter(r["left_out"])})
                for r in meta["reports"]]
     weights = {s.name: s.weight for s in resolve(data) if s.role == "train"}

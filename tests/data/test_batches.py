@@ -120,3 +120,18 @@ def test_prefetch_keeps_order_raises_errors_and_stops_its_thread():
     with batches.prefetch(make, 0, 1000, depth=2) as steps:
         next(steps)  # leave early: the thread is blocked on a full queue, and must still stop
     assert not [t for t in threading.enumerate() if t.name == "prefetch"]
+
+
+def test_bits_read_as_the_bool_array_they_pack():
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 7, 8, 9, 1003):
+        flags = rng.random(size) < 0.5
+        bits = batches.Bits(np.packbits(flags), size)
+        assert len(bits) == size and np.array_equal(np.asarray(bits), flags)
+        for _ in range(50):
+            a, b = sorted(rng.integers(0, size + 1, 2))
+            assert np.array_equal(bits[a:b], flags[a:b]) and bits[a:b].dtype == np.bool_
+        at = rng.integers(0, max(size, 1), 20) if size else np.zeros(0, np.int64)
+        assert np.array_equal(bits[at], flags[at])
+        columns = batches.Columns.from_arrays(np.zeros(size, np.int32), bits, np.array([0, size]))
+        assert columns.trained_counts.tolist() == [int(flags.sum())]

@@ -178,6 +178,8 @@ def test_workers_prepare_exactly_what_one_process_prepares(tokenizer, corpus, tm
     for name in ("tokens", "trained", "offsets", "trained_counts"):
         assert np.array_equal(getattr(one.columns, name), getattr(two.columns, name)), name
     assert np.array_equal(one.order, two.order) and one.report == two.report
+    columns, o = one.columns, one.columns.offsets  # flags packed a bit each across every unit's boundary
+    assert [int(columns.trained[o[i] : o[i + 1]].sum()) for i in range(len(columns))] == columns.trained_counts.tolist()
 
 
 def test_small_data_is_prepared_without_worker_processes(tokenizer, corpus, tmp_path, monkeypatch):

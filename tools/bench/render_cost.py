@@ -131,10 +131,10 @@ def main() -> None:
     print(f"  whole worker {us(whole)}  = tokenizer + {us(whole - tokenize).strip()}; whole / tokenizer "
           f"{whole / tokenize:.2f}x; tokenizer {tokens / tokenize / 1e6:.2f}M tokens/CPU-s, whole "
           f"{tokens / whole / 1e6:.2f}M")
-    # tokens.bin 2 bytes a token, trained.bin 1, and about 40 bytes a dialogue (offsets, counts, use, source, the
-    # packed rows): 42 measured on a prepared folder of this corpus
-    print(f"  cache on disk: {(tokens * 3 + n * 42) / n * 1e6 / 2**30:.2f} GiB a million dialogues (the tokens "
-          f"{tokens * 2 / n * 1e6 / 2**30:.2f} GiB of it, the trained flags {tokens / n * 1e6 / 2**30:.2f})")
+    # tokens.bin 2 bytes a token, trained.bin a bit, and about 40 bytes a dialogue (offsets, counts, use, source,
+    # the packed rows): 42 measured on a prepared folder of this corpus
+    print(f"  cache on disk: {(tokens * 2.125 + n * 42) / n * 1e6 / 2**30:.2f} GiB a million dialogues (the tokens "
+          f"{tokens * 2 / n * 1e6 / 2**30:.2f} GiB of it, the trained flags {tokens / 8 / n * 1e6 / 2**30:.2f})")
     if a.profile:
         import cProfile
         import pstats
