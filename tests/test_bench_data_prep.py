@@ -46,3 +46,26 @@ def test_measure_counts_the_cpu_and_proportional_memory_of_the_workers(tmp_path)
     assert m.cpu_s >= 1.1  # the parent's and the child's
     assert 0.25 < m.peak_pss_gb < m.peak_rss_gb  # the child's copy of the parent's block is shared: PSS < RSS
     assert m.started > 0 and m.wall_s >= 0.6
+
+
+def test_the_report_prints_the_ratios_their_spread_the_equal_work_and_the_goals(capsys):
+    from tools.bench import data_prep, provenance
+    from tools.bench.measure import Measurement
+
+    def run(wall, cpu, pss, tokens=1_000_000, trained=800_000):
+        return data_prep.Run(Measurement(wall, pss * 2, 0.1, cpu, pss), wall - 0.5, 250, tokens, trained, 0.004,
+                             {"tokens.bin": 0.002, "trained.bin": 0.001})
+
+    runs = {("ours", "first"): [run(10, 12, 0.5), run(11, 13, 0.5), run(12, 14, 0.5)],
+            ("ours", "cached"): [run(3, 3, 0.2)] * 3,
+            ("trl", "first"): [run(20, 24, 1.0), run(33, 26, 1.5), run(18, 14, 1.0, trained=799_000)],
+            ("trl", "cached"): [run(9, 7, 0.4)] * 3}
+    lim = {"dialogues": 1000, "tokens": 1_000_000, "cpu_s": 10.0}
+    data_prep.report(1000, runs, ["ours", "trl"], lim, provenance.Said.start(["python", "x"]))
+    out = capsys.readouterr().out
+    assert "TRL / ours, first: to the first step 2.05 (1.52-3.10), wall 2.00 (1.50-3.00)" in out
+    assert "tokens with a training label 0.99875 (799,000 / 800,000)" in out  # the last repeat's, each side
+    assert "0.10M tokens a CPU-second" in out
+    assert "ours first-run CPU-s / tokenizer CPU-s <= 1.25x: 1.30 (1.20-1.40)x" in out
+    assert "peak memory ours / TRL <= 0.33x (PSS, first run): 0.50 (0.33-0.50)x" in out
+    assert "4.00 GB per million dialogues" in out and "tokens.bin 2.00, trained.bin 1.00 GB (75% of it)" in out
