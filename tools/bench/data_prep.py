@@ -27,8 +27,8 @@ scaled by tokens), and the goals: ours first-run CPU-s at most 1.25x it, peak me
 cached start to the first step under 10 s at 1M dialogues. The cache's disk per million dialogues is printed
 beside its token arrays' own size.
 
-  python -m tools.bench.data_prep --dialogues 50000 --repeats 3      # side by side (about 20 minutes)
-  python -m tools.bench.data_prep --dialogues 100000 300000 --sides ours --repeats 1   # ours at scale
+  python -m tools.bench.data_prep --dialogues 20000 --repeats 3      # side by side (7 minutes on 2 cores)
+  python -m tools.bench.data_prep --dialogues 100000 300000 --sides ours --repeats 1 --limit-sample 5000  # ours at scale
   python -m tools.bench.data_prep --quick                             # 2,000 dialogues, one repeat: a check
 
 TRL is installed for the benchmarks only (`pip install -e '.[bench]'`).
@@ -260,7 +260,7 @@ def report(n: int, runs: dict, sides: list[str], lim: dict, said: provenance.Sai
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dialogues", type=int, nargs="+", default=[50_000], help="corpus sizes (default 50,000)")
+    p.add_argument("--dialogues", type=int, nargs="+", default=[20_000], help="corpus sizes (default 20,000)")
     p.add_argument("--repeats", type=int, default=3, help="repeats of every side, order swapped each (default 3)")
     p.add_argument("--sides", nargs="+", choices=["ours", "trl"], default=["ours", "trl"])
     p.add_argument("--limit-sample", type=int, default=50_000,
