@@ -28,7 +28,7 @@ cached start to the first step under 10 s at 1M dialogues. The cache's disk per 
 beside its token arrays' own size.
 
   python -m tools.bench.data_prep --dialogues 20000 --repeats 3      # side by side (7 minutes on 2 cores)
-  python -m tools.bench.data_prep --dialogues 100000 300000 --sides ours --repeats 1 --limit-sample 5000  # ours at scale
+  python -m tools.bench.data_prep --dialogues 100000 300000 --sides ours --repeats 1 --limit-sample 5000
   python -m tools.bench.data_prep --quick                             # 2,000 dialogues, one repeat: a check
 
 TRL is installed for the benchmarks only (`pip install -e '.[bench]'`).
