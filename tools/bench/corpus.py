@@ -3,7 +3,9 @@
 The shipped chatterbot corpus is 2.1 messages and about 45 tokens a dialogue, so a packed row holds a dozen
 of them and per-row costs dominate. Real SFT dialogues are multi-turn with long answers, often with code:
 here 2-6 messages, short questions, answers of `words` words (drawn from the shipped corpus's own
-sentences, so the tiny tokenizer knows the words) and a fenced code block in half of them.
+sentences, so the tiny tokenizer knows the words) and a fenced code block in half of them. A `tools` share
+of the dialogues uses a tool (the schema of loop/data/calls.py): the dialogue carries a `tools` list and its
+first answer is preceded by the assistant's call and the tool's result.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ CODE = ("def {f}(items):\n    total = 0\n    for item in items:\n        if item
         "class {F}:\n    def __init__(self, name):\n        self.name = name\n\n    def greet(self):\n"
         "        return f\"hello {{self.name}}\"\n",
         "import json\n\nwith open(\"{f}.json\") as handle:\n    data = json.load(handle)\nprint(len(data), {n})\n")
+# One tool, so that every tool-use row has the same structure: a table of rows (TRL reads the file with
+# `datasets`, Arrow) gives a row's missing keys as nulls, which a template would then render.
+RUN_PYTHON = {"type": "function", "function": {
+    "name": "run_python", "description": "Run a Python snippet and return what it prints.",
+    "parameters": {"type": "object", "properties": {"code": {"type": "string", "description": "the snippet"}},
+                   "required": ["code"]}}}
 
 
 def sentences(source: Path) -> list[str]:
@@ -27,27 +35,49 @@ def sentences(source: Path) -> list[str]:
     return out
 
 
+def snippet(rng: random.Random) -> str:
+    name = rng.choice(["count", "load", "parse", "merge", "total"])
+    return rng.choice(CODE).format(f=name, F=name.capitalize(), n=rng.randint(0, 99))
+
+
 def answer(rng: random.Random, pool: list[str], words: tuple[int, int]) -> str:
-    want, text = rng.randint(*words), []
-    while sum(len(s.split()) for s in text) < want:
+    want, text, have = rng.randint(*words), [], 0
+    while have < want:
         text.append(rng.choice(pool))
+        have += len(text[-1].split())
     body = " ".join(text)
     if rng.random() < 0.5:  # half the answers carry code
-        name = rng.choice(["count", "load", "parse", "merge", "total"])
-        code = rng.choice(CODE).format(f=name, F=name.capitalize(), n=rng.randint(0, 99))
         cut = len(body) // 2
-        body = f"{body[:cut]}\n\n```python\n{code}```\n\n{body[cut:]}"
+        body = f"{body[:cut]}\n\n```python\n{snippet(rng)}```\n\n{body[cut:]}"
     return body
 
 
-def build(source: Path, out: Path, dialogues: int, words: tuple[int, int] = (50, 300), seed: int = 0) -> Path:
-    """`dialogues` dialogues of 2-6 messages into `out` (JSONL, messages schema); the same file for a seed."""
+def tool_turn(rng: random.Random, pool: list[str]) -> list[dict]:
+    """The assistant's call (arguments as a JSON string: one type in every row) and the tool's result."""
+    code = snippet(rng)
+    return [{"role": "assistant", "content": None, "tool_calls": [
+                {"type": "function", "function": {"name": "run_python", "arguments": json.dumps({"code": code})}}]},
+            {"role": "tool", "content": " ".join(rng.choices(pool, k=rng.randint(1, 4)))}]
+
+
+def dialogue(rng: random.Random, pool: list[str], words: tuple[int, int], tools: float) -> dict:
+    """One record: 1-3 question-answer turns; with probability `tools` a tool call before the first answer."""
+    uses = tools > 0 and rng.random() < tools  # no draw at all without a tool share: the same corpus as before
+    messages = []
+    for turn in range(rng.randint(1, 3)):
+        messages.append({"role": "user", "content": " ".join(rng.choices(pool, k=rng.randint(2, 12)))})
+        if uses and turn == 0:
+            messages += tool_turn(rng, pool)
+        messages.append({"role": "assistant", "content": answer(rng, pool, words)})
+    return {"messages": messages, "tools": [RUN_PYTHON]} if uses else {"messages": messages}
+
+
+def build(source: Path, out: Path, dialogues: int, words: tuple[int, int] = (50, 300), seed: int = 0,
+          tools: float = 0.0) -> Path:
+    """`dialogues` dialogues of 2-6 messages (a tool call adds two) into `out` (JSONL, messages schema), a
+    `tools` share of them using a tool; the same file for the same arguments."""
     rng, pool = random.Random(seed), sentences(source)
     with out.open("w") as f:
         for _ in range(dialogues):
-            messages = []
-            for _ in range(rng.randint(1, 3)):
-                messages += [{"role": "user", "content": " ".join(rng.choices(pool, k=rng.randint(2, 12)))},
-                             {"role": "assistant", "content": answer(rng, pool, words)}]
-            f.write(json.dumps({"messages": messages}) + "\n")
+            f.write(json.dumps(dialogue(rng, pool, words, tools)) + "\n")
     return out
