@@ -81,3 +81,17 @@ def build(source: Path, out: Path, dialogues: int, words: tuple[int, int] = (50,
         for _ in range(dialogues):
             f.write(json.dumps(dialogue(rng, pool, words, tools)) + "\n")
     return out
+
+
+def numbered(source: Path, out: Path, dialogues: int) -> Path:
+    """`dialogues` distinct short dialogues: the shipped corpus repeated, each first message numbered (the size of
+    chatterbot's, 2.1 messages and about 45 tokens each, where per-dialogue costs dominate)."""
+    if out.is_file():
+        return out
+    base = [json.loads(line)["messages"] for line in source.read_text().splitlines()]
+    with out.open("w") as f:
+        for i in range(dialogues):
+            d = [dict(m) for m in base[i % len(base)]]
+            d[0]["content"] = f"{d[0]['content']} (#{i})"
+            f.write(json.dumps({"messages": d}) + "\n")
+    return out

@@ -73,10 +73,10 @@ def main() -> None:
     from loop.data.sources import plan, read, resolve
 
     a.work.mkdir(parents=True, exist_ok=True)
-    if a.corpus == "short":  # the shipped dialogues repeated, each question numbered (the data_prep benchmark's)
-        from tools.bench.data_prep import corpus
+    if a.corpus == "short":  # the shipped dialogues repeated, each question numbered
+        from tools.bench.corpus import numbered
 
-        path = corpus(a.work, a.dialogues)
+        path = numbered(SHIPPED, a.work / f"dialogues-{a.dialogues}.jsonl", a.dialogues)
     elif not (path := a.work / f"realistic-{a.dialogues}.jsonl").is_file():
         realistic_corpus(path, a.dialogues, a.tool_share)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
