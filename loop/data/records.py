@@ -115,10 +115,11 @@ class Unit:
 
 
 def plan_lines(path: Path, chunk_bytes: int = 4 << 20) -> tuple[list[Unit], str]:
-    """A JSONL file cut into units at line boundaries, and the file's content hash (one pass over it)."""
-    import hashlib
+    """A JSONL file cut into units at line boundaries, and the file's content hash (one pass over it, done at every
+    start to find the cache: XXH3, 15 GB/s here, where blake2b's 0.9 GB/s took 6 s a start at 1M dialogues)."""
+    import xxhash
 
-    digest, units = hashlib.blake2b(digest_size=16), []
+    digest, units = xxhash.xxh3_128(), []
     start, line, offset = 0, 1, 0
     with path.open("rb") as f:
         while block := f.read(chunk_bytes):
