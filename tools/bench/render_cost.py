@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "artifacts" / "data" / "chatterbot.jsonl"
 
 
-def realistic_corpus(path: Path, n: int, tool_share: float) -> Path:
+def realistic_corpus(source: Path, path: Path, n: int, tool_share: float) -> Path:
     """tools/bench/corpus.py's dialogues (answers 100-600 words), and tool-use ones (the shipped data's kind)."""
     from loop.data import calls
     from loop.data.dialogues import collect
@@ -37,7 +37,7 @@ def realistic_corpus(path: Path, n: int, tool_share: float) -> Path:
     from tools.builders.tiny import CORPUS_DIR
 
     tools = int(n * tool_share)
-    corpus.build(SHIPPED, path, n - tools, words=(100, 600), seed=0)
+    corpus.build(source, path, n - tools, words=(100, 600), seed=0)
     chatterbot, _, _ = collect(sorted(str(f) for f in CORPUS_DIR.glob("*.yml")), "chatterbot")
     with path.open("a") as f:
         for d in toolset.dialogues(chatterbot, tools, seed=1):
@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--dialogues", type=int, default=5000)
     p.add_argument("--tool-share", type=float, default=0.1, help="share of tool-use dialogues (realistic)")
     p.add_argument("--model", default=str(ROOT / "artifacts" / "tiny-starcoder"))
+    p.add_argument("--source", type=Path, default=SHIPPED, help="the messages-schema JSONL both corpora are built "
+                   "from (default: the quickstart's converted chatterbot dialogues)")
     p.add_argument("--template", default="starchat", choices=["starchat", "chatml"])
     p.add_argument("--seq-len", type=int, default=4096, help="row length (longer dialogues are cut to fit)")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-render"))
@@ -76,9 +78,9 @@ def main() -> None:
     if a.corpus == "short":  # the shipped dialogues repeated, each question numbered
         from tools.bench.corpus import numbered
 
-        path = numbered(SHIPPED, a.work / f"dialogues-{a.dialogues}.jsonl", a.dialogues)
+        path = numbered(a.source, a.work / f"dialogues-{a.dialogues}.jsonl", a.dialogues)
     elif not (path := a.work / f"realistic-{a.dialogues}.jsonl").is_file():
-        realistic_corpus(path, a.dialogues, a.tool_share)
+        realistic_corpus(a.source, path, a.dialogues, a.tool_share)
     tokenizer = AutoTokenizer.from_pretrained(a.model)
     templates.install(tokenizer, a.template)
     data = config.from_dict({"data": {"train_files": [str(path)], "eval_fraction": 0,
