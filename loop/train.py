@@ -30,7 +30,7 @@ from loop.data.prepare import Prepared
 from loop.engine.accelerator import end_run, exit_process, make_accelerator
 from loop.evaluation import during_training, held_out
 from loop.inference import sampling
-from loop.model import architecture, attention, flops, load, moe
+from loop.model import architecture, attention, flops, load, moe, sequence_parallel
 from loop.processes import fail_together
 from loop.report import card, hub, logs, metrics, profiling, routing, timings, trackers
 from loop.state import checkpoints, export, preemption, rundir
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         set_seed(t.seed)
         world = accelerator.num_processes
+        # Processes that share each row (sequence parallelism) and the data-parallel groups the rows go to.
+        split = sequence_parallel.setup(world, accelerator.process_index, cfg.parallelism.sequence_parallel_size)
 
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan; then the run
         # directory, once resume is checked against the data.
@@ -171,9 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         resume = open_run(run_scope, accelerator, cfg, data, log)
         state, ckpt_root = resume.state, out / "checkpoints"
         train_planner, eval_planners = batches.planners(data, cfg, tokenizer.pad_token_id,
-                                                        attention.layout(attn, cfg.data.packing), world,
-                                                        accelerator.process_index, shape.mask_windows(),
-                                                        extra=objective.batch_keys)
+                                                        attention.layout(attn, cfg.data.packing),
+                                                        split.data_size, split.data_rank, shape.mask_windows(),
+                                                        extra=objective.batch_keys, sequence=(split.size, split.rank))
         per_epoch = train_planner.steps_per_epoch
         total_steps = t.max_steps or math.ceil(per_epoch * t.num_epochs)
         pack_eff = log_plan(log, data, cfg, train_planner, eval_planners, total_steps)
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 3. Model and optimizer.
         attention.register()
+        sequence_parallel.install(attn)  # with sequence parallelism: attention over the whole row, heads exchanged
         model = load.load_model(cfg, attn, tokenizer, added_tokens, end_token, accelerator, objective.dropout)
         router = moe.install(model, model_config, cfg.model.router_aux_loss_coef)  # a mixture of experts' router
         step_flops = flops.counter(model, shape)

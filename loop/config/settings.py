@@ -241,6 +241,15 @@ class DpoSettings:
 
 
 @dataclass
+class ParallelismConfig:
+    # Processes that share each packed row (Ulysses sequence parallelism, loop/model/sequence_parallel.py): the
+    # row split into this many chunks, attention heads exchanged by all-to-all, for rows whose activations do not
+    # fit one GPU (long agent trajectories). Groups of consecutive ranks share rows; data parallelism runs across
+    # the groups. Must divide the processes and the model's attention heads; checkpoints do not depend on it.
+    sequence_parallel_size: int = 1
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -249,6 +258,7 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     evaluation: EvaluationSettings = field(default_factory=EvaluationSettings)
     dpo: DpoSettings = field(default_factory=DpoSettings)
+    parallelism: ParallelismConfig = field(default_factory=ParallelismConfig)
 
 
 def validate(config: Config) -> None:
@@ -277,6 +287,7 @@ def validate(config: Config) -> None:
         ("training.profile_from", t.profile_from == 0 or t.profile_from >= 2,
          "must be 0 (no profile) or >= 2 (step profile_from - 1 warms the profiler up)"),
         ("training.profile_steps", t.profile_steps >= 1, "must be >= 1"),
+        ("parallelism.sequence_parallel_size", config.parallelism.sequence_parallel_size >= 1, "must be >= 1"),
         ("lora.rank", config.lora.rank >= 1, "must be >= 1"),
         ("lora.alpha", config.lora.alpha > 0, "must be > 0"),
         ("lora.dropout", 0 <= config.lora.dropout < 1, "must be in [0, 1)"),
@@ -311,6 +322,9 @@ def validate(config: Config) -> None:
         raise ConfigError(f"model.attn_implementation: {config.model.attn_implementation!r} cannot keep packed "
                           f"dialogues apart (it ignores the block-diagonal mask); use one of {PACKABLE_ATTENTION} or "
                           "set data.packing: pad")
+    if config.parallelism.sequence_parallel_size > 1 and config.model.attn_implementation == "eager":
+        raise ConfigError("parallelism.sequence_parallel_size: eager attention cannot take a split row (it reads "
+                          f"no block mask); use one of {PACKABLE_ATTENTION}")
     for key, sources in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files)):
         for i, source in enumerate(sources):
             if not source.path:

@@ -171,6 +171,36 @@ def collate(columns: Columns, rows: list[Row], pad_id: int, layout: Layout = "ma
     return batch | {"segment_ids": torch.from_numpy(segment.reshape(B, T)), "mask_windows": mask_windows}
 
 
+def split_sequence(batch: Batch, size: int, rank: int, pad_id: int) -> Batch:
+    """This process's chunk of a collated batch when `size` processes share each row (sequence parallelism,
+    loop/model/sequence_parallel.py): the rows padded to a multiple of `size` (the padding trains nothing and,
+    as a sequence of its own, attends to nothing else), then the `rank`-th of `size` equal column chunks of the
+    tokens, targets (shifted before the split, so no target crosses a chunk's edge unseen) and positions. What
+    attention reads stays whole: the block mask's segment ids, `cu_seq_lens`; the loss's indices are this
+    chunk's, with each target's sequence (preference pairs) kept beside it."""
+    B, T = batch["input_ids"].shape
+    c = -(-T // size)
+    pad = c * size - T
+    out = dict(batch)
+    for key, fill in (("input_ids", pad_id), ("targets", IGNORE), ("position_ids", 0)):
+        whole = torch.nn.functional.pad(batch[key], (0, pad), value=fill)
+        out[key] = whole[:, rank * c : (rank + 1) * c].contiguous()
+    if "segment_ids" in batch:
+        extra = -torch.arange(B * T + 1, B * T + 1 + B * pad).reshape(B, pad)  # unique, like the padding's
+        out["segment_ids"] = torch.cat([batch["segment_ids"], extra], dim=1)
+    if "cu_seq_lens_q" in batch and pad:
+        cu = torch.cat([batch["cu_seq_lens_q"], torch.tensor([c * size], dtype=batch["cu_seq_lens_q"].dtype)])
+        longest = max(int(batch["max_length_q"]), pad)
+        out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    for key, aligned in (("target_index", "target_sequence"), ("token_index", None)):
+        row, column = batch[key] // T, batch[key] % T
+        keep = (column >= rank * c) & (column < (rank + 1) * c)
+        out[key] = row[keep] * c + column[keep] - rank * c
+        if aligned in batch:
+            out[aligned] = batch[aligned][keep]
+    return out
+
+
 def to_device(batch: Batch, device: torch.device | str) -> Batch:
     """Copy a batch to the device (asynchronously from pinned memory) and build the block-diagonal
     causal mask there from the sequence ids: query i sees key j when both are in one piece, j <= i and,
@@ -235,6 +265,9 @@ class Planner:
     # What an objective adds to each collated batch, from its rows (loop/data/pairs.py: which sequence each
     # target belongs to, and the reference log-probabilities of preference tuning).
     extra: Callable[[Batch, list[Row]], Batch] | None = None
+    # Sequence parallelism: (processes sharing each row, this one's place among them); `world` and `rank` are
+    # then the data-parallel groups' (loop/model/sequence_parallel.py).
+    sequence: tuple[int, int] = (1, 0)
 
     def __post_init__(self) -> None:  # rows given as lists of pieces (tools, tests) become arrays
         if not isinstance(self.rows, Rows):
@@ -242,7 +275,8 @@ class Planner:
 
     def batch(self, rows: list[Row]) -> Batch:
         batch = collate(self.columns, rows, self.pad_id, self.layout, self.isolate, self.mask_windows)
-        return self.extra(batch, rows) if self.extra else batch
+        batch = self.extra(batch, rows) if self.extra else batch
+        return split_sequence(batch, *self.sequence, self.pad_id) if self.sequence[0] > 1 else batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -277,14 +311,15 @@ class Planner:
 
 
 def planners(prepared, cfg, pad_id: int, layout: Layout, world: int, rank: int, mask_windows: MaskWindows = None,
-             extra: Callable[[Batch, list[Row]], Batch] | None = None) -> tuple[Planner, dict[str, Planner]]:
+             extra: Callable[[Batch, list[Row]], Batch] | None = None, sequence: tuple[int, int] = (1, 0)
+             ) -> tuple[Planner, dict[str, Planner]]:
     """The training planner and, per eval set, this process's share of its rows, from prepared data
     (loop/data/prepare.py: the dialogues, their order with the mixture's weights, and the cached packing;
     loop/data/preference.py: preference pairs, packed whole); `extra` adds an objective's keys to each batch."""
     d, t = cfg.data, cfg.training
     planner = Planner(prepared.train_rows, prepared.columns, pad_id, layout, d.packing != "concat", t.seed, world,
                       rank, t.micro_batch_size, t.gradient_accumulation_steps, mask_windows,
-                      pin=torch.cuda.is_available(), extra=extra)
+                      pin=torch.cuda.is_available(), extra=extra, sequence=sequence)
     return planner, {name: dataclasses.replace(planner, rows=rows) for name, rows in prepared.eval_rows.items()}
 
 

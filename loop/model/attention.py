@@ -22,6 +22,7 @@ from typing import get_args
 import torch
 
 from loop.config import ATTENTION_LAYOUT, Attention, Layout
+from loop.model import sequence_parallel
 
 assert set(ATTENTION_LAYOUT) | {"auto", "eager"} == set(get_args(Attention))
 
@@ -149,14 +150,17 @@ def torch_varlen(module, query, key, value, attention_mask, dropout=0.0, scaling
 @contextlib.contextmanager
 def for_generation(model) -> Iterator[None]:
     """Generation pads a batch and keeps a KV cache, which the varlen functions (one flattened row of whole
-    sequences, cu_seq_lens) do not take: it runs on SDPA, and the training choice comes back after."""
+    sequences, cu_seq_lens) do not take: it runs on SDPA, and the training choice comes back after. Each
+    process generates for its own prompts: with sequence parallelism, attention does not exchange heads."""
     chosen = model.config._attn_implementation
     if ATTENTION_LAYOUT.get(chosen) != "varlen":
-        yield
+        with sequence_parallel.whole_rows():
+            yield
         return
     model.set_attn_implementation("sdpa")
     try:
-        yield
+        with sequence_parallel.whole_rows():
+            yield
     finally:
         model.set_attn_implementation(chosen)
 

@@ -14,7 +14,7 @@ from loop.config import Config, ConfigError, first_line
 from loop.data.records import DataError, check_exists
 from loop.engine import registry
 from loop.engine.interface import Engine
-from loop.model import attention, estimate, head, lora
+from loop.model import attention, estimate, head, lora, sequence_parallel
 from loop.model.architecture import Shape, check_trainable
 
 
@@ -46,6 +46,9 @@ def preflight(cfg: Config, dropout: bool = True) -> tuple[object, str, list[str]
     attn, fallback = attention.resolve(cfg.model.attn_implementation, dropout)
     unverified = check_trainable(model_config, cfg, attn)
     lora.check(cfg)
+    shape, size = Shape.of(model_config), cfg.parallelism.sequence_parallel_size
+    if size > 1 and (why := sequence_parallel.check_heads(shape.q_heads, shape.kv_heads, size)):
+        raise ConfigError(f"parallelism.sequence_parallel_size: {why} ({cfg.model.name_or_path})")
     return model_config, attn, [w for w in (fallback, unverified) if w]
 
 

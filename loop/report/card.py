@@ -89,6 +89,8 @@ def run_setup(accelerator, cfg) -> tuple[str, str]:
     machines = int(os.environ.get("GROUP_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))) // max(
         1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     where = f"{accelerator.num_processes} process(es) on {max(1, machines)} node(s)"
+    if (size := cfg.parallelism.sequence_parallel_size) > 1:
+        where += f", each row split over {size} of them (Ulysses sequence parallel)"
     shared = registry.of(accelerator).describe(accelerator)
     mixed = {"no": "fp32"}.get(str(accelerator.mixed_precision), str(accelerator.mixed_precision))
     precision = f"{mixed} training, saved as {cfg.output.save_dtype}"

@@ -311,36 +311,48 @@ def plan_resume(accelerator: Accelerator, cfg: config_mod.Config, root: Path, da
 
 def keep_global_batch(accelerator: Accelerator, cfg: config_mod.Config, saved: dict, path: Path,
                       written_by: int) -> list[Note]:
-    """On another number of processes than wrote the checkpoint, keep the global batch (the rows of every step,
-    planned from the seed, the epoch and the global batch only: loop/data/batches.py) by setting the accumulation
-    steps so that processes x accumulation stays as it was; refuse where that cannot be, or where the engine's
-    checkpoints cannot be re-partitioned. `cfg.training` and the engine's settings are changed in place."""
+    """On another number of processes than wrote the checkpoint, or another sequence-parallel size, keep the
+    global batch (the rows of every step, planned from the seed, the epoch and the global batch only:
+    loop/data/batches.py) by setting the accumulation steps so that data-parallel groups x accumulation stays as
+    it was; refuse where that cannot be, or where the engine's checkpoints cannot be re-partitioned.
+    `cfg.training` and the engine's settings are changed in place."""
     world, t = accelerator.num_processes, cfg.training
-    if written_by == world:
+    sp_before = int((saved.get("parallelism") or {}).get("sequence_parallel_size", 1))
+    width_before, width = written_by // sp_before, world // cfg.parallelism.sequence_parallel_size
+    if written_by == world and width == width_before:
         return []
     engine = registry.of(accelerator)
-    if engine.reshard is None:
+    if written_by != world and engine.reshard is None:
         raise CheckpointError(
             f"{path} was written by {written_by} processes and this run has {world}; {engine.title} checkpoints "
             f"resume only on as many processes as wrote them. Launch with --num_processes {written_by}, or turn it "
             f"into a model with `python tools/consolidate_checkpoint.py {path} MODEL_DIR` and start a new run from "
             "MODEL_DIR (model.name_or_path), which restarts the optimizer state.")
     before = int((saved.get("training") or {}).get("gradient_accumulation_steps", t.gradient_accumulation_steps))
-    micro = written_by * before  # micro-batches per optimizer step, over all processes
-    if micro % world:
+    micro = width_before * before  # micro-batches of rows per optimizer step, over all data-parallel groups
+    sp = cfg.parallelism.sequence_parallel_size
+    if micro % width:
         raise CheckpointError(
-            f"{path} was written by {written_by} processes x {before} accumulation steps = {micro} micro-batches a "
-            f"step, which {world} processes cannot split evenly; launch with a number of processes that divides "
-            f"{micro}")
-    if t.gradient_accumulation_steps not in (before, micro // world):
+            f"{path} was written by {_processes(written_by, sp_before)} x {before} accumulation steps = {micro} "
+            f"micro-batches a step, which {_processes(world, sp)} cannot split evenly; launch with a number of "
+            + (f"processes that divides {micro}" if sp == 1 else f"data-parallel groups that divides {micro}"))
+    if t.gradient_accumulation_steps not in (before, micro // width):
         return []  # the global batch itself changed: compare() refuses it, as any change of what a step is
-    t.gradient_accumulation_steps = micro // world
+    t.gradient_accumulation_steps = micro // width
     accelerator.gradient_accumulation_steps = t.gradient_accumulation_steps
     engine.configure(accelerator, t)  # the engine's batch settings, before the model is built and prepared
     saved.setdefault("training", {})["gradient_accumulation_steps"] = t.gradient_accumulation_steps  # not a change
-    return [(logging.INFO, f"{path} was written by {written_by} processes and this run has {world}: its shards are "
-                           f"re-partitioned on load, and the accumulation steps set to {t.gradient_accumulation_steps} "
-                           f"(from {before}) so that every step trains on the same rows")]
+    shards = "its shards are re-partitioned on load, and " if written_by != world else ""
+    return [(logging.INFO, f"{path} was written by {_processes(written_by, sp_before)} and this run has "
+                           f"{world if sp == 1 else _processes(world, sp)}: {shards}the accumulation steps set to "
+                           f"{t.gradient_accumulation_steps} (from {before}) so that every step trains on the "
+                           "same rows")]
+
+
+def _processes(n: int, sequence_parallel: int) -> str:
+    if sequence_parallel == 1:
+        return f"{n} processes"
+    return f"{n} processes ({n // sequence_parallel} data-parallel groups of {sequence_parallel})"
 
 
 def compare(cfg: config_mod.Config, saved: dict, state: LoopState, data_fingerprint: str) -> list[Note]:

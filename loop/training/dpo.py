@@ -22,6 +22,7 @@ from loop.data import pairs, preference
 from loop.data.batches import Batch, Step
 from loop.data.prepare import Prepared
 from loop.data.records import DataError
+from loop.model import sequence_parallel
 from loop.processes import main_decides
 from loop.training import reference
 from loop.training.objective import CardSection, Objective, Plugin
@@ -53,12 +54,22 @@ def pair_losses(policy: torch.Tensor, reference: torch.Tensor, completion_tokens
     return losses, beta * chosen.detach(), beta * rejected.detach()
 
 
+def one_share(summed: torch.Tensor) -> torch.Tensor:
+    """With sequence parallelism every process sharing a row computes its pairs' whole loss (from the
+    log-probabilities summed over the row, sequence_parallel.whole_row_sum): each reports 1/size of it, so the
+    step's sum over processes counts a pair once, and keeps the whole gradient, which flows only through its own
+    chunk's tokens, so the processes' gradients add up to the pair's."""
+    size = sequence_parallel.current().size
+    return summed if size == 1 else summed - (summed * (1 - 1 / size)).detach()
+
+
 def pairs_in_step(step: Step) -> int:
     return len(step.piece_lengths) // 2
 
 
 def pairs_in_batch(batch: Batch) -> torch.Tensor:
-    return torch.tensor(batch["sequence_ids"].shape[0] // 2, dtype=torch.float32)
+    share = sequence_parallel.current().size  # the processes sharing a row all see its pairs
+    return torch.tensor(batch["sequence_ids"].shape[0] // 2 / share, dtype=torch.float32)
 
 
 def objective(settings: DpoSettings) -> Objective:
@@ -73,7 +84,7 @@ def objective(settings: DpoSettings) -> Objective:
         logps = policy.detach()
         statistics = torch.stack([chosen.sum(), rejected.sum(), (chosen > rejected).float().sum(),
                                   (chosen - rejected).sum(), logps[0::2].sum(), logps[1::2].sum()])
-        return losses.sum(), statistics
+        return one_share(losses.sum()), one_share(statistics)
 
     return Objective("dpo", loss_sum, pairs_in_step, pairs_in_batch, STATISTICS)
 

@@ -70,7 +70,13 @@ def cache_key(cfg: Config, planners: dict[str, Planner], added_tokens: list[int]
     seed = cfg.training.seed if added_tokens else None
     return fingerprint(model_identity(cfg.model.name_or_path, cfg.model.revision), data.hexdigest(), seed,
                        cfg.data.template, cfg.lora.enabled, cfg.lora.quantize, cfg.training.micro_batch_size, world,
-                       precision, attention)
+                       precision, attention, *_split(cfg))
+
+
+def _split(cfg: Config) -> tuple[int, ...]:
+    """Sequence parallelism adds in another order: a key of its own (none without it, so keys stay as they were)."""
+    size = cfg.parallelism.sequence_parallel_size
+    return (size,) if size > 1 else ()
 
 
 def _digest(values: dict[str, np.ndarray]) -> str:
@@ -114,7 +120,9 @@ def log_probs(model, accelerator, planner: Planner, lora: bool) -> np.ndarray:
         for batch in tqdm(planner.shard(), total=planner.shard_batches, desc="reference", leave=False,
                           disable=not accelerator.is_main_process):
             batch = to_device(batch, accelerator.device)
-            values.index_add_(0, batch["sequence_ids"], sequence_log_probs(model, batch).double())
+            summed = sequence_log_probs(model, batch).double()
+            if planner.sequence[1] == 0:  # the processes sharing a row all hold its sums: one of them adds them
+                values.index_add_(0, batch["sequence_ids"], summed)
     model.train()
     return accelerator.reduce(values, reduction="sum").cpu().numpy().astype(np.float32)
 

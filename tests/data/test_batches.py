@@ -1,3 +1,4 @@
+import dataclasses
 import random
 import threading
 
@@ -135,3 +136,57 @@ def test_bits_read_as_the_bool_array_they_pack():
         assert np.array_equal(bits[at], flags[at])
         columns = batches.Columns.from_arrays(np.zeros(size, np.int32), bits, np.array([0, size]))
         assert columns.trained_counts.tolist() == [int(flags.sum())]
+
+
+@pytest.mark.parametrize("layout,size", [("varlen", 2), ("varlen", 3), ("mask", 2), ("mask", 4)])
+def test_processes_sharing_a_row_hold_its_chunks_and_every_target_once(layout, size):
+    """Sequence parallelism: the chunks of a row, side by side, are the row (padded to a multiple of the size);
+    each target and each real token is in exactly one chunk, at the place the loss and the router read it from,
+    with its sequence beside it; what attention reads (segment ids, cu_seq_lens) stays whole and covers the
+    padding as a sequence of its own."""
+    from loop.data.pairs import pair_keys
+
+    ids, masks = random_dialogues(40, seed=3)
+    columns = batches.Columns.from_lists(ids, masks)
+    rows = packing.plan_rows(columns.lengths(), 157, "bfd")  # 157: no size divides the rows evenly
+    whole = pair_keys()(batches.collate(columns, rows[:3], pad_id=0, layout=layout), rows[:3])
+    parts = [batches.split_sequence(whole, size, r, pad_id=0) for r in range(size)]
+    for key in ("input_ids", "targets", "position_ids"):
+        joined = torch.cat([p[key] for p in parts], dim=1)
+        T = whole[key].shape[1]
+        assert torch.equal(joined[:, :T], whole[key]), key
+        assert (joined[:, T:] == {"input_ids": 0, "targets": IGNORE, "position_ids": 0}[key]).all()
+    width = parts[0]["input_ids"].shape[1]
+    T = whole["input_ids"].shape[1]
+    for key, aligned in (("target_index", "target_sequence"), ("token_index", None)):  # back to the whole row
+        found = {}
+        for r, p in enumerate(parts):
+            for k, at in enumerate(p[key].tolist()):
+                found[at // width * T + at % width + r * width] = p[aligned][k].item() if aligned else None
+        assert sorted(found) == whole[key].tolist(), key
+        if aligned:
+            assert [found[at] for at in whole[key].tolist()] == whole[aligned].tolist()
+    assert all((p["targets"].reshape(-1)[p["target_index"]] != IGNORE).all() for p in parts)
+    assert sum(int((p["targets"] != IGNORE).sum()) for p in parts) == len(whole["target_index"])
+    assert all(torch.equal(p["completion_tokens"], whole["completion_tokens"]) for p in parts)
+    if layout == "varlen":
+        assert parts[0]["cu_seq_lens_q"][-1] == width * size
+        assert parts[0]["cu_seq_lens_q"][:len(whole["cu_seq_lens_q"])].tolist() == whole["cu_seq_lens_q"].tolist()
+    else:
+        assert parts[0]["segment_ids"].shape == (len(rows[:3]), width * size)
+        segments = parts[0]["segment_ids"][:, whole["input_ids"].shape[1]:]
+        assert (segments < 0).all() and len(set(segments.reshape(-1).tolist())) == segments.numel()
+
+
+def test_a_step_shared_by_processes_of_a_row_counts_its_targets_once():
+    """Two data-parallel groups of two: the step's normaliser is every target of the step's rows, and the four
+    processes' chunks hold each of them once, as the two processes of plain data parallelism do."""
+    ids, masks = random_dialogues(80)
+    columns = batches.Columns.from_lists(ids, masks)
+    rows = packing.plan_rows(columns.lengths(), 128, "bfd")
+    plain = [planner(rows, columns, rank=r)(5) for r in range(2)]
+    split = [dataclasses.replace(planner(rows, columns, rank=r // 2), sequence=(2, r % 2))(5) for r in range(4)]
+    assert {(s.rows, s.trained, tuple(s.piece_lengths)) for s in split} == \
+        {(plain[0].rows, plain[0].trained, tuple(plain[0].piece_lengths))}
+    held = sum(int((b["targets"] != IGNORE).sum()) for s in split for b in s.micro_batches)
+    assert held == plain[0].trained

@@ -260,3 +260,29 @@ def test_the_preference_metrics_reach_wandb_mlflow_and_the_hub(tiny_dir, pair_fi
     assert run.data.params["dpo.beta"] == "0.2" and run.data.params["training.objective"] == "dpo"
     card = fake.uploaded[("me/dpo", None)]["README.md"].decode()
     assert "| DPO beta | 0.2 |" in card and "final eval reward accuracy" in card
+
+
+def test_dpo_with_each_pair_split_over_two_processes_steps_as_without(tiny_dir, pair_files, dpo_run, tmp_path):
+    """One launch of 8 steps (about 15 s): 2-process ZeRO-3 with every row, so every pair, split over both
+    processes (one data-parallel group, twice the accumulation: the same rows a step as `dpo_run`). Its own
+    reference pass, each sequence's log-probability added up over the two halves of its row, gives `dpo_run`'s
+    (another cache key: it is computed again); step 1, before any update, has `dpo_run`'s loss (ln 2), metrics
+    and gradient norm (its rewards are rounding noise about 0, so their accuracy is not compared); eval losses are
+    counted per pair once, not per process; and it learns."""
+    out, cache = tmp_path / "split", tmp_path / "cache"
+    launch(dpo_config(tmp_path, tiny_dir, pair_files, out), "--max_steps", "8", "--eval_every", "8", "--cache_dir",
+           str(cache), "--gradient_accumulation_steps", "4", "--parallelism.sequence_parallel_size", "2")
+    (ours,) = cache.glob("reference-*.safetensors")
+    (theirs,) = (pair_files[0].parent / "cache").glob("reference-*.safetensors")
+    assert ours.name != theirs.name
+    theirs = load_file(theirs)
+    for name, values in load_file(ours).items():
+        torch.testing.assert_close(values, theirs[name], rtol=1e-4, atol=1e-4, msg=name)
+    run, zero3 = scalars(out), scalars(dpo_run)
+    for name in (*METRICS, "grad_norm"):  # not accuracies: step 1's rewards are rounding noise about 0, any sign
+        if name != "rewards/accuracies":
+            assert dict(run[f"train/{name}"])[1] == pytest.approx(dict(zero3[f"train/{name}"])[1], rel=1e-3,
+                                                                   abs=1e-4), name
+    evals = dict(run["eval/loss"])
+    assert evals[0] == pytest.approx(0.693147, abs=1e-6) and evals[8] < evals[0]
+    assert dict(run["eval/rewards/accuracies"])[8] <= 1.0

@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from loop.config import ConfigError
+from loop.model import sequence_parallel
+from tests.conftest import ROOT, free_port
+
+
+def test_processes_are_grouped_by_consecutive_ranks():
+    assert [sequence_parallel.plan(4, r, 2) for r in range(4)] == [
+        sequence_parallel.Split(2, 0, 2, 0), sequence_parallel.Split(2, 1, 2, 0),
+        sequence_parallel.Split(2, 0, 2, 1), sequence_parallel.Split(2, 1, 2, 1)]
+    with pytest.raises(ConfigError, match="^parallelism.sequence_parallel_size: 2 does not divide the run's 3 "
+                                          "processes$"):
+        sequence_parallel.plan(3, 0, 2)
+
+
+def test_heads_that_cannot_be_shared_out_are_named():
+    assert sequence_parallel.check_heads(8, 1, 4) is None  # multi-query: the key/value head is copied
+    assert sequence_parallel.check_heads(8, 2, 2) is None
+    assert sequence_parallel.check_heads(6, 6, 4) == \
+        "the model's 6 attention heads do not divide by sequence_parallel_size 4"
+    assert sequence_parallel.check_heads(12, 3, 4) == \
+        "the model's 3 key/value heads and sequence_parallel_size 4: neither divides the other"
+
+
+def test_a_row_split_over_two_processes_gives_the_loss_and_gradients_of_the_whole_row(family_dirs, tmp_path):
+    """Two processes over gloo, each model family's attention kind (grouped-query Qwen3, multi-query GPTBigCode),
+    both packed layouts (SDPA per dialogue on the flattened row, SDPA under the block mask): the summed
+    cross-entropy and every parameter's gradient, and each packed sequence's log-probability with the gradient of
+    a loss over them (preference tuning's case), with the row split between the processes and added up over
+    them, equal the whole row's."""
+    models = {f: str(family_dirs(f) / "model") for f in ("qwen3", "gpt_bigcode")}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "model" / "sequence_parallel_worker.py"), json.dumps(models), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert sorted(report) == ["gpt_bigcode/sdpa", "gpt_bigcode/sdpa_varlen", "qwen3/sdpa", "qwen3/sdpa_varlen"]
+    for case, quantities in report.items():
+        for what, (difference, scale) in zip(("loss", "gradients", "log-probs", "their gradients"), quantities):
+            assert scale > 0 and difference <= 1e-5 * max(1.0, scale), (case, what, difference, scale)
+
+
+def test_a_run_with_rows_split_resumes_without_and_steps_as_it_would_have(tiny_dir, tmp_path):
+    """Two launches of 2-process ZeRO-3 (float32, about 20 s each). The first splits every row over both
+    processes (one data-parallel group, 2 accumulation steps), with gradient checkpointing, and checkpoints at
+    steps 2 and 4. The second resumes its step-2 checkpoint without sequence parallelism (two groups: the
+    accumulation goes to 1, the same rows a step) and trains steps 3 and 4: the same state and rows, split or
+    not, give the same loss, gradient norm and held-out loss, so the split changes nothing. The split run's
+    last checkpoint consolidates to exactly its final model, and its model card says how it ran."""
+    from safetensors.torch import load_file
+
+    from loop.state import checkpoints, export
+    from tests.conftest import launch, scalars, write_config
+
+    split, plain = tmp_path / "split", tmp_path / "plain"
+    cfg = write_config(tmp_path / "run.yaml", tiny_dir, split, model={"gradient_checkpointing": True},
+                       training={"max_steps": 4, "save_every": 2, "keep_last": 5, "log_every": 1, "eval_every": 4},
+                       output={"save_dtype": "fp32"}, parallelism={"sequence_parallel_size": 2})
+    launch(cfg, mixed_precision="no")
+    launch(cfg, "--output_dir", str(plain), "--parallelism.sequence_parallel_size", "1", "--resume_from_checkpoint",
+           str(split / "checkpoints" / "step_00000002"), mixed_precision="no")
+    log = (plain / "train.log").read_text()
+    assert "was written by 2 processes (1 data-parallel groups of 2) and this run has 2: the accumulation steps " \
+           "set to 1 (from 2)" in log
+    a, b = scalars(split), scalars(plain)
+    for name in ("train/loss", "train/grad_norm", "eval/loss"):
+        steps = [3, 4] if name.startswith("train") else [4]
+        assert [s for s, _ in b[name]] == steps, name
+        for step in steps:
+            assert dict(b[name])[step] == pytest.approx(dict(a[name])[step], rel=1e-5), (name, step)
+    assert dict(a["train/loss"])[4] < dict(a["train/loss"])[1]
+    export.from_checkpoint(checkpoints.find("latest", split / "checkpoints"), tmp_path / "m", dtype="fp32")
+    final, consolidated = (load_file(d / "model.safetensors") for d in (split / "final", tmp_path / "m"))
+    assert final.keys() == consolidated.keys() and all(torch.equal(final[k], v) for k, v in consolidated.items())
+    assert "sequence parallel" in (split / "final" / "README.md").read_text()
