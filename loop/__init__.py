@@ -14,8 +14,8 @@ and tests/test_layout.py holds the tree to it, with no import circle anywhere):
                 (DeepSpeed ZeRO-3, accelerate's own path): step calls, save
                 and load, checkpoint files and their safe reader, gathering
                 weights, the memory model
-    model       architectures, attention for packed rows, the loss head, LoRA,  config, data, engine
-                loading, FLOPs, the memory estimate
+    model       architectures, attention for packed rows, sequence parallelism, config, data, engine
+                the loss head, LoRA, loading, FLOPs, the memory estimate
     training    what a step optimises (objectives: sft, dpo and its reference   config, processes, data,
                 pass) and the optimizer step                                    engine, model
     state       the run's state on disk: progress, checkpoints, integrity,      config, processes, data,

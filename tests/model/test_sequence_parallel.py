@@ -81,3 +81,20 @@ def test_a_run_with_rows_split_resumes_without_and_steps_as_it_would_have(tiny_d
     final, consolidated = (load_file(d / "model.safetensors") for d in (split / "final", tmp_path / "m"))
     assert final.keys() == consolidated.keys() and all(torch.equal(final[k], v) for k, v in consolidated.items())
     assert "sequence parallel" in (split / "final" / "README.md").read_text()
+
+
+def test_a_split_the_model_or_the_attention_cannot_take_is_refused_in_one_line(tiny_dir, tmp_path):
+    from loop import config
+    from loop.model import load
+    from tests.conftest import write_config
+
+    path = write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out")
+    cfg = config.from_file(path)
+    cfg.parallelism.sequence_parallel_size = 3  # the tiny model has 4 query heads and 1 key/value head
+    with pytest.raises(ConfigError, match=r"^parallelism.sequence_parallel_size: the model's 4 attention heads do "
+                                          r"not divide by sequence_parallel_size 3 \(.*tiny.*/model\)$"):
+        load.preflight(cfg)
+    with pytest.raises(ConfigError, match="^parallelism.sequence_parallel_size: eager attention cannot take a split "
+                                          "row"):
+        config.from_argv([str(path), "--parallelism.sequence_parallel_size", "2", "--attn_implementation", "eager",
+                          "--packing", "pad"])
