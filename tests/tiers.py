@@ -2,7 +2,7 @@
 marker: a test is `slow` when it, a fixture it uses, or a function of its own module or of a conftest.py that
 either calls (however deep), launches processes or trains: `launch(...)` (accelerate with real ZeRO-3),
 `run_in_process(...)` (a whole run of loop/train.py in this process), `subprocess.Popen`, or a command line
-naming the launcher, loop/train.py, tools/launch.py or a GPU script's toy run (--tiny). An explicit
+naming the launcher, loop/train.py, tools/launch.py, a GPU script's toy run (--tiny) or torchrun's module. An explicit
 `@pytest.mark.slow` adds what this cannot see. `python -m pytest -m "not slow"` is then the quick tier; plain
 `python -m pytest` runs every tier.
 """
@@ -15,7 +15,8 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 LAUNCHERS = {"launch", "run_in_process", "Popen"}
-COMMANDS = ("accelerate.commands.launch", "train.py", "tools/launch.py", "--tiny")  # --tiny: a GPU script at toy size
+# --tiny: a GPU script at toy size; torch.distributed.run: a script of the tests' own on several processes
+COMMANDS = ("accelerate.commands.launch", "train.py", "tools/launch.py", "--tiny", "torch.distributed.run")
 
 
 def _body(node: ast.FunctionDef) -> list[ast.AST]:
