@@ -33,7 +33,7 @@ from loop.inference import sampling
 from loop.model import architecture, attention, flops, load, moe, sequence_parallel
 from loop.processes import fail_together
 from loop.report import card, hub, logs, metrics, profiling, routing, timings, trackers
-from loop.state import checkpoints, export, preemption, rundir
+from loop.state import checkpoints, export, preemption, resuming, rundir
 from loop.state.progress import LoopState
 from loop.state.saver import Saver
 from loop.training import optim, registry
@@ -83,11 +83,11 @@ def check_before_work(cfg: config.Config, objective: Plugin) -> tuple[object, st
 
 
 def open_run(run_scope: contextlib.ExitStack, accelerator: Accelerator, cfg: config.Config, data: Prepared,
-             log: logging.Logger) -> checkpoints.Resume:
+             log: logging.Logger) -> resuming.Resume:
     """Resume is checked (checkpoint, loop state, config, data) and the trackers started before anything is
     written; then the run directory is claimed, with its log file and resolved config."""
     out = Path(cfg.output.output_dir)
-    resume = checkpoints.plan_resume(accelerator, cfg, out / "checkpoints", data.report.fingerprint)
+    resume = resuming.plan(accelerator, cfg, out / "checkpoints", data.report.fingerprint)
     claimed = rundir.claim(run_scope, out, accelerator, cfg.output.overwrite_output_dir)
     rundir.check_shared(out, accelerator)  # every node sees this folder: refused now, not at a checkpoint
     trackers.start(accelerator, cfg, resume.state.step)
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # 5. Resume: model, optimizer and RNG states; the data position is the loop state's step number. Then
         # the components, each acting on its own schedule, and the starting point of the curves.
-        checkpoints.restore(accelerator, model, resume, partial=cfg.lora.enabled)
+        resuming.restore(accelerator, model, resume, partial=cfg.lora.enabled)
         setup, precision = card.run_setup(accelerator, cfg)
         summary = card.RunSummary(world_size=world, hardware=card.hardware(world), setup=setup, precision=precision,
                                   eval_losses=state.eval_losses, trainable=trainable, parameters=total)

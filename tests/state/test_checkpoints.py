@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from loop import config as config_mod
 from loop.engine.zero3_files import SHARDS
-from loop.state import checkpoints, integrity
+from loop.state import checkpoints, integrity, resuming
 from loop.state.progress import LoopState
 from tests.conftest import ROOT, free_port, launch, run_in_process, scalars, write_config
 from tests.state.conftest import STEPS, config  # with the fixtures small_data and fsdp2_reference, shared there
@@ -260,9 +260,9 @@ class Launched:
 def test_the_global_batch_is_kept_on_another_number_of_processes(tiny_dir, tmp_path, processes, accumulation):
     cfg = config_mod.from_file(write_config(tmp_path / "run.yaml", tiny_dir, tmp_path / "out"))  # accumulation 2
     saved, ckpt = {"training": {"gradient_accumulation_steps": 2}}, tmp_path / "step_00000006"
-    assert checkpoints.keep_global_batch(Launched(2), cfg, saved, ckpt, 2) == []  # as many processes: as it was
+    assert resuming.keep_global_batch(Launched(2), cfg, saved, ckpt, 2) == []  # as many processes: as it was
     launched = Launched(processes)
-    notes = checkpoints.keep_global_batch(launched, cfg, saved, ckpt, 2)
+    notes = resuming.keep_global_batch(launched, cfg, saved, ckpt, 2)
     assert cfg.training.gradient_accumulation_steps == launched.gradient_accumulation_steps == accumulation
     assert launched.state.deepspeed_plugin.deepspeed_config["train_batch_size"] == 2 * 2 * 2  # rows a step
     assert saved["training"]["gradient_accumulation_steps"] == accumulation  # compare() sees no change
@@ -277,10 +277,10 @@ def test_a_global_batch_the_processes_cannot_split_or_an_engine_that_cannot_resh
     with pytest.raises(checkpoints.CheckpointError, match=f"^{ckpt} was written by 2 processes x 2 accumulation "
                        "steps = 4 micro-batches a step, which 3 processes cannot split evenly; launch with a number "
                        "of processes that divides 4$"):
-        checkpoints.keep_global_batch(Launched(3), cfg, saved, ckpt, 2)
+        resuming.keep_global_batch(Launched(3), cfg, saved, ckpt, 2)
     with pytest.raises(checkpoints.CheckpointError, match="resume only on as many processes as wrote them. Launch "
                        "with --num_processes 2, or turn it into a model with `python tools/consolidate_checkpoint"):
-        checkpoints.keep_global_batch(Launched(1, deepspeed=False), cfg, saved, ckpt, 2)
+        resuming.keep_global_batch(Launched(1, deepspeed=False), cfg, saved, ckpt, 2)
     assert cfg.training.gradient_accumulation_steps == 2
 
 

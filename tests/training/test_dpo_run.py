@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from loop import config
 from loop.data import preference
-from loop.state import checkpoints, export
+from loop.state import checkpoints, export, resuming
 from loop.state.progress import LoopState
 from tests.conftest import launch, run_in_process, scalars, write_config
 from tests.state.test_checkpoints import start, wait_for, workers
@@ -105,16 +105,16 @@ def test_what_a_preference_step_is_is_guarded_on_resume(dpo_run):
     saved = yaml.safe_load((ckpt / "run_config.yaml").read_text())
     state = LoopState(**json.loads((ckpt / checkpoints.STATE_FILE).read_text()))
     cfg = config.from_dict(saved)
-    assert checkpoints.compare(cfg, saved, state, state.data_fingerprint) == []
+    assert resuming.compare(cfg, saved, state, state.data_fingerprint) == []
     for key, value in (("training.objective", "sft"), ("dpo.beta", 0.1), ("dpo.loss", "ipo"),
                        ("dpo.label_smoothing", 0.1), ("dpo.max_prompt_length", 32)):
         section, name = key.split(".")
         changed = {**saved, section: {**saved[section], name: value}}
         with pytest.raises(config.ConfigError, match=f"{key}: "):
-            checkpoints.compare(config.from_dict(changed), saved, state, state.data_fingerprint)
+            resuming.compare(config.from_dict(changed), saved, state, state.data_fingerprint)
     lora = {**saved, "lora": {**saved["lora"], "enabled": True}, "dpo": {**saved["dpo"], "reference": "live"}}
     with pytest.raises(config.ConfigError, match="dpo.reference: 'precomputed' -> 'live'"):
-        checkpoints.compare(config.from_dict(lora), saved, state, state.data_fingerprint)
+        resuming.compare(config.from_dict(lora), saved, state, state.data_fingerprint)
 
 
 def test_kill_9_then_preemption_then_resume_is_bit_identical_even_without_the_reference_cache(
