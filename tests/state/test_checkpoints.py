@@ -125,13 +125,17 @@ EASY = str(ROOT / "loop" / "evaluation" / "data" / "easy.jsonl")
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, small_data, tmp_path, engine):
     """SIGTERM (what SLURM and Kubernetes send); SIGUSR1 takes the same path (tests/state/test_preemption.py), and
-    through the README's launch command too (tests/test_launch.py). Under FSDP2 the run also scores code before
-    its first step: generation with every process joining, and the sandbox, under that engine."""
+    through the README's launch command too (tests/test_launch.py). Each run also scores code before its first
+    step: generation with every process joining, and the sandbox, under that engine. Under ZeRO-3 every row is
+    split over both processes (sequence parallelism): generation runs whole prompts on each process all the
+    same, and the preempted run's checkpoint is whole (ZeRO-3 without the split is preempted in those tests)."""
     out = tmp_path / "run"
     scored = ["--evaluation.tasks", EASY, "--evaluation.limit", "2", "--evaluation.max_answer_tokens", "8",
-              "--evaluation.batch_size", "2"] if engine == "fsdp2" else []
+              "--evaluation.batch_size", "2"]
+    split = ["--parallelism.sequence_parallel_size", "2", "--gradient_accumulation_steps", "4"] \
+        if engine == "zero3" else []
     proc = start(config(tmp_path, tiny_dir, small_data, out), "--save_every", "100000", "--max_steps", "100000",
-                 *scored, engine=engine)
+                 *scored, *split, engine=engine)
     wait_for(out / "train.log", proc=proc)  # trackers start before it, so it is the later
     while "train/loss" not in (out / "train.log").read_text():  # some steps are done
         assert proc.poll() is None and time.sleep(0.05) is None
@@ -144,8 +148,7 @@ def test_preemption_signal_checkpoints_and_exits_with_distinct_code(tiny_dir, sm
     assert len(found) == 1 and 0 < int(found[0].name.split("_")[1]) < 100000, found
     assert "preempted" in (out / "train.log").read_text()
     assert integrity.problems(found[0]) == []  # the signal's checkpoint verifies under either engine
-    if scored:
-        assert "step 0: easy pass@1 " in (out / "train.log").read_text()
+    assert "step 0: easy pass@1 " in (out / "train.log").read_text()
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
