@@ -218,7 +218,7 @@ class Encoder:
                            "one sequence per assistant turn")
         pieces, final = found.per_turn(), _final_answers(dialogue)
         fitting = next((i for i, (ids, _) in enumerate(pieces) if len(ids) > self.seq_len), len(pieces))
-        if fitting < len(pieces):  # kept through the last final answer before it, as a cut dialogue is
+        if fitting < len(pieces):  # cut after the last answer before it that calls no tool (cut_points)
             fitting = max((k + 1 for k in range(fitting) if final[k]), default=0)
         if fitting < len(pieces) and (self.on_too_long == "drop" or not fitting):
             return Encoded([], DROPPED)
@@ -251,7 +251,8 @@ def cut_points(dialogue: Messages, within: int | None = None) -> list[int]:
     results of a call: they are untrained (a whole file, thousands of tokens, paid for in the row and never
     learned) and the row would end with the assistant still at work. An agent trajectory that is one task, its
     only answer at the end, has no such point before it and is dropped (counted as dropped too long), never
-    trained on a piece. (TRL cuts tokens, keep_start or keep_end; LLaMA-Factory cuts each turn's prompt and
+    trained on a piece. Where a template trains one sequence per assistant turn (turns.py), the sequences kept
+    are those of that prefix. (TRL cuts tokens, keep_start or keep_end; LLaMA-Factory cuts each turn's prompt and
     reply to a token budget; axolotl drops or cuts tokens: each may split a call, a result or a message.)"""
     return [i + 1 for i, m in enumerate(dialogue[:within]) if m.get("role") == "assistant" and not m.get("tool_calls")]
 
@@ -304,7 +305,7 @@ def decision(encoded: Encoded) -> str:
         return f"refused: {encoded.refused}"
     if encoded.status == DROPPED:
         return "dropped: too long for a row"
-    cut = ", cut at a turn to fit" if encoded.status == TRUNCATED else ""
+    cut = ", cut after an answer that calls no tool, to fit" if encoded.status == TRUNCATED else ""
     if encoded.per_turn:
         return f"one sequence per assistant turn ({len(encoded.pieces)} sequences, +{encoded.extra_tokens} tokens){cut}"
     return f"one sequence{cut}"

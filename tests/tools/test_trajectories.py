@@ -69,3 +69,13 @@ def test_bad_arguments_are_one_line_and_exit_code_2(tmp_path, capsys):
     assert said[0] == "error: --count must be at least 1, and 0 < --min-tokens <= --max-tokens"
     assert said[1].startswith(f"error: --tokenizer {tmp_path / 'none'}: cannot load it") and len(said) == 2
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_the_32k_recipe_trains_what_the_tool_writes_in_long_rows():
+    from loop import config
+
+    cfg = config.from_file(ROOT / "configs" / "long-trajectories-32k.yaml")
+    assert [s.path for s in cfg.data.train_files] == [str(make_long_data.DEFAULT_OUT)]
+    assert (cfg.data.seq_len, cfg.data.packing, cfg.data.template, cfg.data.on_too_long) == (32768, "bfd", "chatml",
+                                                                                             "truncate")
+    assert cfg.model.gradient_checkpointing and cfg.training.micro_batch_size == 1
