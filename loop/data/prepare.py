@@ -37,8 +37,9 @@ from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
 
-CACHE_VERSION = "4"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
-# split is made by first question (dialogues.split_key); 4: trained flags at a bit each (batches.Bits)
+CACHE_VERSION = "5"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
+# split is made by first question (dialogues.split_key); 4: trained flags at a bit each (batches.Bits); 5: a
+# too-long dialogue is cut only after an answer that calls no tool (tokenize.cut_points)
 NPY = ("offsets", "trained_counts", "use", "source")  # the per-dialogue arrays of a prepared folder
 TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
 BATCH = 512  # dialogues a worker encodes at once

@@ -1,6 +1,7 @@
 """Tokenizing dialogues through the chat template: the ids and trained positions that
 `tokenizer.apply_chat_template(..., return_assistant_tokens_mask=True)` gives, at a fraction of its cost,
-with a dialogue longer than the row cut at a turn boundary or dropped (and counted).
+with a dialogue longer than the row cut where it could have ended (cut_points: never inside a message, nor between
+a tool call and its results) or dropped, and counted.
 
 Why not apply_chat_template itself: it tokenizes one dialogue at a time and builds its mask in Python
 token by token; here the same render (transformers' Jinja with the `{% generation %}` spans, or for the
@@ -195,7 +196,7 @@ class Encoder:
         if fits < len(dialogue):
             if self.on_too_long == "drop":
                 return Encoded([], DROPPED)
-            ends = [i + 1 for i, m in enumerate(dialogue[:fits]) if m.get("role") == "assistant"]
+            ends = cut_points(dialogue, fits)
             if not ends:
                 return Encoded([], DROPPED)
             dialogue, status = dialogue[: ends[-1]], TRUNCATED
@@ -206,15 +207,19 @@ class Encoder:
         if not found.changed:
             if len(found.whole) <= self.seq_len:
                 return Encoded([found.one_sequence()], status)
-            fitting = sum(end <= self.seq_len for end in found.answer_ends())
+            final = _final_answers(dialogue)
+            fitting = max((k + 1 for k, end in enumerate(found.answer_ends()) if end <= self.seq_len and final[k]),
+                          default=0)
             if self.on_too_long == "drop" or not fitting:
                 return Encoded([], DROPPED)
             return Encoded([found.one_sequence(fitting)], TRUNCATED)
         if self.on_template_change == "refuse":
             return Encoded([], DROPPED, refused=found.changed + "; data.on_template_change: per_turn trains it as "
                            "one sequence per assistant turn")
-        pieces = found.per_turn()
+        pieces, final = found.per_turn(), _final_answers(dialogue)
         fitting = next((i for i, (ids, _) in enumerate(pieces) if len(ids) > self.seq_len), len(pieces))
+        if fitting < len(pieces):  # cut after the last answer before it that calls no tool (cut_points)
+            fitting = max((k + 1 for k in range(fitting) if final[k]), default=0)
         if fitting < len(pieces) and (self.on_too_long == "drop" or not fitting):
             return Encoded([], DROPPED)
         kept = pieces[:fitting]
@@ -222,8 +227,9 @@ class Encoder:
         return Encoded(kept, status if fitting == len(pieces) else TRUNCATED, per_turn=True, extra_tokens=int(extra))
 
     def _longest_prefix(self, dialogue: Messages, within: int) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """The longest prefix of at most `within` messages that ends on an assistant turn and fits in a row."""
-        ends = [i + 1 for i, m in enumerate(dialogue[:within]) if m.get("role") == "assistant"]
+        """The longest prefix of at most `within` messages that ends where the dialogue could have ended
+        (cut_points) and fits in a row."""
+        ends = cut_points(dialogue, within)
         best, lo, hi = None, 0, len(ends) - 1
         while lo <= hi:  # a longer prefix is never fewer tokens
             mid = (lo + hi) // 2
@@ -233,6 +239,27 @@ class Encoder:
             else:
                 hi = mid - 1
         return best
+
+
+def cut_points(dialogue: Messages, within: int | None = None) -> list[int]:
+    """Where a dialogue too long for a row may be cut (message counts of the prefixes kept, among its first
+    `within` messages): only where the dialogue could have ended, after an assistant turn that calls no tool.
+
+    So a cut dialogue is itself a valid one (dialogues.validate takes it): it ends on the assistant's answer,
+    every tool call in it has all its results and the assistant turn that reads them, and no message is cut
+    inside. Not after a turn that calls a tool: the row would end on a call nobody answered. Not after the
+    results of a call: they are untrained (a whole file, thousands of tokens, paid for in the row and never
+    learned) and the row would end with the assistant still at work. An agent trajectory that is one task, its
+    only answer at the end, has no such point before it and is dropped (counted as dropped too long), never
+    trained on a piece. Where a template trains one sequence per assistant turn (turns.py), the sequences kept
+    are those of that prefix. (TRL cuts tokens, keep_start or keep_end; LLaMA-Factory cuts each turn's prompt and
+    reply to a token budget; axolotl drops or cuts tokens: each may split a call, a result or a message.)"""
+    return [i + 1 for i, m in enumerate(dialogue[:within]) if m.get("role") == "assistant" and not m.get("tool_calls")]
+
+
+def _final_answers(dialogue: Messages) -> list[bool]:
+    """For each assistant turn in order: whether the dialogue may be cut after it (cut_points)."""
+    return [not m.get("tool_calls") for m in dialogue if m.get("role") == "assistant"]
 
 
 def trained(encoding: Any, spans: list[tuple[int, int]] | None) -> np.ndarray:
@@ -278,7 +305,7 @@ def decision(encoded: Encoded) -> str:
         return f"refused: {encoded.refused}"
     if encoded.status == DROPPED:
         return "dropped: too long for a row"
-    cut = ", cut at a turn to fit" if encoded.status == TRUNCATED else ""
+    cut = ", cut after an answer that calls no tool, to fit" if encoded.status == TRUNCATED else ""
     if encoded.per_turn:
         return f"one sequence per assistant turn ({len(encoded.pieces)} sequences, +{encoded.extra_tokens} tokens){cut}"
     return f"one sequence{cut}"

@@ -1,4 +1,5 @@
 """What the tools and the tests build, not the loop: the tiny models of the quickstart, the tests and the
 benchmarks (tiny: the chatterbot corpus, a tokenizer trained on it, random weights of a supported
-architecture), and the shipped tool-use set (toolset). Nothing under loop/ imports these.
+architecture), the shipped tool-use set (toolset) and the long agent trajectories over this repository
+(trajectories). Nothing under loop/ imports these.
 """
