@@ -91,10 +91,11 @@ class DataConfig:
     # once later turns follow (Qwen3 drops earlier reasoning): per_turn trains it as one sequence per assistant
     # turn (counted in the data report), refuse makes it a bad record (see on_bad_record).
     on_template_change: TemplateChange = "per_turn"
-    seq_len: int = 1024  # tokens per packed row; longer dialogues are cut at a turn or dropped
+    seq_len: int = 1024  # tokens per packed row; longer dialogues are cut or dropped (on_too_long)
     packing: PackingMode = "bfd"  # bfd (dialogues kept apart) | pad (one per row) | concat (one stream)
     on_bad_record: Literal["error", "skip"] = "error"  # error: list every bad record and stop; skip: count them
-    on_too_long: Literal["truncate", "drop"] = "truncate"  # a dialogue over seq_len: cut at a turn, or drop it
+    # A dialogue over seq_len: cut after an answer that calls no tool (dropped where none fits), or drop it; counted.
+    on_too_long: Literal["truncate", "drop"] = "truncate"
     num_proc: int = 0  # processes that tokenize (0: every core the machine gives, one under 8 MB of JSONL)
     # Where prepared (tokenized, packed) data is kept and memory-mapped from, keyed by what it was made of
     # (none: ~/.cache/loop/data, or $XDG_CACHE_HOME/loop/data).
