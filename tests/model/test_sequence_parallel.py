@@ -28,6 +28,28 @@ def test_heads_that_cannot_be_shared_out_are_named():
         "the model's 3 key/value heads and sequence_parallel_size 4: neither divides the other"
 
 
+def test_processes_sharing_a_row_draw_their_own_dropout_masks(monkeypatch):
+    """Every process starts from the run's seed (set_seed: the weights they build must agree). The two processes of
+    a group then run the same layers on chunks of one shape: without a stream of their own they drop the same
+    positions of every chunk, tokens a chunk apart together, which the unsplit row never does (LoRA's default
+    dropout is 0.05). Without sequence parallelism the run's random stream is left as it was."""
+    from accelerate.utils import set_seed
+
+    masks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(sequence_parallel, "_current", sequence_parallel.plan(2, rank, 2))
+        set_seed(7)  # what loop/train.py does on every process
+        torch.rand(10)  # building the model draws from it alike on both
+        sequence_parallel.own_dropout(7)
+        masks.append(torch.nn.functional.dropout(torch.ones(4096), 0.5) == 0)
+    assert not torch.equal(*masks) and 0.4 < (masks[0] == masks[1]).float().mean() < 0.6  # independent halves
+    monkeypatch.setattr(sequence_parallel, "_current", sequence_parallel.NONE)
+    set_seed(7)
+    before = torch.get_rng_state()
+    sequence_parallel.own_dropout(7)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_row_split_over_two_processes_gives_the_loss_and_gradients_of_the_whole_row(family_dirs, tmp_path):
     """Two processes over gloo, each model family's attention kind (grouped-query Qwen3, multi-query GPTBigCode),
     both packed layouts (SDPA per dialogue on the flattened row, SDPA under the block mask): the summed
