@@ -70,6 +70,28 @@ def test_a_row_split_over_two_processes_gives_the_loss_and_gradients_of_the_whol
             assert scale > 0 and difference <= 1e-5 * max(1.0, scale), (case, what, difference, scale)
 
 
+def test_sliding_windows_fillers_rows_without_targets_and_routers_split_as_the_whole_row(family_dirs, tmp_path):
+    """Two processes over gloo (about 8 s), what the test above does not reach: dialogues longer than the tiny
+    models' 64-token sliding window (Qwen2: a window on some layers, a mask per layer type), three rows a
+    micro-batch with an empty filler, gradient checkpointing, a row whose second chunk holds no target through the
+    plain logits, and a mixture of experts' router statistics (assignments, probabilities with their gradient,
+    entropy) from each process's `token_index`: split and added up over the processes, the whole rows'."""
+    models = {f: str(family_dirs(f) / "model") for f in ("qwen2", "qwen3_moe")}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "model" / "sequence_parallel_cases_worker.py"), json.dumps(models), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert len(report) == 2 * 2 * 2
+    for case, quantities in report.items():
+        assert len(quantities) == (5 if "moe" in case else 2), case
+        for what, (difference, scale) in zip(("loss", "gradients", "assignments", "probabilities", "entropy"),
+                                             quantities):
+            assert scale > 0 and difference <= 1e-5 * max(1.0, scale), (case, what, difference, scale)
+
+
 def test_a_run_with_rows_split_resumes_without_and_steps_as_it_would_have(tiny_dir, tmp_path):
     """Two launches of 2-process ZeRO-3 (float32, about 20 s each). The first splits every row over both
     processes (one data-parallel group, 2 accumulation steps), with gradient checkpointing, and checkpoints at
