@@ -10,6 +10,19 @@ from loop.model import sequence_parallel
 from tests.conftest import ROOT, free_port
 
 
+def on_two_processes(worker: str, family_dirs, families: tuple[str, ...], tmp_path) -> dict:
+    """A worker of tests/model/ run under torch.distributed.run on 2 processes (gloo) with the families' tiny
+    models: the report it writes."""
+    models = {f: str(family_dirs(f) / "model") for f in families}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "model" / worker), json.dumps(models), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def test_processes_are_grouped_by_consecutive_ranks():
     assert [sequence_parallel.plan(4, r, 2) for r in range(4)] == [
         sequence_parallel.Split(2, 0, 2, 0), sequence_parallel.Split(2, 1, 2, 0),
@@ -56,14 +69,7 @@ def test_a_row_split_over_two_processes_gives_the_loss_and_gradients_of_the_whol
     cross-entropy and every parameter's gradient, and each packed sequence's log-probability with the gradient of
     a loss over them (preference tuning's case), with the row split between the processes and added up over
     them, equal the whole row's."""
-    models = {f: str(family_dirs(f) / "model") for f in ("qwen3", "gpt_bigcode")}
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "model" / "sequence_parallel_worker.py"), json.dumps(models), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = on_two_processes("sequence_parallel_worker.py", family_dirs, ("qwen3", "gpt_bigcode"), tmp_path)
     assert sorted(report) == ["gpt_bigcode/sdpa", "gpt_bigcode/sdpa_varlen", "qwen3/sdpa", "qwen3/sdpa_varlen"]
     for case, quantities in report.items():
         for what, (difference, scale) in zip(("loss", "gradients", "log-probs", "their gradients"), quantities):
@@ -76,14 +82,7 @@ def test_sliding_windows_fillers_rows_without_targets_and_routers_split_as_the_w
     micro-batch with an empty filler, gradient checkpointing, a row whose second chunk holds no target through the
     plain logits, and a mixture of experts' router statistics (assignments, probabilities with their gradient,
     entropy) from each process's `token_index`: split and added up over the processes, the whole rows'."""
-    models = {f: str(family_dirs(f) / "model") for f in ("qwen2", "qwen3_moe")}
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "model" / "sequence_parallel_cases_worker.py"), json.dumps(models), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = on_two_processes("sequence_parallel_cases_worker.py", family_dirs, ("qwen2", "qwen3_moe"), tmp_path)
     assert len(report) == 2 * 2 * 2
     for case, quantities in report.items():
         assert len(quantities) == (5 if "moe" in case else 2), case
