@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes); then what the
         # objective does before training.
         model, optimizer = accelerator.prepare(model, optimizer)
+        sequence_parallel.own_dropout(t.seed)  # the processes sharing a row: each its own dropout masks
         train_planner, eval_planners = before_training(objective, accelerator, model, cfg, train_planner,
                                                        eval_planners, added_tokens, attn)
         phases.done("model and engine start")

@@ -86,6 +86,17 @@ def whole_rows() -> Iterator[None]:
         _whole = before
 
 
+def own_dropout(seed: int) -> None:
+    """Seed this process's random stream apart from the others of its group, once the model is built. Every
+    process starts from the run's seed, as the weights they build must agree; but the processes of a group run the
+    same layers on chunks of one shape, so they would draw the same dropout mask (LoRA's, the model's) for every
+    chunk: tokens a chunk apart dropped together, which the unsplit row never does. Nothing random has to agree
+    after the model is built (generation draws from its own generator); a resumed run's streams come from its
+    checkpoint."""
+    if _current.size > 1:
+        torch.manual_seed(seed + 1_000_003 * _current.rank)
+
+
 def check_heads(heads: int, kv_heads: int, size: int) -> str | None:
     """Why the model's heads cannot be shared out over `size` processes, or None."""
     if heads % size:

@@ -10,6 +10,19 @@ from loop.model import sequence_parallel
 from tests.conftest import ROOT, free_port
 
 
+def on_two_processes(worker: str, family_dirs, families: tuple[str, ...], tmp_path) -> dict:
+    """A worker of tests/model/ run under torch.distributed.run on 2 processes (gloo) with the families' tiny
+    models: the report it writes."""
+    models = {f: str(family_dirs(f) / "model") for f in families}
+    out = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests" / "model" / worker), json.dumps(models), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
 def test_processes_are_grouped_by_consecutive_ranks():
     assert [sequence_parallel.plan(4, r, 2) for r in range(4)] == [
         sequence_parallel.Split(2, 0, 2, 0), sequence_parallel.Split(2, 1, 2, 0),
@@ -28,23 +41,53 @@ def test_heads_that_cannot_be_shared_out_are_named():
         "the model's 3 key/value heads and sequence_parallel_size 4: neither divides the other"
 
 
+def test_processes_sharing_a_row_draw_their_own_dropout_masks(monkeypatch):
+    """Every process starts from the run's seed (set_seed: the weights they build must agree). The two processes of
+    a group then run the same layers on chunks of one shape: without a stream of their own they drop the same
+    positions of every chunk, tokens a chunk apart together, which the unsplit row never does (LoRA's default
+    dropout is 0.05). Without sequence parallelism the run's random stream is left as it was."""
+    from accelerate.utils import set_seed
+
+    masks = []
+    for rank in (0, 1):
+        monkeypatch.setattr(sequence_parallel, "_current", sequence_parallel.plan(2, rank, 2))
+        set_seed(7)  # what loop/train.py does on every process
+        torch.rand(10)  # building the model draws from it alike on both
+        sequence_parallel.own_dropout(7)
+        masks.append(torch.nn.functional.dropout(torch.ones(4096), 0.5) == 0)
+    assert not torch.equal(*masks) and 0.4 < (masks[0] == masks[1]).float().mean() < 0.6  # independent halves
+    monkeypatch.setattr(sequence_parallel, "_current", sequence_parallel.NONE)
+    set_seed(7)
+    before = torch.get_rng_state()
+    sequence_parallel.own_dropout(7)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_a_row_split_over_two_processes_gives_the_loss_and_gradients_of_the_whole_row(family_dirs, tmp_path):
     """Two processes over gloo, each model family's attention kind (grouped-query Qwen3, multi-query GPTBigCode),
     both packed layouts (SDPA per dialogue on the flattened row, SDPA under the block mask): the summed
     cross-entropy and every parameter's gradient, and each packed sequence's log-probability with the gradient of
     a loss over them (preference tuning's case), with the row split between the processes and added up over
     them, equal the whole row's."""
-    models = {f: str(family_dirs(f) / "model") for f in ("qwen3", "gpt_bigcode")}
-    out = tmp_path / "report.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "model" / "sequence_parallel_worker.py"), json.dumps(models), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    report = json.loads(out.read_text())
+    report = on_two_processes("sequence_parallel_worker.py", family_dirs, ("qwen3", "gpt_bigcode"), tmp_path)
     assert sorted(report) == ["gpt_bigcode/sdpa", "gpt_bigcode/sdpa_varlen", "qwen3/sdpa", "qwen3/sdpa_varlen"]
     for case, quantities in report.items():
         for what, (difference, scale) in zip(("loss", "gradients", "log-probs", "their gradients"), quantities):
+            assert scale > 0 and difference <= 1e-5 * max(1.0, scale), (case, what, difference, scale)
+
+
+def test_sliding_windows_fillers_rows_without_targets_and_routers_split_as_the_whole_row(family_dirs, tmp_path):
+    """Two processes over gloo (about 8 s), what the test above does not reach: dialogues longer than the tiny
+    models' 64-token sliding window (Qwen2: a window on some layers, a mask per layer type), three rows a
+    micro-batch with an empty filler, gradient checkpointing, a row whose second chunk holds no target through the
+    plain logits, and a mixture of experts' router statistics (assignments, probabilities with their gradient,
+    entropy) from each process's `token_index`: split and added up over the processes, the whole rows'."""
+    report = on_two_processes("sequence_parallel_cases_worker.py", family_dirs, ("qwen2", "qwen3_moe"), tmp_path)
+    assert len(report) == 2 * 2 * 2
+    for case, quantities in report.items():
+        assert len(quantities) == (5 if "moe" in case else 2), case
+        for what, (difference, scale) in zip(("loss", "gradients", "assignments", "probabilities", "entropy"),
+                                             quantities):
             assert scale > 0 and difference <= 1e-5 * max(1.0, scale), (case, what, difference, scale)
 
 
