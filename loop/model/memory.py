@@ -1,0 +1,56 @@
+"""A long row's memory: the MLPs computed in slices of the row (model.tiled_mlp) and the inputs gradient
+checkpointing keeps moved to CPU memory (model.offload_checkpoints). With both, and the loss already computed in
+chunks inside the output projection (head.py), what a row keeps on the device grows with its length only by
+one hidden state per layer (on the host, offloaded) and one layer's recomputation at a time. The tools are
+DeepSpeed's (loop/engine/activations.py); this module decides where they apply and refuses where they cannot."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+
+from loop.config import ConfigError, ModelConfig
+from loop.engine import activations
+
+OFFLOAD = "_loop_checkpoint_offload"  # the model's offloader, read by the step (offloading)
+
+
+def mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Each transformer block's dense MLP (`mlp`, a class named ...MLP: GPTBigCode, StarCoder2, Llama, Qwen2/3).
+    A mixture of experts' block routes each token and returns the router's logits too: not tiled."""
+    return [m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] == "mlp"
+            and type(m).__name__.upper().endswith("MLP")]
+
+
+def apply(model: torch.nn.Module, settings: ModelConfig) -> None:
+    """Tile the MLPs and mark the checkpoints for offload, as the settings ask (after dropout is set and LoRA
+    wrapped, so the slices run what trains)."""
+    if settings.tiled_mlp:
+        found = mlps(model)
+        if not found:
+            raise ConfigError(f"model.tiled_mlp: {type(model).__name__} has no dense MLP to tile (a mixture of "
+                              "experts' blocks are not tiled); set it to 0")
+        for mlp in found:
+            rates = [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+            if rates:  # backward recomputes each slice: another dropout mask, wrong gradients
+                raise ConfigError(f"model.tiled_mlp: the model's MLP has dropout {rates[0]} and a tiled MLP is "
+                                  "recomputed in backward with another mask; set the model's dropout to 0 "
+                                  "(resid_pdrop / hidden_dropout) or model.tiled_mlp: 0")
+            activations.tile(mlp, settings.tiled_mlp)
+    if settings.offload_checkpoints:
+        layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
+                  and hasattr(m, "_gradient_checkpointing_func")]
+        if not layers:
+            raise ConfigError(f"model.offload_checkpoints: {type(model).__name__}'s layers have no gradient "
+                              "checkpointing to offload (is model.gradient_checkpointing on?)")
+        offload = activations.offloader()
+        for layer in layers:
+            activations.mark_inputs(layer, offload)
+        setattr(model, OFFLOAD, offload)
+
+
+def offloading(model) -> AbstractContextManager:
+    """What one micro-batch's forward and backward run inside: the model's checkpoint offloader, or nothing.
+    `model` as prepared (DeepSpeed's engine and DDP hold the loaded model as .module)."""
+    return getattr(model, OFFLOAD, None) or getattr(getattr(model, "module", None), OFFLOAD, None) or nullcontext()
