@@ -52,5 +52,8 @@ def apply(model: torch.nn.Module, settings: ModelConfig) -> None:
 
 def offloading(model) -> AbstractContextManager:
     """What one micro-batch's forward and backward run inside: the model's checkpoint offloader, or nothing.
-    `model` as prepared (DeepSpeed's engine and DDP hold the loaded model as .module)."""
-    return getattr(model, OFFLOAD, None) or getattr(getattr(model, "module", None), OFFLOAD, None) or nullcontext()
+    `model` as prepared (DeepSpeed's engine and DDP hold the loaded model as .module). Read from the instances'
+    own attributes: DeepSpeed's engine answers a missing attribute by listing itself and its module (dir()),
+    a cost on every micro-batch."""
+    inner = vars(model).get("_modules", {}).get("module")
+    return vars(model).get(OFFLOAD) or (inner is not None and vars(inner).get(OFFLOAD)) or nullcontext()
