@@ -14,9 +14,11 @@ from tools.bench import long_row
 @pytest.mark.slow
 def test_the_long_row_benchmark_reports_each_process_s_peak_at_toy_size(tmp_path):
     """Two (four with sequence parallelism) 2-process ZeRO-3 launches of a 2-layer model, rows of 512 and 128
-    tokens: about a minute on 2 shared cores, so in the slow tier."""
+    tokens, with the tiled MLP and the checkpoint offloader on (loop/model/memory.py through the loop's own step):
+    about a minute on 2 shared cores, so in the slow tier."""
     proc = subprocess.run([sys.executable, "-m", "tools.bench.long_row", "--seq-len", "512", "--base-len", "128",
                            "--repeats", "1", "--shape", "{hidden: 64, heads: 4, layers: 2, dropout: 0.0}",
+                           "--tiled-mlp", "2", "--offload-checkpoints",
                            "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -30,4 +32,5 @@ def test_the_long_row_benchmark_reports_each_process_s_peak_at_toy_size(tmp_path
     if sides == [1]:
         assert any("sequence parallel 2: skipped, parallelism.sequence_parallel_size is not a setting" in line
                    for line in lines)
+    assert "tiled MLP 2, checkpoints offloaded" in proc.stdout
     assert lines[-1].startswith("from: `python -m tools.bench.long_row") and "load average" in lines[-1]

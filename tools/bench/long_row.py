@@ -43,7 +43,8 @@ def sequence_parallel_known() -> bool:
 
 def config(a, work: Path, model: Path, data: Path, seq_len: int, out: Path) -> Path:
     cfg = {"model": {"name_or_path": str(model), "gradient_checkpointing": a.checkpointing}
-           | ({"tiled_mlp": a.tiled_mlp} if a.tiled_mlp else {}),
+           | ({"tiled_mlp": a.tiled_mlp} if a.tiled_mlp else {})
+           | ({"offload_checkpoints": True} if a.offload_checkpoints else {}),
            "data": {"train_files": [str(data)], "seq_len": seq_len, "eval_fraction": 0.0,
                     "cache_dir": str(work / "cache")},
            "training": {"max_steps": a.steps, "micro_batch_size": 1, "gradient_accumulation_steps": 1,
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps a run (one row a process each)")
     p.add_argument("--tiled-mlp", type=int, default=0, help="model.tiled_mlp")
+    p.add_argument("--offload-checkpoints", action="store_true", help="model.offload_checkpoints (on CPU the "
+                   "offloader has nowhere to move them: the same memory, the code path exercised)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="training.loss_chunk_tokens: the loss head's float32 "
                    "logits for this many tokens at a time (the loop's 8,192 would be the whole of a half row here)")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
@@ -159,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs.setdefault((sp, n), []).append(run(a, work, model, data, n, sp, f"sp{sp}-{n}-{repeat}"))
     print(f"tiny GPTBigCode ({a.shape}), one {a.seq_len}-token packed row a process a step, 2 processes, ZeRO-3 "
           f"bf16 on CPU, gradient checkpointing {'on' if a.checkpointing else 'off'}, tiled MLP "
-          f"{a.tiled_mlp or 'off'}, loss in chunks of {a.loss_chunk} tokens, {a.steps} steps a run; {a.repeats} "
-          "repeats, sides interleaved")
+          f"{a.tiled_mlp or 'off'}{', checkpoints offloaded' if a.offload_checkpoints else ''}, loss in chunks "
+          f"of {a.loss_chunk} tokens, {a.steps} steps a run; {a.repeats} repeats, sides interleaved")
     report(a, sides, runs)
     print(said.line())
     return 0
