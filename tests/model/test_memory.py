@@ -96,11 +96,13 @@ def test_what_cannot_work_is_refused_in_one_line(tiny_dir):
         memory.apply(AutoModelForCausalLM.from_config(config), ModelConfig(offload_checkpoints=True))
 
 
+@pytest.mark.slow
 def test_under_zero3_tiled_mlp_and_offload_keep_the_gradients(family_dirs):
     """Under DeepSpeed ZeRO-3 (one process over gloo, each block gathered whole as the loop gathers it, the
     weights partitioned), the tiled MLP with offloaded checkpoints gives the plain model's loss and full
     gradients, and each checkpointed input is still marked after ZeRO-3's hooks replaced it (DeepSpeed's own
-    marker misses it there: tests/model/zero3_memory_probe.py). Its own process: DeepSpeed's process group."""
+    marker misses it there: tests/model/zero3_memory_probe.py). Its own process, for DeepSpeed's process group:
+    about 20 s, in the slow tier."""
     done = subprocess.run([sys.executable, "tests/model/zero3_memory_probe.py", str(family_dirs("qwen2") / "model")],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "same loss and gradients" in done.stdout, done.stdout[-2000:] + done.stderr[-4000:]
