@@ -18,7 +18,7 @@ def test_the_long_row_benchmark_reports_each_process_s_peak_at_toy_size(tmp_path
     about a minute on 2 shared cores, so in the slow tier."""
     proc = subprocess.run([sys.executable, "-m", "tools.bench.long_row", "--seq-len", "512", "--base-len", "128",
                            "--repeats", "1", "--shape", "{hidden: 64, heads: 4, layers: 2, dropout: 0.0}",
-                           "--tiled-mlp", "2", "--offload-checkpoints",
+                           "--checkpointing", "--tiled-mlp", "2", "--offload-checkpoints",
                            "--work", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=os.environ | {"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

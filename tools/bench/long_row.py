@@ -1,18 +1,18 @@
 """One long packed row on CPU: the peak memory of each process with sequence parallelism 1 and 2, side by side.
 
-Two processes of real ZeRO-3 (accelerate_configs/cpu_zero3.yaml, bf16, gloo) train a tiny GPTBigCode (built here,
-no dropout) on rows of --seq-len tokens (16,384 by default) packed from a corpus built here (tools/bench/corpus.py),
-one row a process a step, gradient checkpointing on. With sequence parallelism 1 each process trains a whole row
-(data parallelism over the two); with 2 the two processes share each row (Ulysses: half its tokens each). The
-figure is each rank's own peak proportional set size (PSS of /proc/PID/smaps_rollup, sampled every 50 ms: the
-pages a rank shares with the other split between them, never summed over ranks), the larger rank's reported.
-The same run on --base-len-token rows gives what is not the row's (weights, optimizer states, libraries): the
-difference is the long row's part, which should about halve with 2. Each repeat runs every side, the order of
-the sizes reversed every repeat, so load on a shared machine falls on all of them.
+Two processes of real ZeRO-3 (accelerate_configs/cpu_zero3.yaml, bf16, gloo) train a tiny GPTBigCode (built
+here, no dropout) on rows of --seq-len tokens (16,384 by default) packed from a corpus built here
+(tools/bench/corpus.py), one row a process a step, gradient checkpointing off unless asked. With sequence
+parallelism 1 each process trains a whole row (data parallelism over the two); with 2 the two processes share
+each row (Ulysses: half its tokens each). The figure is each rank's own peak proportional set size (PSS of
+/proc/PID/smaps_rollup, sampled every 50 ms: the pages a rank shares with the other split between them, never
+summed over ranks), the larger rank's reported. The same run on --base-len-token rows gives what is not the
+row's (weights, optimizer states, libraries): the difference is the long row's part, which should about halve
+with 2. Each repeat runs every side, the order reversed every repeat, so load on a shared machine falls on all.
 
 A checkout without the setting parallelism.sequence_parallel_size (issue 38.1) skips the 2 side with a line.
 
-  python -m tools.bench.long_row [--seq-len 16384] [--sp 1 2] [--repeats 2] [--tiled-mlp 0]
+  python -m tools.bench.long_row [--seq-len 16384] [--sp 1 2] [--repeats 2] [--checkpointing] [--tiled-mlp 0]
 """
 
 from __future__ import annotations
@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                    "offloader has nowhere to move them: the same memory, the code path exercised)")
     p.add_argument("--loss-chunk", type=int, default=1024, help="training.loss_chunk_tokens: the loss head's float32 "
                    "logits for this many tokens at a time (the loop's 8,192 would be the whole of a half row here)")
-    p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
+    p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing (default off: every "
+                   "activation is then the row's, so its halving stands well above the noise of the rest)")
     p.add_argument("--shape", type=yaml.safe_load, default=SHAPE, help="the tiny model's shape (YAML mapping)")
     p.add_argument("--work", type=Path, help="keep the model, data and runs here (default: a temporary folder)")
     a = p.parse_args(argv)
