@@ -1,8 +1,7 @@
-"""DeepSpeed's long-sequence memory tools (Arctic Long Sequence Training, deepspeed.runtime.sequence_parallel and
-activation_checkpointing), for a model under any engine: an MLP computed in slices of the row, and the inputs
-that gradient checkpointing keeps moved to CPU memory between forward and backward. loop/model/memory.py
-decides where they apply; this module only wraps DeepSpeed's own, so nothing outside the engine package
-imports DeepSpeed."""
+"""DeepSpeed's offloader of checkpointed activations (Arctic Long Sequence Training's, in
+deepspeed.runtime.activation_checkpointing), for a model under any engine: the inputs that gradient checkpointing
+keeps moved to CPU memory between forward and backward. loop/model/memory.py decides where it applies; this
+module only wraps DeepSpeed's own, so nothing outside the engine package imports DeepSpeed."""
 
 from __future__ import annotations
 
@@ -11,26 +10,6 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import torch
-
-
-def tile(mlp: torch.nn.Module, shards: int) -> None:
-    """`mlp` runs on `shards` slices of the sequence through DeepSpeed's TiledMLP: its intermediate activations
-    exist for one slice at a time, and backward recomputes each slice (the forward runs once more). TiledMLP marks
-    its weights' gradients ready only after the last slice, so ZeRO-3 reduces each once; the slice count is a
-    setting, the same on every process, so ZeRO-3's gathering stays in step. Without gradients it is the
-    plain forward."""
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
-
-    forward = mlp.forward
-    weights = list(mlp.parameters())
-
-    @functools.wraps(forward)
-    def tiled(x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled():
-            return forward(x)
-        return TiledMLP.apply(lambda _module, part: forward(part), mlp, x, shards, weights)
-
-    mlp.forward = tiled
 
 
 def offloader() -> AbstractContextManager:

@@ -1,14 +1,16 @@
 """A long row's memory: the MLPs computed in slices of the row (model.tiled_mlp) and the inputs gradient
 checkpointing keeps moved to CPU memory (model.offload_checkpoints). With both, and the loss already computed in
 chunks inside the output projection (head.py), what a row keeps on the device grows with its length only by
-one hidden state per layer (on the host, offloaded) and one layer's recomputation at a time. The tools are
-DeepSpeed's (loop/engine/activations.py); this module decides where they apply and refuses where they cannot."""
+one hidden state per layer (on the host, offloaded) and one layer's recomputation at a time. The offloader is
+DeepSpeed's (loop/engine/activations.py), the slices torch's checkpoint; this module decides where they apply."""
 
 from __future__ import annotations
 
+import functools
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from loop.config import ConfigError, ModelConfig
 from loop.engine import activations
@@ -32,12 +34,7 @@ def apply(model: torch.nn.Module, settings: ModelConfig) -> None:
             raise ConfigError(f"model.tiled_mlp: {type(model).__name__} has no dense MLP to tile (a mixture of "
                               "experts' blocks are not tiled); set it to 0")
         for mlp in found:
-            rates = [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-            if rates:  # backward recomputes each slice: another dropout mask, wrong gradients
-                raise ConfigError(f"model.tiled_mlp: the model's MLP has dropout {rates[0]} and a tiled MLP is "
-                                  "recomputed in backward with another mask; set the model's dropout to 0 "
-                                  "(resid_pdrop / hidden_dropout) or model.tiled_mlp: 0")
-            activations.tile(mlp, settings.tiled_mlp)
+            tile(mlp, settings.tiled_mlp)
     if settings.offload_checkpoints:
         layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True
                   and hasattr(m, "_gradient_checkpointing_func")]
@@ -48,6 +45,25 @@ def apply(model: torch.nn.Module, settings: ModelConfig) -> None:
         for layer in layers:
             activations.mark_inputs(layer, offload)
         setattr(model, OFFLOAD, offload)
+
+
+def tile(mlp: torch.nn.Module, shards: int) -> None:
+    """`mlp` runs on `shards` slices of the sequence, each under torch's checkpoint: its intermediate activations
+    (4-5x the hidden size) exist for one slice at a time, in the forward and again when backward recomputes it,
+    and the slices' weight gradients add up inside the one backward pass, which every engine reduces as usual.
+    DeepSpeed's TiledMLP does the same with a backward of its own per slice, its gradients held back by a
+    `ds_grad_is_ready` flag: under 2-process ZeRO-3 with each block gathered whole (engine/deepspeed.py) a rank
+    aborted in gloo (tests/test_bench_long_row.py at 128-token rows). The checkpoint restores the random state,
+    so dropout draws the same mask again. Without gradients it is the plain forward."""
+    forward = mlp.forward
+
+    @functools.wraps(forward)
+    def tiled(x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return forward(x)
+        return torch.cat([checkpoint(forward, part, use_reentrant=False) for part in x.chunk(shards, dim=-2)], -2)
+
+    mlp.forward = tiled
 
 
 def offloading(model) -> AbstractContextManager:
