@@ -52,6 +52,20 @@ def test_the_gpu_scripts_dry_runs_check_the_real_path_on_cpu(tmp_path):
     assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in scale_lines) == 4
 
 
+@pytest.mark.slow
+def test_the_long_context_gpu_script_s_dry_run_checks_its_real_path(tmp_path):
+    """gpu_long.sh --dry-run (issue 38.6): the 7B shape built on the meta device with its context raised, a loop run
+    per row length with LoRA, offloaded checkpoints and a tiled MLP read back, the Trainer at the longest length
+    and the report, each checked without being run (about 30 s: in the slow tier with the others)."""
+    lines = dry_run("gpu_long.sh", tmp_path / "long")
+    trains = [line for line in lines if line.startswith("ok: accelerate launch (zero3.yaml") and "train.py" in line]
+    lengths = [int(line.split("micro-batch 1 x ")[1].split()[0]) for line in trains]
+    assert lengths == [32768, 65536, 131072, 262144] and all("qwen2 (7,6" in line for line in trains)
+    assert sum("tools.bench.trainer_baseline: arguments accepted" in line for line in lines) == 1
+    assert any(line.startswith("ok: tools.bench.gpu_long_report: arguments accepted") for line in lines)
+    assert not (tmp_path / "long" / "model" / "model.safetensors").exists()
+
+
 def test_the_dry_run_names_a_command_that_would_fail(tmp_path, capsys):
     """A dry run passes only when every command would start: a setting loop/train.py does not know, an argument a
     module refuses and a missing launcher config are each named, and the others still checked."""

@@ -48,6 +48,12 @@ class ModelConfig:
     # (the fastest on CPU); eager cannot pack (see loop/model/attention.py).
     attn_implementation: Attention = "auto"
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    # With gradient_checkpointing: each layer's kept input goes to (pinned) CPU memory during the forward and
+    # comes back for its backward, so a long row keeps almost no activations on the GPU (a no-op on CPU).
+    offload_checkpoints: bool = False
+    # > 0: each MLP runs on this many slices of the row, its intermediate activations (4-5x the hidden size)
+    # made for one slice at a time and recomputed in backward; for rows of 32k+ tokens (0: off).
+    tiled_mlp: int = 0
     # Mixtures of experts: the router load-balancing loss's coefficient (none: the model config's
     # router_aux_loss_coef; 0: off), computed over every real token of each optimizer step.
     router_aux_loss_coef: float | None = None
@@ -268,6 +274,9 @@ def validate(config: Config) -> None:
     checks = [
         ("training.lr", t.lr > 0, "must be > 0"),
         ("model.router_aux_loss_coef", (config.model.router_aux_loss_coef or 0) >= 0, "must be >= 0 (0: off)"),
+        ("model.tiled_mlp", config.model.tiled_mlp >= 0, "must be >= 0 (0: off)"),
+        ("model.offload_checkpoints", config.model.gradient_checkpointing or not config.model.offload_checkpoints,
+         "needs model.gradient_checkpointing: true (it moves the checkpoints that setting keeps)"),
         ("model.expert_collapse_fraction", 0 <= config.model.expert_collapse_fraction < 1, "must be in [0, 1)"),
         ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("training.warmup_steps", t.warmup_steps >= 0, "must be >= 0"),

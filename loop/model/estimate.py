@@ -116,19 +116,51 @@ def check_fits(counts: tuple[int, int], name: str, machine: Machine, bytes_per_p
                           "size, layers and vocabulary, or spread it over more processes with ZeRO-3")
 
 
-def activations_bytes(shape: Shape, micro_batch: int, seq_len: int, checkpointing: bool) -> dict[str, float]:
-    """Activation and logits memory per GPU for one micro-batch (bf16 activations).
+# Bytes kept per token and hidden unit in one layer for backward (bf16, fused attention: Korthikanti et al., 2022,
+# without the s^2 score term fused kernels do not store): the MLP's part (its input, the 4x-wide activations
+# around the nonlinearity, its dropout mask) and the rest (attention's projections and output, the norms).
+LAYER, MLP = 34, 19
 
-    Per layer, ~34 * s * b * h bytes are kept for backward with fused (SDPA / flash) attention
-    (Korthikanti et al., 2022, without the s^2 score term that fused kernels do not store); with
-    gradient checkpointing only each layer's input (2 * s * b * h) is kept, plus one layer being
-    recomputed. The loss runs in chunks inside the output projection (head.py): bf16 hidden
-    states and their gradient, plus one chunk of 8,192 positions of float32 logits and their gradient.
+
+@dataclass
+class Long:
+    """How a long row is spread and kept: processes sharing each row (sequence parallelism, Ulysses), layer
+    inputs offloaded to the host, the MLP computed in slices (0: whole)."""
+
+    sequence_parallel: int = 1
+    offload_checkpoints: bool = False
+    tiled_mlp: int = 0
+
+
+def activations_bytes(shape: Shape, micro_batch: int, seq_len: int, checkpointing: bool,
+                      long: Long | None = None) -> dict[str, float]:
+    """Activation and logits memory per GPU for one micro-batch (bf16 activations); "host" is what stays in CPU
+    memory instead (offloaded checkpoints), not counted on the GPU.
+
+    Per layer, LAYER * s * b * h bytes are kept for backward; with gradient checkpointing only each layer's
+    input (2 * s * b * h) is kept, plus one layer being recomputed; offloaded, the inputs go to the host but
+    the newest one. A tiled MLP keeps one slice of the MLP's part at a time. Under sequence parallelism every
+    process holds s / N tokens of each of these (Ulysses exchanges heads, not tokens, so attention's share is
+    divided too), and each layer's all-to-all holds its query, key, value and output twice (sent and received).
+    The loss runs in chunks inside the output projection (head.py): bf16 hidden states and their gradient,
+    plus one chunk of 8,192 positions of float32 logits and their gradient.
     """
-    sbh = seq_len * micro_batch * shape.hidden
-    acts = (2 * sbh * shape.layers + 34 * sbh) if checkpointing else 34 * sbh * shape.layers
-    logits = 2 * sbh * 2 + min(8192, micro_batch * seq_len) * shape.vocab * (4 + 4)
-    return {"activations": acts, "logits": logits}
+    long = long or Long()
+    n = max(1, long.sequence_parallel)
+    sbh = seq_len / n * micro_batch * shape.hidden
+    layer = (LAYER - MLP + MLP / max(1, long.tiled_mlp)) * sbh
+    kept = 2 * sbh * (1 if long.offload_checkpoints else shape.layers)
+    acts = (kept + layer) if checkpointing else layer * shape.layers
+    host = 2 * sbh * (shape.layers - 1) if checkpointing and long.offload_checkpoints else 0.0
+    width = 2 * shape.q_heads * shape.head_dim + 2 * shape.kv_heads * shape.head_dim  # q, output; k, v
+    exchange = 2 * 2 * seq_len / n * micro_batch * width if n > 1 else 0.0
+    logits = 2 * sbh * 2 + min(8192, micro_batch * seq_len / n) * shape.vocab * (4 + 4)
+    return {"activations": acts, "logits": logits, "all_to_all": exchange, "host": host}
+
+
+def on_device(parts: dict[str, float]) -> float:
+    """The GPU's part of activations_bytes (what is offloaded to the host left out)."""
+    return sum(v for k, v in parts.items() if k != "host")
 
 
 def lora_parameters(model_config, rank: int, trust_remote_code: bool = False) -> int:
@@ -155,22 +187,28 @@ def lora_row(total: int, largest: int, adapter: int, gpus: int, quantized: bool)
 
 def estimate(name_or_path: str, gpus_per_node: int, nodes: int, micro_batch: int, seq_len: int,
              checkpointing: bool, trust_remote_code: bool = False, lora_rank: int = 0,
-             qlora: bool = False, engine: str = registry.DEFAULT) -> list[dict[str, float | str]]:
+             qlora: bool = False, engine: str = registry.DEFAULT, long: Long | None = None
+             ) -> list[dict[str, float | str]]:
     """Rows of (setting, GPU GB per GPU, CPU GB per node): the usual ZeRO-3 choices (the model states from the
-    engine's own estimate), or with lora_rank the LoRA (or QLoRA) run."""
+    engine's own estimate), or with lora_rank the LoRA (or QLoRA) run. The head row has the activations' parts
+    in GB per GPU (`parts`), offloaded checkpoints as `host` (per GPU; the CPU column counts them per node)."""
     model_config = read_config(name_or_path, trust_remote_code)
     total, largest = count_params(model_config, trust_remote_code)
-    extra = sum(activations_bytes(Shape.of(model_config), micro_batch, seq_len, checkpointing).values())
+    parts = activations_bytes(Shape.of(model_config), micro_batch, seq_len, checkpointing, long)
+    extra, host = on_device(parts), parts["host"] * gpus_per_node
+    head = {"params": total, "largest_layer": largest, "activations_gb": extra / GB,
+            "parts": {k: v / GB for k, v in parts.items()}}
     if lora_rank:
         adapter = lora_parameters(model_config, lora_rank, trust_remote_code)
         row = lora_row(total, largest, adapter, gpus_per_node * nodes, qlora)
         row["gpu_gb"] = row["model_states_gpu_gb"] + extra / GB
-        return [{"params": total, "largest_layer": largest, "activations_gb": extra / GB, "adapter": adapter}, row]
+        row["cpu_gb_per_node"] += host / GB
+        return [head | {"adapter": adapter}, row]
     rows, states = [], registry.get(engine).model_states_memory
     for label, cpu_offload, offload_params in (("no offload", False, False),
                                                ("offload optimizer", True, False),
                                                ("offload optimizer + params", True, True)):
         cpu, gpu = states(total, largest, gpus_per_node, nodes, cpu_offload, offload_params)
         rows.append({"setting": label, "gpu_gb": (gpu + extra) / GB, "model_states_gpu_gb": gpu / GB,
-                     "cpu_gb_per_node": cpu / GB})
-    return [{"params": total, "largest_layer": largest, "activations_gb": extra / GB}, *rows]
+                     "cpu_gb_per_node": (cpu + host) / GB})
+    return [head, *rows]

@@ -14,7 +14,7 @@ from loop.config import Config, ConfigError, first_line
 from loop.data.records import DataError, check_exists
 from loop.engine import registry
 from loop.engine.interface import Engine
-from loop.model import attention, estimate, head, lora, sequence_parallel
+from loop.model import attention, estimate, head, lora, memory, sequence_parallel
 from loop.model.architecture import Shape, check_trainable
 
 
@@ -75,8 +75,10 @@ def check_memory(model_config, cfg: Config, accelerator=None) -> None:
         machine.per_node = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
         machine.offload_to_disk = "nvme" in offload
     t = cfg.training
-    activations = sum(estimate.activations_bytes(Shape.of(model_config), t.micro_batch_size, cfg.data.seq_len,
-                                                 cfg.model.gradient_checkpointing).values())
+    long = estimate.Long(cfg.parallelism.sequence_parallel_size, cfg.model.offload_checkpoints, cfg.model.tiled_mlp)
+    activations = estimate.on_device(estimate.activations_bytes(Shape.of(model_config), t.micro_batch_size,
+                                                                cfg.data.seq_len, cfg.model.gradient_checkpointing,
+                                                                long))
     per_param = 16 if not cfg.lora.enabled else 0.53 if cfg.lora.quantize == "4bit" else 2
     estimate.check_fits(counts, name, machine, per_param, activations)
 
@@ -137,6 +139,7 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
         if cfg.model.gradient_checkpointing:
             model.enable_input_require_grads()  # the frozen embedding must still pass gradients back
         model = lora.wrap(model, cfg.lora, added_tokens)
+    memory.apply(model, cfg.model)  # tiled MLP, offloaded checkpoints, where asked
     head.install_chunked_head(model, cfg.training.loss_chunk_tokens)
     engine.place_model(accelerator, model, cfg.lora.enabled)
     return model

@@ -11,7 +11,7 @@ import torch
 
 from loop.data.batches import Batch, Step, to_device
 from loop.engine import step as engine
-from loop.model import moe
+from loop.model import memory, moe
 from loop.training.objective import Objective
 
 
@@ -47,7 +47,7 @@ def train_step(model, optimizer, accelerator, step: Step, objective: Objective, 
     summed = torch.zeros(4 + n_stats + (balance.size if balance else 0), device=accelerator.device)
     last = len(step.micro_batches) - 1
     for m, batch in enumerate(step.micro_batches):
-        with timers("forward_backward"):
+        with timers("forward_backward"), memory.offloading(model):  # checkpoints kept on the host if asked
             batch = to_device(batch, accelerator.device)
             with router.recording() if router else nullcontext() as logits:
                 loss, statistics = objective.loss_sum(model, batch)

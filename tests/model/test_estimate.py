@@ -95,3 +95,42 @@ def test_an_absurd_model_config_is_refused_before_anything_is_allocated_or_writt
     assert said in line and "parameters" in line and "check its hidden size, layers and vocabulary" in line
     assert "Traceback" not in out and " data: " not in out
     assert not (tmp_path / "out").exists()
+
+
+def test_a_long_row_s_activations_divide_by_the_processes_sharing_it():
+    """Sequence parallelism N: each GPU holds 1/N of the row's activations and loss head, plus the attention's
+    all-to-all buffers; offloaded checkpoints leave one layer input on the GPU and the rest on the host; a tiled
+    MLP keeps one slice of the MLP's part. The defaults give the figures the estimate always gave."""
+    shape = Shape.of(estimate.read_config(str(Path(__file__).parents[2] / "configs" / "models" /
+                                              "qwen2.5-coder-7b.json")))
+    one = estimate.activations_bytes(shape, 1, 65536, True)
+    assert one["activations"] == 2 * 65536 * shape.hidden * shape.layers + 34 * 65536 * shape.hidden
+    assert one["all_to_all"] == one["host"] == 0
+    two = estimate.activations_bytes(shape, 1, 65536, True, estimate.Long(sequence_parallel=2))
+    assert two["activations"] == one["activations"] / 2 and 0 < two["all_to_all"] < two["activations"] / 5
+    off = estimate.activations_bytes(shape, 1, 65536, True, estimate.Long(offload_checkpoints=True))
+    assert off["activations"] + off["host"] == one["activations"]
+    assert off["host"] == 2 * 65536 * shape.hidden * (shape.layers - 1)
+    tiled = estimate.activations_bytes(shape, 1, 65536, True, estimate.Long(tiled_mlp=8))
+    assert one["activations"] > tiled["activations"] > one["activations"] - 19 * 65536 * shape.hidden
+
+
+def test_the_tool_prints_the_peak_per_gpu_for_a_128k_row(capsys):
+    """tools/estimate_memory.py for Qwen2.5-Coder-7B on 8 GPUs at 128k tokens: each row over 8 GPUs with
+    offloaded checkpoints and a tiled MLP fits an 80 GB GPU without offloading the model states; on one GPU a
+    row is over 8 times the activations."""
+    from tools import estimate_memory
+
+    shape = str(Path(__file__).parents[2] / "configs" / "models" / "qwen2.5-coder-7b.json")
+    common = [shape, "--gpus-per-node", "8", "--micro-batch", "1", "--seq-len", "131072", "--checkpointing",
+              "--offload-checkpoints", "--tiled-mlp", "8"]
+    assert estimate_memory.main([*common, "--sequence-parallel", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "each row over 8 GPUs" in out and "all-to-all" in out and "offloaded to CPU" in out
+    peak = float(next(line for line in out.splitlines() if line.startswith("no offload")).split()[2])
+    assert 20 < peak < 40
+    head = estimate.estimate(shape, 8, 1, 1, 131072, True, long=estimate.Long(1, True, 8))[0]
+    split = estimate.estimate(shape, 8, 1, 1, 131072, True, long=estimate.Long(8, True, 8))[0]
+    assert split["parts"]["activations"] < head["parts"]["activations"] / 7
+    with pytest.raises(SystemExit):
+        estimate_memory.main([*common, "--sequence-parallel", "3"])  # 3 does not divide 8 GPUs
