@@ -16,13 +16,16 @@ line, in order, from parallel workers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -30,12 +33,14 @@ from transformers import PreTrainedTokenizerBase
 from loop.config import DataConfig, first_line
 from loop.data import cache
 from loop.data import dialogues as dlg
-from loop.data.batches import Bits, Columns
 from loop.data.dialogues import Bad, DataReport, SourceReport
 from loop.data.packing import Rows
 from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
+
+if TYPE_CHECKING:  # imported where used: the spawned workers import this module, and batches imports torch
+    from loop.data.batches import Columns
 
 CACHE_VERSION = "4"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
 # split is made by first question (dialogues.split_key); 4: trained flags at a bit each (batches.Bits)
@@ -161,16 +166,40 @@ def _chunks(job: Job, num_proc: int, progress: bool):
             yield _work(item)
             bar.update()
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: the process that prepares may already hold DeepSpeed's and gloo's threads
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start,
-                                 initargs=(job,)) as pool:
-            for chunk in pool.map(_work, items):
+        with _pool(job, workers) as pool:
+            with _main_unseen():  # the workers start as the items are submitted
+                chunks = pool.map(_work, items)
+            for chunk in chunks:
                 yield chunk
                 bar.update()
     bar.close()
+
+
+def _pool(job: Job, workers: int):
+    """Worker processes set up with the job once: spawned, not forked (the process that prepares may already hold
+    DeepSpeed's and gloo's threads). What they import is this module and what it imports: no torch, no
+    transformers models (tests/data/test_cache_workers.py); torch alone is 190 MB and a second a worker."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start, initargs=(job,))
+
+
+@contextlib.contextmanager
+def _main_unseen():
+    """A spawned process imports its parent's main module first (for what was defined there): loop/train.py,
+    that is torch, DeepSpeed and the whole loop in every preparation worker, for nothing they run. While this
+    is open, the main module looks like `python -c`'s, which a spawned process does not import."""
+    main = sys.modules["__main__"]
+    saved = {name: getattr(main, name) for name in ("__spec__", "__file__") if hasattr(main, name)}
+    main.__spec__ = None
+    with contextlib.suppress(AttributeError):
+        del main.__file__
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
 
 
 def key_of(planned: list[Planned], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -293,6 +322,8 @@ class Prepared:
 
 def open_prepared(folder: Path, data: DataConfig, seed: int) -> Prepared:
     """A prepared cache folder as this run trains on it (the weights are the config's, chosen by `seed`)."""
+    from loop.data.batches import Bits, Columns  # here: the workers import this module, and batches imports torch
+
     meta = json.loads((folder / "meta.json").read_text())
     load = lambda name: np.load(folder / f"{name}.npy", mmap_mode="r")  # noqa: E731
     offsets, use, source = load("offsets"), load("use"), load("source")
