@@ -25,10 +25,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from loop.config import DataConfig, first_line
 from loop.data import cache
@@ -39,7 +38,9 @@ from loop.data.records import DataError, Unit
 from loop.data.sources import Planned, plan, read, resolve
 from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
 
-if TYPE_CHECKING:  # imported where used: the spawned workers import this module, and batches imports torch
+if TYPE_CHECKING:  # not at run time: the spawned workers import this module (batches imports torch)
+    from transformers import PreTrainedTokenizerBase
+
     from loop.data.batches import Columns
 
 CACHE_VERSION = "4"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
@@ -72,16 +73,40 @@ class Chunk:
     bad: list[Bad] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Tokenizer:
+    """What an Encoder reads of a tokenizer, without transformers: a worker unpickling the tokenizer itself
+    imports transformers (25 MB and 0.6 s a worker) to encode with the Rust tokenizer inside it."""
+
+    backend_tokenizer: Any  # tokenizers.Tokenizer
+    chat_template: Any
+    special_tokens_map: dict
+    eos_token: str | None
+    vocab: dict[str, int]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> Tokenizer:
+        return cls(tokenizer.backend_tokenizer, tokenizer.chat_template, dict(tokenizer.special_tokens_map),
+                   tokenizer.eos_token, tokenizer.get_vocab())
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.vocab
+
+
 @dataclass
 class Job:
     planned: list[Planned]
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | Tokenizer  # a Tokenizer once made: what goes to the workers
     seq_len: int
     on_too_long: str
     oasst_paths: str
     dtype: str
     template_kwargs: dict = field(default_factory=dict)
     on_template_change: str = "per_turn"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokenizer, Tokenizer):
+            self.tokenizer = Tokenizer.of(self.tokenizer)
 
 
 _JOB: Job | None = None
