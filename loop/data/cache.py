@@ -6,9 +6,8 @@ it, checked before a run uses it, and work folders that no two preparers share a
   a digest of the record itself; it is written last, so a folder without a whole record is not a cache.
   `check` says in one line why a folder cannot be trusted; the caller prepares it again.
 - Each file is hashed once, not at every start: 1M realistic dialogues are 3 GB of cache, about 1 s to hash
-  from the page cache and 7-15 s from disk, and the mapped pages made 2.3-2.9 GB of the start's peak PSS (1M
-  short ones: 126 MB, 15-50 ms). With the stamp that start took 5.2 s, not 6.6 (8.5-9.3 s from disk, not 16-24).
-  What verified is stamped beside the record
+  from the page cache and 7-15 s from disk, and its mapped pages were 2.3-2.9 GB of the start's peak PSS (1M
+  short ones: 126 MB, 15-50 ms). What verified is stamped beside the record
   (meta.verified: each file's size, mtime, ctime, inode and device, with the record's digest and its own),
   and a later check hashes only a file whose stamp differs. The kernel sets ctime at every write, truncation,
   replacement or change of times, and user space cannot set it back, so any change to a file through the
