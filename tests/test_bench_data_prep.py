@@ -69,3 +69,14 @@ def test_the_report_prints_the_ratios_their_spread_the_equal_work_and_the_goals(
     assert "ours first-run CPU-s / tokenizer CPU-s <= 1.25x: 1.30 (1.20-1.40)x" in out
     assert "peak memory ours / TRL <= 0.33x (PSS, first run): 0.50 (0.33-0.50)x" in out
     assert "4.00 GB per million dialogues" in out and "tokens.bin 2.00, trained.bin 1.00 GB (75% of it)" in out
+
+
+def test_cached_only_refuses_in_one_line_without_a_kept_cache(tmp_path):
+    """--cached-only times the start from a cache an earlier --keep-caches left (1M: 20 minutes to make): with
+    none there it would time a first run instead."""
+    import pytest
+
+    from tools.bench import data_prep
+
+    with pytest.raises(SystemExit, match=f"^--cached-only: no cache in {tmp_path} for ours; make it with"):
+        data_prep.main(["--cached-only", "--sides", "ours", "--work", str(tmp_path)])

@@ -4,9 +4,17 @@ it, checked before a run uses it, and work folders that no two preparers share a
 - A record (meta.json for a prepared folder, rows-KEY.json for a packing kept beside it) lists each file's
   size and XXH3 digest (the `xxhash` package, a dependency of `datasets`; the checkpoints' digest too) and
   a digest of the record itself; it is written last, so a folder without a whole record is not a cache.
-  Checking costs little: 1M chatterbot-size dialogues are 126 MB of cache, verified in 15-30 ms from the
-  page cache and 50 ms from disk (hashed from memory maps, on a 2-core VM). `check` says in one line why a
-  folder cannot be trusted; the caller prepares it again.
+  `check` says in one line why a folder cannot be trusted; the caller prepares it again.
+- Each file is hashed once, not at every start: 1M realistic dialogues are 3 GB of cache, about 1 s to hash
+  from the page cache and 7-15 s from disk, and its mapped pages were 2.3-2.9 GB of the start's peak PSS (1M
+  short ones: 126 MB, 15-50 ms). What verified is stamped beside the record
+  (meta.verified: each file's size, mtime, ctime, inode and device, with the record's digest and its own),
+  and a later check hashes only a file whose stamp differs. The kernel sets ctime at every write, truncation,
+  replacement or change of times, and user space cannot set it back, so any change to a file through the
+  file system is hashed again; a stamp that is missing, cut, edited or of another record means every file is
+  hashed. Only a file changed before the hashing began is stamped (against the file system's own clock), so
+  a change in the same clock tick is not missed. Not caught: damage below the file system (a disk's bit rot,
+  which changes no ctime); delete meta.verified to hash every file at the next start.
 - A preparation works in `.tmp-KEY-HOST-PID-RANDOM` (unique across hosts and PID namespaces, which repeat
   PIDs) and holds an flock on a file inside it while it lives; a work folder whose lock anyone can take is
   a dead preparation's and is removed by the next run that looks its data up (a lock, not a PID: a PID
@@ -32,6 +40,7 @@ import xxhash
 
 LOCK = ".lock"  # held (flock) by the preparation working in the folder
 WORK, STALE = ".tmp-", ".stale-"  # a preparation's work folder; a folder that did not verify, being removed
+STAMP = ".verified"  # beside a record (meta.verified): what of its files verified by content, and as what
 UNLOCKED_AFTER = 600  # seconds: a work folder without its lock file (its preparer died before making it)
 
 
@@ -59,17 +68,27 @@ def temporary(path: Path) -> Path:
 
 def write_record(path: Path, names: list[str], values: dict) -> None:
     """`values` with the size and digest of each file `names` (beside `path`) and the record's own digest,
-    written under a temporary name and renamed: a reader sees a whole record or none."""
-    files = {name: [(path.parent / name).stat().st_size, digest(path.parent / name)] for name in names}
-    record = {**values, "files": files}
-    tmp = temporary(path)
-    tmp.write_text(json.dumps({**record, "digest": _own_digest(record)}, indent=1))
-    tmp.replace(path)
+    written under a temporary name and renamed: a reader sees a whole record or none. Its stamp too (what was
+    hashed: the next check hashes nothing that has not changed since)."""
+    clock = _clock(path)
+    try:
+        stats = {name: (path.parent / name).stat() for name in names}
+        files = {name: [stats[name].st_size, digest(path.parent / name)] for name in names}
+        record = {**values, "files": files}
+        own = _own_digest(record)
+        tmp = temporary(path)
+        tmp.write_text(json.dumps({**record, "digest": own}, indent=1))
+        tmp.replace(path)
+        _stamp(path, own, stats, clock, {})
+        clock = None
+    finally:
+        _drop(clock)
 
 
 def check(path: Path) -> dict:
     """The record at `path` (without its digests) once it and every file it lists verify; Unverified if not
-    (PermissionError when a file cannot be read at all)."""
+    (PermissionError when a file cannot be read at all). A file is hashed unless the record's stamp says it
+    verified and it has not changed since."""
     try:
         record = json.loads(path.read_bytes())
     except FileNotFoundError:
@@ -78,20 +97,97 @@ def check(path: Path) -> dict:
         raise
     except (OSError, ValueError) as e:  # ValueError: JSON (and UTF-8) that does not parse, e.g. truncated
         raise Unverified(f"{path.name} is unreadable ({type(e).__name__})") from None
-    if not isinstance(record, dict) or record.pop("digest", None) != _own_digest(record):
+    own = record.pop("digest", None) if isinstance(record, dict) else None
+    if own is None or own != _own_digest(record):
         raise Unverified(f"{path.name} does not match its digest")
-    for name, (size, expected) in record["files"].items():
-        file = path.parent / name
+    stats, stamped = {}, _stamped(path, own)
+    for name, (size, _) in record["files"].items():
+        stats[name] = _stat(path.parent / name)
+        if stats[name].st_size != size:
+            raise Unverified(f"{name} is {stats[name].st_size} bytes, not {size}")
+    unchanged = {name: stamped[name] for name in stats if stamped.get(name) == _key(stats[name])}
+    if len(unchanged) < len(stats):
+        clock = _clock(path)  # before hashing: a file changed after it, as it is hashed or later, is not stamped
         try:
-            if file.stat().st_size != size:
-                raise Unverified(f"{name} is {file.stat().st_size} bytes, not {size}")
-            if digest(file) != expected:
-                raise Unverified(f"{name} does not match its digest")
-        except PermissionError:
-            raise
-        except OSError as e:
-            raise Unverified(f"{name} is missing or unreadable ({type(e).__name__})") from None
+            for name, (_, expected) in record["files"].items():
+                if name not in unchanged and _read(path.parent / name, digest) != expected:
+                    raise Unverified(f"{name} does not match its digest")
+            _stamp(path, own, stats, clock, unchanged)
+            clock = None
+        finally:
+            _drop(clock)
     return record
+
+
+def _stat(file: Path) -> os.stat_result:
+    return _read(file, os.stat)
+
+
+def _read(file: Path, how):
+    try:
+        return how(file)
+    except PermissionError:
+        raise
+    except OSError as e:
+        raise Unverified(f"{file.name} is missing or unreadable ({type(e).__name__})") from None
+
+
+def _key(stat: os.stat_result) -> list[int]:
+    """What changes with a file's content: ctime is set by the kernel at every write, truncation, rename onto it
+    and times set by hand (user space cannot set it); inode and device change when it is replaced or copied."""
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _stamped(path: Path, own: str) -> dict[str, list[int]]:
+    """The stamp beside the record at `path`: each file's `_key` when it last verified by content. Nothing
+    (every file hashed) for a stamp that is missing, cut or edited, or that was written for another record."""
+    try:
+        stamp = json.loads(path.with_suffix(STAMP).read_bytes())
+        if stamp.pop("digest") == _own_digest(stamp) and stamp["record"] == own:
+            return {name: list(key) for name, key in stamp["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return {}
+
+
+def _clock(path: Path) -> tuple[Path, int] | None:
+    """The stamp's temporary file, made now, and the time its file system gave it: a file whose ctime is earlier
+    was last changed before the hashing that follows, and any later change gives it a later ctime (the same
+    clock: on a network file system, the server's). None where the folder is read-only (nothing is stamped)."""
+    tmp = temporary(path.with_suffix(STAMP))
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError:
+        return None
+    try:
+        return tmp, os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+
+
+def _stamp(path: Path, own: str, stats: dict[str, os.stat_result], clock: tuple[Path, int] | None,
+           unchanged: dict[str, list[int]]) -> None:
+    """Write the stamp of the record at `path` (digest `own`): the files `unchanged` since their stamp, and those
+    just hashed (`stats`, taken before) that changed before `clock` and not since. Renamed into place."""
+    if clock is None:
+        return
+    tmp, since = clock
+    files = dict(unchanged)
+    for name, stat in stats.items():
+        with contextlib.suppress(OSError):
+            if name not in files and stat.st_ctime_ns < since and _key((path.parent / name).stat()) == _key(stat):
+                files[name] = _key(stat)
+    stamp = {"record": own, "files": files}
+    with contextlib.suppress(OSError):  # a stamp not written costs the next start a hash, nothing else
+        tmp.write_text(json.dumps({**stamp, "digest": _own_digest(stamp)}))
+        tmp.replace(path.with_suffix(STAMP))
+    _drop(clock)
+
+
+def _drop(clock: tuple[Path, int] | None) -> None:
+    if clock is not None:
+        with contextlib.suppress(OSError):
+            clock[0].unlink()
 
 
 def clean_stale(root: Path) -> None:

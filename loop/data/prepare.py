@@ -21,11 +21,11 @@ import json
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from loop.config import DataConfig, first_line
 from loop.data import cache
@@ -33,16 +33,19 @@ from loop.data import dialogues as dlg
 from loop.data.batches import Bits, Columns
 from loop.data.dialogues import Bad, DataReport, SourceReport
 from loop.data.packing import Rows
-from loop.data.records import DataError, Unit
+from loop.data.records import DataError
 from loop.data.sources import Planned, plan, read, resolve
-from loop.data.tokenize import DROPPED, TRUNCATED, Encoder, fingerprint, tokenizer_fingerprint
+from loop.data.tokenize import DROPPED, fingerprint, tokenizer_fingerprint
+from loop.data.workers import Job, chunks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CACHE_VERSION = "5"  # 2: every file's digest in meta.json, rows-KEY.json beside each packing; 3: the eval
 # split is made by first question (dialogues.split_key); 4: trained flags at a bit each (batches.Bits); 5: a
 # too-long dialogue is cut only after an answer that calls no tool (tokenize.cut_points)
 NPY = ("offsets", "trained_counts", "use", "source")  # the per-dialogue arrays of a prepared folder
 TRAIN, EVAL, UNUSED = 0, 1, 2  # what a prepared dialogue is for (UNUSED: a duplicate dropped, or too long)
-BATCH = 512  # dialogues a worker encodes at once
 log = logging.getLogger("loop")
 
 
@@ -50,128 +53,6 @@ def cache_root(data: DataConfig) -> Path:
     if data.cache_dir:
         return Path(data.cache_dir)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loop" / "data"
-
-
-@dataclass
-class Chunk:
-    """What a worker made of one work item (a unit, or every unit of a source that must be read together)."""
-
-    source: int
-    tokens: np.ndarray
-    trained: np.ndarray
-    lengths: np.ndarray
-    trained_counts: np.ndarray
-    status: np.ndarray
-    digests: np.ndarray
-    split_keys: np.ndarray
-    report: SourceReport
-    bad: list[Bad] = field(default_factory=list)
-
-
-@dataclass
-class Job:
-    planned: list[Planned]
-    tokenizer: PreTrainedTokenizerBase
-    seq_len: int
-    on_too_long: str
-    oasst_paths: str
-    dtype: str
-    template_kwargs: dict = field(default_factory=dict)
-    on_template_change: str = "per_turn"
-
-
-_JOB: Job | None = None
-_ENCODER: Encoder | None = None
-_TABLES: dict = {}
-
-
-def _start(job: Job) -> None:
-    """A worker's set-up: the job once, and an encoder (the tokenizer's own thread pool off: the workers are
-    the parallelism)."""
-    global _JOB, _ENCODER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _JOB, _ENCODER = job, Encoder(job.tokenizer, job.seq_len, job.on_too_long, job.template_kwargs,
-                                  job.on_template_change)
-
-
-def _work(item: tuple[int, tuple[Unit, ...]]) -> Chunk:
-    index, units = item
-    planned = _JOB.planned[index]
-    report, bad = SourceReport(), []
-    records = (r for unit in units for r in read(planned.source, unit, tables=_TABLES))
-    found = dlg.dialogues_of(planned.fmt, planned.source.path, records, _JOB.oasst_paths, report, bad)
-    ids, masks, lengths, counts, status, digests, split_keys = [], [], [], [], [], [], []
-
-    def encode(batch: list) -> None:
-        for encoded, (where, dialogue) in zip(_ENCODER.encode([d for _, d in batch]), batch):
-            if encoded.refused:  # the template renders it so that it cannot be trained (turns.py)
-                bad.append((where, "template", encoded.refused))
-                report.skipped["template"] += 1
-                report.dialogues -= 1
-                continue
-            report.per_turn += encoded.per_turn
-            report.per_turn_tokens += encoded.extra_tokens
-            digest, key = dlg.keys(dialogue)  # every piece on the dialogue's side of the split
-            for piece, (ids_, mask) in enumerate(encoded.pieces or [(np.zeros(0, np.int32), np.zeros(0, np.uint8))]):
-                ids.append(ids_)
-                masks.append(mask)
-                lengths.append(len(ids_))
-                counts.append(int(np.count_nonzero(mask)))
-                status.append(encoded.status)
-                digests.append(dlg.piece_digest(digest, piece))
-                split_keys.append(key)
-
-    batch: list = []
-    for item in found:
-        batch.append(item)
-        if len(batch) == BATCH:
-            encode(batch)
-            batch = []
-    if batch:
-        encode(batch)
-    report.truncated = status.count(TRUNCATED)
-    report.dropped_too_long = status.count(DROPPED)
-    cat = lambda xs, dtype: np.concatenate(xs).astype(dtype) if xs else np.zeros(0, dtype)  # noqa: E731
-    return Chunk(index, cat(ids, _JOB.dtype), cat(masks, np.uint8), np.array(lengths, np.int32),
-                 np.array(counts, np.int32), np.array(status, np.uint8), np.array(digests, np.uint64),
-                 np.array(split_keys, np.uint64), report,
-                 sorted(bad, key=lambda b: dlg.record_order(b[0], [planned.source.path])))
-
-
-WORKER_BYTES = 8 << 20  # less JSONL than this is tokenized here sooner than a spawned worker imports (2-5 s)
-
-
-def _worth_workers(job: Job) -> bool:
-    """Whether the data is enough to pay for starting worker processes (num_proc 0 decides by it): a small
-    run's whole preparation takes less than one worker's start."""
-    units = [u for p in job.planned for u in p.units]
-    return any(u.kind != "lines" for u in units) or sum(u.stop - u.start for u in units) >= WORKER_BYTES
-
-
-def _chunks(job: Job, num_proc: int, progress: bool):
-    """Every work item's Chunk, in order: in worker processes when there is enough to share, else here."""
-    from tqdm import tqdm
-
-    items = [(i, p.units) if p.together else (i, (u,)) for i, p in enumerate(job.planned)
-             for u in (p.units[:1] if p.together else p.units)]
-    workers = min(num_proc or (len(os.sched_getaffinity(0)) if _worth_workers(job) else 1), len(items))
-    bar = tqdm(total=len(items), desc="prepare data", unit="chunk", disable=not progress)
-    if workers <= 1:
-        _start(job)
-        for item in items:
-            yield _work(item)
-            bar.update()
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn, not fork: the process that prepares may already hold DeepSpeed's and gloo's threads
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_start,
-                                 initargs=(job,)) as pool:
-            for chunk in pool.map(_work, items):
-                yield chunk
-                bar.update()
-    bar.close()
 
 
 def key_of(planned: list[Planned], data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
@@ -223,7 +104,7 @@ def _build(tmp: Path, planned: list[Planned], data: DataConfig, tokenizer, made_
                                                          "source")}
     spare = np.zeros(0, np.uint8)  # the trained flags after the last whole byte written
     with (tmp / "tokens.bin").open("wb") as tokens, (tmp / "trained.bin").open("wb") as trained:
-        for chunk in _chunks(job, data.num_proc, progress):
+        for chunk in chunks(job, data.num_proc, progress):
             tokens.write(chunk.tokens.tobytes())
             flags = np.concatenate([spare, chunk.trained])
             whole = len(flags) - len(flags) % 8

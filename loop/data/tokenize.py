@@ -19,13 +19,15 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from loop.data import calls, render, templates, turns
 from loop.data.records import DataError, Messages
+
+if TYPE_CHECKING:  # transformers is imported only where Jinja renders: the named templates' workers never need it
+    from transformers import PreTrainedTokenizerBase
 
 OK, TRUNCATED, DROPPED = 0, 1, 2  # what became of a dialogue
 STATUS = ("ok", "truncated", "dropped")
@@ -55,15 +57,19 @@ class Encoded:
         return (self.pieces or [_EMPTY])[0][1]
 
 
+def normalize(messages: Messages) -> list[dict]:
+    """What apply_chat_template does to messages before Jinja renders them."""
+    from transformers.utils.chat_template_utils import _normalize_chat_messages
+
+    return _normalize_chat_messages(messages)
+
+
 class Encoder:
     """Dialogues to their sequences (ids, trained mask) and status, with one tokenizer, template and row length."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, seq_len: int, on_too_long: str,
                  template_kwargs: dict | None = None, on_template_change: str = "per_turn"):
-        from transformers.utils.chat_template_utils import _normalize_chat_messages
-
         self.tokenizer, self.seq_len, self.on_too_long = tokenizer, seq_len, on_too_long
-        self.normalize = _normalize_chat_messages  # what apply_chat_template does to messages first
         self.backend = tokenizer.backend_tokenizer
         self.template = tokenizer.chat_template
         self.marked = templates.marks_generation(self.template)
@@ -77,8 +83,6 @@ class Encoder:
     def _render(self, dialogues: Sequence[Messages]) -> tuple[list[str], list[list[tuple[int, int]]]]:
         """Texts and assistant spans: by the compiled renderer where the template is a named one (render.py),
         else by transformers' Jinja, dialogues that share a tool list together."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         texts: list = [None] * len(dialogues)
         spans: list = [None] * len(dialogues)
         groups: dict[str, tuple[list[int], list | None]] = {}
@@ -90,7 +94,9 @@ class Encoder:
             else:
                 texts[k], spans[k] = done
         for at, tools in groups.values():
-            found = render_jinja_template(conversations=[self.normalize(calls.split(dialogues[k])[0]) for k in at],
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            found = render_jinja_template(conversations=[normalize(calls.split(dialogues[k])[0]) for k in at],
                                           tools=tools, chat_template=self.template, return_assistant_tokens_mask=True,
                                           **self.template_kwargs)
             for k, text, span in zip(at, *found):
@@ -176,12 +182,12 @@ class Encoder:
         return results
 
     def _render_one(self, messages: Messages, generation_prompt: bool) -> str:
-        from transformers.utils.chat_template_utils import render_jinja_template
-
         plain, tools = calls.split(messages)
         if self.compiled and (done := self.compiled(plain, tools, generation_prompt)) is not None:
             return done[0]
-        (text,), _ = render_jinja_template(conversations=[self.normalize(plain)], tools=tools,
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        (text,), _ = render_jinja_template(conversations=[normalize(plain)], tools=tools,
                                            chat_template=self.template, add_generation_prompt=generation_prompt,
                                            **self.template_kwargs)
         return text

@@ -1,12 +1,13 @@
 """The prepared-data cache is trusted like a checkpoint: a folder whose files do not match the digests written
 with it is prepared again with one warning (same-size corruption, truncation, a meta.json missing or cut),
-a preparation killed half way leaves nothing that lasts, and two preparers never share a work folder, even
-with the same PID on the same host name."""
+whether or not its files were stamped as verified by an earlier start, a preparation killed half way leaves
+nothing that lasts, and two preparers never share a work folder, even with the same PID on the same host name."""
 
 import fcntl
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +72,101 @@ def _arrays(data) -> dict[str, bytes]:
             "eval": b"".join(np.asarray(r.pieces).tobytes() for r in data.eval_rows.values())}
 
 
+def _stamp_all(folder: Path) -> None:
+    """Every file of the folder stamped as verified, as a cache that started once looks: a file is stamped once
+    the file system's clock has passed its last change (a tick, 1-10 ms, after it was written)."""
+    listed = json.loads((folder / "meta.json").read_text())["files"].keys()
+    for _ in range(200):
+        cache.check(folder / "meta.json")
+        if json.loads((folder / "meta.verified").read_text())["files"].keys() == listed:
+            return
+        time.sleep(0.01)
+    pytest.fail("the files were never stamped")
+
+
+@pytest.mark.parametrize("stamped", [False, True], ids=["fresh", "stamped"])
 @pytest.mark.parametrize("case", CORRUPTIONS)
-def test_a_cache_that_does_not_verify_is_prepared_again_with_one_warning(case, source, tokenizer, tmp_path, warnings):
+def test_a_cache_that_does_not_verify_is_prepared_again_with_one_warning(case, stamped, source, tokenizer, tmp_path,
+                                                                         warnings):
     cfg = data_config(tmp_path, [source], eval_fraction=0.2)
     folder = prepare(cfg, tokenizer)
     before = _arrays(open_prepared(folder, cfg, seed=0))
+    if stamped:
+        _stamp_all(folder)
     CORRUPTIONS[case](folder)
     assert prepare(cfg, tokenizer) == folder
     (said,) = warnings()
     assert said.startswith(f"the data cache {folder} does not verify (") and said.endswith("preparing it again")
     assert _arrays(open_prepared(folder, cfg, seed=0)) == before
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # nothing left aside
+
+
+def _counting(monkeypatch) -> list[str]:
+    """The files `cache.digest` hashes from now on."""
+    hashed: list[str] = []
+    digest = cache.digest
+    monkeypatch.setattr(cache, "digest", lambda path: hashed.append(path.name) or digest(path))
+    return hashed
+
+
+def test_a_stamped_cache_starts_without_hashing_and_a_change_with_its_times_put_back_is_still_caught(
+        source, tokenizer, tmp_path, monkeypatch):
+    """At 1M realistic dialogues hashing the cache at every start took 8 of its 11 s. ctime cannot be set from
+    user space: a file rewritten and given its old mtime (and atime) back is hashed, and fails."""
+    folder = prepare(data_config(tmp_path, [source]), tokenizer)
+    _stamp_all(folder)
+    hashed = _counting(monkeypatch)
+    cache.check(folder / "meta.json")
+    assert hashed == []
+    tokens = folder / "tokens.bin"
+    was = tokens.stat()
+    _same_size(tokens, lambda t: (t + 1) % 200)
+    os.utime(tokens, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert (tokens.stat().st_size, tokens.stat().st_mtime_ns) == (was.st_size, was.st_mtime_ns)
+    with pytest.raises(cache.Unverified, match="^tokens.bin does not match its digest$"):
+        cache.check(folder / "meta.json")
+    assert hashed == ["tokens.bin"]
+
+
+@pytest.mark.parametrize("stamp", ["edited", "of another record", "cut", "not JSON"])
+def test_a_stamp_that_is_edited_cut_or_of_another_record_means_every_file_is_hashed(stamp, source, tokenizer,
+                                                                                     tmp_path, monkeypatch):
+    folder = prepare(data_config(tmp_path, [source]), tokenizer)
+    _stamp_all(folder)
+    path = folder / "meta.verified"
+    text = path.read_text()
+    value = json.loads(text)
+    if stamp == "edited":  # a file's key changed, the stamp's own digest left
+        value["files"]["tokens.bin"][2] += 1
+    elif stamp == "of another record":  # whole, its own digest right, written for another meta.json
+        value["record"] = "0" * 32
+        del value["digest"]
+        value["digest"] = cache._own_digest(value)
+    path.write_text(text[: len(text) // 2] if stamp == "cut" else "[" if stamp == "not JSON" else json.dumps(value))
+    hashed = _counting(monkeypatch)
+    cache.check(folder / "meta.json")
+    assert sorted(hashed) == sorted(json.loads((folder / "meta.json").read_text())["files"])
+
+
+def test_a_file_that_changes_while_it_is_hashed_is_not_stamped(source, tokenizer, tmp_path, monkeypatch):
+    """Its digest was taken from what it was before: the next start hashes it again, and catches the change."""
+    folder = prepare(data_config(tmp_path, [source]), tokenizer)
+    time.sleep(0.05)  # past the clock tick the files were written in: each would be stamped
+    (folder / "meta.verified").unlink()
+    digest = cache.digest
+
+    def then_changed(path: Path) -> str:
+        said = digest(path)
+        if path.name == "trained.bin":
+            _same_size(path, np.ones_like)
+        return said
+
+    monkeypatch.setattr(cache, "digest", then_changed)
+    cache.check(folder / "meta.json")  # what was hashed matched
+    monkeypatch.undo()
+    assert "trained.bin" not in json.loads((folder / "meta.verified").read_text())["files"]
+    with pytest.raises(cache.Unverified, match="^trained.bin does not match its digest$"):
+        cache.check(folder / "meta.json")
 
 
 def test_corrupted_row_pieces_are_packed_again_with_one_warning(source, tokenizer, tmp_path, warnings):

@@ -10,7 +10,7 @@ import pytest
 
 from loop import config
 from loop.data import prepare as prep
-from loop.data import sources
+from loop.data import sources, workers
 from loop.data.prepare import open_prepared, prepare
 from loop.data.records import DataError
 
@@ -195,6 +195,6 @@ def test_small_data_is_prepared_without_worker_processes(tokenizer, corpus, tmp_
     monkeypatch.setattr(sources, "plan_lines", functools.partial(sources.plan_lines, chunk_bytes=20_000))
     prepared = open_prepared(prepare(data_config(tmp_path / "c", [path]), tokenizer), data_config(tmp_path, [path]), 0)
     assert len(prepared.columns.offsets) > 1  # several units, all read here
-    monkeypatch.setattr(prep, "WORKER_BYTES", Path(path).stat().st_size)
+    monkeypatch.setattr(workers, "WORKER_BYTES", Path(path).stat().st_size)
     with pytest.raises(AssertionError, match="worker processes started"):
         prepare(data_config(tmp_path / "d", [path]), tokenizer)

@@ -30,6 +30,8 @@ beside its token arrays' own size.
   python -m tools.bench.data_prep --dialogues 20000 --repeats 3      # side by side (7 minutes on 2 cores)
   python -m tools.bench.data_prep --dialogues 100000 300000 --sides ours --repeats 1 --limit-sample 5000
   python -m tools.bench.data_prep --quick                             # 2,000 dialogues, one repeat: a check
+  python -m tools.bench.data_prep --dialogues 1000000 --sides ours --repeats 1 --keep-caches  # 20 minutes
+  python -m tools.bench.data_prep --dialogues 1000000 --sides ours --repeats 3 --cached-only  # from that cache
 
 TRL is installed for the benchmarks only (`pip install -e '.[bench]'`).
 """
@@ -268,10 +270,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-data"), help="corpus files, caches, runs")
     p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "tiny-starcoder")
     p.add_argument("--quick", action="store_true", help="2,000 dialogues, one repeat: checks that it all runs")
+    p.add_argument("--keep-caches", action="store_true", help="leave each side's cache in --work for --cached-only")
+    p.add_argument("--cached-only", action="store_true",
+                   help="only cached starts, from the caches an earlier --keep-caches left (1M: 20 minutes to make)")
     a = p.parse_args(argv)
     if a.quick:
         a.dialogues, a.repeats = [2_000], 1
     a.work.mkdir(parents=True, exist_ok=True)
+    missing = [side for side in a.sides if a.cached_only and not any((a.work / f"cache-{side}").glob("prepared-*"))]
+    if missing:
+        sys.exit(f"--cached-only: no cache in {a.work} for {', '.join(missing)}; make it with --keep-caches first")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")} | {
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     model = model_4096(a.work, a.model)
@@ -286,17 +294,24 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[tuple[str, str], list[Run]] = {}
         for repeat in range(a.repeats):
             for side in a.sides if repeat % 2 == 0 else a.sides[::-1]:
-                shutil.rmtree(a.work / f"cache-{side}", ignore_errors=True)
-                for run in ("first", "cached"):
+                if not a.cached_only:
+                    shutil.rmtree(a.work / f"cache-{side}", ignore_errors=True)
+                for run in ("cached",) if a.cached_only else ("first", "cached"):
                     go = run_ours if side == "ours" else run_trl
                     r = go(a, model, data, a.work, run, env)
                     runs.setdefault((side, run), []).append(r)
                     print(f"{n:10,d} {repeat + 1:2d} {side:5s} {run:7s} {r.first_step_s:10.1f} {r.m.wall_s:8.1f} "
                           f"{r.m.cpu_s:8.1f} {r.m.peak_pss_gb:7.2f} {r.m.peak_rss_gb:7.2f} {r.rows:8,d} "
                           f"{r.tokens:13,d} {r.trained:13,d}", flush=True)
+        if a.cached_only:
+            for side in a.sides:
+                print(f"{side}: cached start to the first step at {n:,} dialogues: "
+                      f"{spread([r.first_step_s for r in runs[(side, 'cached')]], '.1f')} s")
+            print(said.line(), flush=True)
+            continue
         lim = limit(model, data, min(n, a.limit_sample), env)
         report(n, runs, a.sides, lim, said)
-        for side in a.sides:
+        for side in a.sides if not a.keep_caches else ():
             shutil.rmtree(a.work / f"cache-{side}", ignore_errors=True)
 
 

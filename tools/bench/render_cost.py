@@ -1,6 +1,6 @@
 """What data preparation costs on top of the Rust tokenizer, per dialogue, in CPU time of one process.
 
-Runs one worker's whole path (prepare.py's `_work`: read, parse and validate, render, tokenize, mask, hash)
+Runs one worker's whole path (workers.py's `work`: read, parse and validate, render, tokenize, mask, hash)
 over a corpus, then each part of it alone, and the tokenizer's own batch encoding of the same rendered text
 (the floor: no preparation is cheaper than tokenizing its text). Printed per dialogue in CPU-microseconds,
 with whole / tokenizer. One thread everywhere (set before the tokenizer loads), as a worker runs.
@@ -70,7 +70,7 @@ def main() -> None:
 
     from loop import config
     from loop.data import dialogues as dlg
-    from loop.data import prepare, templates
+    from loop.data import templates, workers
     from loop.data.dialogues import SourceReport
     from loop.data.sources import plan, read, resolve
 
@@ -86,10 +86,10 @@ def main() -> None:
     data = config.from_dict({"data": {"train_files": [str(path)], "eval_fraction": 0,
                                            "seq_len": a.seq_len}}).data
     planned = [plan(s) for s in resolve(data)]
-    job = prepare.Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, "uint16")
+    job = workers.Job(planned, tokenizer, data.seq_len, data.on_too_long, data.oasst_paths, "uint16")
     items = [(0, (u,)) for u in planned[0].units]
-    prepare._start(job)
-    encoder = prepare._ENCODER
+    workers.start(job)
+    encoder = workers._ENCODER
 
     def found(item):
         records = (r for unit in item[1] for r in read(planned[0].source, unit))
@@ -99,9 +99,9 @@ def main() -> None:
     def parts_of(item) -> dict:
         """Each part's work on one unit of the corpus (what one `_work` call reads)."""
         dialogues = found(item)
-        batches = [dialogues[i : i + prepare.BATCH] for i in range(0, len(dialogues), prepare.BATCH)]
+        batches = [dialogues[i : i + workers.BATCH] for i in range(0, len(dialogues), workers.BATCH)]
         rendered = [encoder._render(b)[0] for b in batches]
-        return {"whole": lambda: prepare._work(item), "read+JSON+validate": lambda: found(item),
+        return {"whole": lambda: workers.work(item), "read+JSON+validate": lambda: found(item),
                 "render": lambda: [encoder._render(b) for b in batches],
                 "tokenizer": lambda: [encoder.backend.encode_batch(t, add_special_tokens=False) for t in rendered],
                 "hash": lambda: [dlg.keys(d) for d in dialogues],
@@ -116,7 +116,7 @@ def main() -> None:
                 times[name][k].append(timed(fn)[1])
     best = {name: sum(map(min, per_unit)) for name, per_unit in times.items()}
     worst = {name: sum(map(max, per_unit)) for name, per_unit in times.items()}
-    chunks = [prepare._work(item) for item in items]
+    chunks = [workers.work(item) for item in items]
     whole, tokenize = best["whole"], best["tokenizer"]
     n = sum(len(c.lengths) for c in chunks)
     tokens = sum(len(c.tokens) for c in chunks)
@@ -142,7 +142,7 @@ def main() -> None:
         import pstats
 
         profile = cProfile.Profile()
-        profile.runcall(lambda: [prepare._work(item) for item in items])
+        profile.runcall(lambda: [workers.work(item) for item in items])
         pstats.Stats(profile).sort_stats("tottime").print_stats(a.profile)
 
 
