@@ -189,7 +189,9 @@ def model_card(cfg, summary: RunSummary, chat_template: str, example: str, kind:
     t = cfg.training
     hyper = {"learning rate": t.lr, "schedule": f"{t.lr_schedule}, warm-up {t.warmup_steps or t.warmup_ratio}",
              "optimizer": f"AdamW (betas {t.adam_beta1}, {t.adam_beta2}, eps {t.adam_eps})",
-             "weight decay": t.weight_decay, "micro-batch per device": t.micro_batch_size,
+             "weight decay": t.weight_decay,
+             ("micro-batch per device" if cfg.parallelism.sequence_parallel_size == 1 else
+              "micro-batch per data-parallel group (rows split over its processes)"): t.micro_batch_size,
              "gradient accumulation": t.gradient_accumulation_steps, "processes": summary.world_size,
              "distributed setup": summary.setup, "precision": summary.precision, "sequence length": cfg.data.seq_len,
              "packing": cfg.data.packing, "optimizer steps": summary.steps, "max grad norm": t.max_grad_norm,
