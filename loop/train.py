@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         set_seed(t.seed)
         world = accelerator.num_processes
-        # Processes that share each row (sequence parallelism) and the data-parallel groups the rows go to.
         split = sequence_parallel.setup(world, accelerator.process_index, cfg.parallelism.sequence_parallel_size)
 
         # 2. Tokenizer and data: template, validation, tokenization (cached), the packing plan; then the run
@@ -194,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
         # 4. Prepare: DeepSpeed wraps model and optimizer (ZeRO-3 shards them across processes); then what the
         # objective does before training.
         model, optimizer = accelerator.prepare(model, optimizer)
-        sequence_parallel.own_dropout(t.seed)  # the processes sharing a row: each its own dropout masks
         train_planner, eval_planners = before_training(objective, accelerator, model, cfg, train_planner,
                                                        eval_planners, added_tokens, attn)
         phases.done("model and engine start")

@@ -141,6 +141,7 @@ def load_model(cfg: Config, attn: str, tokenizer: PreTrainedTokenizerBase, added
         model = lora.wrap(model, cfg.lora, added_tokens)
     memory.apply(model, cfg.model)  # tiled MLP, offloaded checkpoints, where asked
     head.install_chunked_head(model, cfg.training.loss_chunk_tokens)
+    sequence_parallel.own_dropout(cfg.training.seed)  # built: the processes sharing a row, each its own masks
     engine.place_model(accelerator, model, cfg.lora.enabled)
     return model
 

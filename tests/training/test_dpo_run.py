@@ -6,6 +6,7 @@ the config guard; consolidation and export)."""
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,7 +274,7 @@ def test_dpo_with_each_pair_split_over_two_processes_steps_as_without(tiny_dir, 
     launch(dpo_config(tmp_path, tiny_dir, pair_files, out), "--max_steps", "8", "--eval_every", "8", "--cache_dir",
            str(cache), "--gradient_accumulation_steps", "4", "--parallelism.sequence_parallel_size", "2")
     (ours,) = cache.glob("reference-*.safetensors")
-    (theirs,) = (pair_files[0].parent / "cache").glob("reference-*.safetensors")
+    theirs = Path((dpo_run / "train.log").read_text().split("cached in ")[1].split()[0])  # the shared folder has others
     assert ours.name != theirs.name
     theirs = load_file(theirs)
     for name, values in load_file(ours).items():
