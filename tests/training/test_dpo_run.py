@@ -250,7 +250,11 @@ def test_the_preference_metrics_reach_wandb_mlflow_and_the_hub(tiny_dir, pair_fi
     cfg = dpo_config(tmp_path, tiny_dir, pair_files, tmp_path / "out")
     assert run_in_process(cfg, "--max_steps", "4", "--eval_every", "4", "--log_every", "2", "--report_to",
                           "[tensorboard, wandb, mlflow]", "--push_to_hub", "true", "--hub_model_id", "me/dpo") == 0
-    record = next((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()
+    path = next((tmp_path / "out" / "wandb").glob("offline-run-*/run-*.wandb"))
+    deadline = time.time() + 60  # W&B's service process may still be writing its record when the run returns
+    while b"train/loss" not in path.read_bytes() and time.time() < deadline:
+        time.sleep(0.5)
+    record = path.read_bytes()
     for name in METRICS:
         assert re.search(rf"train/{re.escape(name)}".encode(), record) and f"eval/{name}".encode() in record, name
     client = MlflowClient((tmp_path / "out" / "mlruns").as_uri())
