@@ -20,6 +20,7 @@ averages gradients over every process and the loss of each token is summed on th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def setup(world: int, rank: int, size: int) -> Split:
     split = plan(world, rank, size)
     if size > 1:
         groups = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(world // size)]
-        split = Split(split.size, split.rank, split.data_size, split.data_rank, groups[split.data_rank])
+        split = dataclasses.replace(split, group=groups[split.data_rank])
     _current = split
     return split
 
